@@ -1,0 +1,1 @@
+//! kiln-build: a `kiln.toml` spec and a source tree become a reproducible disk image.

@@ -1,0 +1,1 @@
+//! cpio "newc" archives (the initramfs format; kernel Documentation/driver-api/early-userspace).

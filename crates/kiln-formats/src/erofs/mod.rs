@@ -1,0 +1,1 @@
+//! EROFS (kernel Documentation/filesystems/erofs.rst, erofs-utils include/erofs_fs.h).

@@ -1,0 +1,1 @@
+//! GUID partition tables and the protective MBR (UEFI 2.10 §5).

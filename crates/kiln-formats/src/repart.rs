@@ -1,0 +1,1 @@
+//! systemd-repart's deterministic identifiers (SPECS.md, "systemd-repart deterministic IDs").

@@ -1,0 +1,192 @@
+//! Positional output for writers.
+//!
+//! Writers emit bytes at absolute offsets through a [`Sink`]. The contract is that a sink's
+//! window starts out all zeroes (a fresh sparse file, a fresh buffer), so a writer only writes
+//! what is not zero and never spends time or disk on holes. Sinks may be shared between threads:
+//! `write_at` takes `&self`.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+/// Where a writer's bytes go.
+pub trait Sink: Sync {
+    /// Writes `buf` at `offset` (relative to the sink's window). Writing past the window's end
+    /// is an error, never a silent overlap with whatever lies beyond.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
+
+    /// Reads back bytes already written (used by writers that patch structures after the fact
+    /// and by hashing passes). Unwritten areas read as zeroes.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Size of the window in bytes.
+    fn len(&self) -> u64;
+
+    /// True when the window is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn out_of_window(offset: u64, len: usize, window: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("write of {len} bytes at offset {offset} runs past the end of the {window}-byte output"),
+    )
+}
+
+/// A window `[base, base + len)` of a file, written with `pwrite`. Block-aligned runs of zero
+/// bytes are skipped so the file stays sparse.
+#[derive(Debug)]
+pub struct FileSink<'a> {
+    file: &'a File,
+    base: u64,
+    len: u64,
+}
+
+impl<'a> FileSink<'a> {
+    /// A window of `len` bytes starting at byte `base` of `file`. The caller guarantees the
+    /// window reads as zeroes (a freshly created or truncated file).
+    pub fn new(file: &'a File, base: u64, len: u64) -> Self {
+        Self { file, base, len }
+    }
+
+    /// A sub-window `[offset, offset + len)` of this one.
+    pub fn sub(&self, offset: u64, len: u64) -> io::Result<FileSink<'a>> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(out_of_window(offset, len as usize, self.len));
+        }
+        Ok(FileSink { file: self.file, base: self.base + offset, len })
+    }
+
+    /// The underlying file and the window's base offset in it.
+    pub fn file(&self) -> (&'a File, u64) {
+        (self.file, self.base)
+    }
+}
+
+const ZERO_CHUNK: usize = 4096;
+
+impl Sink for FileSink<'_> {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.len) {
+            return Err(out_of_window(offset, buf.len(), self.len));
+        }
+        // Skip chunk-aligned all-zero runs; write the rest in as few calls as possible.
+        let mut start = 0usize;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let end = (pos + ZERO_CHUNK).min(buf.len());
+            if buf[pos..end].iter().all(|&b| b == 0) {
+                if start < pos {
+                    self.file.write_all_at(&buf[start..pos], self.base + offset + start as u64)?;
+                }
+                start = end;
+            }
+            pos = end;
+        }
+        if start < buf.len() {
+            self.file.write_all_at(&buf[start..], self.base + offset + start as u64)?;
+        }
+        Ok(())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.len) {
+            return Err(out_of_window(offset, buf.len(), self.len));
+        }
+        // The file may be shorter than the window if set_len was not called yet: pad zeroes.
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], self.base + offset + done as u64)? {
+                0 => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                n => done += n,
+            }
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// An in-memory sink (small images: an ESP to embed, test fixtures).
+#[derive(Debug)]
+pub struct MemSink {
+    buf: Mutex<Vec<u8>>,
+}
+
+impl MemSink {
+    /// A zeroed buffer of `len` bytes.
+    pub fn new(len: usize) -> Self {
+        Self { buf: Mutex::new(vec![0; len]) }
+    }
+
+    /// The bytes written.
+    pub fn into_inner(self) -> Vec<u8> {
+        self.buf.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Sink for MemSink {
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let len = b.len() as u64;
+        let start = usize::try_from(offset).ok().filter(|&o| (o as u64) + data.len() as u64 <= len);
+        let Some(start) = start else { return Err(out_of_window(offset, data.len(), len)) };
+        b[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let len = b.len() as u64;
+        let start = usize::try_from(offset).ok().filter(|&o| (o as u64) + out.len() as u64 <= len);
+        let Some(start) = start else { return Err(out_of_window(offset, out.len(), len)) };
+        out.copy_from_slice(&b[start..start + out.len()]);
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        self.buf.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn file_sink_skips_zero_chunks_and_bounds_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("x")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let s = FileSink::new(&f, 4096, 65536);
+        let mut data = vec![0u8; 32768];
+        data[0] = 1;
+        data[20000] = 2;
+        s.write_at(0, &data).unwrap();
+        let mut back = vec![0u8; 32768];
+        s.read_at(0, &mut back).unwrap();
+        assert_eq!(back, data);
+        // Only the two chunks holding non-zero bytes were allocated.
+        assert!(f.metadata().unwrap().blocks() * 512 <= 2 * 4096 + 4096);
+        assert!(s.write_at(65536 - 10, &[1; 11]).is_err());
+        assert!(s.sub(60000, 10000).is_err());
+    }
+
+    #[test]
+    fn mem_sink_round_trip() {
+        let s = MemSink::new(100);
+        s.write_at(10, b"abc").unwrap();
+        assert!(s.write_at(98, b"abc").is_err());
+        let v = s.into_inner();
+        assert_eq!(&v[10..13], b"abc");
+    }
+}

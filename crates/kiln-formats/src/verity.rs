@@ -1,0 +1,1 @@
+//! dm-verity hash trees and superblocks (kernel Documentation/admin-guide/device-mapper/verity.rst).

@@ -1,0 +1,1 @@
+//! kiln-serve: personalised downloads over HTTP, streamed from an immutable base plus patches.

@@ -1,0 +1,1 @@
+//! kiln-ship: getting images to the machines and people who boot them.

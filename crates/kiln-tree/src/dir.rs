@@ -1,0 +1,249 @@
+//! Reading a source tree from a host directory.
+//!
+//! One `lstat` per entry, names sorted as bytes, xattrs through `llistxattr`, holes through
+//! `SEEK_DATA`/`SEEK_HOLE`, hardlinks by (device, inode). File bytes are referenced by path and
+//! read later, in parallel, by the writer.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_formats::fstree::{
+    DataRef, FileData, Meta, Node, NodeId, NodeKind, Segment, Timestamp, Tree, Xattr, ROOT,
+};
+
+use crate::Error;
+
+/// Reads the directory `root` into a tree.
+pub fn read_dir_tree(root: &Path) -> Result<Tree, Error> {
+    let md = fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
+    if !md.is_dir() {
+        return Err(Error::Source {
+            path: root.display().to_string(),
+            msg: "not a directory".into(),
+        });
+    }
+    let mut tree = Tree::new(meta_of(root, &md)?);
+    let mut links: HashMap<(u64, u64), NodeId> = HashMap::new();
+    walk(&mut tree, ROOT, root, &mut links)?;
+    Ok(tree)
+}
+
+fn walk(
+    tree: &mut Tree,
+    dir: NodeId,
+    path: &Path,
+    links: &mut HashMap<(u64, u64), NodeId>,
+) -> Result<(), Error> {
+    let mut names: Vec<_> = fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| Error::io(path, e))?;
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in names {
+        let child = path.join(&name);
+        let bytes = name.as_bytes();
+        kiln_formats::fstree::check_name(bytes, child.as_os_str().as_bytes())
+            .map_err(|e| Error::Source { path: child.display().to_string(), msg: e.to_string() })?;
+        let md = fs::symlink_metadata(&child).map_err(|e| Error::io(&child, e))?;
+        let key = (md.dev(), md.ino());
+        if !md.is_dir() && md.nlink() > 1 {
+            if let Some(&id) = links.get(&key) {
+                tree.link(dir, bytes, id);
+                continue;
+            }
+        }
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            NodeKind::Dir(Vec::new())
+        } else if ft.is_file() {
+            NodeKind::File(file_data(&child, &md)?)
+        } else if ft.is_symlink() {
+            let t = fs::read_link(&child).map_err(|e| Error::io(&child, e))?;
+            NodeKind::Symlink(t.as_os_str().as_bytes().into())
+        } else if ft.is_char_device() {
+            NodeKind::CharDev { major: major(md.rdev()), minor: minor(md.rdev()) }
+        } else if ft.is_block_device() {
+            NodeKind::BlockDev { major: major(md.rdev()), minor: minor(md.rdev()) }
+        } else if ft.is_fifo() {
+            NodeKind::Fifo
+        } else {
+            NodeKind::Socket
+        };
+        let is_dir = matches!(kind, NodeKind::Dir(_));
+        let id = tree.push(Node { kind, meta: meta_of(&child, &md)?, slot: None });
+        tree.link(dir, bytes, id);
+        if is_dir {
+            walk(tree, id, &child, links)?;
+        } else if md.nlink() > 1 {
+            links.insert(key, id);
+        }
+    }
+    Ok(())
+}
+
+fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, Error> {
+    Ok(Meta {
+        perm: (md.mode() & 0o7777) as u16,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: Timestamp { sec: md.mtime(), nsec: md.mtime_nsec() as u32 },
+        xattrs: xattrs(path)?,
+    })
+}
+
+/// Data runs of a regular file. Only files with fewer allocated blocks than their size are
+/// probed for holes, so dense files cost no extra system calls.
+fn file_data(path: &Path, md: &fs::Metadata) -> Result<FileData, Error> {
+    let size = md.len();
+    let data = DataRef::Host(Arc::from(path));
+    if size == 0 || md.blocks() * 512 >= size {
+        return Ok(FileData::dense(size, data));
+    }
+    let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let segments = data_runs(&f, size).map_err(|e| Error::io(path, e))?;
+    if segments.len() == 1 && segments[0] == (Segment { offset: 0, len: size }) {
+        return Ok(FileData::dense(size, data));
+    }
+    let data = if segments.is_empty() { DataRef::Empty } else { data };
+    Ok(FileData { size, data, segments: Some(segments.into()) })
+}
+
+fn data_runs(f: &fs::File, size: u64) -> io::Result<Vec<Segment>> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut runs = Vec::new();
+    let mut pos: i64 = 0;
+    let end = size as i64;
+    while pos < end {
+        // SAFETY: lseek on a file descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no more data: the rest is a hole
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hole = hole.min(end);
+        if hole > data {
+            runs.push(Segment { offset: data as u64, len: (hole - data) as u64 });
+        }
+        pos = hole;
+    }
+    Ok(runs)
+}
+
+fn major(rdev: u64) -> u32 {
+    libc::major(rdev as libc::dev_t) as u32
+}
+
+fn minor(rdev: u64) -> u32 {
+    libc::minor(rdev as libc::dev_t) as u32
+}
+
+/// All extended attributes of `path` (not following symlinks), sorted by name.
+pub fn xattrs(path: &Path) -> Result<Vec<Xattr>, Error> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Source { path: path.display().to_string(), msg: "NUL in path".into() })?;
+    let names = loop {
+        // SAFETY: a null buffer with size 0 asks for the required size.
+        let n = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::ENOTSUP)) {
+                return Ok(Vec::new());
+            }
+            return Err(Error::io(path, e));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; n as usize];
+        // SAFETY: buf is valid for buf.len() bytes.
+        let m = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if m >= 0 {
+            buf.truncate(m as usize);
+            break buf;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(Error::io(path, e));
+        }
+        // The list grew between the two calls: ask again.
+    };
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = CString::new(name).expect("split on NUL");
+        let value = loop {
+            // SAFETY: size query.
+            let n = unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0) };
+            if n < 0 {
+                return Err(Error::io(path, io::Error::last_os_error()));
+            }
+            let mut v = vec![0u8; n as usize];
+            // SAFETY: v is valid for v.len() bytes.
+            let m = unsafe {
+                libc::lgetxattr(c.as_ptr(), cname.as_ptr(), v.as_mut_ptr().cast(), v.len())
+            };
+            if m >= 0 {
+                v.truncate(m as usize);
+                break v;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ERANGE) {
+                return Err(Error::io(path, e));
+            }
+        };
+        out.push(Xattr { name: name.into(), value: value.into() });
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The path of `path` relative to a root, for messages.
+pub fn display_rel(root: &Path, path: &Path) -> PathBuf {
+    path.strip_prefix(root).map(Path::to_path_buf).unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn reads_kinds_links_and_holes() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("b/c")).unwrap();
+        fs::write(r.join("a"), b"hello").unwrap();
+        fs::hard_link(r.join("a"), r.join("b/c/a2")).unwrap();
+        symlink("../a", r.join("b/l")).unwrap();
+        let f = fs::File::create(r.join("sparse")).unwrap();
+        f.set_len(1 << 24).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"x", 1 << 20).unwrap();
+        drop(f);
+
+        let t = read_dir_tree(r).unwrap();
+        let a = t.resolve(b"/a").unwrap();
+        assert_eq!(t.resolve(b"/b/c/a2"), Some(a), "hardlink shares the node");
+        assert!(matches!(&t.node(t.resolve(b"/b/l").unwrap()).kind, NodeKind::Symlink(s) if &**s == b"../a"));
+        let NodeKind::File(sp) = &t.node(t.resolve(b"/sparse").unwrap()).kind else { panic!() };
+        assert_eq!(sp.size, 1 << 24);
+        let segs = sp.segments.as_ref().expect("sparse file probed");
+        assert!(segs.iter().any(|s| s.offset <= 1 << 20 && s.offset + s.len > 1 << 20));
+        assert!(sp.stored_len() < 1 << 22);
+    }
+}

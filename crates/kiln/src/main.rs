@@ -1,0 +1,84 @@
+//! The kiln command line. Parses arguments and calls the libraries; no logic of its own.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Bake bootable OS images from a root filesystem, rootless and reproducible, and personalise
+/// them in milliseconds.
+#[derive(Parser)]
+#[command(name = "kiln", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a filesystem image (ext4, EROFS) from a directory or a tar stream.
+    #[command(subcommand)]
+    Mkfs(cmd::mkfs::MkfsCommand),
+    /// Build disk images from a kiln.toml spec.
+    Build(cmd::build::BuildArgs),
+    /// Show the layout of an image: partitions, filesystems, verity, slots, ISO descriptors.
+    Inspect(cmd::inspect::InspectArgs),
+    /// Put payloads into an image's slots.
+    Inject(cmd::inject::InjectArgs),
+    /// Check an image against a chunked digest, or a file against a minisign signature.
+    Verify(cmd::verify::VerifyArgs),
+    /// Boot an image in QEMU with OVMF and wait for a marker on the serial console.
+    Boot(cmd::boot::BootArgs),
+    /// Install a newer build into the inactive A/B slot of an image or block device.
+    Update(cmd::update::UpdateArgs),
+    /// Serve personalised images over HTTP.
+    Serve(cmd::serve::ServeArgs),
+    /// Push files to an OCI registry as an ORAS-compatible artifact.
+    Push(cmd::ship::PushArgs),
+    /// Pull an OCI artifact's files.
+    Pull(cmd::ship::PullArgs),
+    /// Upload files to an object store with sha256 sidecars.
+    Upload(cmd::ship::UploadArgs),
+    /// Download a file from an object store, verified against its sidecar.
+    Download(cmd::ship::DownloadArgs),
+    /// Emit or merge release manifests.
+    #[command(subcommand)]
+    Manifest(cmd::ship::ManifestCommand),
+    /// Bring a local cache up to date with a manifest.
+    Sync(cmd::ship::SyncArgs),
+    /// Sign files with a minisign key.
+    Sign(cmd::ship::SignArgs),
+    /// Print an SPDX SBOM of a tree's packages.
+    Sbom(cmd::ship::SbomArgs),
+    /// Scan a tree against a content policy.
+    Lint(cmd::ship::LintArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Mkfs(c) => cmd::mkfs::run(c),
+        Command::Build(a) => cmd::build::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Inject(a) => cmd::inject::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
+        Command::Boot(a) => cmd::boot::run(a),
+        Command::Update(a) => cmd::update::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Push(a) => cmd::ship::push(a),
+        Command::Pull(a) => cmd::ship::pull(a),
+        Command::Upload(a) => cmd::ship::upload(a),
+        Command::Download(a) => cmd::ship::download(a),
+        Command::Manifest(c) => cmd::ship::manifest(c),
+        Command::Sync(a) => cmd::ship::sync(a),
+        Command::Sign(a) => cmd::ship::sign(a),
+        Command::Sbom(a) => cmd::ship::sbom(a),
+        Command::Lint(a) => cmd::ship::lint(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
