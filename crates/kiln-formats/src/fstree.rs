@@ -85,7 +85,11 @@ impl FileData {
     /// A dense file whose bytes are at `data`.
     pub fn dense(size: u64, data: DataRef) -> Self {
         let data = if size == 0 { DataRef::Empty } else { data };
-        Self { size, data, segments: None }
+        Self {
+            size,
+            data,
+            segments: None,
+        }
     }
 
     /// The data runs of this file: the segments of a sparse file, or one run covering it all.
@@ -93,7 +97,10 @@ impl FileData {
         match &self.segments {
             Some(s) => s.to_vec(),
             None if self.size == 0 => Vec::new(),
-            None => vec![Segment { offset: 0, len: self.size }],
+            None => vec![Segment {
+                offset: 0,
+                len: self.size,
+            }],
         }
     }
 
@@ -179,7 +186,13 @@ pub struct Meta {
 
 impl Default for Meta {
     fn default() -> Self {
-        Self { perm: 0o755, uid: 0, gid: 0, mtime: Timestamp::default(), xattrs: Vec::new() }
+        Self {
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            xattrs: Vec::new(),
+        }
     }
 }
 
@@ -225,7 +238,11 @@ pub enum TreeError {
     BadName { path: String, reason: &'static str },
     /// A path runs through something that is not a directory.
     #[error("{path}: parent {parent} is a {kind}, not a directory")]
-    NotADirectory { path: String, parent: String, kind: &'static str },
+    NotADirectory {
+        path: String,
+        parent: String,
+        kind: &'static str,
+    },
 }
 
 /// An arena of nodes; node [`ROOT`] is the root directory.
@@ -247,7 +264,13 @@ impl Default for Tree {
 impl Tree {
     /// A tree holding only a root directory with `meta`.
     pub fn new(meta: Meta) -> Self {
-        Self { nodes: vec![Node { kind: NodeKind::Dir(Vec::new()), meta, slot: None }] }
+        Self {
+            nodes: vec![Node {
+                kind: NodeKind::Dir(Vec::new()),
+                meta,
+                slot: None,
+            }],
+        }
     }
 
     /// The node with id `id`.
@@ -278,7 +301,9 @@ impl Tree {
     /// Finds `name` in directory `dir`.
     pub fn lookup(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
         let e = self.entries(dir);
-        e.binary_search_by(|x| (*x.name).cmp(name)).ok().map(|i| e[i].node)
+        e.binary_search_by(|x| (*x.name).cmp(name))
+            .ok()
+            .map(|i| e[i].node)
     }
 
     /// Makes `name` in directory `dir` name `node`, replacing any existing entry of that name
@@ -290,7 +315,13 @@ impl Tree {
         match entries.binary_search_by(|x| (*x.name).cmp(name)) {
             Ok(i) => Some(std::mem::replace(&mut entries[i].node, node)),
             Err(i) => {
-                entries.insert(i, DirEntry { name: name.into(), node });
+                entries.insert(
+                    i,
+                    DirEntry {
+                        name: name.into(),
+                        node,
+                    },
+                );
                 None
             }
         }
@@ -298,7 +329,9 @@ impl Tree {
 
     /// Removes `name` from directory `dir`, returning the node it named.
     pub fn unlink(&mut self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
-        let NodeKind::Dir(entries) = &mut self.nodes[dir as usize].kind else { return None };
+        let NodeKind::Dir(entries) = &mut self.nodes[dir as usize].kind else {
+            return None;
+        };
         let i = entries.binary_search_by(|x| (*x.name).cmp(name)).ok()?;
         Some(entries.remove(i).node)
     }
@@ -307,7 +340,10 @@ impl Tree {
     /// ignored). Does not follow symlinks.
     pub fn resolve(&self, path: &[u8]) -> Option<NodeId> {
         let mut cur = ROOT;
-        for c in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        for c in path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
             cur = self.lookup(cur, c)?;
         }
         Some(cur)
@@ -317,7 +353,10 @@ impl Tree {
     pub fn mkdir_p(&mut self, path: &[u8], meta: &Meta) -> Result<NodeId, TreeError> {
         let mut cur = ROOT;
         let mut walked = Vec::new();
-        for c in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        for c in path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
             check_name(c, path)?;
             walked.extend_from_slice(b"/");
             walked.extend_from_slice(c);
@@ -440,7 +479,10 @@ impl Tree {
 
     /// Number of subdirectories of each directory node (for `nlink = 2 + subdirs`).
     pub fn subdir_count(&self, id: NodeId) -> u32 {
-        self.entries(id).iter().filter(|e| self.node(e.node).is_dir()).count() as u32
+        self.entries(id)
+            .iter()
+            .filter(|e| self.node(e.node).is_dir())
+            .count() as u32
     }
 }
 
@@ -469,7 +511,10 @@ pub fn check_name(name: &[u8], path: &[u8]) -> Result<(), TreeError> {
     } else {
         return Ok(());
     };
-    Err(TreeError::BadName { path: String::from_utf8_lossy(path).into_owned(), reason })
+    Err(TreeError::BadName {
+        path: String::from_utf8_lossy(path).into_owned(),
+        reason,
+    })
 }
 
 /// Reads the bytes a [`DataRef`] points at. Writers call it from many threads at once.
@@ -510,7 +555,10 @@ pub fn read_host_or_inline(file: &FileData, offset: u64, buf: &mut [u8]) -> io::
                 }
                 None => Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("inline data: read of {} bytes at {offset} past its end", buf.len()),
+                    format!(
+                        "inline data: read of {} bytes at {offset} past its end",
+                        buf.len()
+                    ),
                 )),
             }
         }
@@ -545,7 +593,10 @@ mod tests {
 
     fn file(size: u64) -> Node {
         Node {
-            kind: NodeKind::File(FileData::dense(size, DataRef::Inline(vec![0; size as usize].into()))),
+            kind: NodeKind::File(FileData::dense(
+                size,
+                DataRef::Inline(vec![0; size as usize].into()),
+            )),
             meta: Meta::default(),
             slot: None,
         }
@@ -560,7 +611,10 @@ mod tests {
         }
         let mut seen = Vec::new();
         t.walk_paths(|p, _| seen.push(String::from_utf8(p.to_vec()).unwrap()));
-        assert_eq!(seen, ["/", "/a", "/b", "/b/y", "/b/z", "/c", "/c/d", "/c/d/e"]);
+        assert_eq!(
+            seen,
+            ["/", "/a", "/b", "/b/y", "/b/z", "/c", "/c/d", "/c/d/e"]
+        );
         assert!(t.resolve(b"/b/y").is_some());
         assert!(t.resolve(b"b/./y").is_some());
         assert!(t.resolve(b"/b/x").is_none());
@@ -571,11 +625,21 @@ mod tests {
         let mut t = Tree::default();
         let m = Meta::default();
         t.insert(b"d/f", file(1), &m).unwrap();
-        let new_dir = Node { kind: NodeKind::Dir(vec![]), meta: Meta { perm: 0o700, ..m.clone() }, slot: None };
+        let new_dir = Node {
+            kind: NodeKind::Dir(vec![]),
+            meta: Meta {
+                perm: 0o700,
+                ..m.clone()
+            },
+            slot: None,
+        };
         t.insert(b"d", new_dir, &m).unwrap();
         let d = t.resolve(b"d").unwrap();
         assert_eq!(t.node(d).meta.perm, 0o700);
-        assert!(t.resolve(b"d/f").is_some(), "directory over directory keeps entries");
+        assert!(
+            t.resolve(b"d/f").is_some(),
+            "directory over directory keeps entries"
+        );
         t.insert(b"d/f", file(7), &m).unwrap();
         let f = t.resolve(b"d/f").unwrap();
         assert!(matches!(&t.node(f).kind, NodeKind::File(d) if d.size == 7));
@@ -597,9 +661,16 @@ mod tests {
         let mut t = Tree::default();
         let m = Meta::default();
         for p in [&b"a/../b"[..], b"a/\0", &[b'x'; 256][..]] {
-            assert!(t.insert(p, file(0), &m).is_err(), "{:?}", String::from_utf8_lossy(p));
+            assert!(
+                t.insert(p, file(0), &m).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(p)
+            );
         }
         t.insert(b"f", file(0), &m).unwrap();
-        assert!(matches!(t.insert(b"f/g", file(0), &m), Err(TreeError::NotADirectory { .. })));
+        assert!(matches!(
+            t.insert(b"f/g", file(0), &m),
+            Err(TreeError::NotADirectory { .. })
+        ));
     }
 }

@@ -32,7 +32,9 @@ pub trait Sink: Sync {
 fn out_of_window(offset: u64, len: usize, window: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
-        format!("write of {len} bytes at offset {offset} runs past the end of the {window}-byte output"),
+        format!(
+            "write of {len} bytes at offset {offset} runs past the end of the {window}-byte output"
+        ),
     )
 }
 
@@ -57,7 +59,11 @@ impl<'a> FileSink<'a> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(out_of_window(offset, len as usize, self.len));
         }
-        Ok(FileSink { file: self.file, base: self.base + offset, len })
+        Ok(FileSink {
+            file: self.file,
+            base: self.base + offset,
+            len,
+        })
     }
 
     /// The underlying file and the window's base offset in it.
@@ -70,7 +76,10 @@ const ZERO_CHUNK: usize = 4096;
 
 impl Sink for FileSink<'_> {
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.len) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
             return Err(out_of_window(offset, buf.len(), self.len));
         }
         // Skip chunk-aligned all-zero runs; write the rest in as few calls as possible.
@@ -80,26 +89,34 @@ impl Sink for FileSink<'_> {
             let end = (pos + ZERO_CHUNK).min(buf.len());
             if buf[pos..end].iter().all(|&b| b == 0) {
                 if start < pos {
-                    self.file.write_all_at(&buf[start..pos], self.base + offset + start as u64)?;
+                    self.file
+                        .write_all_at(&buf[start..pos], self.base + offset + start as u64)?;
                 }
                 start = end;
             }
             pos = end;
         }
         if start < buf.len() {
-            self.file.write_all_at(&buf[start..], self.base + offset + start as u64)?;
+            self.file
+                .write_all_at(&buf[start..], self.base + offset + start as u64)?;
         }
         Ok(())
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.len) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
             return Err(out_of_window(offset, buf.len(), self.len));
         }
         // The file may be shorter than the window if set_len was not called yet: pad zeroes.
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], self.base + offset + done as u64)? {
+            match self
+                .file
+                .read_at(&mut buf[done..], self.base + offset + done as u64)?
+            {
                 0 => {
                     buf[done..].fill(0);
                     break;
@@ -124,7 +141,9 @@ pub struct MemSink {
 impl MemSink {
     /// A zeroed buffer of `len` bytes.
     pub fn new(len: usize) -> Self {
-        Self { buf: Mutex::new(vec![0; len]) }
+        Self {
+            buf: Mutex::new(vec![0; len]),
+        }
     }
 
     /// The bytes written.
@@ -137,8 +156,12 @@ impl Sink for MemSink {
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
         let len = b.len() as u64;
-        let start = usize::try_from(offset).ok().filter(|&o| (o as u64) + data.len() as u64 <= len);
-        let Some(start) = start else { return Err(out_of_window(offset, data.len(), len)) };
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|&o| (o as u64) + data.len() as u64 <= len);
+        let Some(start) = start else {
+            return Err(out_of_window(offset, data.len(), len));
+        };
         b[start..start + data.len()].copy_from_slice(data);
         Ok(())
     }
@@ -146,8 +169,12 @@ impl Sink for MemSink {
     fn read_at(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         let b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
         let len = b.len() as u64;
-        let start = usize::try_from(offset).ok().filter(|&o| (o as u64) + out.len() as u64 <= len);
-        let Some(start) = start else { return Err(out_of_window(offset, out.len(), len)) };
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|&o| (o as u64) + out.len() as u64 <= len);
+        let Some(start) = start else {
+            return Err(out_of_window(offset, out.len(), len));
+        };
         out.copy_from_slice(&b[start..start + out.len()]);
         Ok(())
     }
@@ -165,7 +192,13 @@ mod tests {
     #[test]
     fn file_sink_skips_zero_chunks_and_bounds_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let f = File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("x")).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("x"))
+            .unwrap();
         f.set_len(1 << 20).unwrap();
         let s = FileSink::new(&f, 4096, 65536);
         let mut data = vec![0u8; 32768];

@@ -49,8 +49,12 @@ fn walk(
     for name in names {
         let child = path.join(&name);
         let bytes = name.as_bytes();
-        kiln_formats::fstree::check_name(bytes, child.as_os_str().as_bytes())
-            .map_err(|e| Error::Source { path: child.display().to_string(), msg: e.to_string() })?;
+        kiln_formats::fstree::check_name(bytes, child.as_os_str().as_bytes()).map_err(|e| {
+            Error::Source {
+                path: child.display().to_string(),
+                msg: e.to_string(),
+            }
+        })?;
         let md = fs::symlink_metadata(&child).map_err(|e| Error::io(&child, e))?;
         let key = (md.dev(), md.ino());
         if !md.is_dir() && md.nlink() > 1 {
@@ -68,16 +72,26 @@ fn walk(
             let t = fs::read_link(&child).map_err(|e| Error::io(&child, e))?;
             NodeKind::Symlink(t.as_os_str().as_bytes().into())
         } else if ft.is_char_device() {
-            NodeKind::CharDev { major: major(md.rdev()), minor: minor(md.rdev()) }
+            NodeKind::CharDev {
+                major: major(md.rdev()),
+                minor: minor(md.rdev()),
+            }
         } else if ft.is_block_device() {
-            NodeKind::BlockDev { major: major(md.rdev()), minor: minor(md.rdev()) }
+            NodeKind::BlockDev {
+                major: major(md.rdev()),
+                minor: minor(md.rdev()),
+            }
         } else if ft.is_fifo() {
             NodeKind::Fifo
         } else {
             NodeKind::Socket
         };
         let is_dir = matches!(kind, NodeKind::Dir(_));
-        let id = tree.push(Node { kind, meta: meta_of(&child, &md)?, slot: None });
+        let id = tree.push(Node {
+            kind,
+            meta: meta_of(&child, &md)?,
+            slot: None,
+        });
         tree.link(dir, bytes, id);
         if is_dir {
             walk(tree, id, &child, links)?;
@@ -93,7 +107,10 @@ fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, Error> {
         perm: (md.mode() & 0o7777) as u16,
         uid: md.uid(),
         gid: md.gid(),
-        mtime: Timestamp { sec: md.mtime(), nsec: md.mtime_nsec() as u32 },
+        mtime: Timestamp {
+            sec: md.mtime(),
+            nsec: md.mtime_nsec() as u32,
+        },
         xattrs: xattrs(path)?,
     })
 }
@@ -108,11 +125,25 @@ fn file_data(path: &Path, md: &fs::Metadata) -> Result<FileData, Error> {
     }
     let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let segments = data_runs(&f, size).map_err(|e| Error::io(path, e))?;
-    if segments.len() == 1 && segments[0] == (Segment { offset: 0, len: size }) {
+    if segments.len() == 1
+        && segments[0]
+            == (Segment {
+                offset: 0,
+                len: size,
+            })
+    {
         return Ok(FileData::dense(size, data));
     }
-    let data = if segments.is_empty() { DataRef::Empty } else { data };
-    Ok(FileData { size, data, segments: Some(segments.into()) })
+    let data = if segments.is_empty() {
+        DataRef::Empty
+    } else {
+        data
+    };
+    Ok(FileData {
+        size,
+        data,
+        segments: Some(segments.into()),
+    })
 }
 
 fn data_runs(f: &fs::File, size: u64) -> io::Result<Vec<Segment>> {
@@ -138,7 +169,10 @@ fn data_runs(f: &fs::File, size: u64) -> io::Result<Vec<Segment>> {
         }
         let hole = hole.min(end);
         if hole > data {
-            runs.push(Segment { offset: data as u64, len: (hole - data) as u64 });
+            runs.push(Segment {
+                offset: data as u64,
+                len: (hole - data) as u64,
+            });
         }
         pos = hole;
     }
@@ -155,8 +189,10 @@ fn minor(rdev: u64) -> u32 {
 
 /// All extended attributes of `path` (not following symlinks), sorted by name.
 pub fn xattrs(path: &Path) -> Result<Vec<Xattr>, Error> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::Source { path: path.display().to_string(), msg: "NUL in path".into() })?;
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Source {
+        path: path.display().to_string(),
+        msg: "NUL in path".into(),
+    })?;
     let names = loop {
         // SAFETY: a null buffer with size 0 asks for the required size.
         let n = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
@@ -206,7 +242,10 @@ pub fn xattrs(path: &Path) -> Result<Vec<Xattr>, Error> {
                 return Err(Error::io(path, e));
             }
         };
-        out.push(Xattr { name: name.into(), value: value.into() });
+        out.push(Xattr {
+            name: name.into(),
+            value: value.into(),
+        });
     }
     out.sort();
     Ok(out)
@@ -214,7 +253,9 @@ pub fn xattrs(path: &Path) -> Result<Vec<Xattr>, Error> {
 
 /// The path of `path` relative to a root, for messages.
 pub fn display_rel(root: &Path, path: &Path) -> PathBuf {
-    path.strip_prefix(root).map(Path::to_path_buf).unwrap_or_else(|_| path.to_path_buf())
+    path.strip_prefix(root)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|_| path.to_path_buf())
 }
 
 #[cfg(test)]
@@ -239,11 +280,17 @@ mod tests {
         let t = read_dir_tree(r).unwrap();
         let a = t.resolve(b"/a").unwrap();
         assert_eq!(t.resolve(b"/b/c/a2"), Some(a), "hardlink shares the node");
-        assert!(matches!(&t.node(t.resolve(b"/b/l").unwrap()).kind, NodeKind::Symlink(s) if &**s == b"../a"));
-        let NodeKind::File(sp) = &t.node(t.resolve(b"/sparse").unwrap()).kind else { panic!() };
+        assert!(
+            matches!(&t.node(t.resolve(b"/b/l").unwrap()).kind, NodeKind::Symlink(s) if &**s == b"../a")
+        );
+        let NodeKind::File(sp) = &t.node(t.resolve(b"/sparse").unwrap()).kind else {
+            panic!()
+        };
         assert_eq!(sp.size, 1 << 24);
         let segs = sp.segments.as_ref().expect("sparse file probed");
-        assert!(segs.iter().any(|s| s.offset <= 1 << 20 && s.offset + s.len > 1 << 20));
+        assert!(segs
+            .iter()
+            .any(|s| s.offset <= 1 << 20 && s.offset + s.len > 1 << 20));
         assert!(sp.stored_len() < 1 << 22);
     }
 }

@@ -28,7 +28,11 @@ pub enum Error {
     /// A bad tar entry: `entry` is its name (as far as it could be read), `offset` the byte
     /// offset of its header in the uncompressed stream.
     #[error("tar entry {entry:?} at offset {offset}: {msg}")]
-    Entry { entry: String, offset: u64, msg: String },
+    Entry {
+        entry: String,
+        offset: u64,
+        msg: String,
+    },
     /// A malformed archive where no entry name is known.
     #[error("tar archive at offset {offset}: {msg}")]
     Archive { offset: u64, msg: String },
@@ -37,7 +41,10 @@ pub enum Error {
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: io::Error) -> Self {
-        Error::Io { path: path.display().to_string(), source }
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 
@@ -60,14 +67,18 @@ impl Normalize {
             })?),
             Err(_) => None,
         };
-        Ok(Self { source_date_epoch, all_root })
+        Ok(Self {
+            source_date_epoch,
+            all_root,
+        })
     }
 
     /// Applies the normalisation to every node.
     pub fn apply(&self, tree: &mut Tree) {
         for n in &mut tree.nodes {
             if let Some(epoch) = self.source_date_epoch {
-                if n.meta.mtime.sec > epoch || (n.meta.mtime.sec == epoch && n.meta.mtime.nsec > 0) {
+                if n.meta.mtime.sec > epoch || (n.meta.mtime.sec == epoch && n.meta.mtime.nsec > 0)
+                {
                     n.meta.mtime = kiln_formats::fstree::Timestamp::from_secs(epoch);
                 }
             }
@@ -117,14 +128,20 @@ pub enum Opened {
 /// Opens a source. Directories and uncompressed tar files are read (metadata only) right away.
 pub fn open(arg: &SourceArg) -> Result<Opened, Error> {
     match arg {
-        SourceArg::Dir(p) => Ok(Opened::Indexed(dir::read_dir_tree(p)?, SourceContents::Host)),
+        SourceArg::Dir(p) => Ok(Opened::Indexed(
+            dir::read_dir_tree(p)?,
+            SourceContents::Host,
+        )),
         SourceArg::TarFile(p) => tar::open_file(p),
         SourceArg::Stdin => Ok(Opened::Stream(tar::TarStream::stdin()?)),
     }
 }
 
 /// Reads any source into a tree in one go. For a stream, `placer` receives the file bytes.
-pub fn read_with(arg: &SourceArg, placer: &mut dyn Placer) -> Result<(Tree, SourceContents), Error> {
+pub fn read_with(
+    arg: &SourceArg,
+    placer: &mut dyn Placer,
+) -> Result<(Tree, SourceContents), Error> {
     match open(arg)? {
         Opened::Indexed(t, c) => Ok((t, c)),
         Opened::Stream(s) => Ok((s.read(placer)?, SourceContents::Host)),

@@ -21,16 +21,30 @@ impl AtomicFile {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = dest
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a file name", dest.display())))?;
+        let name = dest.file_name().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: not a file name", dest.display()),
+            )
+        })?;
         for n in 0u32.. {
             let mut tmp_name = std::ffi::OsString::from(".");
             tmp_name.push(name);
             tmp_name.push(format!(".kiln-tmp-{}-{n}", std::process::id()));
             let tmp = dir.join(tmp_name);
-            match File::options().read(true).write(true).create_new(true).open(&tmp) {
-                Ok(file) => return Ok(Self { file: Some(file), tmp, dest: dest.to_path_buf() }),
+            match File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(file) => {
+                    return Ok(Self {
+                        file: Some(file),
+                        tmp,
+                        dest: dest.to_path_buf(),
+                    })
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", tmp.display()))),
             }
@@ -56,10 +70,15 @@ impl AtomicFile {
     /// Flushes the data and renames the temp file to the destination.
     pub fn commit(mut self) -> io::Result<()> {
         let file = self.file.take().expect("file present until commit");
-        file.sync_data().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.tmp.display())))?;
+        file.sync_data()
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.tmp.display())))?;
         drop(file);
-        fs::rename(&self.tmp, &self.dest)
-            .map_err(|e| io::Error::new(e.kind(), format!("{} -> {}: {e}", self.tmp.display(), self.dest.display())))?;
+        fs::rename(&self.tmp, &self.dest).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{} -> {}: {e}", self.tmp.display(), self.dest.display()),
+            )
+        })?;
         self.tmp = PathBuf::new();
         Ok(())
     }
@@ -86,7 +105,11 @@ mod tests {
             let a = AtomicFile::create(&dest).unwrap();
             (&*a.file()).write_all(b"partial").unwrap();
         }
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0, "dropped output leaves nothing");
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            0,
+            "dropped output leaves nothing"
+        );
         let a = AtomicFile::create(&dest).unwrap();
         (&*a.file()).write_all(b"done").unwrap();
         a.commit().unwrap();

@@ -12,7 +12,10 @@ use crate::{Error, Opened};
 
 /// Opens a tar file: an uncompressed one is indexed now, a compressed one becomes a stream.
 pub fn open_file(path: &Path) -> Result<Opened, Error> {
-    Err(Error::Source { path: path.display().to_string(), msg: "tar sources are not supported yet".into() })
+    Err(Error::Source {
+        path: path.display().to_string(),
+        msg: "tar sources are not supported yet".into(),
+    })
 }
 
 /// A tar stream read once, front to back.
@@ -23,12 +26,18 @@ pub struct TarStream {
 impl TarStream {
     /// The tar stream on standard input.
     pub fn stdin() -> Result<Self, Error> {
-        Err(Error::Source { path: "-".into(), msg: "tar streams are not supported yet".into() })
+        Err(Error::Source {
+            path: "-".into(),
+            msg: "tar streams are not supported yet".into(),
+        })
     }
 
     /// Reads the whole stream, handing file bytes to `placer`.
     pub fn read(self, _placer: &mut dyn Placer) -> Result<Tree, Error> {
-        Err(Error::Source { path: "-".into(), msg: "tar streams are not supported yet".into() })
+        Err(Error::Source {
+            path: "-".into(),
+            msg: "tar streams are not supported yet".into(),
+        })
     }
 }
 
@@ -42,6 +51,9 @@ impl TarContents {
     /// Reads `buf.len()` bytes of `file` at logical offset `offset`.
     pub fn read_at(&self, file: &FileData, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let _ = (&self.file, file, offset, buf);
-        Err(io::Error::new(io::ErrorKind::Unsupported, "tar contents are not supported yet"))
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "tar contents are not supported yet",
+        ))
     }
 }

@@ -1,0 +1,398 @@
+//! Fixtures shared by kiln's tests: the generated corpus that every filesystem writer must
+//! round-trip, and helpers to find and run the reference tools.
+//!
+//! Test-only code: it panics on failure, which is what a test wants.
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// How much of the corpus to generate.
+#[derive(Clone, Copy, Debug)]
+pub struct CorpusOptions {
+    /// Include the 100k-entry directory.
+    pub huge_dir: bool,
+    /// Include the 5 GiB sparse file.
+    pub huge_sparse: bool,
+}
+
+impl Default for CorpusOptions {
+    fn default() -> Self {
+        Self {
+            huge_dir: true,
+            huge_sparse: true,
+        }
+    }
+}
+
+/// True when running as root (device nodes, `security.*`/`trusted.*` xattrs, chown, loop mounts).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+fn set_times(path: &Path, sec: i64, nsec: i64) {
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let ts = [
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+    ];
+    // SAFETY: valid path and a two-element timespec array.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(r, 0, "utimensat {}", path.display());
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid path.
+    let r = unsafe { libc::lchown(p.as_ptr(), uid, gid) };
+    assert_eq!(r, 0, "lchown {}", path.display());
+}
+
+fn mknod(path: &Path, mode: u32, major: u32, minor: u32) {
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid path.
+    let r = unsafe { libc::mknod(p.as_ptr(), mode, libc::makedev(major, minor)) };
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so fixtures are identical on every run.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes the generated corpus into `root` (which must exist and be empty). It covers every
+/// entry kind, empty files and directories, 255-byte and non-UTF-8 names, a 100k-entry
+/// directory, a 4000-byte path, hardlinks across directories, sparse files including a 5 GiB
+/// one, small and large xattrs (`security.selinux`, `security.capability`, `user.*`,
+/// `trusted.overlay.*`), setuid/setgid/sticky bits, varied owners and nanosecond mtimes.
+/// Root-only parts (devices, `security.*`/`trusted.*` xattrs, ownership) are created only when
+/// running as root.
+pub fn generate_corpus(root: &Path, opts: CorpusOptions) {
+    let root_user = is_root();
+    let d = |p: &str| {
+        let path = root.join(p);
+        fs::create_dir_all(&path).unwrap();
+        path
+    };
+    let f = |p: &str, data: &[u8]| {
+        let path = root.join(p);
+        fs::write(&path, data).unwrap();
+        path
+    };
+
+    // Regular files of many sizes: empty, tiny (inline candidates), block edges, multi-block.
+    d("files");
+    for (i, size) in [
+        0usize,
+        1,
+        59,
+        60,
+        61,
+        100,
+        4095,
+        4096,
+        4097,
+        8192,
+        65536,
+        1 << 20,
+        3 << 20 | 17,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        f(
+            &format!("files/size-{size}"),
+            &pseudo_random(i as u64 + 1, size),
+        );
+    }
+    f("files/zeros-64k", &vec![0u8; 65536]);
+    d("empty-dir");
+    d("deep/a/b/c/d/e/f/g");
+
+    // Names: 255 bytes, non-UTF-8, odd characters.
+    let long = "n".repeat(255);
+    f(&format!("files/{long}"), b"long name\n");
+    let nonutf8 = root
+        .join("files")
+        .join(OsStr::from_bytes(b"caf\xe9-\xff\xfe"));
+    fs::write(&nonutf8, b"latin-1 name\n").unwrap();
+    f("files/space and\ttab", b"x");
+    f("files/.hidden", b"dot");
+
+    // A path of about 4000 bytes: 16 directories of 245 bytes plus a file.
+    let mut p = PathBuf::from("longpath");
+    for i in 0..16 {
+        p.push(format!("{i:02}{}", "p".repeat(243)));
+    }
+    fs::create_dir_all(root.join(&p)).unwrap();
+    p.push("leaf");
+    f(p.to_str().unwrap(), b"deep leaf\n");
+    assert!(p.as_os_str().len() >= 3900);
+
+    // Symlinks: fast (< 60 bytes), slow (long target), dangling, to a directory.
+    d("links");
+    symlink("../files/size-1", root.join("links/fast")).unwrap();
+    symlink(format!("../files/{long}"), root.join("links/slow")).unwrap();
+    symlink("/nonexistent/target", root.join("links/dangling")).unwrap();
+    symlink("../deep", root.join("links/todir")).unwrap();
+
+    // Hardlinks across directories, including a 3-way link.
+    d("hard/x");
+    d("hard/y");
+    let h = f("hard/x/orig", &pseudo_random(99, 5000));
+    fs::hard_link(&h, root.join("hard/y/link1")).unwrap();
+    fs::hard_link(&h, root.join("hard/link2")).unwrap();
+
+    // Special files.
+    d("special");
+    let fifo = std::ffi::CString::new(root.join("special/fifo").as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    if root_user {
+        mknod(&root.join("special/null"), libc::S_IFCHR | 0o666, 1, 3);
+        mknod(&root.join("special/sda"), libc::S_IFBLK | 0o660, 8, 0);
+        mknod(
+            &root.join("special/bigdev"),
+            libc::S_IFCHR | 0o600,
+            4000,
+            300000,
+        );
+    }
+
+    // Sparse files: holes at the start, middle and end; one 5 GiB file (a few KiB of data).
+    d("sparse");
+    let s = fs::File::create(root.join("sparse/holes")).unwrap();
+    s.set_len(10 << 20).unwrap();
+    s.write_all_at(&pseudo_random(7, 8192), 1 << 20).unwrap();
+    s.write_all_at(&pseudo_random(8, 100), (10 << 20) - 100)
+        .unwrap();
+    drop(s);
+    let s = fs::File::create(root.join("sparse/all-hole")).unwrap();
+    s.set_len(1 << 20).unwrap();
+    drop(s);
+    if opts.huge_sparse {
+        let s = fs::File::create(root.join("sparse/five-gib")).unwrap();
+        s.set_len(5 << 30).unwrap();
+        s.write_all_at(b"start", 0).unwrap();
+        s.write_all_at(&pseudo_random(9, 4096), (4 << 30) + 12345)
+            .unwrap();
+        s.write_all_at(b"end", (5 << 30) - 3).unwrap();
+    }
+
+    // Xattrs: small user ones everywhere, a large one, security and trusted when root.
+    d("xattr");
+    let xf = f("xattr/file", b"has xattrs\n");
+    set_xattr(&xf, "user.small", b"v");
+    set_xattr(&xf, "user.empty", b"");
+    set_xattr(&xf, "user.binary", &[0, 1, 2, 255, 0]);
+    let big = f("xattr/big", b"large xattr\n");
+    set_xattr(&big, "user.large", &pseudo_random(11, 3000));
+    let xd = d("xattr/dir");
+    set_xattr(&xd, "user.dirattr", b"on a directory");
+    for i in 0..20 {
+        let x = f(&format!("xattr/shared-{i:02}"), b"same label\n");
+        set_xattr(&x, "user.label", b"shared-value-repeated-many-times");
+    }
+    if root_user {
+        set_xattr(&xf, "security.selinux", b"system_u:object_r:bin_t:s0\0");
+        // VFS_CAP_REVISION_2 with cap_net_bind_service permitted.
+        let mut cap = vec![0u8; 20];
+        cap[0..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+        cap[4..8].copy_from_slice(&(1u32 << 10).to_le_bytes());
+        set_xattr(&xf, "security.capability", &cap);
+        set_xattr(&xd, "trusted.overlay.opaque", b"y");
+    }
+
+    // Modes and owners.
+    d("modes");
+    for (name, mode) in [
+        ("setuid", 0o4755),
+        ("setgid", 0o2755),
+        ("sticky-dir", 0o1777),
+        ("none", 0o000),
+        ("rw", 0o600),
+    ] {
+        let path = if name.ends_with("dir") {
+            d(&format!("modes/{name}"))
+        } else {
+            f(&format!("modes/{name}"), name.as_bytes())
+        };
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        if root_user {
+            chown(&path, 1000 + mode % 7, 100 + mode % 5);
+        }
+    }
+    if root_user {
+        let big_id = f("modes/big-ids", b"ids over 2^16 and 2^21\n");
+        chown(&big_id, 3_000_000, 70_000);
+    }
+
+    // A directory with 100k entries (htree territory).
+    if opts.huge_dir {
+        let big = d("bigdir");
+        for i in 0..100_000u32 {
+            let name = format!("entry-{i:06}-{}", "x".repeat((i % 40) as usize));
+            if i % 1000 == 0 {
+                fs::create_dir(big.join(&name)).unwrap();
+            } else {
+                fs::write(
+                    big.join(&name),
+                    if i % 3 == 0 { &b""[..] } else { &b"e"[..] },
+                )
+                .unwrap();
+            }
+        }
+    }
+
+    // Timestamps: nanoseconds, pre-epoch, post-2038, set last (children first) so parent
+    // directory times are not disturbed by later writes.
+    let mut all: Vec<PathBuf> = Vec::new();
+    collect(root, &mut all);
+    all.sort_by(|a, b| b.as_os_str().len().cmp(&a.as_os_str().len()).then(a.cmp(b)));
+    for (i, path) in all.iter().enumerate() {
+        let sec = match i % 5 {
+            0 => 1_700_000_000 + i as i64,
+            1 => -86_400 * 365,
+            2 => 4_102_444_800 + i as i64, // 2100
+            3 => 0,
+            _ => 1_234_567_890,
+        };
+        set_times(path, sec, (i as i64 * 7919) % 1_000_000_000);
+    }
+    set_times(root, 1_600_000_000, 123_456_789);
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            collect(&p, out);
+        }
+        out.push(p);
+    }
+}
+
+/// Finds a tool on PATH (also /usr/sbin and /sbin, which non-root PATHs often lack).
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(
+            ["/usr/sbin", "/sbin", "/usr/bin"]
+                .into_iter()
+                .map(PathBuf::from),
+        )
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Finds a required reference tool or panics with an actionable message (CI installs them all).
+pub fn require_tool(name: &str) -> PathBuf {
+    tool(name).unwrap_or_else(|| {
+        panic!("reference tool `{name}` not found; .ci/run installs it (apt-get)")
+    })
+}
+
+/// Runs a command, returning its output; panics if it cannot be started.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command and panics with its output unless it exits 0.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corpus_is_deterministic_and_complete() {
+        let a = std::env::temp_dir().join(format!("kiln-corpus-test-{}", std::process::id()));
+        fs::create_dir_all(&a).unwrap();
+        generate_corpus(
+            &a,
+            CorpusOptions {
+                huge_dir: false,
+                huge_sparse: false,
+            },
+        );
+        assert!(a
+            .join("links/slow")
+            .symlink_metadata()
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            fs::read(a.join("files/size-4097")).unwrap(),
+            pseudo_random(9, 4097)
+        );
+        fs::remove_dir_all(&a).unwrap();
+    }
+}
