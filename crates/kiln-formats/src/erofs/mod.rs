@@ -26,6 +26,9 @@ pub mod layout;
 pub mod reader;
 pub mod writer;
 
+#[cfg(test)]
+mod tests;
+
 pub use reader::{Image, InodeInfo};
 pub use writer::{
     plan, rewrite_slot_size, Compression, Options, Plan, SizeEstimate, SlotLocation, StreamWriter,

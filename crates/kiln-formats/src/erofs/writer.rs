@@ -2014,7 +2014,13 @@ pub fn rewrite_slot_size(
     }
     let format = u16::from_le_bytes([inode[0], inode[1]]);
     let layout = ((format >> I_DATALAYOUT_SHIFT) & 7) as u8;
-    if (format & I_VERSION_EXTENDED == 1) != slot.extended || layout != datalayout::FLAT_PLAIN {
+    let mode = u16::from_le_bytes([inode[4], inode[5]]);
+    let i_u = u32::from_le_bytes([inode[16], inode[17], inode[18], inode[19]]);
+    if (format & I_VERSION_EXTENDED == 1) != slot.extended
+        || layout != datalayout::FLAT_PLAIN
+        || mode & 0o170000 != 0o100000
+        || u64::from(i_u) * BLOCK != slot.data_offset
+    {
         return Err(Error::Slot {
             name: slot.name.clone(),
             reason: format!(
