@@ -386,6 +386,9 @@ fn round_trip(src: &Path, source: &Scan, z: &str) {
                 // Directory times change as extraction fills them; symlink times are not set.
                 e.mtime = (0, 0);
             }
+            // fsck.erofs 1.5 sets the mode before the owner, and chown clears setuid/setgid:
+            // those bits are checked through kiln's reader and the kernel instead.
+            e.perm &= 0o1777;
             e
         },
     );
@@ -448,12 +451,7 @@ fn corpus_round_trips_in_every_mode() {
 /// Copies a tree with `cp -a` (new inodes, new directory layout on disk, so readdir order and
 /// inode numbers differ from the original).
 fn copy_tree(src: &Path, dst: &Path) {
-    run_ok(
-        Command::new("cp")
-            .args(["-a", "--sparse=always"])
-            .arg(src)
-            .arg(dst),
-    );
+    run_ok(Command::new("cp").arg("-a").arg(src).arg(dst));
 }
 
 fn sha256_file(p: &Path) -> String {
@@ -598,6 +596,7 @@ fn usr_subset_round_trips() {
             if e.kind == "dir" || e.kind == "symlink" {
                 e.mtime = (0, 0);
             }
+            e.perm &= 0o1777;
             e
         });
         compare_with_reader(&src, &img, &want);
