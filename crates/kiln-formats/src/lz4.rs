@@ -35,6 +35,15 @@ pub enum Level {
 }
 
 impl Level {
+    /// A match at least this long ends the search (and skips lazy evaluation).
+    fn nice(self) -> usize {
+        match self {
+            Level::Fast => 0,
+            Level::High(l) if l >= 10 => 1024,
+            Level::High(_) => 64,
+        }
+    }
+
     fn attempts(self) -> usize {
         match self {
             Level::Fast => 0,
@@ -197,6 +206,9 @@ impl Emitter<'_> {
     }
 }
 
+/// Positions after a match start that lazy evaluation tries.
+const LAZY_STEPS: usize = 1;
+
 const FAST_HASH_LOG: u32 = 14;
 const HC_HASH_LOG: u32 = 15;
 const CHAIN_SIZE: usize = 1 << 16;
@@ -344,9 +356,16 @@ impl Compressor {
     /// Longest match for position `ip` (which must already be inserted), at least `min_len + 1`
     /// long to count; returns (length, offset) or (0, 0).
     #[inline]
-    fn longest(&self, src: &[u8], ip: usize, end: usize, min_len: usize) -> (usize, usize) {
+    fn longest(
+        &self,
+        src: &[u8],
+        ip: usize,
+        end: usize,
+        min_len: usize,
+        mut attempts: usize,
+    ) -> (usize, usize) {
         let base = self.base;
-        let mut attempts = self.level.attempts();
+        let nice = self.level.nice();
         let mut best = (min_len, 0usize);
         let seq = read_u32(src, ip);
         let lowest = ip.saturating_sub(MAX_DISTANCE);
@@ -372,7 +391,7 @@ impl Compressor {
             let len = MINMATCH + common(src, cand + MINMATCH, ip + MINMATCH, end);
             if len > best.0 {
                 best = (len, ip - cand);
-                if ip + len >= end {
+                if ip + len >= end || len >= nice {
                     break;
                 }
             }
@@ -396,23 +415,25 @@ impl Compressor {
         while ip < match_limit {
             self.insert(src, inserted, ip + 1);
             inserted = ip + 1;
-            let (mut mlen, mut off) = self.longest(src, ip, end, MINMATCH - 1);
+            let attempts = self.level.attempts();
+            let nice = self.level.nice();
+            let (mut mlen, mut off) = self.longest(src, ip, end, MINMATCH - 1, attempts);
             if mlen == 0 {
                 ip += 1;
                 continue;
             }
             let mut mstart = ip;
             // Lazy evaluation: a longer match one or two bytes later wins over this one.
-            loop {
+            while mlen < nice {
                 let mut improved = false;
-                for step in 1..=2 {
+                for step in 1..=LAZY_STEPS {
                     let p = mstart + step;
                     if p >= match_limit {
                         break;
                     }
                     self.insert(src, inserted, p + 1);
                     inserted = inserted.max(p + 1);
-                    let (l2, o2) = self.longest(src, p, end, mlen + step);
+                    let (l2, o2) = self.longest(src, p, end, mlen + step, attempts / 4);
                     if l2 > mlen + step {
                         mlen = l2;
                         off = o2;
