@@ -469,7 +469,7 @@ fn pinned_digests() {
     let want = [
         "ee075236c57684518eaeb0d711c899f0f15bc4cf589e182bc78508147d46739c",
         "6654fd0a59fcafc6eda15a75b7a0b0ab4e8c183a64ccbb457d2ce6078b917099",
-        "1ebc9d92c62e8b73a2d7e8b63e5e879ed3c6b03880cea3ab29042efe885842c3",
+        "0fbbca6697ad957202a1793e74641eb910f0dc74e00d0903d45ff59ae93194ae",
     ];
     assert_eq!(got, want);
 }
