@@ -48,7 +48,9 @@ impl Level {
         match self {
             Level::Fast => 0,
             Level::High(l) => match l.clamp(1, 12) {
-                1..=3 => 16,
+                1 => 8,
+                2 => 16,
+                3 => 32,
                 4..=6 => 64,
                 7..=9 => 256,
                 10 => 1024,

@@ -1673,7 +1673,9 @@ impl MetaPrep {
                 _ => (0, base),
             };
             data += d;
-            meta += round_up(m, ISLOT);
+            // + 2 slots: an extended inode core is never split across blocks, which can skip
+            // up to 64 bytes.
+            meta += round_up(m, ISLOT) + 2 * ISLOT;
         }
         Ok((1 + data + blocks_of(self.shared.len() as u64) + blocks_of(meta) + 1 + tails) * BLOCK)
     }
@@ -1703,40 +1705,46 @@ impl MetaPrep {
             }
             v
         };
-        // Inline tails of files written from an indexed source: read them in parallel.
-        let tails: Vec<Option<Vec<u8>>> = self
-            .walk
-            .par_iter()
-            .map(|&id| -> Result<Option<Vec<u8>>, Error> {
-                let (
-                    Some(Store::Flat {
-                        size,
-                        tail: Tail::Inline(None),
-                        ..
-                    }),
-                    NodeKind::File(f),
-                ) = (
-                    stores.get(id as usize).and_then(Option::as_ref),
-                    &tree.node(id).kind,
-                )
-                else {
-                    return Ok(None);
-                };
-                let Some(c) = contents else {
-                    return Err(Error::corrupt(0, "internal: no source for inline tails"));
-                };
-                let t = size % BLOCK;
-                let mut b = vec![0u8; t as usize];
-                read_source(c, f, size - t, &mut b).map_err(|e| Error::Unsupported {
-                    path: node_path(tree, id),
-                    reason: e.to_string(),
-                })?;
-                Ok(Some(b))
-            })
-            .collect::<Result<_, _>>()?;
+        // Inline tails of files written from an indexed source: read in parallel, a batch of
+        // inodes at a time so only one batch of tails is in memory besides the metadata area.
+        let read_tail = |&id: &NodeId| -> Result<Option<Vec<u8>>, Error> {
+            let (
+                Some(Store::Flat {
+                    size,
+                    tail: Tail::Inline(None),
+                    ..
+                }),
+                NodeKind::File(f),
+            ) = (
+                stores.get(id as usize).and_then(Option::as_ref),
+                &tree.node(id).kind,
+            )
+            else {
+                return Ok(None);
+            };
+            let Some(c) = contents else {
+                return Err(Error::corrupt(0, "internal: no source for inline tails"));
+            };
+            let t = size % BLOCK;
+            let mut b = vec![0u8; t as usize];
+            read_source(c, f, size - t, &mut b).map_err(|e| Error::Unsupported {
+                path: node_path(tree, id),
+                reason: e.to_string(),
+            })?;
+            Ok(Some(b))
+        };
+        const TAIL_BATCH: usize = 4096;
         let mut meta = vec![0u8; (m.meta_blocks * BLOCK) as usize];
         let mut slots = Vec::new();
+        let mut tails: Vec<Option<Vec<u8>>> = Vec::new();
         for (i, &id) in self.walk.iter().enumerate() {
+            if i % TAIL_BATCH == 0 {
+                let end = (i + TAIL_BATCH).min(self.walk.len());
+                tails = self.walk[i..end]
+                    .par_iter()
+                    .map(read_tail)
+                    .collect::<Result<_, _>>()?;
+            }
             let node = tree.node(id);
             let p = self.prep(id)?;
             let l = &m.laid[i];
@@ -1797,7 +1805,7 @@ impl MetaPrep {
                     if let Tail::Inline(t) = tail {
                         let bytes = t
                             .as_deref()
-                            .or(tails[i].as_deref())
+                            .or(tails.get(i % TAIL_BATCH).and_then(|t| t.as_deref()))
                             .ok_or_else(|| Error::corrupt(0, "internal: inline tail missing"))?;
                         if bytes.len() as u64 != size % BLOCK {
                             return Err(Error::Unsupported {
