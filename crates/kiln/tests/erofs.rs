@@ -70,7 +70,7 @@ fn hash_file(p: &Path) -> String {
 }
 
 /// Walks a host tree: path -> entry, plus hardlink groups (paths sharing an inode).
-fn scan(root: &Path) -> (BTreeMap<Vec<u8>, Entry>, Vec<Vec<Vec<u8>>>) {
+fn scan(root: &Path) -> Scan {
     let mut out = BTreeMap::new();
     let mut inodes: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
     fn rec(

@@ -50,6 +50,9 @@ impl ReadAt for std::fs::File {
     }
 }
 
+/// An xattr as (full name with its prefix, value).
+pub type XattrPair = (Vec<u8>, Vec<u8>);
+
 /// A decoded inode.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InodeInfo {
@@ -267,7 +270,7 @@ impl<R: ReadAt> Image<R> {
     }
 
     /// The inode's xattrs as (full name, value), shared ones first.
-    pub fn xattrs(&self, ino: &InodeInfo) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    pub fn xattrs(&self, ino: &InodeInfo) -> Result<Vec<XattrPair>, Error> {
         if ino.xattr_size == 0 {
             return Ok(Vec::new());
         }
@@ -589,7 +592,7 @@ impl<R: ReadAt> Image<R> {
     }
 }
 
-fn parse_entry(b: &[u8], at: u64) -> Result<((Vec<u8>, Vec<u8>), usize), Error> {
+fn parse_entry(b: &[u8], at: u64) -> Result<(XattrPair, usize), Error> {
     let h = b
         .get(..4)
         .ok_or_else(|| Error::corrupt(at, "truncated xattr entry"))?;

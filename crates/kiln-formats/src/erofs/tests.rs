@@ -484,7 +484,8 @@ fn hex_digest(b: &[u8]) -> String {
 #[test]
 fn bad_trees_give_errors_not_panics() {
     let m0 = Meta::default();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Tree)>)> = vec![
+    type Case = (&'static str, Box<dyn Fn(&mut Tree)>);
+    let cases: Vec<Case> = vec![
         (
             "xattr",
             Box::new(|t: &mut Tree| {

@@ -668,7 +668,7 @@ impl<'s> DataCore<'s> {
         &mut self,
         file: &FileData,
         slot: Option<&SlotReservation>,
-    ) -> Result<(Store, Vec<(u64, u64, u64)>), Error> {
+    ) -> Result<(Store, Vec<Write>), Error> {
         let size = file.size;
         if let Some(s) = slot {
             let nb = blocks_of(s.capacity);
@@ -735,6 +735,9 @@ impl<'s> DataCore<'s> {
         ))
     }
 }
+
+/// A data copy: (image offset, logical offset in the file, length).
+type Write = (u64, u64, u64);
 
 /// The parts of `file`'s data runs inside `[from, to)`, as writes relative to `image_base`
 /// (which is where logical offset `from` lands).
@@ -865,7 +868,7 @@ impl Plan<'_> {
         let tree = self.tree;
         let mut core = DataCore::new(sink, &self.opts);
         let done = std::sync::atomic::AtomicU64::new(0);
-        let mut direct: Vec<(NodeId, Vec<(u64, u64, u64)>)> = Vec::new();
+        let mut direct: Vec<(NodeId, Vec<Write>)> = Vec::new();
         for &id in &self.meta.files {
             let node = tree.node(id);
             let NodeKind::File(f) = &node.kind else {
@@ -1801,20 +1804,25 @@ impl MetaPrep {
             put(off + core.len(), &p.xattrs)?;
             let payload = off + l.shape.head as usize;
             match (&node.kind, stores.get(id as usize).and_then(Option::as_ref)) {
-                (NodeKind::File(_), Some(Store::Flat { tail, size, .. })) => {
-                    if let Tail::Inline(t) = tail {
-                        let bytes = t
-                            .as_deref()
-                            .or(tails.get(i % TAIL_BATCH).and_then(|t| t.as_deref()))
-                            .ok_or_else(|| Error::corrupt(0, "internal: inline tail missing"))?;
-                        if bytes.len() as u64 != size % BLOCK {
-                            return Err(Error::Unsupported {
-                                path: node_path(tree, id),
-                                reason: "file tail shorter than its size".into(),
-                            });
-                        }
-                        put(payload, bytes)?;
+                (
+                    NodeKind::File(_),
+                    Some(Store::Flat {
+                        tail: Tail::Inline(t),
+                        size,
+                        ..
+                    }),
+                ) => {
+                    let bytes = t
+                        .as_deref()
+                        .or(tails.get(i % TAIL_BATCH).and_then(|t| t.as_deref()))
+                        .ok_or_else(|| Error::corrupt(0, "internal: inline tail missing"))?;
+                    if bytes.len() as u64 != size % BLOCK {
+                        return Err(Error::Unsupported {
+                            path: node_path(tree, id),
+                            reason: "file tail shorter than its size".into(),
+                        });
                     }
+                    put(payload, bytes)?;
                 }
                 (NodeKind::File(_), Some(Store::Chunked { map, .. })) => {
                     for (k, a) in map.iter().enumerate() {
