@@ -603,3 +603,177 @@ fn usr_subset_round_trips() {
         fs::remove_dir_all(&ex).unwrap();
     }
 }
+
+/// Boots the Debian 6.1 cloud kernel (the one kiln's images boot with, LZ4 only) under QEMU
+/// with an initrd of busybox and the erofs module, mounts one image per compression mode from
+/// virtio disks and lists every entry's mode, owner, size, mtime and file hash on the serial
+/// console; the listing must match the source tree.
+#[test]
+fn debian_kernel_mounts_every_mode() {
+    let qemu = require_tool("qemu-system-x86_64");
+    let busybox = require_tool("busybox");
+    let cpio = require_tool("cpio");
+    let kernel = fs::read_dir("/boot")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-6.1")
+        })
+        .expect("linux-image-cloud-amd64 (6.1) not installed; .ci/run installs it");
+    let version = kernel.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
+    let moddir = PathBuf::from("/usr/lib/modules").join(&version);
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    generate_corpus(
+        &src,
+        CorpusOptions {
+            huge_dir: false,
+            huge_sparse: false,
+        },
+    );
+    let modes = ["none", "lz4", "lz4hc"];
+    let mut drives = Vec::new();
+    for z in modes {
+        let img = t.path().join(format!("{z}.img"));
+        mkfs(&src, &img, z);
+        drives.push(img);
+    }
+
+    // initrd: busybox, the modules in load order, and an init script.
+    let root = t.path().join("initrd");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::create_dir_all(root.join("lib")).unwrap();
+    fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+    let mods = [
+        "kernel/drivers/virtio/virtio.ko",
+        "kernel/drivers/virtio/virtio_ring.ko",
+        "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+        "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+        "kernel/drivers/virtio/virtio_pci.ko",
+        "kernel/drivers/block/virtio_blk.ko",
+        "kernel/lib/libcrc32c.ko",
+        "kernel/fs/erofs/erofs.ko",
+    ];
+    let mut insmods = String::new();
+    for m in mods {
+        let name = Path::new(m).file_name().unwrap();
+        fs::copy(moddir.join(m), root.join("lib").join(name)).unwrap();
+        insmods.push_str(&format!("$B insmod /lib/{}\n", name.to_string_lossy()));
+    }
+    let disks = ["vda", "vdb", "vdc"];
+    let init = format!(
+        "#!/bin/busybox sh\nB=/bin/busybox\n$B mkdir -p /proc /dev /mnt\n$B mount -t proc proc /proc\n\
+         $B mount -t devtmpfs dev /dev\n{insmods}$B sleep 1\n\
+         for d in {disks}; do\n  echo \"=== BEGIN $d\"\n  if $B mount -t erofs -o ro /dev/$d /mnt; then\n\
+         cd /mnt\n    $B find . -exec $B stat -c '%a %u %g %s %Y %n' {{}} \\;\n\
+         $B find . -type f -exec $B sha256sum {{}} \\;\n    cd /\n    $B umount /mnt\n  \
+         else echo \"MOUNT FAILED $d\"; fi\n  echo \"=== END $d\"\ndone\n\
+         echo '=== DONE'\n$B poweroff -f\n",
+        disks = disks.join(" ")
+    );
+    fs::write(root.join("init"), init).unwrap();
+    fs::set_permissions(
+        root.join("init"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let initrd = t.path().join("initrd.cpio");
+    let o = run(Command::new("sh").arg("-c").arg(format!(
+        "cd '{}' && find . | '{}' -o -H newc > '{}'",
+        root.display(),
+        cpio.display(),
+        initrd.display()
+    )));
+    assert!(
+        o.status.success(),
+        "cpio: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let mut cmd = Command::new(&qemu);
+    cmd.args(["-m", "512", "-nographic", "-no-reboot", "-kernel"])
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=0"]);
+    for d in &drives {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            d.display()
+        ));
+    }
+    let o = run(Command::new("timeout")
+        .arg("600")
+        .arg(&qemu)
+        .args(cmd.get_args()));
+    let out = String::from_utf8_lossy(&o.stdout).replace('\r', "");
+    assert!(out.contains("=== DONE"), "guest did not finish:\n{out}");
+
+    // Expected listing from the source tree.
+    let (want, _) = scan(&src);
+    let mut want_lines = Vec::new();
+    for (p, e) in &want {
+        let name = if p.is_empty() {
+            ".".to_string()
+        } else {
+            format!("./{}", String::from_utf8_lossy(p))
+        };
+        let size = if e.kind == "dir" { 0 } else { e.size };
+        want_lines.push(format!(
+            "{:o} {} {} {} {} {}",
+            e.perm, e.uid, e.gid, size, e.mtime.0, name
+        ));
+        if e.kind == "file" {
+            want_lines.push(format!("{}  {}", e.content, name));
+        }
+    }
+    want_lines.sort();
+    for (z, d) in modes.iter().zip(disks) {
+        let begin = format!("=== BEGIN {d}\n");
+        let start = out
+            .find(&begin)
+            .unwrap_or_else(|| panic!("{z}: no output for {d}:\n{out}"))
+            + begin.len();
+        let end = start + out[start..].find(&format!("=== END {d}")).unwrap();
+        let mut got: Vec<String> = out[start..end]
+            .lines()
+            .map(|l| {
+                // Directory sizes differ between filesystems: compare them as 0.
+                let f: Vec<&str> = l.splitn(6, ' ').collect();
+                if f.len() == 6
+                    && want
+                        .get(f[5].trim_start_matches("./").as_bytes())
+                        .is_some_and(|e| e.kind == "dir")
+                    || (f.len() == 6 && f[5] == ".")
+                {
+                    format!("{} {} {} 0 {} {}", f[0], f[1], f[2], f[4], f[5])
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        got.sort();
+        assert!(
+            !out[start..end].contains("MOUNT FAILED"),
+            "{z}: the 6.1 kernel refused the image:\n{out}"
+        );
+        let missing: Vec<_> = want_lines
+            .iter()
+            .filter(|l| !got.contains(l))
+            .take(10)
+            .collect();
+        let extra: Vec<_> = got
+            .iter()
+            .filter(|l| !want_lines.contains(l))
+            .take(10)
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{z}: 6.1 kernel listing differs\nmissing: {missing:#?}\nextra: {extra:#?}"
+        );
+    }
+}
