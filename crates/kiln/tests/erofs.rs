@@ -648,16 +648,29 @@ fn debian_kernel_mounts_every_mode() {
     fs::create_dir_all(root.join("bin")).unwrap();
     fs::create_dir_all(root.join("lib")).unwrap();
     fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    let mods = [
-        "kernel/drivers/virtio/virtio.ko",
-        "kernel/drivers/virtio/virtio_ring.ko",
-        "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-        "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    // Load order from modules.dep: each line lists a module's dependencies, the one to load
+    // last first.
+    let dep = fs::read_to_string(moddir.join("modules.dep")).unwrap();
+    let deps: BTreeMap<&str, Vec<&str>> = dep
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| (m, d.split_whitespace().collect()))
+        .collect();
+    let mut mods: Vec<&str> = Vec::new();
+    for want in [
         "kernel/drivers/virtio/virtio_pci.ko",
         "kernel/drivers/block/virtio_blk.ko",
-        "kernel/lib/libcrc32c.ko",
         "kernel/fs/erofs/erofs.ko",
-    ];
+    ] {
+        let list = deps
+            .get(want)
+            .unwrap_or_else(|| panic!("{want} not in modules.dep"));
+        for m in list.iter().rev().chain(std::iter::once(&want)) {
+            if !mods.contains(m) {
+                mods.push(m);
+            }
+        }
+    }
     let mut insmods = String::new();
     for m in mods {
         let name = Path::new(m).file_name().unwrap();
