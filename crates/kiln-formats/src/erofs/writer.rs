@@ -639,7 +639,9 @@ impl<'s> DataCore<'s> {
             } else {
                 p.len()
             };
-            write_sink(self.sink, blk * BLOCK + pos, &p[..keep])?;
+            if keep > 0 {
+                write_sink(self.sink, blk * BLOCK + pos, &p[..keep])?;
+            }
             tail.extend_from_slice(&p[keep..]);
             pos += p.len() as u64;
         }
