@@ -47,12 +47,10 @@ impl Level {
     fn attempts(self) -> usize {
         match self {
             Level::Fast => 0,
+            // lz4hc's depths: 2^(level-1) chain entries for levels 3..=9 (level 9 = 256),
+            // deeper searches above.
             Level::High(l) => match l.clamp(1, 12) {
-                1 => 8,
-                2 => 16,
-                3 => 32,
-                4..=6 => 64,
-                7..=9 => 256,
+                l @ 1..=9 => 1usize << (l.max(3) - 1),
                 10 => 1024,
                 11 => 2048,
                 _ => 4096,

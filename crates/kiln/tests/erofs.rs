@@ -53,6 +53,8 @@ struct Entry {
     size: u64,
     /// Fewer blocks allocated than the size needs (a sparse file in the source).
     sparse: bool,
+    /// Extended attributes (name, value), sorted.
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 fn hash_file(p: &Path) -> String {
@@ -129,6 +131,11 @@ fn scan(root: &Path) -> Scan {
                 rdev,
                 size: if ft.is_dir() { 0 } else { md.size() },
                 sparse: ft.is_file() && md.blocks() * 512 < md.size(),
+                xattrs: kiln_tree::dir::xattrs(p)
+                    .unwrap()
+                    .into_iter()
+                    .map(|x| (x.name.to_vec(), x.value.to_vec()))
+                    .collect(),
             },
         );
         if ft.is_dir() {
@@ -387,8 +394,10 @@ fn round_trip(src: &Path, source: &Scan, z: &str) {
                 e.mtime = (0, 0);
             }
             // fsck.erofs 1.5 sets the mode before the owner, and chown clears setuid/setgid:
-            // those bits are checked through kiln's reader and the kernel instead.
+            // those bits are checked through kiln's reader and the kernel instead. It does not
+            // restore xattrs either.
             e.perm &= 0o1777;
+            e.xattrs.clear();
             e
         },
     );
@@ -597,6 +606,7 @@ fn usr_subset_round_trips() {
                 e.mtime = (0, 0);
             }
             e.perm &= 0o1777;
+            e.xattrs.clear();
             e
         });
         compare_with_reader(&src, &img, &want);
