@@ -1,1 +1,3 @@
 //! kiln-build: a `kiln.toml` spec and a source tree become a reproducible disk image.
+
+pub mod spec;
