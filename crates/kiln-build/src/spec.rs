@@ -830,42 +830,44 @@ impl Spec {
             }
             let mut flags = 0u64;
             for f in &p.flags {
-                flags |=
-                    match f.get_ref().as_str() {
-                        "read-only" => attr::READ_ONLY,
-                        "no-auto" => attr::NO_AUTO,
-                        "grow-fs" => attr::GROW_FS,
-                        other => return cx.err(
+                flags |= match f.get_ref().as_str() {
+                    "read-only" => attr::READ_ONLY,
+                    "no-auto" => attr::NO_AUTO,
+                    "grow-fs" => attr::GROW_FS,
+                    other => {
+                        return cx.err(
                             f.span(),
                             format!(
                                 "unknown flag {other:?}: expected read-only, no-auto or grow-fs"
                             ),
-                        ),
-                    };
+                        )
+                    }
+                };
             }
             if p.verity {
                 flags |= attr::READ_ONLY;
             }
-            let compression =
-                match &p.compression {
-                    None => Compression::Lz4,
-                    Some(c) => {
-                        if fs != FsKind::Erofs {
-                            return cx.err(c.span(), "`compression` applies to erofs partitions");
-                        }
-                        match c.get_ref().as_str() {
-                            "lz4" => Compression::Lz4,
-                            "lz4hc" => Compression::Lz4hc,
-                            "none" => Compression::None,
-                            other => return cx.err(
+            let compression = match &p.compression {
+                None => Compression::Lz4,
+                Some(c) => {
+                    if fs != FsKind::Erofs {
+                        return cx.err(c.span(), "`compression` applies to erofs partitions");
+                    }
+                    match c.get_ref().as_str() {
+                        "lz4" => Compression::Lz4,
+                        "lz4hc" => Compression::Lz4hc,
+                        "none" => Compression::None,
+                        other => {
+                            return cx.err(
                                 c.span(),
                                 format!(
                                     "unknown compression {other:?}: expected lz4, lz4hc or none"
                                 ),
-                            ),
+                            )
                         }
                     }
-                };
+                }
+            };
             let mut slot = Vec::new();
             if let Some(slots_v) = &p.slot {
                 let span = slots_v.span();
