@@ -1,4 +1,5 @@
 //! kiln-build: a `kiln.toml` spec and a source tree become a reproducible disk image.
 
+pub mod budget;
 pub mod layout;
 pub mod spec;
