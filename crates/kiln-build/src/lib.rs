@@ -4,3 +4,4 @@ pub mod budget;
 pub mod layout;
 pub mod prepare;
 pub mod spec;
+pub mod sysupdate;
