@@ -351,24 +351,33 @@ fn hash_level(
 ) -> Result<(), VerityError> {
     let per = (hash_block_size / DIGEST_SIZE) as u64;
     let n_hash = src_blocks.div_ceil(per);
+    // Read at most 512 KiB (one 4 KiB hash block's worth of 4 KiB blocks) at a time, so large
+    // block sizes from a foreign superblock cannot demand huge buffers.
+    let chunk_blocks = ((512usize << 10) / block_size).max(1) as u64;
     (0..n_hash).into_par_iter().try_for_each_init(
         || {
             (
-                vec![0u8; per as usize * block_size],
+                vec![0u8; chunk_blocks as usize * block_size],
                 vec![0u8; hash_block_size],
             )
         },
         |(buf, hb), j| {
             let first = j * per;
-            let count = (src_blocks - first).min(per) as usize;
-            let offset = first * block_size as u64;
-            let data = &mut buf[..count * block_size];
-            src(offset, data).map_err(|e| src_error(offset, e))?;
+            let count = (src_blocks - first).min(per);
             hb.fill(0);
-            for (k, block) in data.chunks_exact(block_size).enumerate() {
-                let mut h = salt_state.clone();
-                h.update(block);
-                hb[k * DIGEST_SIZE..(k + 1) * DIGEST_SIZE].copy_from_slice(&h.finalize());
+            let mut done = 0u64;
+            while done < count {
+                let n = (count - done).min(chunk_blocks);
+                let offset = (first + done) * block_size as u64;
+                let data = &mut buf[..n as usize * block_size];
+                src(offset, data).map_err(|e| src_error(offset, e))?;
+                for (k, block) in data.chunks_exact(block_size).enumerate() {
+                    let mut h = salt_state.clone();
+                    h.update(block);
+                    let at = (done as usize + k) * DIGEST_SIZE;
+                    hb[at..at + DIGEST_SIZE].copy_from_slice(&h.finalize());
+                }
+                done += n;
             }
             out(j, hb)
         },

@@ -552,3 +552,42 @@ fn slots_fat16() {
 fn slots_fat32() {
     check_slots(64 << 20, Some(FatType::Fat32), FatType::Fat32);
 }
+
+#[test]
+fn corrupt_images_give_errors_not_panics() {
+    let t = shapes_tree(40, 20_000);
+    for (size, ty) in [(4u64 << 20, None), (40 << 20, Some(FatType::Fat32))] {
+        let b = build(&t, size, ty, None);
+        let mut img = fs::read(&b.img).unwrap();
+        // Metadata lives in the first few hundred KiB: boot sector, FATs, root, directories.
+        let hot = (b.report.geometry.data_offset() as usize + 64 * 1024).min(img.len());
+        let noise = pseudo_random(size, 4 * 2000);
+        for round in 0..2000 {
+            let r = u32::from_le_bytes(noise[round * 4..round * 4 + 4].try_into().unwrap());
+            let at = r as usize % hot;
+            let flip = (r >> 24) as u8 | 1;
+            img[at] ^= flip;
+            let rd = |off: u64, buf: &mut [u8]| {
+                let o = usize::try_from(off)
+                    .ok()
+                    .filter(|o| o + buf.len() <= img.len());
+                match o {
+                    Some(o) => {
+                        buf.copy_from_slice(&img[o..o + buf.len()]);
+                        Ok(())
+                    }
+                    None => Err(std::io::Error::other("past end")),
+                }
+            };
+            if let Ok(r) = FatReader::open(rd) {
+                if let Ok(all) = r.walk() {
+                    for (_, e) in all.iter().take(50) {
+                        let _ = r.read_entry(e);
+                    }
+                }
+                let _ = r.dump();
+            }
+            img[at] ^= flip;
+        }
+    }
+}

@@ -193,3 +193,35 @@ fn kiln_reads_sgdisk_tables_byte_identical_headers() {
         .unwrap()
         .contains("no GPT header at LBA 1"));
 }
+
+#[test]
+fn corrupt_tables_give_errors_not_panics() {
+    let g = sample(32 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    write_disk(&g, &img);
+    let mut d = std::fs::read(&img).unwrap();
+    let head = d[..34 * 512].to_vec();
+    let noise = kiln_testkit::pseudo_random(3, 8 * 3000);
+    for round in 0..3000 {
+        d[..34 * 512].copy_from_slice(&head);
+        let r = u64::from_le_bytes(noise[round * 8..round * 8 + 8].try_into().unwrap());
+        // Corrupt the primary header or entries and re-seal the CRCs, so the damage reaches
+        // the field checks instead of stopping at a CRC mismatch.
+        let at = 512 + (r as usize % (33 * 512));
+        d[at] ^= (r >> 56) as u8 | 1;
+        let arr_crc = crc32fast::hash(&d[1024..1024 + 16384]);
+        d[512 + 88..512 + 92].copy_from_slice(&arr_crc.to_le_bytes());
+        d[512 + 16..512 + 20].fill(0);
+        let hcrc = crc32fast::hash(&d[512..512 + 92]);
+        d[512 + 16..512 + 20].copy_from_slice(&hcrc.to_le_bytes());
+        match Gpt::from_bytes(&d) {
+            Ok(back) => {
+                let _ = back.dump();
+            }
+            Err(e) => {
+                let _ = e.to_string();
+            }
+        }
+    }
+}

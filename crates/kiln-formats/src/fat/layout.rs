@@ -338,7 +338,8 @@ impl Geometry {
 
     /// Byte offset of FAT copy `i`.
     pub fn fat_offset(&self, i: u32) -> u64 {
-        u64::from(self.reserved_sectors + i * self.fat_sectors) * u64::from(SECTOR)
+        (u64::from(self.reserved_sectors) + u64::from(i) * u64::from(self.fat_sectors))
+            * u64::from(SECTOR)
     }
 
     /// Byte offset of the FAT12/16 root directory region.

@@ -89,13 +89,16 @@ impl<R: Fn(u64, &mut [u8]) -> io::Result<()>> FatReader<R> {
             n => (u32::from(n), 36),
         };
         let root_sectors = (root_entries * DIRENT_SIZE).div_ceil(SECTOR);
-        let meta = reserved + num_fats * fat_sectors + root_sectors;
-        if fat_sectors == 0 || total <= meta {
+        let meta = u64::from(reserved)
+            + u64::from(num_fats) * u64::from(fat_sectors)
+            + u64::from(root_sectors);
+        if fat_sectors == 0 || u64::from(total) <= meta {
             return Err(corrupt(format!(
                 "{total} total sectors leave no data area after {meta} metadata sectors"
             )));
         }
-        let cluster_count = (total - meta) / spc;
+        // At most 2^28 clusters exist in any FAT, so the narrowing cannot lose a valid count.
+        let cluster_count = ((u64::from(total) - meta) / u64::from(spc)).min(1 << 28) as u32;
         let fat_type = FatType::from_cluster_count(cluster_count);
         if (fat_type == FatType::Fat32) != (bpb.fat_size_16.get() == 0) {
             return Err(corrupt(format!(
@@ -103,7 +106,7 @@ impl<R: Fn(u64, &mut [u8]) -> io::Result<()>> FatReader<R> {
                 fat_type.bits()
             )));
         }
-        let entry_bytes_needed = u64::from(cluster_count + 2) * u64::from(fat_type.bits()) / 8;
+        let entry_bytes_needed = (u64::from(cluster_count) + 2) * u64::from(fat_type.bits()) / 8;
         if entry_bytes_needed > u64::from(fat_sectors) * u64::from(SECTOR) {
             return Err(corrupt(format!(
                 "FAT of {fat_sectors} sectors is too small for {cluster_count} clusters"
@@ -170,12 +173,12 @@ impl<R: Fn(u64, &mut [u8]) -> io::Result<()>> FatReader<R> {
         let mut out = Vec::new();
         let mut c = first;
         loop {
-            if c < 2 || c >= g.cluster_count + 2 {
+            if c < 2 || u64::from(c) >= u64::from(g.cluster_count) + 2 {
                 return Err(FatError::Corrupt {
                     offset: g.fat_offset(0),
                     reason: format!(
                         "cluster chain from {first} reaches cluster {c}, outside 2..{}",
-                        g.cluster_count + 2
+                        u64::from(g.cluster_count) + 2
                     ),
                 });
             }

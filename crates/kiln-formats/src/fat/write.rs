@@ -162,7 +162,8 @@ impl<'t> FatWriter<'t> {
             next: 2,
         };
         let mut seen_slots = BTreeSet::new();
-        w.plan_dir(ROOT, b"", 0, &mut seen_slots)?;
+        let mut seen_dirs = BTreeSet::new();
+        w.plan_dir(ROOT, b"", 0, &mut seen_slots, &mut seen_dirs)?;
         let used = w.next - 2;
         if used > w.geom.cluster_count {
             return Err(w.no_space(u64::from(used)));
@@ -209,9 +210,16 @@ impl<'t> FatWriter<'t> {
         path: &[u8],
         parent_first: u32,
         seen_slots: &mut BTreeSet<NodeId>,
+        seen_dirs: &mut BTreeSet<NodeId>,
     ) -> Result<usize, FatError> {
         let tree = self.tree;
         let is_root = node == ROOT;
+        if !seen_dirs.insert(node) {
+            return Err(FatError::Unsupported {
+                path: path_str(path),
+                reason: "directory reached twice (a directory hard link or a loop)".into(),
+            });
+        }
         let children = tree.entries(node);
         let here = if is_root {
             "/".to_string()
@@ -387,7 +395,7 @@ impl<'t> FatWriter<'t> {
                 } => {
                     // ".." of a top-level directory is 0 even on FAT32 (fatgen103 §6.5).
                     let parent = if is_root { 0 } else { first };
-                    let sub = self.plan_dir(*child, child_path, parent, seen_slots)?;
+                    let sub = self.plan_dir(*child, child_path, parent, seen_slots, seen_dirs)?;
                     *sub_idx = sub;
                     ent.first = self.dirs[sub].first;
                 }
