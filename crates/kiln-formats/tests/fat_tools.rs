@@ -423,6 +423,12 @@ fn auto_size_is_small_and_fits() {
     check_round_trip(&t, &b);
     // One step smaller does not hold the tree (or leaves no valid layout).
     assert!(FatWriter::new(&t, opts(size - (64 << 10))).is_err());
+    // An empty tree gets a tiny but valid filesystem.
+    let empty = Tree::default();
+    let small = fat::auto_size(&empty, None, Some("EMPTY".into()), 0).unwrap();
+    assert!(small <= 128 << 10, "{small}");
+    let b = build(&empty, small, None, Some("EMPTY"));
+    fsck_clean(&b.img);
     // Slack is honoured.
     let with_slack = fat::auto_size(&t, None, None, 1 << 20).unwrap();
     let w = FatWriter::new(&t, opts(with_slack)).unwrap();

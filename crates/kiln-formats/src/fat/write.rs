@@ -28,7 +28,9 @@ pub struct FatOptions {
     pub size: u64,
     /// Force a FAT type; `None` chooses by size as mkfs.fat does.
     pub fat_type: Option<FatType>,
-    /// Volume serial number (kiln takes the first 4 bytes of a seed-derived value).
+    /// Volume serial number (kiln takes the first 4 bytes of a seed-derived value), stored in
+    /// this byte order; tools show it as a little-endian number, so `[0x78, 0x56, 0x34, 0x12]`
+    /// appears as `1234-5678`.
     pub volume_id: [u8; 4],
     /// Volume label (at most 11 ASCII characters); `None` writes `NO NAME`.
     pub label: Option<String>,
