@@ -13,7 +13,7 @@
 //! to a whole number of tracks. See [`geometry`].
 //!
 //! Modules: [`layout`] (on-disk structs and constants), [`names`] (8.3 and long names),
-//! [`write`] (the writer and slot reservations), [`read`] (reader and dump), [`slot`] (patches
+//! [`write`](mod@write) (the writer and slot reservations), [`read`] (reader and dump), [`slot`] (patches
 //! that resize a slot file in place).
 
 pub mod layout;
