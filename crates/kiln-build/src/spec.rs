@@ -5,6 +5,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use kiln_formats::gpt;
 use kiln_formats::repart::{self, Uuid};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -495,26 +496,8 @@ pub struct Spec {
     pub digest: [u8; 32],
 }
 
-/// The DPS partition types kiln knows by name (SPECS.md), for x86-64.
-pub const DPS_TYPES: &[(&str, &str)] = &[
-    ("esp", "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"),
-    ("xbootldr", "bc13c2ff-59e6-4262-a352-b275fd6f7172"),
-    ("root-x86-64", "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"),
-    ("root-x86-64-verity", "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5"),
-    (
-        "root-x86-64-verity-sig",
-        "41092b05-9fc8-4523-994f-2def0408b176",
-    ),
-    ("usr-x86-64", "8484680c-9521-48c6-9c11-b0720656f69e"),
-    ("usr-x86-64-verity", "77ff5f63-e7b6-4633-acf4-1565b864c0e6"),
-    ("var", "4d21b016-b534-45c2-a9fb-5c16e091fd2d"),
-    ("home", "933ac7e1-2eb4-4f13-b844-0e14e2aef915"),
-    ("swap", "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"),
-    ("linux-generic", "0fc63daf-8483-4772-8e79-3d69d8477de4"),
-];
-
 /// Resolves a DPS type name (with `root`/`usr` as aliases of the x86-64 types) or a GUID to
-/// (canonical name, type UUID).
+/// (canonical name, type UUID). Unnamed GUIDs keep their text as the name.
 pub fn resolve_type(s: &str) -> Option<(String, Uuid)> {
     let key = match s {
         "root" => "root-x86-64",
@@ -525,24 +508,16 @@ pub fn resolve_type(s: &str) -> Option<(String, Uuid)> {
         "generic" | "linux" => "linux-generic",
         other => other,
     };
-    if let Some((n, g)) = DPS_TYPES.iter().find(|(n, _)| *n == key) {
-        return Some((n.to_string(), repart::parse_uuid(g)?));
-    }
-    let u = repart::parse_uuid(s)?;
-    let name = DPS_TYPES
-        .iter()
-        .find(|(_, g)| repart::parse_uuid(g) == Some(u))
-        .map(|(n, _)| n.to_string())
-        .unwrap_or_else(|| repart::format_uuid(&u));
-    Some((name, u))
+    let guid = gpt::parse_type(key)?;
+    let name = type_name(&guid)
+        .map(str::to_string)
+        .unwrap_or_else(|| repart::format_uuid(&guid));
+    Some((name, guid))
 }
 
-/// The name of a type UUID, if it is a DPS type.
+/// The DPS name of a type UUID, if it has one.
 pub fn type_name(u: &Uuid) -> Option<&'static str> {
-    DPS_TYPES
-        .iter()
-        .find(|(_, g)| repart::parse_uuid(g).as_ref() == Some(u))
-        .map(|(n, _)| *n)
+    gpt::type_by_guid(u).map(|t| t.name)
 }
 
 /// Line and column (1-based) of byte offset `off` in `text`.
@@ -554,14 +529,11 @@ fn line_col(text: &str, off: usize) -> Pos {
     Pos { line, column: col }
 }
 
-/// GPT attribute bit numbers (UEFI, DPS).
+/// GPT attribute bits (UEFI, DPS), re-exported under the names specs use.
 pub mod attr {
-    /// Partition is read-only (DPS).
-    pub const READ_ONLY: u64 = 1 << 60;
-    /// Grow the filesystem to the partition on first boot (DPS).
-    pub const GROW_FS: u64 = 1 << 59;
-    /// Do not auto-mount (DPS).
-    pub const NO_AUTO: u64 = 1 << 63;
+    pub use kiln_formats::gpt::{
+        ATTR_GROWFS as GROW_FS, ATTR_NO_AUTO as NO_AUTO, ATTR_READ_ONLY as READ_ONLY,
+    };
 }
 
 struct Ctx<'a> {
