@@ -30,6 +30,10 @@ impl SigningKey {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: reading minisign secret key", path.display()))?;
+        if let Some(sk) = unencrypted_key(&text, path)? {
+            let pk = PublicKey::from_secret_key(&sk).ok();
+            return Ok(Self { sk, pk });
+        }
         let password = std::env::var(PASSWORD_ENV).unwrap_or_default();
         let sk = SecretKeyBox::from_string(&text)
             .and_then(|b| b.into_secret_key(Some(password)))
@@ -61,6 +65,39 @@ impl SigningKey {
         .map_err(|e| anyhow::anyhow!("{}: signing: {e}", path.display()))?;
         Ok(sig.into_string())
     }
+}
+
+/// Loads a key written without a password (`minisign -G -W`): KDF algorithm `0x0000`. The
+/// minisign CLI (0.11) stores an all-zero checksum in such keys, which the minisign crate's
+/// loader rejects as a wrong password, so kiln reads the fields itself. Layout (minisign's
+/// key format): sig_alg(2) kdf_alg(2) chk_alg(2) salt(32) opslimit(8) memlimit(8) keynum(8)
+/// secret key(64) checksum(32) = 158 bytes.
+fn unencrypted_key(text: &str, path: &Path) -> anyhow::Result<Option<SecretKey>> {
+    use base64::Engine;
+    let Some(line) = text.lines().nth(1) else { return Ok(None) };
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(line.trim()) else { return Ok(None) };
+    if raw.len() != 158 || raw.get(2..4) != Some(&[0, 0][..]) {
+        return Ok(None);
+    }
+    if raw.get(0..2) != Some(&b"Ed"[..]) {
+        anyhow::bail!("{}: unsupported signature algorithm in secret key", path.display());
+    }
+    // The checksum is either zero (minisign CLI) or BLAKE2b-256(sig_alg || keynum || sk).
+    let chk = &raw[126..158];
+    if chk.iter().any(|&b| b != 0) {
+        use blake2::digest::{Update, VariableOutput};
+        let mut h = blake2::Blake2bVar::new(32).map_err(|e| anyhow::anyhow!("blake2b: {e}"))?;
+        h.update(&raw[0..2]);
+        h.update(&raw[54..126]);
+        let mut want = [0u8; 32];
+        h.finalize_variable(&mut want).map_err(|e| anyhow::anyhow!("blake2b: {e}"))?;
+        if want != chk {
+            anyhow::bail!("{}: secret key checksum does not match (corrupted key file)", path.display());
+        }
+    }
+    SecretKey::from_bytes(&raw)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{}: not a minisign secret key: {e}", path.display()))
 }
 
 fn trusted_comment(name: &str) -> anyhow::Result<String> {
@@ -153,15 +190,25 @@ pub fn verify_file(file: &Path, pubkey: &Path, sig: Option<&Path>) -> anyhow::Re
 pub fn generate_unencrypted(secret: &Path, public: &Path) -> anyhow::Result<()> {
     let kp = minisign::KeyPair::generate_unencrypted_keypair()
         .map_err(|e| anyhow::anyhow!("generating a minisign key pair: {e}"))?;
-    let sk = kp
-        .sk
-        .to_box(None)
-        .map_err(|e| anyhow::anyhow!("encoding the secret key: {e}"))?;
+    // Written the way `minisign -G -W` writes it: KDF algorithm 0x0000, zero salt and limits,
+    // zero checksum (see [`unencrypted_key`]).
+    let mut raw = kp.sk.to_bytes();
+    if raw.len() != 158 {
+        anyhow::bail!("unexpected minisign secret key length {}", raw.len());
+    }
+    raw[2..4].fill(0);
+    raw[6..54].fill(0);
+    raw[126..158].fill(0);
+    use base64::Engine;
+    let sk_text = format!(
+        "untrusted comment: minisign unencrypted secret key (kiln)\n{}\n",
+        base64::engine::general_purpose::STANDARD.encode(&raw)
+    );
     let pk = kp
         .pk
         .to_box()
         .map_err(|e| anyhow::anyhow!("encoding the public key: {e}"))?;
-    std::fs::write(secret, sk.into_string())
+    std::fs::write(secret, sk_text)
         .with_context(|| format!("{}: write", secret.display()))?;
     std::fs::write(public, pk.into_string())
         .with_context(|| format!("{}: write", public.display()))?;

@@ -150,7 +150,11 @@ fn spdx_of_a_debian_tree_validates_and_matches_dpkg_query() {
             assert!(
                 purl.starts_with(&format!(
                     "pkg:deb/debian/{}@",
-                    p["name"].as_str().unwrap().to_ascii_lowercase()
+                    p["name"]
+                        .as_str()
+                        .unwrap()
+                        .to_ascii_lowercase()
+                        .replace('+', "%2B")
                 )),
                 "{purl}"
             );

@@ -183,7 +183,7 @@ pub fn s3() -> Server {
 }
 
 /// Environment for kiln talking to `s3`.
-pub fn s3_env(cmd: &mut Command, s3: &Server) -> &mut Command {
+pub fn s3_env<'a>(cmd: &'a mut Command, s3: &Server) -> &'a mut Command {
     cmd.env("AWS_ACCESS_KEY_ID", S3_AK)
         .env("AWS_SECRET_ACCESS_KEY", S3_SK)
         .env("AWS_REGION", "us-east-1")
