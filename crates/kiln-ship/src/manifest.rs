@@ -303,6 +303,19 @@ pub async fn publish_slice(
     slice: &Slice,
     init: bool,
 ) -> anyhow::Result<ReleaseManifest> {
+    publish_slice_with(dest, name, slice, init, &mut |_| {}).await
+}
+
+/// [`publish_slice`], calling `between(attempt)` after each read and before the conditional
+/// write (attempts count from 1). Tests use it to let another publisher in at exactly the
+/// moment a lost update would happen.
+pub async fn publish_slice_with(
+    dest: &Remote,
+    name: &str,
+    slice: &Slice,
+    init: bool,
+    between: &mut dyn FnMut(u32),
+) -> anyhow::Result<ReleaseManifest> {
     const ATTEMPTS: u32 = 8;
     for attempt in 1..=ATTEMPTS {
         let (base, version) = match dest.get_small(MAX_BYTES).await? {
@@ -317,6 +330,7 @@ pub async fn publish_slice(
             bail!("{dest}: the store gave no ETag; cannot publish safely");
         }
         let m = merge(base, name, slice.clone(), init)?;
+        between(attempt);
         match dest.put_conditional(m.to_bytes(), version).await {
             Ok(()) => return Ok(m),
             Err(e)

@@ -74,13 +74,20 @@ impl SigningKey {
 /// secret key(64) checksum(32) = 158 bytes.
 fn unencrypted_key(text: &str, path: &Path) -> anyhow::Result<Option<SecretKey>> {
     use base64::Engine;
-    let Some(line) = text.lines().nth(1) else { return Ok(None) };
-    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(line.trim()) else { return Ok(None) };
+    let Some(line) = text.lines().nth(1) else {
+        return Ok(None);
+    };
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(line.trim()) else {
+        return Ok(None);
+    };
     if raw.len() != 158 || raw.get(2..4) != Some(&[0, 0][..]) {
         return Ok(None);
     }
     if raw.get(0..2) != Some(&b"Ed"[..]) {
-        anyhow::bail!("{}: unsupported signature algorithm in secret key", path.display());
+        anyhow::bail!(
+            "{}: unsupported signature algorithm in secret key",
+            path.display()
+        );
     }
     // The checksum is either zero (minisign CLI) or BLAKE2b-256(sig_alg || keynum || sk).
     let chk = &raw[126..158];
@@ -90,9 +97,13 @@ fn unencrypted_key(text: &str, path: &Path) -> anyhow::Result<Option<SecretKey>>
         h.update(&raw[0..2]);
         h.update(&raw[54..126]);
         let mut want = [0u8; 32];
-        h.finalize_variable(&mut want).map_err(|e| anyhow::anyhow!("blake2b: {e}"))?;
+        h.finalize_variable(&mut want)
+            .map_err(|e| anyhow::anyhow!("blake2b: {e}"))?;
         if want != chk {
-            anyhow::bail!("{}: secret key checksum does not match (corrupted key file)", path.display());
+            anyhow::bail!(
+                "{}: secret key checksum does not match (corrupted key file)",
+                path.display()
+            );
         }
     }
     SecretKey::from_bytes(&raw)
@@ -208,8 +219,7 @@ pub fn generate_unencrypted(secret: &Path, public: &Path) -> anyhow::Result<()> 
         .pk
         .to_box()
         .map_err(|e| anyhow::anyhow!("encoding the public key: {e}"))?;
-    std::fs::write(secret, sk_text)
-        .with_context(|| format!("{}: write", secret.display()))?;
+    std::fs::write(secret, sk_text).with_context(|| format!("{}: write", secret.display()))?;
     std::fs::write(public, pk.into_string())
         .with_context(|| format!("{}: write", public.display()))?;
     Ok(())

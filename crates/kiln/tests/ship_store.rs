@@ -27,36 +27,36 @@ fn upload_and_download_with_sidecars_and_wrong_sidecar_refused() {
         .arg("upload")
         .arg(&a)
         .arg(&b)
-        .arg("s3://b/rel/v1"));
-    assert!(out.contains("s3://b/rel/v1/disk.img"), "{out}");
+        .arg("s3://kiln/rel/v1"));
+    assert!(out.contains("s3://kiln/rel/v1/disk.img"), "{out}");
     // The server's files: object and sidecar, sidecar in sha256sum format.
-    let side = std::fs::read_to_string(s3.root.join("b/rel/v1/disk.img.sha256")).unwrap();
+    let side = std::fs::read_to_string(s3.root.join("kiln/rel/v1/disk.img.sha256")).unwrap();
     assert_eq!(side, format!("{}  disk.img\n", sha256(&a)));
     assert_eq!(
-        std::fs::read(s3.root.join("b/rel/v1/disk.img")).unwrap(),
+        std::fs::read(s3.root.join("kiln/rel/v1/disk.img")).unwrap(),
         std::fs::read(&a).unwrap()
     );
 
     let got = t.path().join("got.img");
     ok(s3_env(&mut kiln(), &s3)
-        .args(["download", "s3://b/rel/v1/disk.img", "-o"])
+        .args(["download", "s3://kiln/rel/v1/disk.img", "-o"])
         .arg(&got));
     assert_eq!(std::fs::read(&got).unwrap(), std::fs::read(&a).unwrap());
 
     // A sidecar naming other bytes: refused, no output, the secret never printed.
     std::fs::write(
-        s3.root.join("b/rel/v1/notes.txt.sha256"),
+        s3.root.join("kiln/rel/v1/notes.txt.sha256"),
         format!("{}  notes.txt\n", "0".repeat(64)),
     )
     .unwrap();
     let dest = t.path().join("notes.out");
     let o = run(s3_env(&mut kiln(), &s3)
-        .args(["download", "s3://b/rel/v1/notes.txt", "-o"])
+        .args(["download", "s3://kiln/rel/v1/notes.txt", "-o"])
         .arg(&dest));
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("sha256 mismatch") && err.contains("s3://b/rel/v1/notes.txt"),
+        err.contains("sha256 mismatch") && err.contains("s3://kiln/rel/v1/notes.txt"),
         "{err}"
     );
     assert!(!dest.exists());
@@ -75,9 +75,9 @@ fn upload_and_download_with_sidecars_and_wrong_sidecar_refused() {
     assert!(!err.contains(S3_SK));
 
     // No sidecar at all: refused.
-    std::fs::remove_file(s3.root.join("b/rel/v1/notes.txt.sha256")).unwrap();
+    std::fs::remove_file(s3.root.join("kiln/rel/v1/notes.txt.sha256")).unwrap();
     let o = run(s3_env(&mut kiln(), &s3)
-        .args(["download", "s3://b/rel/v1/notes.txt", "-o"])
+        .args(["download", "s3://kiln/rel/v1/notes.txt", "-o"])
         .arg(&dest));
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no sidecar"));
@@ -85,7 +85,7 @@ fn upload_and_download_with_sidecars_and_wrong_sidecar_refused() {
     // Wrong credentials: a clear error that does not echo the secret.
     let o = run(s3_env(&mut kiln(), &s3)
         .env("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-123")
-        .args(["download", "s3://b/rel/v1/disk.img", "-o"])
+        .args(["download", "s3://kiln/rel/v1/disk.img", "-o"])
         .arg(&dest));
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -109,7 +109,7 @@ fn conditional_put_conflicts_are_detected_and_publishers_keep_each_others_slices
     let t = tempfile::tempdir().unwrap();
     let rt = kiln_ship::runtime().unwrap();
     rt.block_on(async {
-        let r = kiln_ship::store::Remote::parse("s3://b/m/manifest.json").unwrap();
+        let r = kiln_ship::store::Remote::parse("s3://kiln/m/manifest.json").unwrap();
         // Create-if-absent: the second create loses.
         r.put_conditional(b"one".to_vec(), None).await.unwrap();
         let e = r.put_conditional(b"two".to_vec(), None).await.unwrap_err();
@@ -150,7 +150,7 @@ fn conditional_put_conflicts_are_detected_and_publishers_keep_each_others_slices
             "--release",
             "1",
             "--publish",
-            "s3://b/rel/manifest.json",
+            "s3://kiln/rel/manifest.json",
         ]));
     assert!(!o.status.success(), "no baseline and no --init: refused");
     assert!(String::from_utf8_lossy(&o.stderr).contains("without a baseline"));
@@ -164,7 +164,7 @@ fn conditional_put_conflicts_are_detected_and_publishers_keep_each_others_slices
             "1",
             "--init",
             "--publish",
-            "s3://b/rel/manifest.json",
+            "s3://kiln/rel/manifest.json",
         ]));
     ok(s3_env(&mut kiln(), &s3)
         .args(["manifest", "emit"])
@@ -175,10 +175,10 @@ fn conditional_put_conflicts_are_detected_and_publishers_keep_each_others_slices
             "--release",
             "7",
             "--publish",
-            "s3://b/rel/manifest.json",
+            "s3://kiln/rel/manifest.json",
         ]));
     let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s3.root.join("b/rel/manifest.json")).unwrap())
+        serde_json::from_slice(&std::fs::read(s3.root.join("kiln/rel/manifest.json")).unwrap())
             .unwrap();
     assert_eq!(m["schemaVersion"], 1);
     assert_eq!(
@@ -194,10 +194,15 @@ fn conditional_put_conflicts_are_detected_and_publishers_keep_each_others_slices
         4
     );
 
-    // Concurrent publishers: a stale reader's write is refused, it re-reads and merges.
+    // Another publisher gets in between this publisher's read and its write (a separate kiln
+    // process, run at exactly that moment): the stale write is refused by If-Match, and the
+    // publisher re-reads, merges again, and keeps the other's slice.
     s3_lib_env(&s3);
+    let e = t.path().join("e");
+    outdir(&e, &[("uki.efi", b"EEEE")]);
+    let mut calls = Vec::new();
     rt.block_on(async {
-        let r = kiln_ship::store::Remote::parse("s3://b/rel/manifest.json").unwrap();
+        let r = kiln_ship::store::Remote::parse("s3://kiln/rel/manifest.json").unwrap();
         let slice_c = kiln_ship::manifest::slice_from_dirs(
             &[kiln_ship::manifest::OutDir {
                 arch: "x86_64".into(),
@@ -208,26 +213,33 @@ fn conditional_put_conflicts_are_detected_and_publishers_keep_each_others_slices
             kiln_ship::manifest::DEFAULT_KEY,
         )
         .unwrap();
-        let slice_d = kiln_ship::manifest::slice_from_dirs(
-            &[kiln_ship::manifest::OutDir {
-                arch: "x86_64".into(),
-                dir: b.clone(),
-            }],
-            "d",
-            "3",
-            kiln_ship::manifest::DEFAULT_KEY,
-        )
+        kiln_ship::manifest::publish_slice_with(&r, "c", &slice_c, false, &mut |attempt| {
+            calls.push(attempt);
+            if attempt == 1 {
+                ok(s3_env(&mut kiln(), &s3)
+                    .args(["manifest", "emit"])
+                    .arg(format!("x86_64={}", e.display()))
+                    .args([
+                        "--slice",
+                        "e",
+                        "--release",
+                        "5",
+                        "--publish",
+                        "s3://kiln/rel/manifest.json",
+                    ]));
+            }
+        })
+        .await
         .unwrap();
-        let (c, d) = tokio::join!(
-            kiln_ship::manifest::publish_slice(&r, "c", &slice_c, false),
-            kiln_ship::manifest::publish_slice(&r, "d", &slice_d, false)
-        );
-        c.unwrap();
-        d.unwrap();
         let m = kiln_ship::manifest::read(&r).await.unwrap().unwrap();
         let names: Vec<&String> = m.slices.keys().collect();
-        assert_eq!(names, ["a", "b", "c", "d"]);
+        assert_eq!(names, ["a", "b", "c", "e"]);
     });
+    assert_eq!(
+        calls,
+        [1, 2],
+        "the first write must have been refused and retried"
+    );
 }
 
 fn count_downloaded(stdout: &str) -> usize {
@@ -253,7 +265,7 @@ fn sync_downloads_only_what_changed_and_keeps_old_files_on_failure() {
                 ok(s3_env(&mut kiln(), &s3)
                     .arg("upload")
                     .arg(&p)
-                    .arg(format!("s3://b/rel/main/{release}/{arch}")));
+                    .arg(format!("s3://kiln/rel/main/{release}/{arch}")));
             }
         }
         ok(s3_env(&mut kiln(), &s3)
@@ -265,14 +277,14 @@ fn sync_downloads_only_what_changed_and_keeps_old_files_on_failure() {
         ok(s3_env(&mut kiln(), &s3)
             .arg("upload")
             .arg(t.path().join("manifest.json"))
-            .arg("s3://b/rel"));
+            .arg("s3://kiln/rel"));
     };
     publish("1");
     let cache = t.path().join("cache");
     let sync = |arches: &[&str]| {
         let mut c = kiln();
         s3_env(&mut c, &s3)
-            .args(["sync", "s3://b/rel/manifest.json", "--cache"])
+            .args(["sync", "s3://kiln/rel/manifest.json", "--cache"])
             .arg(&cache);
         for a in arches {
             c.args(["--arch", a]);
@@ -324,7 +336,11 @@ fn sync_downloads_only_what_changed_and_keeps_old_files_on_failure() {
     // A failed download (the store holds bytes that do not match the manifest) keeps the old file.
     std::fs::write(x.join("uki.efi"), b"uki-v3").unwrap();
     publish("1");
-    std::fs::write(s3.root.join("b/rel/main/1/x86_64/uki.efi"), b"uki-CORRUPT").unwrap();
+    std::fs::write(
+        s3.root.join("kiln/rel/main/1/x86_64/uki.efi"),
+        b"uki-CORRUPT",
+    )
+    .unwrap();
     let o = sync(&["x86_64"]);
     assert!(!o.status.success(), "a failed download fails the sync");
     assert!(String::from_utf8_lossy(&o.stderr).contains("failed main/1/x86_64/uki.efi"));
@@ -343,7 +359,7 @@ fn sync_downloads_only_what_changed_and_keeps_old_files_on_failure() {
     ok(s3_env(&mut kiln(), &s3)
         .arg("upload")
         .arg(x.join("uki.efi"))
-        .arg("s3://b/rel/main/1/x86_64"));
+        .arg("s3://kiln/rel/main/1/x86_64"));
     let o = sync(&["x86_64"]);
     assert!(o.status.success());
     assert_eq!(count_downloaded(&String::from_utf8_lossy(&o.stdout)), 1);

@@ -439,6 +439,9 @@ pub fn manifest(c: ManifestCommand) -> Outcome {
             }
         };
         if let Some(out) = &a.output {
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("{}: create", parent.display()))?;
+            }
             let f = kiln_tree::output::AtomicFile::create(out).with_context(|| format!("{}: create", out.display()))?;
             (&*f.file()).write_all(&merged.to_bytes()).with_context(|| format!("{}: write", out.display()))?;
             f.commit().with_context(|| format!("{}: commit", out.display()))?;

@@ -150,12 +150,12 @@ pub fn registry_blob_path(reg: &Server, hex: &str) -> PathBuf {
 pub const S3_AK: &str = "kilnaccess";
 pub const S3_SK: &str = "kiln-secret-Zq9X7rT2";
 
-/// Starts s3s-fs on a free loopback port, with bucket `b` created.
+/// Starts s3s-fs on a free loopback port, with bucket `kiln` created.
 pub fn s3() -> Server {
     let bin = tool("s3s-fs");
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("fs");
-    std::fs::create_dir_all(root.join("b")).unwrap();
+    std::fs::create_dir_all(root.join("kiln")).unwrap();
     let port = free_port();
     let child = Command::new(bin)
         .args([
