@@ -328,7 +328,6 @@ impl Remote {
                 }
             }
         }
-        drop(put);
         w.flush()
             .with_context(|| format!("{}: write", dest.display()))?;
         drop(w);

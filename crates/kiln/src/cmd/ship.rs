@@ -443,7 +443,7 @@ pub fn manifest(c: ManifestCommand) -> Outcome {
                 std::fs::create_dir_all(parent).with_context(|| format!("{}: create", parent.display()))?;
             }
             let f = kiln_tree::output::AtomicFile::create(out).with_context(|| format!("{}: create", out.display()))?;
-            (&*f.file()).write_all(&merged.to_bytes()).with_context(|| format!("{}: write", out.display()))?;
+            f.file().write_all(&merged.to_bytes()).with_context(|| format!("{}: write", out.display()))?;
             f.commit().with_context(|| format!("{}: commit", out.display()))?;
         }
         Ok(ExitCode::SUCCESS)
@@ -502,7 +502,7 @@ pub fn sbom(a: SbomArgs) -> Outcome {
         Some(out) => {
             let f = kiln_tree::output::AtomicFile::create(out)
                 .with_context(|| format!("{}: create", out.display()))?;
-            (&*f.file())
+            f.file()
                 .write_all(&text)
                 .with_context(|| format!("{}: write", out.display()))?;
             f.commit()
