@@ -304,6 +304,11 @@ impl Client {
         })
     }
 
+    /// The registry's base URL (`http://` only for loopback or with `insecure`).
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
     fn url(&self, tail: &str) -> String {
         format!("{}/v2/{}/{tail}", self.base, self.repository)
     }
@@ -344,6 +349,9 @@ impl Client {
                     .await
                     .with_context(|| format!("{method} {url}: authenticating"))?;
                 continue;
+            }
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                break;
             }
             return Ok(resp);
         }
@@ -1388,6 +1396,31 @@ mod tests {
                 && host_is_loopback("127.3.2.1")
                 && !host_is_loopback("10.0.0.1:5000")
         );
+    }
+
+    #[test]
+    fn plain_http_only_for_loopback_or_insecure() {
+        let base = |r: &str, insecure: bool| {
+            let r = Reference::parse(r).unwrap();
+            Client::new(
+                &r,
+                Options {
+                    insecure,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .base_url()
+            .to_string()
+        };
+        assert_eq!(base("127.0.0.1:5000/a", false), "http://127.0.0.1:5000");
+        assert_eq!(base("localhost:5000/a", false), "http://localhost:5000");
+        assert_eq!(
+            base("registry.example:5000/a", false),
+            "https://registry.example:5000"
+        );
+        assert_eq!(base("10.1.2.3:5000/a", false), "https://10.1.2.3:5000");
+        assert_eq!(base("10.1.2.3:5000/a", true), "http://10.1.2.3:5000");
     }
 
     #[test]

@@ -413,3 +413,52 @@ fn sync_from_a_local_manifest() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("../../evil"));
 }
+
+#[test]
+fn sync_over_http() {
+    let t = tempfile::tempdir().unwrap();
+    let rel = t.path().join("rel");
+    let x = t.path().join("out");
+    outdir(&x, &[("a.bin", &bytes(100_000, 7))]);
+    ok(kiln()
+        .args(["manifest", "emit"])
+        .arg(format!("x86_64={}", x.display()))
+        .args(["--release", "1", "--key", "{arch}/{name}", "--init", "-o"])
+        .arg(rel.join("manifest.json")));
+    std::fs::create_dir_all(rel.join("x86_64")).unwrap();
+    std::fs::copy(x.join("a.bin"), rel.join("x86_64/a.bin")).unwrap();
+    let port = free_port();
+    let mut server = std::process::Command::new(tool("python3"))
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(&rel)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let cache = t.path().join("c");
+    let o = run(kiln()
+        .arg("sync")
+        .arg(format!("http://127.0.0.1:{port}/manifest.json"))
+        .arg("--cache")
+        .arg(&cache));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(cache.join("x86_64/a.bin")).unwrap(),
+        std::fs::read(x.join("a.bin")).unwrap()
+    );
+}

@@ -110,19 +110,30 @@ impl Server {
 
 /// Starts the distribution registry with filesystem storage on a free loopback port.
 pub fn registry() -> Server {
+    registry_with_auth(None)
+}
+
+/// Starts the registry, with htpasswd (Basic) authentication when `auth` = (user, password).
+pub fn registry_with_auth(auth: Option<(&str, &str)>) -> Server {
     let bin = tool("docker-registry");
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("storage");
     let port = free_port();
     let cfg = dir.path().join("cfg.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            root.display()
-        ),
-    )
-    .unwrap();
+    let mut text = format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        root.display()
+    );
+    if let Some((user, password)) = auth {
+        let line = ok(Command::new(tool("htpasswd")).args(["-Bbn", user, password]));
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, line.trim()).unwrap();
+        text.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+            htpasswd.display()
+        ));
+    }
+    std::fs::write(&cfg, text).unwrap();
     let child = Command::new(bin)
         .arg("serve")
         .arg(&cfg)
