@@ -102,3 +102,59 @@ impl Placer for Spool {
         Ok(i)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_formats::fstree::Segment;
+
+    #[test]
+    fn spooled_files_read_back_dense_and_sparse() {
+        let mut s = Spool::new().unwrap();
+        let dense = FileData::dense(5, DataRef::Empty);
+        let i = s.place(&dense, &mut &b"hello"[..]).unwrap();
+        // A sparse file: 3 bytes at 0, a hole, 4 bytes at 100; stored packed.
+        let sparse = FileData {
+            size: 104,
+            data: DataRef::Empty,
+            segments: Some(
+                vec![
+                    Segment { offset: 0, len: 3 },
+                    Segment {
+                        offset: 100,
+                        len: 4,
+                    },
+                ]
+                .into(),
+            ),
+        };
+        let j = s.place(&sparse, &mut &b"abcWXYZ"[..]).unwrap();
+        let c = TreeContents::Spool(s);
+        let mut buf = [0u8; 5];
+        c.read_at(
+            &FileData {
+                data: DataRef::Placed(i),
+                ..dense.clone()
+            },
+            0,
+            &mut buf,
+        )
+        .unwrap();
+        assert_eq!(&buf, b"hello");
+        let sp = FileData {
+            data: DataRef::Placed(j),
+            ..sparse.clone()
+        };
+        let mut b3 = [0u8; 3];
+        c.read_at(&sp, 101, &mut b3).unwrap();
+        assert_eq!(&b3, b"XYZ");
+        c.read_at(&sp, 0, &mut b3).unwrap();
+        assert_eq!(&b3, b"abc");
+        assert!(c.read_at(&sp, 50, &mut b3).is_err(), "a hole is not data");
+        // A short stream is an error, not a silently truncated file.
+        let mut s2 = Spool::new().unwrap();
+        assert!(s2
+            .place(&FileData::dense(10, DataRef::Empty), &mut &b"short"[..])
+            .is_err());
+    }
+}
