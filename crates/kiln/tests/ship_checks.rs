@@ -119,6 +119,19 @@ fn spdx_of_a_debian_tree_validates_and_matches_dpkg_query() {
         .arg("-o")
         .arg(&out));
     validate_spdx(&out);
+    // Reproducible: the same tree gives the same bytes; SOURCE_DATE_EPOCH sets the time.
+    let again = ok(kiln().arg("sbom").arg(&tree).arg("--image").arg(&img));
+    assert_eq!(again.as_bytes(), std::fs::read(&out).unwrap().as_slice());
+    let dated = ok(kiln()
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .arg("sbom")
+        .arg(&tree)
+        .arg("--image")
+        .arg(&img));
+    assert!(
+        dated.contains("\"created\": \"2023-11-14T22:13:20Z\""),
+        "{dated}"
+    );
 
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(doc["spdxVersion"], "SPDX-2.3");
