@@ -1230,7 +1230,7 @@ pub async fn resolve(
 }
 
 /// Pulls every titled layer of `reference` into `outdir`. Titles are checked before any byte
-/// is written; each blob streams into `.<name>.kiln-partial` beside its final name (so an
+/// is written; each blob streams into `.<name>.<digest>.kiln-partial` beside its final name (so an
 /// interrupted run resumes there), is verified, then renamed. `+zstd` layers are decompressed
 /// to the title without `.zst` and checked against their uncompressed digest.
 pub async fn pull(
@@ -1289,8 +1289,9 @@ pub async fn pull(
                 continue;
             }
         }
-        let partial = partial_path(&dest);
+        let partial = partial_path(&dest, &l.digest);
         client.download_blob(&l, &partial, &name).await?;
+        let done = dest.clone();
         if zstd {
             let a = kiln_tree::output::AtomicFile::create(&dest)
                 .with_context(|| format!("{}: create", dest.display()))?;
@@ -1331,18 +1332,46 @@ pub async fn pull(
                 downloaded: true,
             });
         }
+        remove_stale_partials(&done);
         eprintln!("pulled {name} ({} bytes)", out.last().map_or(0, |p| p.size));
     }
     Ok(out)
 }
 
-/// The partial-download file for `dest`: `.<name>.kiln-partial` in the same directory.
-pub fn partial_path(dest: &Path) -> PathBuf {
+/// The partial-download file for blob `digest` going to `dest`:
+/// `.<name>.<first 16 hex digits>.kiln-partial` in the same directory. Keying it by digest
+/// means a tag that moved to new bytes never resumes from the old blob's prefix.
+pub fn partial_path(dest: &Path, digest: &str) -> PathBuf {
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.kiln-partial"))
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    let short = hex.get(..16).unwrap_or(hex);
+    dest.with_file_name(format!(".{name}.{short}.kiln-partial"))
+}
+
+/// Removes partial downloads of other blobs for `dest` (left by runs that pulled an older
+/// version of the tag).
+fn remove_stale_partials(dest: &Path) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if let Some(mid) = n
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".kiln-partial"))
+        {
+            if mid.len() == 16 && mid.bytes().all(|b| b.is_ascii_hexdigit()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 struct HashWriter<W> {

@@ -52,8 +52,13 @@ pub struct PullArgs {
     /// `oci://REGISTRY/REPO:TAG` or `…@sha256:…`.
     reference: String,
     /// Output directory.
-    #[arg(short = 'o', long = "output", value_name = "DIR")]
-    output: PathBuf,
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "DIR",
+        required_unless_present = "referrers"
+    )]
+    output: Option<PathBuf>,
     /// Allow plain HTTP to a registry that is not on loopback.
     #[arg(long)]
     insecure: bool,
@@ -358,7 +363,10 @@ pub fn pull(a: PullArgs) -> Outcome {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        for p in oci::pull(&client, &reference, &a.output).await? {
+        let Some(output) = &a.output else {
+            bail!("no output directory: give -o DIR");
+        };
+        for p in oci::pull(&client, &reference, output).await? {
             println!("{}  {}", p.sha256, p.path.display());
         }
         Ok(ExitCode::SUCCESS)
