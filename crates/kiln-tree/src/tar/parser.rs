@@ -185,19 +185,17 @@ impl<'t, B: Backend> Parser<'t, B> {
         Ok(())
     }
 
-    /// Reads until `buf` is full or the input ends; returns the bytes read.
+    /// Reads until `buf` is full or the input ends; returns the bytes read. A read that
+    /// would cross the caller's limit fails before reading.
     fn fill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(l) = self.limit {
+            if self.pos.saturating_add(buf.len() as u64) > l {
+                return Err(limit_error(l));
+            }
+        }
         let mut n = 0;
         while n < buf.len() {
-            let mut want = buf.len() - n;
-            if let Some(l) = self.limit {
-                let allowed = l.saturating_sub(self.pos);
-                if allowed == 0 {
-                    return Err(limit_error(l));
-                }
-                want = want.min(usize::try_from(allowed).unwrap_or(usize::MAX));
-            }
-            let k = self.input.read(&mut buf[n..n + want])?;
+            let k = self.input.read(&mut buf[n..])?;
             if k == 0 {
                 break;
             }
@@ -713,10 +711,20 @@ impl<'t, B: Backend> Parser<'t, B> {
         if self.data_left == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let want = buf
+        let mut want = buf
             .len()
             .min(usize::try_from(self.data_left).unwrap_or(usize::MAX));
         let start = self.pos;
+        if let Some(l) = self.limit {
+            // Hand out data up to the limit; the read after that reports it.
+            let allowed = l.saturating_sub(start);
+            if allowed == 0 {
+                let e = limit_error(l);
+                self.data_failure = Some(format!("reading data at offset {start}: {e}"));
+                return Err(e);
+            }
+            want = want.min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        }
         let n = match self.fill(&mut buf[..want]) {
             Ok(n) => n,
             Err(e) => {

@@ -105,7 +105,10 @@ pub fn read_map_v1(
             let c = block[pos];
             pos += 1;
             match c {
-                b'0'..=b'9' if digits < 20 => {
+                b'0'..=b'9' => {
+                    if digits == 20 {
+                        return Err(format!("sparse map {what} has more than 20 digits"));
+                    }
                     v = v
                         .checked_mul(10)
                         .and_then(|v| v.checked_add(u64::from(c - b'0')))

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 
 use kiln_formats::fstree::{Contents, DataRef, FileData, NodeId, NodeKind, Placer, Tree};
+pub use kiln_tree::tar::header::cstr;
 use kiln_tree::tar::header::{put_number, Header, BLOCK, MAGIC_GNU, MAGIC_USTAR};
 use zerocopy::IntoBytes;
 
