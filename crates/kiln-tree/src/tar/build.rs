@@ -324,6 +324,16 @@ impl Builder {
         let Builder {
             mut tree, children, ..
         } = self;
+        // Exact capacities: no doubling slack in the arena or in any directory's entries.
+        tree.nodes.shrink_to_fit();
+        let mut counts = vec![0u32; tree.nodes.len()];
+        for k in children.keys() {
+            if let Some((p, _)) = k.split_first_chunk::<4>() {
+                if let Some(c) = counts.get_mut(NodeId::from_be_bytes(*p) as usize) {
+                    *c += 1;
+                }
+            }
+        }
         let mut current: Option<(NodeId, Vec<DirEntry>)> = None;
         let store = |tree: &mut Tree, cur: Option<(NodeId, Vec<DirEntry>)>| {
             if let Some((d, mut v)) = cur {
@@ -346,7 +356,10 @@ impl Builder {
                 Some((d, v)) if *d == parent => v.push(entry),
                 _ => {
                     store(&mut tree, current.take());
-                    current = Some((parent, vec![entry]));
+                    let n = counts.get(parent as usize).copied().unwrap_or(1);
+                    let mut v = Vec::with_capacity(n as usize);
+                    v.push(entry);
+                    current = Some((parent, v));
                 }
             }
         }
@@ -356,6 +369,7 @@ impl Builder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

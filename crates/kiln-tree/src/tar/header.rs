@@ -348,6 +348,7 @@ pub fn put_number(field: &mut [u8], v: i64) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -401,7 +402,7 @@ mod tests {
             for n in [8usize, 12] {
                 let mut f = vec![0u8; n];
                 put_number(&mut f, v);
-                if n == 8 && (v > (1 << 55) || v < -(1 << 55)) {
+                if n == 8 && !(-(1 << 55)..=(1 << 55)).contains(&v) {
                     continue;
                 }
                 assert_eq!(parse_number(&f), Ok(v), "{v} in {n} bytes: {f:?}");

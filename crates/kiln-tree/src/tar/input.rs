@@ -179,6 +179,7 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::io::{Cursor, Write};

@@ -99,13 +99,19 @@ impl Entry {
     }
 }
 
+/// A PAX record: keyword and value.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+/// A PAX record and the offset of the extended header that held it.
+type Record = (Box<[u8]>, Box<[u8]>, u64);
+
 /// Extension headers seen before an entry's main header.
 #[derive(Default)]
 struct Pending {
     /// Offset of the first extension header.
     first: Option<u64>,
     /// PAX records of `x` headers, with the offset of the header that held them.
-    records: Vec<(Box<[u8]>, Box<[u8]>, u64)>,
+    records: Vec<Record>,
     long_name: Option<Vec<u8>>,
     long_link: Option<Vec<u8>>,
     bytes: u64,
@@ -116,7 +122,7 @@ pub struct Parser<'t, B> {
     input: B,
     pos: u64,
     limit: Option<u64>,
-    globals: Vec<(Box<[u8]>, Box<[u8]>)>,
+    globals: Vec<KeyValue>,
     globals_bytes: u64,
     data_left: u64,
     pad: u64,
@@ -485,7 +491,7 @@ impl<'t, B: Backend> Parser<'t, B> {
                 }
             }
             _ => {
-                let mut recs: Vec<(Box<[u8]>, Box<[u8]>, u64)> = Vec::new();
+                let mut recs: Vec<Record> = Vec::new();
                 pax::for_each_record(&data, |k, v| {
                     recs.push((k.into(), v.into(), off));
                     Ok(())

@@ -343,10 +343,13 @@ impl Pax {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
-    fn records(data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, (usize, String)> {
+    type Records = Vec<(String, Vec<u8>)>;
+
+    fn records(data: &[u8]) -> Result<Records, (usize, String)> {
         let mut out = Vec::new();
         for_each_record(data, |k, v| {
             out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));

@@ -217,6 +217,7 @@ pub fn map_range(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

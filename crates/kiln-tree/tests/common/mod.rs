@@ -1,6 +1,6 @@
 //! Helpers shared by the tar tests: a recording placer, a tree comparison, and a builder for
 //! hand-made archives.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
