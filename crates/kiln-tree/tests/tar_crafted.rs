@@ -302,18 +302,25 @@ fn oversized_metadata() {
         "record length 99999999 does not fit",
     );
 
-    // Bad values.
-    for (k, v, what) in [
-        ("mtime", &b"12x"[..], "is not `[-]SECONDS[.FRACTION]`"),
-        ("uid", b"-1", "expected a decimal number"),
-        ("size", b"1e3", "expected a decimal number"),
-        ("LIBARCHIVE.xattr.user.x", b"***", "not base64"),
+    // Bad values, reported at the extended header (or at the entry's header when the value
+    // is only wrong for that entry).
+    for (k, v, what, at_pax) in [
+        ("mtime", &b"12x"[..], "is not `[-]SECONDS[.FRACTION]`", true),
+        ("uid", b"-1", "expected a decimal number", true),
+        ("size", b"1e3", "expected a decimal number", true),
+        (
+            "size",
+            b"18446744073709551615",
+            "larger than 2^63-1 bytes",
+            false,
+        ),
+        ("LIBARCHIVE.xattr.user.x", b"***", "not base64", true),
     ] {
         let mut a = Ar::default();
         let poff = a.pax(b'x', &[(k, v)]);
-        a.push(header(b"f", b'0', 0));
+        let off = a.push(header(b"f", b'0', 0));
         a.end();
-        assert_fails(&a.buf, Some("f"), poff, what);
+        assert_fails(&a.buf, Some("f"), if at_pax { poff } else { off }, what);
     }
 
     // An extended header with no entry after it.

@@ -159,7 +159,10 @@ fn base_archive_is_valid() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1024))]
+    // 1024 cases each in CI; PROPTEST_CASES=N for a longer run.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1024)
+    ))]
 
     #[test]
     fn mutated_archives_never_panic(

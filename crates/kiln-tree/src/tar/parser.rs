@@ -596,6 +596,9 @@ impl<'t, B: Backend> Parser<'t, B> {
             (0, 0)
         };
         let size = pax.size.unwrap_or(size_field);
+        if size > i64::MAX as u64 {
+            return Err(err(format!("size {size} is larger than 2^63-1 bytes")));
+        }
         let xattrs = std::mem::take(&mut pax.xattrs)
             .into_iter()
             .map(|(name, value)| Xattr { name, value })
