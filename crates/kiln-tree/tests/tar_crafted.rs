@@ -806,3 +806,46 @@ fn sparse_entries_map_to_packed_data() {
     assert_eq!(&b, b" world!".get(1..).unwrap());
     assert!(c.read_at(v1, 1_048_575, &mut b).is_err(), "past the end");
 }
+
+#[test]
+fn files_with_many_runs_read_by_offset() {
+    // 200 runs (PAX 0.1 map): enough for the contents reader's cached run offsets.
+    let runs: Vec<(u64, u64)> = (0..200).map(|i| (i * 100 + 1, 3)).collect();
+    let map: Vec<String> = runs.iter().map(|(o, n)| format!("{o},{n}")).collect();
+    let packed = kiln_testkit::pseudo_random(3, 600);
+    let mut a = Ar::default();
+    a.pax(
+        b'x',
+        &[
+            ("GNU.sparse.size", b"20000"),
+            ("GNU.sparse.numblocks", b"200"),
+            ("GNU.sparse.name", b"many"),
+            ("GNU.sparse.map", map.join(",").as_bytes()),
+        ],
+    );
+    a.push(header(b"GNUSparseFile.1/many", b'0', 600));
+    a.data(&packed);
+    a.end();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.tar");
+    std::fs::write(&path, &a.buf).unwrap();
+    let kiln_tree::Opened::Indexed(t, c) = tar::open_file(&path).unwrap() else {
+        panic!("plain file is indexed")
+    };
+    use kiln_formats::fstree::Contents;
+    let f = file_node(&t, "many");
+    assert_eq!(f.segments.as_ref().map(|s| s.len()), Some(200));
+    // Run by run, last to first (the cache must not depend on order).
+    for (i, &(o, n)) in runs.iter().enumerate().rev() {
+        let mut b = vec![0u8; n as usize];
+        c.read_at(f, o, &mut b).unwrap();
+        assert_eq!(b, packed[i * 3..i * 3 + 3], "run {i}");
+    }
+    let mut whole = vec![1u8; 20000];
+    c.read_at(f, 0, &mut whole).unwrap();
+    let mut want = vec![0u8; 20000];
+    for (i, &(o, _)) in runs.iter().enumerate() {
+        want[o as usize..o as usize + 3].copy_from_slice(&packed[i * 3..i * 3 + 3]);
+    }
+    assert!(whole == want);
+}

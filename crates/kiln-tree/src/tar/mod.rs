@@ -17,10 +17,12 @@
 //! maps), `input` (decompression, seeking vs streaming), `parser` (entries), `build` (tree
 //! semantics), [`dump`] (a human listing for debugging).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use kiln_formats::fstree::{read_host_or_inline, DataRef, FileData, Placer, Tree};
 
@@ -206,16 +208,37 @@ impl<B: Backend> Read for DataReader<'_, '_, B> {
     }
 }
 
+/// Sparse files with more runs than this get their packed run offsets computed once and kept,
+/// so reading such a file run by run costs O(log n) per read instead of O(n).
+const MANY_RUNS: usize = 64;
+
 /// Reads file bytes from an uncompressed tar file by offset.
 #[derive(Debug)]
 pub struct TarContents {
     file: File,
+    /// Packed run offsets of files with many runs, by the file's data offset in the tar.
+    starts: Mutex<BTreeMap<u64, Arc<[u64]>>>,
 }
 
 impl TarContents {
     /// Reads the tar `file` that a tree was indexed from.
     pub fn new(file: File) -> Self {
-        Self { file }
+        Self {
+            file,
+            starts: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn starts_of(&self, base: u64, file: &FileData) -> Option<Arc<[u64]>> {
+        let runs = file.segments.as_deref().filter(|r| r.len() > MANY_RUNS)?;
+        // A poisoned lock only means another reader panicked; the map is still consistent.
+        let mut cache = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            cache
+                .entry(base)
+                .or_insert_with(|| sparse::packed_starts(runs).into())
+                .clone(),
+        )
     }
 
     /// Reads `buf.len()` bytes of `file` at logical offset `offset`; holes of a sparse file
@@ -224,7 +247,8 @@ impl TarContents {
         let DataRef::Tar(base) = file.data else {
             return read_host_or_inline(file, offset, buf);
         };
-        sparse::map_range(file, offset, buf.len() as u64, |piece| {
+        let starts = self.starts_of(base, file);
+        sparse::map_range(file, offset, buf.len() as u64, starts.as_deref(), |piece| {
             let (logical, len) = match piece {
                 sparse::Piece::Data { logical, len, .. } | sparse::Piece::Hole { logical, len } => {
                     (logical, len)

@@ -150,12 +150,26 @@ pub enum Piece {
     Hole { logical: u64, len: u64 },
 }
 
+/// Packed offset of each run of `runs`: the sum of the lengths of the runs before it.
+pub fn packed_starts(runs: &[Segment]) -> Vec<u64> {
+    runs.iter()
+        .scan(0u64, |acc, s| {
+            let start = *acc;
+            *acc += s.len;
+            Some(start)
+        })
+        .collect()
+}
+
 /// Calls `f` for each piece (data or hole, in order) of the logical range
 /// `[offset, offset + len)` of `file`. Errors if the range runs past the file's size.
+/// `starts`, when given, is [`packed_starts`] of the file's runs, which saves summing the runs
+/// before the range (files with many runs are read run by run).
 pub fn map_range(
     file: &FileData,
     offset: u64,
     len: u64,
+    starts: Option<&[u64]>,
     mut f: impl FnMut(Piece) -> io::Result<()>,
 ) -> io::Result<()> {
     let end = offset
@@ -182,7 +196,10 @@ pub fn map_range(
     };
     // Runs before the range only contribute their length to the packed offset.
     let first = segs.partition_point(|s| s.offset + s.len <= offset);
-    let mut packed: u64 = segs.iter().take(first).map(|s| s.len).sum();
+    let mut packed: u64 = match starts.and_then(|s| s.get(first)) {
+        Some(&p) => p,
+        None => segs.iter().take(first).map(|s| s.len).sum(),
+    };
     let mut cur = offset;
     for s in segs.iter().skip(first) {
         if s.offset >= end {
@@ -309,7 +326,7 @@ mod tests {
         );
         let pieces = |off, len| {
             let mut v = Vec::new();
-            map_range(&f, off, len, |p| {
+            map_range(&f, off, len, None, |p| {
                 v.push(p);
                 Ok(())
             })
@@ -371,5 +388,21 @@ mod tests {
             ]
         );
         assert!(pieces(99, 2).is_err());
+        let starts = packed_starts(f.segments.as_deref().unwrap());
+        assert_eq!(starts, [0, 10]);
+        let mut v = Vec::new();
+        map_range(&f, 52, 2, Some(&starts), |p| {
+            v.push(p);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            v,
+            [Data {
+                packed: 12,
+                logical: 52,
+                len: 2
+            }]
+        );
     }
 }
