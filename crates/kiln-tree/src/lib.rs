@@ -36,6 +36,13 @@ pub enum Error {
     /// A malformed archive where no entry name is known.
     #[error("tar archive at offset {offset}: {msg}")]
     Archive { offset: u64, msg: String },
+    /// The writer's [`Placer`] could not store an entry's data (typically: the image is full).
+    #[error("tar entry {entry:?} at offset {offset}: {source}")]
+    Place {
+        entry: String,
+        offset: u64,
+        source: io::Error,
+    },
 }
 
 impl Error {
