@@ -1,1 +1,4 @@
 //! kiln-build: a `kiln.toml` spec and a source tree become a reproducible disk image.
+
+pub mod initrd;
+pub mod qemu;
