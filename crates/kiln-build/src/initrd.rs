@@ -53,7 +53,7 @@ pub const OPTIONAL_MODULES: &[&str] = &[
 /// How the cpio archive is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
-    /// zstd at this level (1..=19).
+    /// zstd at this level (1..=19; the default is 9).
     Zstd(i32),
     /// gzip at this level (0..=9).
     Gzip(u32),
@@ -62,8 +62,10 @@ pub enum Compression {
 }
 
 impl Default for Compression {
+    /// zstd level 9: on a 5.4 MB Debian initrd it takes 0.55 s for 1.52 MB, where level 19
+    /// takes 11.7 s for 1.35 MB.
     fn default() -> Self {
-        Compression::Zstd(19)
+        Compression::Zstd(9)
     }
 }
 
@@ -399,6 +401,7 @@ impl ModuleDb {
                 missing.join(", ")
             );
         }
+        builtin.sort();
         builtin.dedup();
         Ok((order, builtin, skipped))
     }
