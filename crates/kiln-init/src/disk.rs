@@ -4,7 +4,7 @@
 
 use std::os::unix::fs::FileExt;
 
-use crate::gpt_min::Gpt;
+use kiln_formats::gpt::{Gpt, Partition};
 
 /// DPS type of the x86-64 root partition (SPECS.md), RFC byte order.
 pub const ROOT_X86_64: [u8; 16] = [
@@ -117,7 +117,7 @@ pub struct Found {
     /// The whole disk it is on.
     pub disk: String,
     /// Its GPT entry.
-    pub entry: crate::gpt_min::Partition,
+    pub entry: Partition,
 }
 
 /// Every GPT partition of every disk, matched to its partition device. Disks without a GPT are
@@ -128,17 +128,13 @@ pub fn gpt_partitions(devs: &[BlockDev]) -> Vec<Found> {
         let Ok(f) = std::fs::File::open(disk.path()) else {
             continue;
         };
-        let lba: u64 = read_trim(&format!(
-            "/sys/class/block/{}/queue/logical_block_size",
-            disk.name
-        ))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(512);
-        let Ok(gpt) = Gpt::read(&f, lba) else {
+        // kiln_formats::gpt reads 512-byte-sector tables (what kiln and every image tool
+        // write); disks with 4 KiB logical blocks are not boot media kiln produces.
+        let Ok(gpt) = Gpt::read(&f) else {
             continue;
         };
         for entry in gpt.partitions {
-            let start = entry.first_lba * (lba / 512);
+            let start = entry.first_lba;
             if let Some(dev) = devs
                 .iter()
                 .find(|d| d.parent.as_ref() == Some(&(disk.name.clone(), start)))

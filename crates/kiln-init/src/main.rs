@@ -11,8 +11,6 @@ mod disk;
 #[cfg(target_os = "linux")]
 mod dm;
 #[cfg(target_os = "linux")]
-mod gpt_min;
-#[cfg(target_os = "linux")]
 mod loopdev;
 #[cfg(target_os = "linux")]
 mod sys;
