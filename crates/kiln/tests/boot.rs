@@ -40,6 +40,9 @@ struct Fixture {
     disk: PathBuf,
     /// The same disk with one byte of /etc/tamper's data flipped in the root partition.
     tampered: PathBuf,
+    /// An ISO 9660 image (volume KILN_LIVE) holding the root as /live/root.img and its hash
+    /// tree as /live/root.img.verity.
+    live_iso: PathBuf,
     roothash: String,
 }
 
@@ -146,6 +149,7 @@ echo "KILN-TEST-MARKER"
 cat /etc/hello
 grep -E " / | /var " /proc/mounts
 if echo persisted > /var/probe && [ "$(cat /var/probe)" = persisted ]; then echo VAR-WRITABLE; fi
+if echo x > /root-probe 2>/dev/null; then echo ROOT-WRITABLE; else echo ROOT-READONLY; fi
 if err=$(cat /etc/tamper 2>&1 >/dev/null); then echo TAMPER-READ-OK; else echo "TAMPER-IO-ERROR $err"; fi
 echo KILN-DONE
 poweroff -f
@@ -384,12 +388,21 @@ fn build_fixture() -> Fixture {
     assert_eq!(b[0], tamper[123], "debugfs bmap points at the file's data");
     f.write_all_at(&[b[0] ^ 0xff], off).unwrap();
 
+    let live_iso = dir.join("live.iso");
+    run(Command::new(tool("xorriso"))
+        .args(["-as", "mkisofs", "-quiet", "-R", "-V", "KILN_LIVE", "-o"])
+        .arg(&live_iso)
+        .arg("-graft-points")
+        .arg(format!("/live/root.img={}", root_img.display()))
+        .arg(format!("/live/root.img.verity={}", hash_img.display())));
+
     Fixture {
         dir,
         kernel,
         initrd: initrd_path,
         disk,
         tampered,
+        live_iso,
         roothash,
     }
 }
@@ -448,6 +461,7 @@ fn verity_root_boots_and_tampering_is_an_io_error() {
             "/dev/mapper/root / ext4 ro",
             " /var ext4 rw",
             "VAR-WRITABLE",
+            "ROOT-READONLY",
             "TAMPER-IO-ERROR",
             "Input/output error",
             "is corrupted",
@@ -570,4 +584,82 @@ fn kiln_boot_fails_on_timeout() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no match within 4 s"), "{stderr}");
+}
+
+/// Live mode: the medium found by its ISO volume label on a CD (virtio-scsi), the root image
+/// loop-mounted read-only under dm-verity (hash tree beside it on the medium), a RAM overlay
+/// on top so the root is writable and nothing reaches the medium.
+#[test]
+fn live_iso_root_with_verity_and_ram_overlay() {
+    let fx = fixture();
+    let _guard = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let out = qemu::boot(&BootOptions {
+        image: Some(fx.live_iso.clone()),
+        attach: qemu::Attach::Cdrom,
+        firmware: Firmware::Bios,
+        direct: Some(DirectKernel {
+            kernel: fx.kernel.clone(),
+            initrd: fx.initrd.clone(),
+            append: format!(
+                "console=ttyS0 panic=-1 kiln.live=KILN_LIVE roothash={}",
+                fx.roothash
+            ),
+        }),
+        expect: Some("KILN-DONE".into()),
+        timeout: Duration::from_secs(180),
+        memory_mib: 512,
+        echo: false,
+        ..BootOptions::default()
+    })
+    .expect("qemu runs");
+    eprintln!("live boot (CD, direct kernel, TCG): {}", out.summary());
+    assert_eq!(out.ending, Ending::Matched, "{}", out.console);
+    assert_lines(
+        &out.console,
+        &[
+            "live medium \"KILN_LIVE\" mounted from /dev/sr0",
+            "dm-verity active over /live/root.img",
+            "KILN-TEST-MARKER",
+            "hello from the verity root",
+            "overlay / overlay rw",
+            "ROOT-WRITABLE",
+            "TAMPER-READ-OK",
+        ],
+    );
+}
+
+/// Same inputs, same bytes: the initrd (real kernel modules, default zstd) and the UKI built
+/// from it, twice.
+#[test]
+fn initrd_and_uki_are_reproducible() {
+    let ver = kernel_version();
+    let tree = kernel_tree(&ver);
+    let init = kiln_init_embed::kiln_init().expect("embedded kiln-init");
+    let opts = InitrdOptions {
+        root_fs: Some("erofs".into()),
+        kiln_init: init.to_vec(),
+        mtime: 1_600_000_000,
+        ..InitrdOptions::default()
+    };
+    let a = initrd::build_initrd(&tree, &HostContents, &opts).unwrap();
+    let b = initrd::build_initrd(&kernel_tree(&ver), &HostContents, &opts).unwrap();
+    assert_eq!(a.bytes, b.bytes, "initrd differs between two builds");
+    assert!(a.modules.contains(&"erofs".to_string()), "{:?}", a.modules);
+    let stub = std::fs::read("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").unwrap();
+    let kernel = std::fs::read(format!("/boot/vmlinuz-{ver}")).unwrap();
+    let uki = |initrd: &[u8]| {
+        pe::assemble_uki(
+            &stub,
+            &pe::UkiParts {
+                linux: &kernel,
+                initrd,
+                cmdline: b"console=ttyS0",
+                osrel: b"ID=kiln\n",
+                ..pe::UkiParts::default()
+            },
+        )
+        .unwrap()
+    };
+    let (ua, ub) = (uki(&a.bytes), uki(&b.bytes));
+    assert!(ua == ub, "UKI differs between two builds");
 }
