@@ -590,6 +590,7 @@ fn compress(data: &[u8], c: Compression) -> Result<Vec<u8>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use kiln_formats::fstree::{DataRef, FileData, HostContents, Meta, Node};

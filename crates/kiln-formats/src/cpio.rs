@@ -626,6 +626,7 @@ pub fn dump(archive: &[u8]) -> Result<String, CpioError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::fstree::{DataRef, FileData, HostContents, Meta, Node, Timestamp};

@@ -690,6 +690,7 @@ pub fn assemble_uki(stub: &[u8], parts: &UkiParts<'_>) -> Result<Vec<u8>, PeErro
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

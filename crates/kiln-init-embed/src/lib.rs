@@ -42,6 +42,7 @@ pub fn kiln_init() -> Result<Cow<'static, [u8]>, Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     /// The embedded kiln-init is a static ELF executable: no PT_INTERP program header, so the
     /// kernel can run it from an initrd that has no dynamic loader.

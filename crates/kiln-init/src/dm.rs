@@ -106,6 +106,7 @@ pub fn create_readonly(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -239,6 +239,7 @@ pub fn verity_table(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -7,6 +7,8 @@
 //! The reference tools, QEMU, OVMF, the kernel and systemd-boot are required: CI installs them
 //! (.ci/run); a missing one fails the test with its name.
 
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
