@@ -65,6 +65,9 @@ pub struct DirectKernel {
 pub const DEFAULT_FAIL_PATTERNS: &[&str] =
     &[r"Kernel panic - not syncing", r"kiln-init: boot failed"];
 
+/// What Linux prints as it powers the machine off.
+pub const POWER_DOWN: &str = "reboot: Power down";
+
 /// One boot.
 #[derive(Clone, Debug)]
 pub struct BootOptions {
@@ -77,7 +80,7 @@ pub struct BootOptions {
     /// Direct kernel boot instead of booting from the image.
     pub direct: Option<DirectKernel>,
     /// Regular expression that ends the boot successfully when a console line matches. Without
-    /// one the boot succeeds when the guest powers off cleanly.
+    /// one the boot succeeds when the guest powers off (not when it reboots).
     pub expect: Option<String>,
     /// Regular expressions that end the boot as failed.
     pub fail: Vec<String>,
@@ -117,7 +120,7 @@ impl Default for BootOptions {
 /// How a boot ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ending {
-    /// The expected pattern appeared (or, without one, the guest powered off cleanly).
+    /// The expected pattern appeared (or, without one, the guest powered off).
     Matched,
     /// A failure pattern appeared: the matching line.
     Failed(String),
@@ -401,7 +404,12 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
             Ok(Event::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait().ok();
                 let code = status.and_then(|s| s.code());
-                if expect.is_none() && code == Some(0) {
+                // With -no-reboot a guest reset also ends QEMU with status 0; only a power-off
+                // (the kernel's last words are "reboot: Power down") counts as success.
+                if expect.is_none()
+                    && code == Some(0)
+                    && String::from_utf8_lossy(&console).contains(POWER_DOWN)
+                {
                     break Ending::Matched;
                 }
                 break Ending::Exited(code);

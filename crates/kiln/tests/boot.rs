@@ -152,6 +152,9 @@ cat /etc/hello
 grep -E " / | /var " /proc/mounts
 if echo persisted > /var/probe && [ "$(cat /var/probe)" = persisted ]; then echo VAR-WRITABLE; fi
 if echo x > /root-probe 2>/dev/null; then echo ROOT-WRITABLE; else echo ROOT-READONLY; fi
+if echo x > /etc/probe 2>/dev/null && [ "$(cat /etc/probe)" = x ]; then echo ETC-WRITABLE; fi
+if echo x > /tmp/probe 2>/dev/null; then echo TMP-WRITABLE; fi
+grep -E " /etc | /tmp " /proc/mounts
 if err=$(cat /etc/tamper 2>&1 >/dev/null); then echo TAMPER-READ-OK; else echo "TAMPER-IO-ERROR $err"; fi
 echo KILN-DONE
 poweroff -f
@@ -470,6 +473,7 @@ fn verity_root_boots_and_tampering_is_an_io_error() {
         ],
     );
     assert!(!out.console.contains("TAMPER-READ-OK"), "{}", out.console);
+    assert!(!out.console.contains("ETC-WRITABLE"), "{}", out.console);
 }
 
 #[test]
@@ -477,7 +481,7 @@ fn root_without_roothash_is_found_by_dps_type() {
     let fx = fixture();
     let out = direct_boot(
         &fx.tampered,
-        "console=ttyS0 panic=-1 kiln.var=off".into(),
+        "console=ttyS0 panic=-1 kiln.var=off kiln.overlay=/etc kiln.tmpfs=/tmp".into(),
         "KILN-DONE",
         qemu::DEFAULT_FAIL_PATTERNS
             .iter()
@@ -488,7 +492,16 @@ fn root_without_roothash_is_found_by_dps_type() {
     // No verity: the flipped byte goes unnoticed, and /var stays unmounted as asked.
     assert_lines(
         &out.console,
-        &["KILN-TEST-MARKER", "/dev/vda2 / ext4 ro", "TAMPER-READ-OK"],
+        &[
+            "KILN-TEST-MARKER",
+            "/dev/vda2 / ext4 ro",
+            "TAMPER-READ-OK",
+            "ROOT-READONLY",
+            "overlay /etc overlay rw",
+            "ETC-WRITABLE",
+            "tmpfs /tmp tmpfs rw",
+            "TMP-WRITABLE",
+        ],
     );
     assert!(!out.console.contains(" /var ext4"), "{}", out.console);
 }
@@ -664,4 +677,39 @@ fn initrd_and_uki_are_reproducible() {
     };
     let (ua, ub) = (uki(&a.bytes), uki(&b.bytes));
     assert!(ua == ub, "UKI differs between two builds");
+}
+
+/// Without --expect, `kiln boot` succeeds only when the guest powers off: the init script
+/// ends with `poweroff -f`, while a failing kiln-init reboots.
+#[test]
+fn kiln_boot_without_expect_needs_a_power_off() {
+    let fx = fixture();
+    let _guard = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let boot = |append: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("boot")
+            .arg(&fx.disk)
+            .arg("--kernel")
+            .arg(&fx.kernel)
+            .arg("--initrd")
+            .arg(&fx.initrd)
+            .args(["--append", append, "--timeout", "120", "--memory", "512"])
+            .output()
+            .unwrap()
+    };
+    let ok = boot("console=ttyS0 panic=-1 kiln.var=off");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("reboot: Power down"));
+    // kiln-init fails (no such device) and reboots: the run fails on its message.
+    let bad = boot("console=ttyS0 panic=-1 root=/dev/vdz kiln.timeout=1 kiln.reboot_delay=0");
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("failed after") && stderr.contains("kiln-init: boot failed"),
+        "{stderr}"
+    );
 }

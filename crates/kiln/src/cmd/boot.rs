@@ -17,7 +17,7 @@ pub struct BootArgs {
     /// The disk or ISO image to boot.
     pub image: Option<PathBuf>,
     /// Regular expression to wait for on the serial console. Without it, success means the
-    /// guest powered off cleanly.
+    /// guest powered off (a reboot is a failure).
     #[arg(long, value_name = "REGEX")]
     pub expect: Option<String>,
     /// Seconds to wait before giving up.
