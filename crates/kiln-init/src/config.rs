@@ -96,6 +96,8 @@ pub enum RootSpec {
         medium: String,
         /// Path of the image inside the medium.
         image: String,
+        /// dm-verity root hash of the image; its hash tree is the file `IMAGE.verity`.
+        roothash: Option<Vec<u8>>,
     },
 }
 
@@ -449,11 +451,15 @@ impl Plan {
             }
         }
         plan.root = match (roothash, root_arg, live) {
-            (_, _, Some((medium, image))) => {
+            (roothash, _, Some((medium, image))) => {
                 if medium.is_empty() {
                     return Err("kiln.live.image= given without kiln.live=LABEL".into());
                 }
-                RootSpec::Live { medium, image }
+                RootSpec::Live {
+                    medium,
+                    image,
+                    roothash,
+                }
             }
             (Some(roothash), _, None) => RootSpec::Verity { roothash },
             (None, Some(r), None) => {
@@ -583,9 +589,20 @@ mod tests {
             p.root,
             RootSpec::Live {
                 medium: "KILN".into(),
-                image: "/boot/root.erofs".into()
+                image: "/boot/root.erofs".into(),
+                roothash: None,
             }
         );
+        let p = Plan::new(
+            &c,
+            &format!("kiln.live=UUID=2026-11-22-00-00-00-00 roothash={HASH}"),
+        )
+        .unwrap();
+        assert!(matches!(
+            p.root,
+            RootSpec::Live { ref medium, ref image, roothash: Some(ref h) }
+                if medium == "UUID=2026-11-22-00-00-00-00" && image == DEFAULT_LIVE_IMAGE && h.len() == 32
+        ));
         for (bad, want) in [
             ("roothash=xyz", "roothash=\"xyz\""),
             ("roothash=abcd", "32 bytes"),

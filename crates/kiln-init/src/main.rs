@@ -96,8 +96,12 @@ mod linux {
         load_modules(&plan.modules);
         sys::mkdir_p(NEWROOT)?;
         let disk = match &plan.root {
-            RootSpec::Live { medium, image } => {
-                mount_live(&plan, medium, image)?;
+            RootSpec::Live {
+                medium,
+                image,
+                roothash,
+            } => {
+                mount_live(&plan, medium, image, roothash.as_deref())?;
                 None
             }
             _ => Some(mount_disk_root(&plan)?),
@@ -133,7 +137,18 @@ mod linux {
             RootSpec::PartUuid(u) => format!("PARTUUID={}", format_uuid(u)),
             RootSpec::Device(d) => d.clone(),
             RootSpec::DpsType => "first root-x86-64 partition (no verity)".into(),
-            RootSpec::Live { medium, image } => format!("live {image} on {medium}"),
+            RootSpec::Live {
+                medium,
+                image,
+                roothash,
+            } => format!(
+                "live {image} on {medium}{}",
+                if roothash.is_some() {
+                    " with dm-verity"
+                } else {
+                    ""
+                }
+            ),
         }
     }
 
@@ -415,7 +430,12 @@ mod linux {
 
     /// Live mode: the medium by label, the image on it through a loop device (and dm-verity
     /// when `roothash=` is given: hash tree in `IMAGE.verity`), a tmpfs overlay on top.
-    fn mount_live(plan: &Plan, medium: &str, image: &str) -> Result<(), String> {
+    fn mount_live(
+        plan: &Plan,
+        medium: &str,
+        image: &str,
+        roothash: Option<&[u8]>,
+    ) -> Result<(), String> {
         let dev = wait_for(
             plan.timeout,
             &format!("the live medium {medium:?}"),
@@ -444,27 +464,31 @@ mod linux {
         let img = format!("{mnt}{image}");
         let (loop_path, loop_dev) = loopdev::attach_readonly(&img)?;
         let mut source = loop_path.clone();
-        if let Ok(cmd) = std::fs::read_to_string("/proc/cmdline") {
-            let words = config::split_cmdline(&cmd);
-            if let Some(h) = words.iter().find_map(|w| w.strip_prefix("roothash=")) {
-                let roothash = config::parse_hex(h).ok_or("roothash: not hex")?;
-                let hash_file = format!("{img}.verity");
-                let (hash_path, hash_dev) = loopdev::attach_readonly(&hash_file)?;
-                let hf = std::fs::read(&hash_path).map_err(|e| format!("read {hash_path}: {e}"))?;
-                let sb =
-                    probe::parse_verity_superblock(&hf).map_err(|e| format!("{hash_file}: {e}"))?;
-                let (sectors, params) = probe::verity_table(
-                    &sb,
-                    &format!("{}:{}", loop_dev.0, loop_dev.1),
-                    &format!("{}:{}", hash_dev.0, hash_dev.1),
-                    &roothash,
-                );
-                let (ma, mi) = dm::create_readonly("root", sectors, "verity", &params)?;
-                sys::mkdir_p("/dev/mapper")?;
-                sys::mknod_block("/dev/mapper/root", ma, mi)?;
-                say!("dm-verity active over {image}");
-                source = "/dev/mapper/root".into();
-            }
+        if let Some(roothash) = roothash {
+            let hash_file = format!("{img}.verity");
+            let (hash_path, hash_dev) = loopdev::attach_readonly(&hash_file)?;
+            let head = {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::open(&hash_path)
+                    .map_err(|e| format!("open {hash_path}: {e}"))?;
+                let mut b = vec![0u8; 512];
+                f.read_exact_at(&mut b, 0)
+                    .map_err(|e| format!("read {hash_path} ({hash_file}): {e}"))?;
+                b
+            };
+            let sb =
+                probe::parse_verity_superblock(&head).map_err(|e| format!("{hash_file}: {e}"))?;
+            let (sectors, params) = probe::verity_table(
+                &sb,
+                &format!("{}:{}", loop_dev.0, loop_dev.1),
+                &format!("{}:{}", hash_dev.0, hash_dev.1),
+                roothash,
+            );
+            let (ma, mi) = dm::create_readonly("root", sectors, "verity", &params)?;
+            sys::mkdir_p("/dev/mapper")?;
+            sys::mknod_block("/dev/mapper/root", ma, mi)?;
+            say!("dm-verity active over {image}");
+            source = "/dev/mapper/root".into();
         }
         let lower = "/run/kiln/lower";
         sys::mkdir_p(lower)?;
