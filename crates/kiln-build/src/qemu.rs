@@ -360,8 +360,7 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
     let mut line_start = 0usize;
     let mut out = std::io::stdout();
     let check = |line: &str| -> Option<Ending> {
-        if let Some(f) = fails.iter().find(|f| f.is_match(line)) {
-            let _ = f;
+        if fails.iter().any(|f| f.is_match(line)) {
             return Some(Ending::Failed(line.trim().to_string()));
         }
         if expect.as_ref().is_some_and(|e| e.is_match(line)) {

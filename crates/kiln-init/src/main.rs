@@ -75,6 +75,8 @@ mod linux {
     }
 
     fn run() -> Result<std::convert::Infallible, String> {
+        // The initrd's own /dev/console first, so errors mounting /dev are seen too.
+        sys::ensure_console();
         mount_api_filesystems()?;
         sys::ensure_console();
         let cmdline = std::fs::read_to_string("/proc/cmdline")
