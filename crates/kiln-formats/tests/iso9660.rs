@@ -724,3 +724,138 @@ fn kernel_isofs_reads_the_image() {
         matches!(a.kind, Kind::Socket)
     });
 }
+
+/// Boots `image` under OVMF (TCG) with `drive` arguments until `marker` appears on the serial
+/// console; returns the seconds it took, or panics with the console tail after `limit`.
+fn boot_until(image: &Path, drive: &[String], marker: &str, limit: u64) -> f64 {
+    use std::io::Read;
+    use std::sync::{Arc, Mutex};
+    let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+    let vars_src = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
+    assert!(
+        code.is_file() && vars_src.is_file(),
+        "OVMF missing; .ci/run installs ovmf"
+    );
+    let vars = image.with_extension("vars.fd");
+    fs::copy(vars_src, &vars).unwrap();
+    let start = std::time::Instant::now();
+    let mut child = Command::new(require_tool("qemu-system-x86_64"))
+        .args(["-machine", "q35", "-m", "256", "-nographic", "-no-reboot"])
+        .args(["-serial", "mon:stdio"])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,readonly=on,file={}",
+            code.display()
+        ))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+        .args(drive)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let sink = log.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let found = loop {
+        let seen = {
+            let l = log.lock().unwrap();
+            l.windows(marker.len()).any(|w| w == marker.as_bytes())
+        };
+        if seen {
+            break true;
+        }
+        if start.elapsed().as_secs() > limit || child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    if !found {
+        let l = log.lock().unwrap();
+        let tail = String::from_utf8_lossy(&l[l.len().saturating_sub(3000)..]).into_owned();
+        panic!("{marker:?} not seen within {limit} s; console tail:\n{tail}");
+    }
+    secs
+}
+
+#[test]
+fn ovmf_boots_systemd_boot_from_the_cd_and_from_the_disk() {
+    let dir = tempdir();
+    make_esp(dir.path());
+    // A loader.conf with an odd timeout: "Boot in 17 s." on the console proves systemd-boot ran
+    // from this ESP and read its FAT.
+    let esp_path = dir.path().join("esp.img");
+    fs::write(dir.path().join("loader.conf"), "timeout 17\n").unwrap();
+    run_ok(
+        Command::new(require_tool("mmd"))
+            .arg("-i")
+            .arg(&esp_path)
+            .arg("::/loader"),
+    );
+    run_ok(
+        Command::new(require_tool("mcopy"))
+            .arg("-i")
+            .arg(&esp_path)
+            .arg(dir.path().join("loader.conf"))
+            .arg("::/loader/loader.conf"),
+    );
+    let esp = fs::read(&esp_path).unwrap();
+    let tree = slot_tree(4096, b"<p>hello</p>\n");
+    let iso = dir.path().join("boot.iso");
+    let plan = build(&tree, &options(Some(&esp), true), Some(&esp), &iso);
+    let marker = "Boot in 17 s.";
+
+    // As a CD: firmware reads the El Torito catalog (2048-byte blocks: no GPT there).
+    let cd = boot_until(
+        &iso,
+        &[
+            "-drive".into(),
+            format!(
+                "file={},media=cdrom,if=none,id=cd,snapshot=on",
+                iso.display()
+            ),
+            "-device".into(),
+            "ide-cd,drive=cd".into(),
+        ],
+        marker,
+        240,
+    );
+    // As a disk, with the boot catalog wiped so only the GPT's ESP partition can work.
+    let disk_img = dir.path().join("disk.img");
+    let mut bytes = fs::read(&iso).unwrap();
+    let f = File::open(&iso).unwrap();
+    let img = IsoImage::open(&f, bytes.len() as u64).unwrap();
+    let cat = img.boot.as_ref().unwrap().lba as usize * 2048;
+    bytes[cat..cat + 2048].fill(0);
+    fs::write(&disk_img, &bytes).unwrap();
+    let disk = boot_until(
+        &disk_img,
+        &[
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=virtio,snapshot=on",
+                disk_img.display()
+            ),
+        ],
+        marker,
+        240,
+    );
+    eprintln!(
+        "OVMF (TCG) reached systemd-boot: CD {cd:.1} s, disk {disk:.1} s ({} byte image)",
+        plan.size()
+    );
+}

@@ -1209,7 +1209,7 @@ fn joliet_order(dirs: &[Dir], dir_of: &[Option<usize>], tree: &Tree) -> Vec<usiz
 /// no-emulation default entry for the ESP image. With a single UEFI image this is the layout
 /// xorriso writes for `-e` alone; firmware (EDK2's PartitionDxe) exposes every bootable entry
 /// as a block device and looks for `\EFI\BOOT\BOOTX64.EFI` on its FAT filesystem.
-fn boot_catalog(esp_lba: u32, esp_len: u64) -> Vec<u8> {
+pub(crate) fn boot_catalog(esp_lba: u32, esp_len: u64) -> Vec<u8> {
     let mut v = ValidationEntry {
         header_id: 1,
         platform: PLATFORM_EFI,
@@ -1222,12 +1222,11 @@ fn boot_catalog(esp_lba: u32, esp_len: u64) -> Vec<u8> {
         s.wrapping_add(u16::from_le_bytes([w[0], w[1]]))
     });
     v.checksum = 0u16.wrapping_sub(sum).into();
-    // The count is in 512-byte virtual sectors and 16 bits wide; larger images saturate.
-    // (EDK2 multiplies a no-emulation count by the medium's block size, 2048 on a CD, so it
-    // still sees the whole image up to 128 MiB.)
-    let count = esp_len
-        .div_ceil(EL_TORITO_VIRTUAL_SECTOR)
-        .min(u64::from(u16::MAX)) as u16;
+    // The count is in 512-byte virtual sectors and 16 bits wide. For a larger image write 0,
+    // as xorriso does: EDK2 then takes everything from the image to the end of the volume
+    // space, which here includes the ESP (PartitionDxe/ElTorito.c, "SectorCount < 2").
+    let count = esp_len.div_ceil(EL_TORITO_VIRTUAL_SECTOR);
+    let count = u16::try_from(count).unwrap_or(0);
     let e = BootEntry {
         indicator: BOOT_INDICATOR_BOOTABLE,
         media_type: MEDIA_NO_EMULATION,
@@ -1282,3 +1281,45 @@ fn hybrid_gpt(
 
 // Keep the CE length in sync with what `pack` assumed.
 const _: () = assert!(CE_LEN == 28);
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use zerocopy::FromBytes;
+
+    #[test]
+    fn boot_catalog_checksum_and_counts() {
+        for (len, count) in [(8u64 << 20, 16384u16), (65535 * 512, 65535), (64 << 20, 0)] {
+            let c = boot_catalog(1234, len);
+            let sum = c[..32].chunks_exact(2).fold(0u16, |a, w| {
+                a.wrapping_add(u16::from_le_bytes([w[0], w[1]]))
+            });
+            assert_eq!(sum, 0);
+            assert_eq!(c[1], PLATFORM_EFI);
+            let e = BootEntry::read_from_bytes(&c[32..64]).unwrap();
+            assert_eq!(e.indicator, BOOT_INDICATOR_BOOTABLE);
+            assert_eq!(e.sector_count.get(), count, "{len}");
+            assert_eq!(e.load_rba.get(), 1234);
+        }
+    }
+
+    #[test]
+    fn volume_uuid_from_seed_is_a_valid_date() {
+        for i in 0..200u8 {
+            let u = VolumeUuid::from_seed(&[i; 16]);
+            let d = LongDate {
+                digits: u.0,
+                gmt_offset: 0,
+            };
+            let t = super::super::time::long_date_to_unix(&d).unwrap();
+            assert_eq!(super::super::time::long_date(t, 0).digits[..14], u.0[..14]);
+            assert!(u.0.starts_with(b"20"));
+            assert_eq!(VolumeUuid::parse(&u.to_string()), Some(u));
+        }
+        assert_ne!(
+            VolumeUuid::from_seed(&[1; 16]),
+            VolumeUuid::from_seed(&[2; 16])
+        );
+    }
+}
