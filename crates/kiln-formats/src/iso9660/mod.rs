@@ -38,6 +38,10 @@
 //! - Directory depth and path length limits of ECMA-119 §6.8.2.1 are not enforced (no
 //!   RR_MOVED relocation); Linux, libisofs and Windows read deep trees fine.
 //! - Files of 4 GiB or more are refused (level 3 multi-extent files are not written).
+//! - Names up to 255 bytes are written (NM split into 250-byte pieces) and read back whole by
+//!   xorriso, isoinfo and this reader; Linux's isofs stops at 253 bytes and shows a 254- or
+//!   255-byte name as its first 250 bytes. Linux 6.1's isofs also keeps times in 32 bits.
+//!   The QEMU test in tests/iso9660.rs checks everything else Linux reports against the tree.
 //! - Volume UUID: blkid, udev (`/dev/disk/by-uuid`) and GRUB call the volume modification date
 //!   `YYYY-MM-DD-HH-MM-SS-cc` the UUID of an ISO. kiln derives that date from the image seed
 //!   ([`VolumeUuid::from_seed`]), so kiln-init can find its boot medium by UUID whether it is
