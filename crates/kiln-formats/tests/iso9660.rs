@@ -270,6 +270,9 @@ fn corpus_round_trips_through_xorriso_with_rock_ridge() {
         .extensions
         .contains(&"RRIP_1991A".to_string()));
     let entries = img.entries(&f, TreeKind::Primary).unwrap();
+    // Path tables agree with the directories (isovfy does not look at them).
+    img.check_path_tables(&f, TreeKind::Primary).unwrap();
+    img.check_path_tables(&f, TreeKind::Joliet).unwrap();
     let want_all = snapshot(&src, true, true);
     assert_eq!(entries.len(), want_all.len());
     for e in &entries {
@@ -472,6 +475,10 @@ fn isoinfo_reads_rock_ridge_and_joliet() {
             .args(["-x", "/files/size-65536"]),
     );
     assert_eq!(out.stdout, fs::read(src.join("files/size-65536")).unwrap());
+    // isovfy (genisoimage) checks records, path tables and Rock Ridge entries.
+    let out = run_ok(Command::new(require_tool("isovfy")).arg(&iso));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("No errors found"), "{text}");
     let out = run_ok(Command::new(&isoinfo).args(["-d", "-i"]).arg(&iso));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Joliet with UCS level 3 found"), "{text}");
@@ -484,6 +491,19 @@ fn isoinfo_reads_rock_ridge_and_joliet() {
     let f = File::open(&iso).unwrap();
     let img = IsoImage::open(&f, f.metadata().unwrap().len()).unwrap();
     let joliet = img.entries(&f, TreeKind::Joliet).unwrap();
+    img.check_path_tables(&f, TreeKind::Primary).unwrap();
+    img.check_path_tables(&f, TreeKind::Joliet).unwrap();
+    // Joliet names are unique case-insensitively within each directory (Windows compares
+    // them so).
+    let mut seen = std::collections::HashSet::new();
+    for e in &joliet {
+        let parent = &e.path[..e.path.len() - e.name.len()];
+        assert!(
+            seen.insert((parent.to_vec(), e.name.to_ascii_lowercase())),
+            "{}",
+            String::from_utf8_lossy(&e.path)
+        );
+    }
     let want = snapshot(&src, false, false)
         .into_iter()
         .filter(|(_, a)| matches!(a.kind, Kind::Dir | Kind::File(_)))
@@ -668,6 +688,20 @@ fn bad_inputs_are_clear_errors() {
     assert!(entries
         .iter()
         .any(|e| !e.is_dir && img.read_file(&b, e).is_err()));
+    // A path table pointing a directory elsewhere is caught.
+    let img = IsoImage::open(&good, good.len() as u64).unwrap();
+    img.check_path_tables(&good, TreeKind::Primary).unwrap();
+    let mut x = good.clone();
+    let l = img.primary.l_path_table as usize * 2048;
+    let second = l + 8 + 2; // root record: 8 bytes + 1-byte identifier + pad
+    x[second + 2] ^= 0x01;
+    let msg = img
+        .check_path_tables(&x, TreeKind::Primary)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("path table entry 2"), "{msg}");
+
     let mut x = good.clone();
     x[16 * 2048 + 1] = b'X';
     let msg = IsoImage::open(&x, x.len() as u64)
@@ -1097,4 +1131,189 @@ fn linux_isofs_reads_rock_ridge_in_qemu() {
         extra.len(),
         extra[..extra.len().min(20)].join("\n")
     );
+}
+
+mod random_trees {
+    use super::*;
+    use kiln_formats::iso9660::names::cmp_identifiers;
+    use kiln_formats::sink::MemSink;
+    use proptest::prelude::*;
+
+    /// Name bytes chosen to collide after ISO and Joliet mapping: case, dots, punctuation,
+    /// non-ASCII and invalid UTF-8.
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just(b'a'),
+                Just(b'A'),
+                Just(b'b'),
+                Just(b'.'),
+                Just(b'-'),
+                Just(b' '),
+                Just(b';'),
+                Just(b'1'),
+                Just(0xC3),
+                Just(0xA9),
+                Just(0xFF),
+            ],
+            1..30,
+        )
+        .prop_filter("not . or ..", |n| n != b"." && n != b"..")
+    }
+
+    #[derive(Clone, Debug)]
+    enum Kind {
+        File(Vec<u8>),
+        Dir,
+        Link(Vec<u8>),
+        Fifo,
+        HardlinkToFirstFile,
+    }
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![
+            4 => proptest::collection::vec(any::<u8>(), 0..5000).prop_map(Kind::File),
+            3 => Just(Kind::Dir),
+            1 => proptest::collection::vec(1u8..=255, 1..300).prop_map(Kind::Link),
+            1 => Just(Kind::Fifo),
+            1 => Just(Kind::HardlinkToFirstFile),
+        ]
+    }
+
+    fn build_tree(spec: &[(Vec<Vec<u8>>, Kind)]) -> Tree {
+        let m = Meta {
+            perm: 0o755,
+            mtime: Timestamp::from_secs(EPOCH),
+            ..Meta::default()
+        };
+        let mut t = Tree::new(m.clone());
+        let mut first_file = None;
+        for (comps, kind) in spec {
+            let path = comps.join(&b'/');
+            let (parent, name) = kiln_formats::fstree::split_parent(&path);
+            let Ok(dir) = t.mkdir_p(parent, &m) else {
+                continue;
+            };
+            if t.lookup(dir, name).is_some() {
+                continue;
+            }
+            let nk = match kind {
+                Kind::File(d) => NodeKind::File(FileData::dense(
+                    d.len() as u64,
+                    DataRef::Inline(d.clone().into()),
+                )),
+                Kind::Dir => NodeKind::Dir(Vec::new()),
+                Kind::Link(target) => NodeKind::Symlink(target.clone().into()),
+                Kind::Fifo => NodeKind::Fifo,
+                Kind::HardlinkToFirstFile => match first_file {
+                    Some(id) => {
+                        t.link(dir, name, id);
+                        continue;
+                    }
+                    None => continue,
+                },
+            };
+            let is_file = matches!(nk, NodeKind::File(_));
+            let id = t
+                .insert(
+                    &path,
+                    Node {
+                        kind: nk,
+                        meta: m.clone(),
+                        slot: None,
+                    },
+                    &m,
+                )
+                .unwrap();
+            if is_file && first_file.is_none() {
+                first_file = Some(id);
+            }
+        }
+        t
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+        #[test]
+        fn random_trees_read_back_exactly(
+            spec in proptest::collection::vec(
+                (proptest::collection::vec(name(), 1..4), kind()),
+                1..60,
+            )
+        ) {
+            let tree = build_tree(&spec);
+            let opts = options(None, true);
+            let plan = IsoPlan::new(&tree, &opts).unwrap();
+            let sink = MemSink::new(plan.size() as usize);
+            plan.write(&tree, &HostContents, None, &sink).unwrap();
+            let img_bytes = sink.into_inner();
+            let img = IsoImage::open(&img_bytes, img_bytes.len() as u64).unwrap();
+            img.check_path_tables(&img_bytes, TreeKind::Primary).unwrap();
+            img.check_path_tables(&img_bytes, TreeKind::Joliet).unwrap();
+
+            // Every path of the tree, with its kind and bytes, and nothing else.
+            let mut want: BTreeMap<Vec<u8>, NodeKind> = BTreeMap::new();
+            tree.walk_paths(|p, id| {
+                if p != b"/" {
+                    want.insert(p.to_vec(), tree.node(id).kind.clone());
+                }
+            });
+            // walk_paths names a hardlinked node once; add the other names.
+            fn all_paths(t: &Tree, dir: u32, prefix: &[u8], out: &mut BTreeMap<Vec<u8>, NodeKind>) {
+                for e in t.entries(dir) {
+                    let mut p = prefix.to_vec();
+                    p.push(b'/');
+                    p.extend_from_slice(&e.name);
+                    out.insert(p.clone(), t.node(e.node).kind.clone());
+                    if t.node(e.node).is_dir() {
+                        all_paths(t, e.node, &p, out);
+                    }
+                }
+            }
+            want.clear();
+            all_paths(&tree, 0, b"", &mut want);
+
+            let entries = img.entries(&img_bytes, TreeKind::Primary).unwrap();
+            prop_assert_eq!(entries.len(), want.len());
+            let mut by_dir: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
+            for e in &entries {
+                let k = want.get(&e.path);
+                prop_assert!(k.is_some(), "unexpected {:?}", String::from_utf8_lossy(&e.path));
+                match k.unwrap() {
+                    NodeKind::File(fd) => {
+                        let DataRef::Inline(d) = &fd.data else {
+                            prop_assert_eq!(fd.size, 0);
+                            prop_assert_eq!(e.size, 0);
+                            continue;
+                        };
+                        prop_assert_eq!(&img.read_file(&img_bytes, e).unwrap()[..], &d[..]);
+                    }
+                    NodeKind::Symlink(t) => prop_assert_eq!(e.symlink(), Some(&t[..])),
+                    NodeKind::Dir(_) => prop_assert!(e.is_dir),
+                    NodeKind::Fifo => prop_assert_eq!(e.mode() & 0o170000, 0o010000),
+                    _ => {}
+                }
+                let parent = e.path[..e.path.len() - e.name.len()].to_vec();
+                by_dir.entry(parent).or_default().push(e.identifier.clone());
+            }
+            // Identifiers are unique and in ECMA-119 order within each directory.
+            for ids in by_dir.values() {
+                for w in ids.windows(2) {
+                    prop_assert_eq!(cmp_identifiers(&w[0], &w[1]), std::cmp::Ordering::Less);
+                }
+            }
+            // Joliet: directories and regular files, names unique case-insensitively.
+            let joliet = img.entries(&img_bytes, TreeKind::Joliet).unwrap();
+            let n_jol = want
+                .values()
+                .filter(|k| matches!(k, NodeKind::Dir(_) | NodeKind::File(_)))
+                .count();
+            prop_assert_eq!(joliet.len(), n_jol);
+            let mut seen = std::collections::HashSet::new();
+            for e in &joliet {
+                let parent = e.path[..e.path.len() - e.name.len()].to_vec();
+                prop_assert!(seen.insert((parent, e.name.to_ascii_lowercase())));
+            }
+        }
+    }
 }

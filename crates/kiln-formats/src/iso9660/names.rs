@@ -207,10 +207,14 @@ pub fn iso_identifier(stem: &[u8], ext: &[u8], is_dir: bool) -> Vec<u8> {
 /// The Joliet candidate (stem, extension) for a name: UCS-2 units, at most 64 in total,
 /// keeping a short extension when the stem must be cut.
 pub fn joliet_candidate(name: &[u8], is_dir: bool) -> (Vec<u16>, Vec<u16>) {
-    let units: Vec<u16> = String::from_utf8_lossy(name)
+    let mut units: Vec<u16> = String::from_utf8_lossy(name)
         .chars()
         .map(joliet_char)
         .collect();
+    // "." and ".." (and longer runs of dots) would read as the special directory names.
+    if units.iter().all(|&c| c == u16::from(b'.')) {
+        units = vec![u16::from(b'_'); units.len()];
+    }
     let dot = if is_dir {
         None
     } else {

@@ -184,6 +184,15 @@ fn ucs2_text(b: &[u8]) -> String {
         .to_string()
 }
 
+/// A Joliet identifier as UTF-8 (no trimming: spaces are part of names).
+fn ucs2_name(b: &[u8]) -> String {
+    let units: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
+    String::from_utf16_lossy(&units)
+}
+
 struct RawRecord {
     offset: u64,
     header: DirRecordHeader,
@@ -552,7 +561,7 @@ impl IsoImage {
             }
             let name = match (&rr, kind) {
                 (Some(RrInfo { name: Some(n), .. }), _) => n.clone(),
-                (_, TreeKind::Joliet) => plain_name(ucs2_text(&rec.name).as_bytes(), is_dir),
+                (_, TreeKind::Joliet) => plain_name(ucs2_name(&rec.name).as_bytes(), is_dir),
                 _ => plain_name(&rec.name, is_dir),
             };
             if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
@@ -579,6 +588,103 @@ impl IsoImage {
             });
         }
         Ok(listed)
+    }
+
+    /// Checks the L and M path tables of a tree against its directories: both tables must
+    /// list every directory breadth first (children in record order), numbered from 1 with the
+    /// root as its own parent, with the same identifiers and extents the records have
+    /// (ECMA-119 §9.4, §6.9). Readers such as Windows use the path tables rather than the
+    /// directory records, so a mismatch matters even when Linux and libisofs read the image.
+    pub fn check_path_tables(&self, r: &dyn ReadAt, kind: TreeKind) -> Result<(), IsoError> {
+        let vol = match kind {
+            TreeKind::Primary => &self.primary,
+            TreeKind::Joliet => match &self.joliet {
+                Some(j) => j,
+                None => return Ok(()),
+            },
+        };
+        let size = u64::from(vol.path_table_size);
+        let mut tables = Vec::new();
+        for (lba, big) in [(vol.l_path_table, false), (vol.m_path_table, true)] {
+            let at = u64::from(lba) * SECTOR;
+            self.check_range(at, size, "path table")?;
+            let mut buf = vec![0u8; size as usize];
+            read(r, at, &mut buf, "path table")?;
+            let mut recs: Vec<(Vec<u8>, u32, u16)> = Vec::new();
+            let mut pos = 0usize;
+            while pos < buf.len() {
+                let nl = usize::from(buf[pos]);
+                let end = pos + 8 + nl;
+                if nl == 0 || end > buf.len() {
+                    return Err(IsoError::corrupt(
+                        at + pos as u64,
+                        format!("path table record with identifier length {nl} does not fit"),
+                    ));
+                }
+                let e = [buf[pos + 2], buf[pos + 3], buf[pos + 4], buf[pos + 5]];
+                let p = [buf[pos + 6], buf[pos + 7]];
+                let (extent, parent) = if big {
+                    (u32::from_be_bytes(e), u16::from_be_bytes(p))
+                } else {
+                    (u32::from_le_bytes(e), u16::from_le_bytes(p))
+                };
+                recs.push((buf[pos + 8..end].to_vec(), extent, parent));
+                pos = end + nl % 2;
+            }
+            tables.push((at, recs));
+        }
+        // The directories, breadth first, as the records describe them.
+        let mut want: Vec<(Vec<u8>, u32, u16)> = vec![(vec![0], vol.root_lba, 1)];
+        let mut sizes = vec![vol.root_size];
+        let mut i = 0;
+        while i < want.len() {
+            if want.len() > 65535 {
+                return Err(IsoError::corrupt(
+                    u64::from(vol.lba) * SECTOR,
+                    "more than 65535 directories",
+                ));
+            }
+            let (lba, size) = (want[i].1, sizes[i]);
+            let recs = self.read_records(r, lba, size)?;
+            for rec in recs.iter().skip(2) {
+                if rec.header.flags & FLAG_DIRECTORY != 0 {
+                    want.push((rec.name.clone(), rec.header.extent.get(), (i + 1) as u16));
+                    sizes.push(rec.header.size.get());
+                }
+            }
+            i += 1;
+        }
+        for (at, recs) in &tables {
+            if recs.len() != want.len() {
+                return Err(IsoError::corrupt(
+                    *at,
+                    format!(
+                        "path table lists {} directories, the tree has {}",
+                        recs.len(),
+                        want.len()
+                    ),
+                ));
+            }
+            for (n, (got, exp)) in recs.iter().zip(&want).enumerate() {
+                if got != exp {
+                    return Err(IsoError::corrupt(
+                        *at,
+                        format!(
+                            "path table entry {}: identifier {:?} extent {} parent {}, but the \
+                             directory records say {:?} extent {} parent {}",
+                            n + 1,
+                            String::from_utf8_lossy(&got.0),
+                            got.1,
+                            got.2,
+                            String::from_utf8_lossy(&exp.0),
+                            exp.1,
+                            exp.2
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every directory record, in either tree, whose extent starts at `lba` (regular files
@@ -629,15 +735,16 @@ impl IsoImage {
     }
 }
 
-/// A name from a plain identifier: version (`;1`) and a trailing dot removed.
+/// A name from a plain identifier: a version (`;1`) removed, and with it the dot that
+/// separates an empty extension (`NAME.;1` is `NAME`).
 fn plain_name(id: &[u8], is_dir: bool) -> Vec<u8> {
     let mut n = id.to_vec();
     if !is_dir {
         if let Some(i) = n.iter().rposition(|&b| b == b';') {
             n.truncate(i);
-        }
-        if n.len() > 1 && n.last() == Some(&b'.') {
-            n.pop();
+            if n.len() > 1 && n.last() == Some(&b'.') {
+                n.pop();
+            }
         }
     }
     n
