@@ -37,15 +37,22 @@ fn tempdir() -> tempfile::TempDir {
 }
 const EPOCH: i64 = 1_700_000_000;
 
-/// Makes a FAT ESP image holding `EFI/BOOT/BOOTX64.EFI` (systemd-boot) with mkfs.fat + mcopy.
+/// Makes an 8 MiB FAT ESP image holding `EFI/BOOT/BOOTX64.EFI` (systemd-boot) and a
+/// `loader/loader.conf` with `timeout 17`, with mkfs.fat + mtools.
 fn make_esp(dir: &Path) -> Vec<u8> {
+    make_esp_sized(dir, 8 << 10, 0)
+}
+
+/// Like [`make_esp`] with a size in KiB and `pad_mib` MiB of filler copied first, so the boot
+/// files land beyond it.
+fn make_esp_sized(dir: &Path, kib: u64, pad_mib: usize) -> Vec<u8> {
     let img = dir.join("esp.img");
     let _ = fs::remove_file(&img);
     run_ok(
         Command::new(require_tool("mkfs.fat"))
             .args(["-C", "-n", "KILNESP", "-i", "12345678"])
             .arg(&img)
-            .arg("8192"),
+            .arg(kib.to_string()),
     );
     let efi = Path::new("/usr/lib/systemd/boot/efi/systemd-bootx64.efi");
     assert!(
@@ -53,16 +60,32 @@ fn make_esp(dir: &Path) -> Vec<u8> {
         "{} missing; .ci/run installs systemd-boot-efi",
         efi.display()
     );
-    for d in ["::/EFI", "::/EFI/BOOT"] {
-        run_ok(Command::new(require_tool("mmd")).arg("-i").arg(&img).arg(d));
+    let mtool = |args: &[&std::ffi::OsStr]| {
+        run_ok(
+            Command::new(require_tool(args[0].to_str().unwrap()))
+                .arg("-i")
+                .arg(&img)
+                .args(&args[1..]),
+        );
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    for d in ["::/EFI", "::/EFI/BOOT", "::/loader"] {
+        mtool(&[&os("mmd"), &os(d)]);
     }
-    run_ok(
-        Command::new(require_tool("mcopy"))
-            .arg("-i")
-            .arg(&img)
-            .arg(efi)
-            .arg("::/EFI/BOOT/BOOTX64.EFI"),
-    );
+    if pad_mib > 0 {
+        let pad = dir.join("pad.bin");
+        fs::write(&pad, pseudo_random(77, pad_mib << 20)).unwrap();
+        mtool(&[&os("mcopy"), pad.as_os_str(), &os("::/pad.bin")]);
+    }
+    mtool(&[
+        &os("mcopy"),
+        efi.as_os_str(),
+        &os("::/EFI/BOOT/BOOTX64.EFI"),
+    ]);
+    // "Boot in 17 s." on the console proves systemd-boot ran from this ESP and read its FAT.
+    let conf = dir.join("loader.conf");
+    fs::write(&conf, "timeout 17\n").unwrap();
+    mtool(&[&os("mcopy"), conf.as_os_str(), &os("::/loader/loader.conf")]);
     fs::read(&img).unwrap()
 }
 
@@ -660,6 +683,32 @@ fn bad_inputs_are_clear_errors() {
         "{msg}"
     );
 
+    // A directory linked twice.
+    let mut t = Tree::default();
+    let d = t.mkdir_p(b"/a/d", &m).unwrap();
+    let b = t.mkdir_p(b"/b", &m).unwrap();
+    t.link(b, b"again", d);
+    let msg = IsoPlan::new(&t, &options(None, false))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("/b/again") && msg.contains("more than one place"),
+        "{msg}"
+    );
+
+    // More directories than a path table can number.
+    let mut t = Tree::default();
+    for i in 0..65536u32 {
+        t.mkdir_p(format!("/d{:03}/{:05}", i / 1000, i).as_bytes(), &m)
+            .unwrap();
+    }
+    let msg = IsoPlan::new(&t, &options(None, false))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("65535"), "{msg}");
+
     // Bad labels.
     let t = Tree::default();
     for label in ["", "x".repeat(33).as_str(), "caf\u{e9}"] {
@@ -829,34 +878,9 @@ fn boot_until(image: &Path, drive: &[String], marker: &str, limit: u64) -> f64 {
 #[test]
 fn ovmf_boots_systemd_boot_from_the_cd_and_from_the_disk() {
     let dir = tempdir();
-    make_esp(dir.path());
-    // A loader.conf with an odd timeout: "Boot in 17 s." on the console proves systemd-boot ran
-    // from this ESP and read its FAT.
-    let esp_path = dir.path().join("esp.img");
-    fs::write(dir.path().join("loader.conf"), "timeout 17\n").unwrap();
-    run_ok(
-        Command::new(require_tool("mmd"))
-            .arg("-i")
-            .arg(&esp_path)
-            .arg("::/loader"),
-    );
-    run_ok(
-        Command::new(require_tool("mcopy"))
-            .arg("-i")
-            .arg(&esp_path)
-            .arg(dir.path().join("loader.conf"))
-            .arg("::/loader/loader.conf"),
-    );
-    let esp = fs::read(&esp_path).unwrap();
-    let tree = slot_tree(4096, b"<p>hello</p>\n");
-    let iso = dir.path().join("boot.iso");
-    let plan = build(&tree, &options(Some(&esp), true), Some(&esp), &iso);
     let marker = "Boot in 17 s.";
-
-    // As a CD: firmware reads the El Torito catalog (2048-byte blocks: no GPT there).
-    let cd = boot_until(
-        &iso,
-        &[
+    let cd_args = |iso: &Path| -> Vec<String> {
+        vec![
             "-drive".into(),
             format!(
                 "file={},media=cdrom,if=none,id=cd,snapshot=on",
@@ -864,15 +888,29 @@ fn ovmf_boots_systemd_boot_from_the_cd_and_from_the_disk() {
             ),
             "-device".into(),
             "ide-cd,drive=cd".into(),
-        ],
-        marker,
-        240,
-    );
+        ]
+    };
+    let tree = slot_tree(4096, b"<p>hello</p>\n");
+
+    // An 8 MiB ESP: El Torito counts it exactly (16384 x 512 bytes).
+    let small = make_esp(dir.path());
+    let iso = dir.path().join("small.iso");
+    build(&tree, &options(Some(&small), true), Some(&small), &iso);
+    let cd_small = boot_until(&iso, &cd_args(&iso), marker, 240);
+
+    // A 48 MiB ESP with the boot files beyond 32 MiB: the 16-bit count cannot say its size,
+    // so it is 0 and the firmware must map the image to the end of the volume.
+    let big = make_esp_sized(dir.path(), 48 << 10, 36);
+    let iso = dir.path().join("big.iso");
+    let plan = build(&tree, &options(Some(&big), true), Some(&big), &iso);
+    let f = File::open(&iso).unwrap();
+    let img = IsoImage::open_file(&f).unwrap();
+    assert_eq!(img.boot.as_ref().unwrap().images[0].sector_count, 0);
+    let cd_big = boot_until(&iso, &cd_args(&iso), marker, 240);
+
     // As a disk, with the boot catalog wiped so only the GPT's ESP partition can work.
     let disk_img = dir.path().join("disk.img");
     let mut bytes = fs::read(&iso).unwrap();
-    let f = File::open(&iso).unwrap();
-    let img = IsoImage::open(&f, bytes.len() as u64).unwrap();
     let cat = img.boot.as_ref().unwrap().lba as usize * 2048;
     bytes[cat..cat + 2048].fill(0);
     fs::write(&disk_img, &bytes).unwrap();
@@ -889,7 +927,8 @@ fn ovmf_boots_systemd_boot_from_the_cd_and_from_the_disk() {
         240,
     );
     eprintln!(
-        "OVMF (TCG) reached systemd-boot: CD {cd:.1} s, disk {disk:.1} s ({} byte image)",
+        "OVMF (TCG) reached systemd-boot: CD {cd_small:.1} s (8 MiB ESP), CD {cd_big:.1} s \
+         (48 MiB ESP), disk {disk:.1} s ({} byte image)",
         plan.size()
     );
 }

@@ -110,9 +110,9 @@ pub enum IsoError {
         len: u64,
         capacity: u64,
     },
-    /// Writing the hybrid GPT failed.
+    /// The hybrid GPT could not be laid out or written.
     #[error("hybrid GPT: {0}")]
-    Gpt(String),
+    Gpt(#[from] crate::gpt::GptError),
 }
 
 impl IsoError {

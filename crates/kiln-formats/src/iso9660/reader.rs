@@ -281,6 +281,19 @@ impl IsoImage {
         Ok(img)
     }
 
+    /// Reads the descriptors of an image file or block device.
+    pub fn open_file(f: &std::fs::File) -> Result<IsoImage, IsoError> {
+        use std::io::{Seek, SeekFrom};
+        // Seeking to the end also gives the size of a block device.
+        let mut h = f;
+        let len = h.seek(SeekFrom::End(0)).map_err(|source| IsoError::Io {
+            what: "finding the image size".into(),
+            offset: 0,
+            source,
+        })?;
+        Self::open(f, len)
+    }
+
     /// The volume UUID as blkid and GRUB show it (from the modification date).
     pub fn uuid(&self) -> String {
         super::time::long_date_uuid(&self.primary.modified)

@@ -900,7 +900,7 @@ impl IsoPlan {
                 .map_err(io("writing ISO 9660 metadata", *off))?;
         }
         if let Some(g) = &self.gpt {
-            for (off, bytes) in g.regions().map_err(|e| IsoError::Gpt(e.to_string()))? {
+            for (off, bytes) in g.regions()? {
                 debug_assert!(off + bytes.len() as u64 <= 24576 || off >= 32768);
                 sink.write_at(off, &bytes)
                     .map_err(io("writing the hybrid GPT", off))?;
@@ -1253,8 +1253,7 @@ fn hybrid_gpt(
     esp: Option<(u32, u64)>,
 ) -> Result<Gpt, IsoError> {
     let per = SECTOR / gpt::SECTOR;
-    let gerr = |e: gpt::GptError| IsoError::Gpt(e.to_string());
-    let mut g = Gpt::new(u64::from(total_sectors) * SECTOR, h.disk_guid).map_err(gerr)?;
+    let mut g = Gpt::new(u64::from(total_sectors) * SECTOR, h.disk_guid)?;
     g.first_usable_lba = HYBRID_FIRST_USABLE_LBA;
     g.partitions.push(Partition {
         type_guid: TYPE_BASIC_DATA,
@@ -1275,7 +1274,7 @@ fn hybrid_gpt(
             name: "ESP".into(),
         });
     }
-    g.validate().map_err(gerr)?;
+    g.validate()?;
     Ok(g)
 }
 
