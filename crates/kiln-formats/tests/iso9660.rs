@@ -1271,6 +1271,62 @@ mod random_trees {
         t
     }
 
+    /// A small image with every record kind, Rock Ridge continuation areas, Joliet, El
+    /// Torito and a GPT, to corrupt.
+    fn sample_image() -> Vec<u8> {
+        let spec = vec![
+            (
+                vec![b"dir".to_vec(), vec![b'n'; 250]],
+                Kind::File(vec![1; 3000]),
+            ),
+            (
+                vec![b"dir".to_vec(), b"link".to_vec()],
+                Kind::Link(vec![b'x'; 700]),
+            ),
+            (vec![b"fifo".to_vec()], Kind::Fifo),
+            (vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], Kind::Dir),
+            (vec![b"hard".to_vec()], Kind::HardlinkToFirstFile),
+        ];
+        let tree = build_tree(&spec);
+        let esp = vec![0xEEu8; 64 << 10];
+        let opts = options(Some(&esp), true);
+        let plan = IsoPlan::new(&tree, &opts).unwrap();
+        let sink = MemSink::new(plan.size() as usize);
+        plan.write(&tree, &HostContents, Some(&esp), &sink).unwrap();
+        sink.into_inner()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        /// Corrupted images give errors or odd listings, never panics or hangs.
+        #[test]
+        fn corrupt_images_never_panic(
+            edits in proptest::collection::vec((0usize..(40 * 2048), any::<u8>()), 1..12)
+        ) {
+            thread_local! {
+                static BASE: Vec<u8> = sample_image();
+            }
+            let mut img = BASE.with(|b| b.clone());
+            for (pos, val) in edits {
+                let pos = pos % img.len();
+                img[pos] = val;
+            }
+            let len = img.len() as u64;
+            if let Ok(iso) = IsoImage::open(&img, len) {
+                for kind in [TreeKind::Primary, TreeKind::Joliet] {
+                    if let Ok(entries) = iso.entries(&img, kind) {
+                        for e in entries.iter().take(20) {
+                            let _ = iso.read_file(&img, e);
+                        }
+                    }
+                    let _ = iso.check_path_tables(&img, kind);
+                }
+                let _ = iso.records_for_extent(&img, 40);
+            }
+            let _ = kiln_formats::iso9660::dump::dump(&img, len);
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
         #[test]
