@@ -604,6 +604,12 @@ fn slot_rewrites_change_only_size_fields_and_data() {
         s.record_offsets
     );
 
+    // The records check out; a wrong extent or a directory record is refused.
+    slot::verify_records(&base, s.extent_lba, &s.record_offsets).unwrap();
+    assert!(slot::verify_records(&base, s.extent_lba + 1, &s.record_offsets).is_err());
+    let root_dot = img.primary.root_lba as u64 * 2048;
+    assert!(slot::verify_records(&base, img.primary.root_lba, &[root_dot]).is_err());
+
     for size in [0u64, 1, 2048, capacity] {
         let payload = pseudo_random(size + 1, size as usize);
         let patches = s.payload_patches(&payload).unwrap();

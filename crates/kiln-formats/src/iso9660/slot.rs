@@ -10,9 +10,72 @@
 //! own entry, and the GPT's CRCs cover only its headers and entry arrays. (kiln writes no
 //! xorriso-style MD5 tags, which would cover the data.)
 
-use super::layout::{BothU32, RECORD_SIZE_OFFSET, SECTOR};
-use super::IsoError;
-use zerocopy::IntoBytes;
+use super::layout::{BothU32, DirRecordHeader, FLAG_DIRECTORY, RECORD_SIZE_OFFSET, SECTOR};
+use super::{IsoError, ReadAt};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// The 8 bytes (both-endian data length) to write at `record + RECORD_SIZE_OFFSET` for a file
+/// of `len` bytes. An error above 4 GiB - 1, which no record can hold.
+pub fn size_field(len: u64) -> Result<[u8; 8], IsoError> {
+    let v = u32::try_from(len).map_err(|_| IsoError::FileTooLarge {
+        path: "slot payload".into(),
+        size: len,
+    })?;
+    let mut out = [0u8; 8];
+    out.copy_from_slice(BothU32::new(v).as_bytes());
+    Ok(out)
+}
+
+/// The size patches for records at `record_offsets` (absolute) and a file of `len` bytes.
+pub fn record_size_patches(record_offsets: &[u64], len: u64) -> Result<Vec<Patch>, IsoError> {
+    let field = size_field(len)?;
+    Ok(record_offsets
+        .iter()
+        .map(|&r| Patch {
+            offset: r + RECORD_SIZE_OFFSET as u64,
+            len: 8,
+            data: field.to_vec(),
+        })
+        .collect())
+}
+
+/// Checks, before patching `image`, that every offset holds a file record (not a directory)
+/// whose extent is `extent_lba`: a stale or wrong slot table must not scribble over other
+/// records.
+pub fn verify_records(
+    image: &dyn ReadAt,
+    extent_lba: u32,
+    record_offsets: &[u64],
+) -> Result<(), IsoError> {
+    for &r in record_offsets {
+        let mut b = [0u8; 33];
+        image.read_at(r, &mut b).map_err(|source| IsoError::Io {
+            what: "reading a slot's directory record".into(),
+            offset: r,
+            source,
+        })?;
+        let h = DirRecordHeader::read_from_bytes(&b[..])
+            .map_err(|_| IsoError::corrupt(r, "short directory record"))?;
+        let ok = usize::from(h.len) >= 34
+            && h.extent.consistent()
+            && h.size.consistent()
+            && h.extent.get() == extent_lba
+            && h.flags & FLAG_DIRECTORY == 0;
+        if !ok {
+            return Err(IsoError::corrupt(
+                r,
+                format!(
+                    "expected the directory record of a file at extent {extent_lba}, found a \
+                     {}-byte record for extent {} with flags {:#04x}",
+                    h.len,
+                    h.extent.get(),
+                    h.flags
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// A byte range to overwrite: `data` at `offset`, then zeroes up to `len` bytes in total.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,16 +122,7 @@ impl SlotLocation {
                 capacity: self.capacity,
             });
         }
-        let field = BothU32::new(new_size as u32);
-        Ok(self
-            .record_offsets
-            .iter()
-            .map(|&r| Patch {
-                offset: r + RECORD_SIZE_OFFSET as u64,
-                len: 8,
-                data: field.as_bytes().to_vec(),
-            })
-            .collect())
+        record_size_patches(&self.record_offsets, new_size)
     }
 
     /// All patches that inject `payload`: the whole reserved extent (payload, then zeroes, so
