@@ -288,7 +288,10 @@ fn su_room(name_len: usize) -> usize {
 
 /// Lays records of the given lengths into sectors (a record never crosses a sector boundary,
 /// ECMA-119 §6.8.1.1); returns each offset and the extent size in bytes.
-fn lay_records(lens: impl Iterator<Item = usize>) -> (Vec<u32>, u32) {
+fn lay_records(
+    lens: impl Iterator<Item = usize>,
+    path: &[u8],
+) -> Result<(Vec<u32>, u32), IsoError> {
     let mut offs = Vec::new();
     let mut pos: u64 = 0;
     for len in lens {
@@ -299,8 +302,12 @@ fn lay_records(lens: impl Iterator<Item = usize>) -> (Vec<u32>, u32) {
         offs.push(pos as u32);
         pos += len;
     }
-    let size = (sectors_for(pos).max(1) * SECTOR) as u32;
-    (offs, size)
+    let size = sectors_for(pos).max(1) * SECTOR;
+    let size = u32::try_from(size).map_err(|_| IsoError::FileTooLarge {
+        path: format!("{} (directory)", String::from_utf8_lossy(path)),
+        size,
+    })?;
+    Ok((offs, size))
 }
 
 impl IsoPlan {
@@ -373,7 +380,7 @@ impl IsoPlan {
                 }
                 recs.push(record_pos(item.iso_id.len(), e));
             }
-            let (offs, size) = lay_records(recs.iter().map(|r| usize::from(r.len)));
+            let (offs, size) = lay_records(recs.iter().map(|r| usize::from(r.len)), &dirs[i].path)?;
             for (r, o) in recs.iter_mut().zip(offs) {
                 r.offset = o;
             }
@@ -386,7 +393,7 @@ impl IsoPlan {
                         .iter()
                         .map(|&k| joliet_record_len(&dirs[i].items[k])),
                 );
-                let (offs, size) = lay_records(lens);
+                let (offs, size) = lay_records(lens, &dirs[i].path)?;
                 dirs[i].joliet_records = offs;
                 dirs[i].joliet_size = size;
             }
