@@ -31,8 +31,10 @@ pub const TYPE_BASIC_DATA: Uuid = [
 /// area. This keeps the slot table (bytes 24576..32768) outside the usable area.
 pub const HYBRID_FIRST_USABLE_LBA: u64 = 64;
 
-/// Bytes of file data copied per read/write call.
-const COPY_CHUNK: u64 = 1 << 20;
+/// Bytes of file data per copy job (jobs run in parallel).
+const COPY_CHUNK: u64 = 4 << 20;
+/// Bytes per read/write call when copying through a buffer (keeps peak memory small).
+const BUF_CHUNK: u64 = 1 << 20;
 
 /// The volume "UUID": the sixteen digits of the volume modification date
 /// (`YYYYMMDDHHMMSScc`), shown by blkid/GRUB as `YYYY-MM-DD-HH-MM-SS-cc`.
@@ -932,27 +934,45 @@ impl IsoPlan {
                 }
             }
         }
+        let window = sink.file_window();
         jobs.par_iter().try_for_each_init(
-            || vec![0u8; COPY_CHUNK as usize],
-            |buf, &(fd, off, len, dest)| {
-                let b = &mut buf[..len as usize];
-                contents
-                    .read_at(fd, off, b)
-                    .map_err(io("reading file data for the extent", dest))?;
-                sink.write_at(dest, b)
-                    .map_err(io("writing file data", dest))
+            Vec::new,
+            |buf: &mut Vec<u8>, &(fd, off, len, dest)| {
+                // Host files into a file: let the kernel copy (no user-space pass over the
+                // bytes; a reflink where the filesystem can). Fall back to read + write.
+                if let (Some((out, base)), DataRef::Host(path)) = (window, &fd.data) {
+                    match copy_range(path, off, out, base + dest, len) {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => {}
+                        Err(e) => return Err(io("copying file data for the extent", dest)(e)),
+                    }
+                }
+                // Allocated on first use: kernel copies need no buffer.
+                buf.resize(BUF_CHUNK as usize, 0);
+                let mut done = 0;
+                while done < len {
+                    let n = BUF_CHUNK.min(len - done);
+                    let b = &mut buf[..n as usize];
+                    let at = dest + done;
+                    contents
+                        .read_at(fd, off + done, b)
+                        .map_err(io("reading file data for the extent", at))?;
+                    sink.write_at(at, b).map_err(io("writing file data", at))?;
+                    done += n;
+                }
+                Ok(())
             },
         )?;
 
         if let (Some(src), Some((lba, len))) = (esp, self.esp) {
             let base = u64::from(lba) * SECTOR;
-            let chunks: Vec<u64> = (0..len.div_ceil(COPY_CHUNK))
-                .map(|i| i * COPY_CHUNK)
+            let chunks: Vec<u64> = (0..len.div_ceil(BUF_CHUNK))
+                .map(|i| i * BUF_CHUNK)
                 .collect();
             chunks.par_iter().try_for_each_init(
-                || vec![0u8; COPY_CHUNK as usize],
+                || vec![0u8; BUF_CHUNK as usize],
                 |buf, &o| {
-                    let b = &mut buf[..COPY_CHUNK.min(len - o) as usize];
+                    let b = &mut buf[..BUF_CHUNK.min(len - o) as usize];
                     src.read_at(o, b).map_err(io("reading the ESP image", o))?;
                     sink.write_at(base + o, b)
                         .map_err(io("writing the ESP image", base + o))
@@ -961,6 +981,56 @@ impl IsoPlan {
         }
         Ok(())
     }
+}
+
+/// Copies `len` bytes from `src` at `src_off` to `out` at `out_off` with copy_file_range(2).
+/// `Ok(false)` when the kernel or filesystem cannot (nothing was written then; the caller
+/// copies through a buffer); an error when the source ends early or I/O fails.
+fn copy_range(
+    src: &std::path::Path,
+    src_off: u64,
+    out: &std::fs::File,
+    out_off: u64,
+    len: u64,
+) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(src)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", src.display())))?;
+    let (mut off_in, mut off_out) = (src_off as libc::loff_t, out_off as libc::loff_t);
+    let mut left = len as usize;
+    while left > 0 {
+        // SAFETY: both descriptors are open for the duration of the call and the offsets
+        // point at live locals; the kernel writes only through the offset pointers.
+        let n = unsafe {
+            libc::copy_file_range(
+                f.as_raw_fd(),
+                &mut off_in,
+                out.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            let unsupported = matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::EBADF)
+            );
+            if unsupported && left == len as usize {
+                return Ok(false);
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{}: ends before byte {}", src.display(), src_off + len),
+            ));
+        }
+        left -= n as usize;
+    }
+    Ok(true)
 }
 
 fn record_pos(name_len: usize, entries: Vec<Vec<u8>>) -> RecordPos {
