@@ -42,6 +42,9 @@
 //!   xorriso, isoinfo and this reader; Linux's isofs stops at 253 bytes and shows a 254- or
 //!   255-byte name as its first 250 bytes. Linux 6.1's isofs also keeps times in 32 bits.
 //!   The QEMU test in tests/iso9660.rs checks everything else Linux reports against the tree.
+//! - Symlink targets up to 4095 bytes are written (SL entries over chained continuation
+//!   areas) and read by Linux and this reader; libisofs (xorriso) refuses to load an image
+//!   with a target over 1024 bytes ("Rock Ridge path too long").
 //! - Volume UUID: blkid, udev (`/dev/disk/by-uuid`) and GRUB call the volume modification date
 //!   `YYYY-MM-DD-HH-MM-SS-cc` the UUID of an ISO. kiln derives that date from the image seed
 //!   ([`VolumeUuid::from_seed`]), so kiln-init can find its boot medium by UUID whether it is
