@@ -82,10 +82,12 @@ pub fn volume_ids(head: &[u8]) -> (Option<String>, Option<String>) {
         Some(FsType::Iso9660) => {
             let pvd = 32768;
             let label = head.get(pvd + 40..pvd + 72).map(trimmed);
-            // Volume creation date: 16 digits "YYYYMMDDHHMMSScc" at 813 of the descriptor.
-            let uuid = head.get(pvd + 813..pvd + 829).and_then(|d| {
-                let d = std::str::from_utf8(d).ok()?;
-                if !d.bytes().all(|c| c.is_ascii_digit()) {
+            // blkid's UUID for ISO 9660: the volume modification date (16 digits
+            // "YYYYMMDDHHMMSScc" at 830 of the descriptor), or the creation date at 813 when
+            // the modification date is unset (all zero digits or blank).
+            let date = |off: usize| {
+                let d = std::str::from_utf8(head.get(pvd + off..pvd + off + 16)?).ok()?;
+                if !d.bytes().all(|c| c.is_ascii_digit()) || d.bytes().all(|c| c == b'0') {
                     return None;
                 }
                 Some(format!(
@@ -98,7 +100,8 @@ pub fn volume_ids(head: &[u8]) -> (Option<String>, Option<String>) {
                     &d[12..14],
                     &d[14..16]
                 ))
-            });
+            };
+            let uuid = date(830).or_else(|| date(813));
             (label.filter(|l| !l.is_empty()), uuid)
         }
         Some(FsType::Ext4) => {
@@ -312,6 +315,9 @@ mod tests {
             )
         );
         assert!(medium_matches(&iso, "UUID=2026-11-22-02-15-00-00"));
+        // A set modification date wins, as in blkid.
+        iso[32768 + 830..32768 + 846].copy_from_slice(b"2031010100000000");
+        assert!(medium_matches(&iso, "UUID=2031-01-01-00-00-00-00"));
         let mut fat = vec![0u8; PROBE_LEN];
         fat[510] = 0x55;
         fat[511] = 0xAA;
