@@ -129,70 +129,15 @@ pub fn module_name(s: &str) -> String {
     base.replace('-', "_")
 }
 
-/// Resolves `path` in `tree`, following symlinks in every component (absolute targets from
-/// the tree's root), as the booted system would see it.
+/// Resolves `path` in `tree`, following symlinks, as the booted system would see it.
 pub fn resolve_follow(tree: &Tree, path: &str) -> Option<NodeId> {
-    let mut comps: Vec<Vec<u8>> = path
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .map(|c| c.as_bytes().to_vec())
-        .rev()
-        .collect();
-    let mut stack: Vec<NodeId> = vec![kiln_formats::fstree::ROOT];
-    let mut hops = 0;
-    while let Some(c) = comps.pop() {
-        let cur = *stack.last()?;
-        if c == b".." {
-            if stack.len() > 1 {
-                stack.pop();
-            }
-            continue;
-        }
-        let next = tree.lookup(cur, &c)?;
-        match &tree.node(next).kind {
-            NodeKind::Symlink(target) => {
-                hops += 1;
-                if hops > 40 {
-                    return None;
-                }
-                if target.first() == Some(&b'/') {
-                    stack.truncate(1);
-                }
-                for t in target
-                    .split(|&b| b == b'/')
-                    .filter(|c| !c.is_empty() && *c != b".")
-                    .rev()
-                {
-                    comps.push(t.to_vec());
-                }
-            }
-            _ => stack.push(next),
-        }
-    }
-    stack.last().copied()
+    tree.resolve_follow(path.as_bytes())
 }
 
-/// Reads a whole regular file of the tree (following symlinks).
+/// Reads a whole regular file of the tree (following symlinks); it must exist.
 pub fn read_tree_file(tree: &Tree, contents: &dyn Contents, path: &str) -> Result<Vec<u8>> {
-    let id = resolve_follow(tree, path).ok_or_else(|| anyhow!("{path}: not in the tree"))?;
-    let NodeKind::File(fd) = &tree.node(id).kind else {
-        bail!(
-            "{path}: a {}, not a regular file",
-            tree.node(id).kind.name()
-        );
-    };
-    let size = usize::try_from(fd.size).with_context(|| format!("{path}: too large"))?;
-    let mut buf = vec![0u8; size];
-    for run in fd.runs() {
-        let (s, e) = (run.offset as usize, (run.offset + run.len) as usize);
-        let dst = buf
-            .get_mut(s..e)
-            .ok_or_else(|| anyhow!("{path}: data run {s}..{e} outside its size {size}"))?;
-        contents
-            .read_at(fd, run.offset, dst)
-            .with_context(|| format!("{path}: read {} bytes at {}", run.len, run.offset))?;
-    }
-    Ok(buf)
+    kiln_formats::fstree::read_file(tree, contents, path, u64::MAX)?
+        .ok_or_else(|| anyhow!("{path}: not in the tree"))
 }
 
 fn dir_names(tree: &Tree, path: &str) -> Vec<String> {

@@ -180,73 +180,21 @@ pub fn place_slots(p: &spec::Partition, tree: &mut Tree, contents: &dyn Contents
     Ok(())
 }
 
-/// Reads a small file of the tree whole (configuration files).
+/// Reads a small file of the tree whole (configuration files), following symlinks.
 pub fn read_small(
     tree: &Tree,
     contents: &dyn Contents,
     path: &str,
     limit: u64,
 ) -> Result<Option<Vec<u8>>> {
-    let Some(id) = resolve_follow(tree, path) else {
-        return Ok(None);
-    };
-    let NodeKind::File(f) = &tree.node(id).kind else {
-        return Ok(None);
-    };
-    if f.size > limit {
-        bail!(
-            "{path} in the tree is {} bytes, more than the {limit} expected",
-            f.size
-        );
-    }
-    let mut buf = vec![0u8; f.size as usize];
-    if !buf.is_empty() {
-        contents
-            .read_at(f, 0, &mut buf)
-            .with_context(|| format!("reading {path} from the tree"))?;
-    }
-    Ok(Some(buf))
+    Ok(kiln_formats::fstree::read_file(
+        tree, contents, path, limit,
+    )?)
 }
 
-/// Resolves a path in the tree, following symlinks (relative and absolute, within the tree).
+/// Resolves a path in the tree, following symlinks.
 pub fn resolve_follow(tree: &Tree, path: &str) -> Option<NodeId> {
-    let mut parts: Vec<Vec<u8>> = path
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .map(|c| c.as_bytes().to_vec())
-        .collect();
-    parts.reverse();
-    let mut stack: Vec<NodeId> = vec![ROOT];
-    let mut hops = 0;
-    while let Some(c) = parts.pop() {
-        let cur = *stack.last()?;
-        if c == b".." {
-            if stack.len() > 1 {
-                stack.pop();
-            }
-            continue;
-        }
-        let next = tree.lookup(cur, &c)?;
-        if let NodeKind::Symlink(t) = &tree.node(next).kind {
-            hops += 1;
-            if hops > 40 {
-                return None;
-            }
-            if t.starts_with(b"/") {
-                stack.truncate(1);
-            }
-            for comp in t
-                .split(|&b| b == b'/')
-                .rev()
-                .filter(|c| !c.is_empty() && *c != b".")
-            {
-                parts.push(comp.to_vec());
-            }
-            continue;
-        }
-        stack.push(next);
-    }
-    stack.last().copied()
+    tree.resolve_follow(path.as_bytes())
 }
 
 /// The tree's machine id (`/etc/machine-id`, 32 hex digits), if it has a real one.

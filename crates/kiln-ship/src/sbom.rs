@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
-use kiln_formats::fstree::{Contents, NodeKind, Tree};
+use kiln_formats::fstree::{Contents, Tree};
 use serde_json::{json, Value};
 
 /// The largest database file read (dpkg status files are a few MiB).
@@ -72,56 +72,7 @@ pub fn read_tree_file(
     path: &str,
     max: u64,
 ) -> anyhow::Result<Option<Vec<u8>>> {
-    let mut p = path.to_string();
-    for _ in 0..16 {
-        let Some(id) = tree.resolve(p.as_bytes()) else {
-            return Ok(None);
-        };
-        match &tree.node(id).kind {
-            NodeKind::File(fd) => {
-                if fd.size > max {
-                    bail!("{p}: {} bytes, more than the {max} expected", fd.size);
-                }
-                let mut out = vec![0u8; fd.size as usize];
-                for r in fd.runs() {
-                    let s = r.offset as usize;
-                    let e = s + r.len as usize;
-                    let dst = out
-                        .get_mut(s..e)
-                        .with_context(|| format!("{p}: data run beyond the file size"))?;
-                    contents
-                        .read_at(fd, r.offset, dst)
-                        .with_context(|| format!("{p}: read"))?;
-                }
-                return Ok(Some(out));
-            }
-            NodeKind::Symlink(t) => {
-                let t = String::from_utf8_lossy(t).into_owned();
-                p = if t.starts_with('/') {
-                    t
-                } else {
-                    let parent = p.rsplit_once('/').map_or("", |(d, _)| d);
-                    normalize(&format!("{parent}/{t}"))
-                };
-            }
-            _ => return Ok(None),
-        }
-    }
-    bail!("{path}: too many levels of symbolic links")
-}
-
-fn normalize(p: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    format!("/{}", parts.join("/"))
+    Ok(kiln_formats::fstree::read_file(tree, contents, path, max)?)
 }
 
 /// Parses os-release text (`KEY=value`, values optionally quoted).
