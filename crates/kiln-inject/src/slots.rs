@@ -332,13 +332,15 @@ impl SlotTable {
             for r in &s.data {
                 match r.end() {
                     Some(end) if end <= self.image_len => spans.push((r.offset, end, &s.name)),
-                    _ => return bad(
-                        s,
-                        format!(
+                    _ => {
+                        return bad(
+                            s,
+                            format!(
                             "data range at offset {} (+{}) runs past the end of the {}-byte image",
                             r.offset, r.len, self.image_len
                         ),
-                    ),
+                        )
+                    }
                 }
             }
             if s.capacity > s.reserved() {
@@ -642,8 +644,9 @@ pub fn read_table(file: &File, place: &str) -> Result<SlotTable> {
 }
 
 /// Finds an image's table: `explicit` (a sidecar path) if given; else the in-image table; else,
-/// only when the image has no table header at all (all zero), `IMAGE.slots.json`. A damaged
-/// in-image table is an error, never silently replaced by the sidecar.
+/// only when the image has no table magic at [`TABLE_OFFSET`] (a bare filesystem image, whose
+/// bytes there belong to the filesystem), `IMAGE.slots.json`. A damaged in-image table (magic
+/// present, checksum or length wrong) is an error, never silently replaced by the sidecar.
 pub fn find_table(
     image: &Path,
     file: &File,
@@ -660,23 +663,21 @@ pub fn find_table(
     if let Some(p) = explicit {
         return Ok((load_sidecar(p)?, TableSource::Sidecar(p.to_path_buf())));
     }
-    let mut head = [0u8; HEADER_LEN];
-    let avail = len.saturating_sub(TABLE_OFFSET).min(HEADER_LEN as u64) as usize;
-    file.read_exact_at(&mut head[..avail], TABLE_OFFSET)
+    let mut magic = [0u8; 8];
+    let avail = len.saturating_sub(TABLE_OFFSET).min(8) as usize;
+    file.read_exact_at(&mut magic[..avail], TABLE_OFFSET)
         .map_err(|e| Error::io(format!("{place}: reading offset {TABLE_OFFSET}"), e))?;
     let side = sidecar_path(image);
-    if head.iter().all(|&b| b == 0) && side.exists() {
+    if magic != MAGIC && side.exists() {
         return Ok((load_sidecar(&side)?, TableSource::Sidecar(side)));
     }
     match read_table(file, &place) {
         Ok(t) => Ok((t, TableSource::InImage)),
-        Err(Error::Table { offset, msg, place }) if head.iter().all(|&b| b == 0) => {
-            Err(Error::Table {
-                place,
-                offset,
-                msg: format!("{msg}; and there is no sidecar {}", side.display()),
-            })
-        }
+        Err(Error::Table { offset, msg, place }) if magic != MAGIC => Err(Error::Table {
+            place,
+            offset,
+            msg: format!("{msg}; and there is no sidecar {}", side.display()),
+        }),
         Err(e) => Err(e),
     }
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use kiln_inject::slots::{self, SlotTable, TableSource};
 use kiln_inject::{
-    output, plan_injection, ChunkTable, ComposedImage, FileSource, PatchPlan, Payload,
+    output, plan_injection, ChunkTable, ComposedImage, FileSource, PatchPlan, Payload, ReadAt,
 };
 use serde::Serialize;
 
