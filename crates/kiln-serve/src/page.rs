@@ -90,6 +90,7 @@ $("form").addEventListener("submit", async (ev) => {
   const es = new EventSource("/api/prepare/" + encodeURIComponent(image) + "/" + encodeURIComponent(piece));
   es.addEventListener("step", (e) => {
     const d = JSON.parse(e.data);
+    (window.kilnSteps = window.kilnSteps || []).push(d.step);
     if (d.step === "error") {
       es.close();
       $("error").textContent = d.message;
