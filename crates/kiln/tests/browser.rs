@@ -46,19 +46,36 @@ fn browser_names_a_piece_sees_progress_and_downloads() {
 
     let r = run_browser(&format!("{}/", srv.url), &out, "piece", "hello");
     assert_eq!(r["name"], "demo-hello.img");
-    assert_eq!(r["steps"], serde_json::json!(["fetching", "preparing", "ready"]));
+    assert_eq!(
+        r["steps"],
+        serde_json::json!(["fetching", "preparing", "ready"])
+    );
     assert_eq!(r["classes"], serde_json::json!(["done", "done", "done"]));
     let got = fs::read(r["file"].as_str().unwrap()).unwrap();
     let (want, digest) = fx.expected(&fx.pieces.join("hello.html"));
-    assert_eq!(hex::encode(Sha256::digest(&got)), hex::encode(Sha256::digest(&want)));
+    assert_eq!(
+        hex::encode(Sha256::digest(&got)),
+        hex::encode(Sha256::digest(&want))
+    );
     assert_eq!(r["digest"], digest.as_str());
 
     // Uploading a page through the form.
     let upload = fx.dir.path().join("mine.html");
     fs::write(&upload, "<!doctype html><p>uploaded from the browser</p>\n").unwrap();
-    let r = run_browser(&format!("{}/", srv.url), &out, "upload", upload.to_str().unwrap());
-    assert_eq!(r["steps"], serde_json::json!(["fetching", "preparing", "ready"]));
+    let r = run_browser(
+        &format!("{}/", srv.url),
+        &out,
+        "upload",
+        upload.to_str().unwrap(),
+    );
+    assert_eq!(
+        r["steps"],
+        serde_json::json!(["fetching", "preparing", "ready"])
+    );
     let got = fs::read(r["file"].as_str().unwrap()).unwrap();
     let (want, _) = fx.expected(&upload);
-    assert!(got == want, "uploaded piece download differs from kiln inject");
+    assert!(
+        got == want,
+        "uploaded piece download differs from kiln inject"
+    );
 }
