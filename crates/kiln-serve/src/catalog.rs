@@ -17,7 +17,7 @@ use kiln_inject::source::AsyncFileSource;
 use kiln_inject::{AsyncRangeSource, FileSource, ReadAt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjPath;
-use object_store::{GetOptions, GetRange, ObjectStore};
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore};
 use sha2::{Digest, Sha256};
 
 use crate::config::ImageConfig;
@@ -71,6 +71,37 @@ impl Image {
     }
 }
 
+/// Bytes per ranged GET when streaming from an object store.
+const OBJECT_PIECE: u64 = 64 << 20;
+/// A GET body that yields nothing for this long fails.
+const OBJECT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Fails `s` if it yields nothing for `d`.
+fn idle_timeout(
+    s: BoxStream<'static, io::Result<Bytes>>,
+    d: std::time::Duration,
+    what: String,
+) -> BoxStream<'static, io::Result<Bytes>> {
+    futures::stream::unfold(Some(s), move |st| {
+        let what = what.clone();
+        async move {
+            let mut s = st?;
+            match tokio::time::timeout(d, s.next()).await {
+                Ok(Some(item)) => Some((item, Some(s))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("{what}: no data for {d:?}"),
+                    )),
+                    None,
+                )),
+            }
+        }
+    })
+    .boxed()
+}
+
 /// An object in an object store, read with ranged GETs.
 pub struct ObjectBase {
     store: Arc<dyn ObjectStore>,
@@ -89,22 +120,32 @@ impl AsyncRangeSource for ObjectBase {
         let store = self.store.clone();
         let path = self.path.clone();
         let url = self.url.clone();
-        if range.is_empty() {
-            return futures::stream::empty().boxed();
-        }
-        futures::stream::once(async move {
-            let opts = GetOptions {
-                range: Some(GetRange::Bounded(range.clone())),
-                ..Default::default()
-            };
-            store
-                .get_opts(&path, opts)
-                .await
-                .map(|r| r.into_stream().map_err(io::Error::other))
-                .map_err(|e| io::Error::other(format!("{url} bytes {range:?}: {e}")))
-        })
-        .try_flatten()
-        .boxed()
+        // One GET per OBJECT_PIECE bytes, issued only when the previous one is consumed, each
+        // body guarded by an idle timeout: a stalled store fails the download instead of
+        // holding it open, and a slow client never keeps one request open for long.
+        let pieces = (range.start..range.end)
+            .step_by(OBJECT_PIECE as usize)
+            .map(move |a| a..(a + OBJECT_PIECE).min(range.end));
+        futures::stream::iter(pieces)
+            .flat_map(move |r| {
+                let (store, path, url) = (store.clone(), path.clone(), url.clone());
+                let what = format!("{url} bytes {r:?}");
+                let get = futures::stream::once(async move {
+                    let opts = GetOptions {
+                        range: Some(GetRange::Bounded(r.clone())),
+                        ..Default::default()
+                    };
+                    store
+                        .get_opts(&path, opts)
+                        .await
+                        .map(|g| g.into_stream().map_err(io::Error::other))
+                        .map_err(|e| io::Error::other(format!("{url} bytes {r:?}: {e}")))
+                })
+                .try_flatten()
+                .boxed();
+                idle_timeout(get, OBJECT_IDLE, what)
+            })
+            .boxed()
     }
 
     fn describe(&self) -> String {
@@ -240,7 +281,12 @@ async fn open_object(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, C
             config.name
         );
     };
-    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    // object_store's default 30 s limit covers a whole request including its body, which
+    // would cut long downloads to slow clients; requests are bounded per range piece and by
+    // an idle timeout instead (see ObjectBase::stream). A `timeout` store option still wins.
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_client_options(ClientOptions::new().with_timeout_disabled());
     for (k, v) in &config.store {
         let key = AmazonS3ConfigKey::from_str(k)
             .with_context(|| format!("image {:?}: unknown store option {k:?}", config.name))?;

@@ -244,7 +244,7 @@ impl Config {
         if self.images.is_empty() {
             bail!("no [[image]] in the config");
         }
-        for (i, im) in self.images.iter_mut().enumerate() {
+        for im in &mut self.images {
             if !valid_name(&im.name) || im.name.contains('.') {
                 bail!("[[image]] {:?}: names are 1-64 of A-Z a-z 0-9 _ -", im.name);
             }
@@ -256,7 +256,6 @@ impl Config {
                 abs(&mut p);
                 im.base = p.display().to_string();
             }
-            let _ = i;
         }
         for (i, im) in self.images.iter().enumerate() {
             if self.images[..i].iter().any(|o| o.name == im.name) {

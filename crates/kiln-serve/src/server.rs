@@ -172,6 +172,10 @@ pub async fn serve(
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
+                    // hyper queues body chunks up to this many bytes per connection before it
+                    // stops polling the body: with two 128 KiB reads in flight that bounds a
+                    // download at about 512 KiB however slow the client.
+                    .max_buf_size(256 * 1024)
                     .serve_connection(io, svc);
                 tokio::pin!(conn);
                 tokio::select! {
