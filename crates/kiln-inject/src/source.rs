@@ -278,3 +278,33 @@ impl AsyncRangeSource for MemorySource {
         format!("memory ({} bytes)", self.0.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_file_source_streams_exact_ranges() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let src = AsyncFileSource::new(FileSource::open(&p).unwrap()).with_chunk(4096);
+        for r in [
+            0..300_000u64,
+            0..1,
+            5..16_390,
+            16_384..16_385,
+            299_999..300_000,
+            7..7,
+            100..200_000,
+        ] {
+            let mut got = Vec::new();
+            let mut s = src.stream(r.clone());
+            while let Some(b) = s.next().await {
+                got.extend_from_slice(&b.unwrap());
+            }
+            assert_eq!(got, &data[r.start as usize..r.end as usize], "{r:?}");
+        }
+    }
+}
