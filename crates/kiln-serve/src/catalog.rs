@@ -292,9 +292,9 @@ async fn open_object(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, C
             .with_context(|| format!("image {:?}: unknown store option {k:?}", config.name))?;
         b = b.with_config(key, v);
     }
-    let store: Arc<dyn ObjectStore> = Arc::new(b.build().with_context(|| format!("{url}"))?);
+    let store: Arc<dyn ObjectStore> = Arc::new(b.build().with_context(|| url.to_string())?);
     let path = ObjPath::from(key);
-    let meta = store.head(&path).await.with_context(|| format!("{url}"))?;
+    let meta = store.head(&path).await.with_context(|| url.to_string())?;
     let len = meta.size;
     let ob = Arc::new(ObjectBase {
         store: store.clone(),

@@ -1,6 +1,7 @@
 //! A person's path through `kiln serve`: headless Chromium (Debian's, driven by
 //! playwright-core) opens `/`, names a piece or uploads one, sees the progress steps and
 //! receives the download, whose bytes must equal `kiln inject`'s output.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! `kiln inject` and `kiln verify` end to end on raw-slot images: the three outputs agree,
 //! the base is untouched, bad input fails cleanly without output, digests verify.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::fs;
 use std::path::{Path, PathBuf};

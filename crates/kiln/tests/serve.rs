@@ -2,6 +2,7 @@
 //! resumed, random ranges, HEAD, 304, 416) for a local base and a base in an S3-compatible
 //! server (s3s-fs); bad input gets a clean 4xx/5xx and the server keeps serving; manifests
 //! verify with the minisign CLI.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

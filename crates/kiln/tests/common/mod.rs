@@ -1,6 +1,6 @@
 //! Shared fixtures for the server tests: a raw-slot base image, `kiln serve` and `s3s-fs`
 //! processes on loopback, a misbehaving upstream, minisign keys.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::fs;
