@@ -164,6 +164,10 @@ pub struct FatMeta {
     pub fat_offsets: Vec<u64>,
     /// Byte offset of the FAT32 FSInfo sector, if any.
     pub fsinfo_offset: Option<u64>,
+    /// Bytes per cluster.
+    pub cluster_size: u32,
+    /// FAT entry width in bits: 12, 16 or 32.
+    pub fat_bits: u8,
 }
 
 /// Metadata of an EROFS slot (offsets absolute in the image).
@@ -175,6 +179,8 @@ pub struct ErofsMeta {
     pub nid: u64,
     /// Byte offset of the on-disk inode.
     pub inode_offset: u64,
+    /// True for the 64-byte extended inode (64-bit size field), false for the compact one.
+    pub extended: bool,
 }
 
 /// Metadata of an ISO 9660 slot (offsets absolute in the image).
@@ -742,13 +748,16 @@ pub fn format_table(t: &SlotTable) -> String {
                 );
             }
             SlotMeta::Fat(m) => {
-                let _ = writeln!(out, "    fat        fs at {}, dirent at {}, clusters {}+{}, FATs at {:?}, FSInfo {:?}", m.fs_offset, m.dirent_offset, m.first_cluster, m.cluster_count, m.fat_offsets, m.fsinfo_offset);
+                let _ = writeln!(out, "    fat{}      fs at {}, dirent at {}, clusters {}+{} of {} bytes, FATs at {:?}, FSInfo {:?}", m.fat_bits, m.fs_offset, m.dirent_offset, m.first_cluster, m.cluster_count, m.cluster_size, m.fat_offsets, m.fsinfo_offset);
             }
             SlotMeta::Erofs(m) => {
                 let _ = writeln!(
                     out,
-                    "    erofs      fs at {}, nid {} at {}",
-                    m.fs_offset, m.nid, m.inode_offset
+                    "    erofs      fs at {}, nid {} at {} ({} inode)",
+                    m.fs_offset,
+                    m.nid,
+                    m.inode_offset,
+                    if m.extended { "extended" } else { "compact" }
                 );
             }
             SlotMeta::Iso9660(m) => {
