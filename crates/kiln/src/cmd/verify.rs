@@ -37,6 +37,12 @@ pub struct VerifyArgs {
     /// Also write IMAGE.chunks, the chunk table that makes composed digests cheap.
     #[arg(long)]
     pub write_chunks: bool,
+    /// Check IMAGE's minisign signature (IMAGE.minisig, or --sig) with this public key.
+    #[arg(long = "pub", value_name = "KEY")]
+    pub pubkey: Option<PathBuf>,
+    /// The signature file for --pub (default IMAGE.minisig).
+    #[arg(long, value_name = "FILE", requires = "pubkey")]
+    pub sig: Option<PathBuf>,
     /// JSON output.
     #[arg(long)]
     pub json: bool,
@@ -83,8 +89,26 @@ fn plain_sha256(r: &mut dyn Read) -> std::io::Result<[u8; 32]> {
 }
 
 pub fn run(args: VerifyArgs) -> Outcome {
+    if let Some(key) = &args.pubkey {
+        let v = kiln_ship::sign::verify_file(&args.image, key, args.sig.as_deref())?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"image": args.image.display().to_string(), "signature": "ok", "trusted_comment": v.trusted_comment})
+            );
+        } else {
+            println!(
+                "{}: signature ok ({})",
+                args.image.display(),
+                v.trusted_comment
+            );
+        }
+        if args.digest.is_none() && !args.print && !args.write_chunks {
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+    }
     if args.digest.is_none() && !args.print && !args.write_chunks {
-        bail!("nothing to do: give --digest D, --print or --write-chunks");
+        bail!("nothing to do: give --digest D, --pub KEY, --print or --write-chunks");
     }
     let expected = args.digest.as_deref().map(parse_expected).transpose()?;
     let want_plain = args.print || matches!(expected, Some(Expected::Plain(_)));
