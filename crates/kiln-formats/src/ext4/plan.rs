@@ -861,7 +861,7 @@ mod tests {
                     .collect(),
             ),
         };
-        assert_eq!(block_runs(&FileData::dense(1, DataRef::Empty)).unwrap(), vec![]);
+        assert_eq!(block_runs(&FileData::dense(0, DataRef::Empty)).unwrap(), vec![]);
         assert_eq!(
             block_runs(&FileData::dense(4097, DataRef::Inline(vec![1; 4097].into()))).unwrap(),
             vec![(0, 2)]
