@@ -1,0 +1,396 @@
+//! `kiln mkfs ext4` end to end, checked by the reference tools: e2fsck -fn, debugfs (rdump,
+//! stat, ea_list, ea_get) and, when running as root with loop devices, a read-only kernel
+//! mount compared with the source tree.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use kiln_testkit::{generate_corpus, is_root, require_tool, run, run_ok, CorpusOptions};
+
+fn kiln() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.env_remove("SOURCE_DATE_EPOCH");
+    c
+}
+
+/// The full corpus (100k-entry directory, 5 GiB sparse file), generated once per run.
+fn corpus() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::Builder::new().prefix("kiln-ext4-corpus").tempdir().unwrap();
+        generate_corpus(d.path(), CorpusOptions::default());
+        d
+    })
+    .path()
+}
+
+/// The corpus image, built once.
+fn corpus_image() -> &'static Path {
+    static IMG: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, p) = IMG.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("corpus.ext4");
+        let out = run_ok(kiln().args(["mkfs", "ext4"]).arg(corpus()).arg("-o").arg(&img).args(["--minimize", "--json", "--seed", "0123456789abcdef0123456789abcdef"]));
+        eprintln!("corpus image: {}", String::from_utf8_lossy(&out.stdout));
+        (d, img)
+    });
+    p
+}
+
+fn e2fsck_clean(img: &Path) {
+    let out = run(Command::new(require_tool("e2fsck")).arg("-fn").arg(img));
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {} failed ({}):\n{}\n{}",
+        img.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs debugfs commands from a file (one process for many commands) and returns stdout.
+fn debugfs_batch(img: &Path, cmds: &[String]) -> String {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("cmds");
+    let mut text = Vec::new();
+    for c in cmds {
+        text.extend_from_slice(c.as_bytes());
+        text.push(b'\n');
+    }
+    fs::write(&f, text).unwrap();
+    let out = run_ok(Command::new(require_tool("debugfs")).arg("-f").arg(&f).arg(img));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// debugfs quotes names with spaces or odd bytes poorly; restrict per-path commands to paths
+/// it can take verbatim.
+fn debugfs_safe(rel: &[u8]) -> bool {
+    rel.iter().all(|&b| b.is_ascii_graphic() && b != b'"')
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct Stat {
+    ino: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    links: u64,
+    mtime: (i64, u32),
+    rdev: Option<(u32, u32)>,
+}
+
+fn field<'a>(text: &'a str, key: &str) -> &'a str {
+    let at = text.find(key).unwrap_or_else(|| panic!("no {key:?} in {text}")) + key.len();
+    text[at..].split_whitespace().next().unwrap()
+}
+
+fn parse_stat(block: &str) -> Stat {
+    let mode = u32::from_str_radix(field(block, "Mode:"), 8).unwrap();
+    let ty = field(block, "Type:");
+    let fmt = match ty {
+        "regular" => 0o100000,
+        "directory" => 0o040000,
+        "symlink" => 0o120000,
+        "character" => 0o020000,
+        "block" => 0o060000,
+        "FIFO" => 0o010000,
+        "socket" => 0o140000,
+        t => panic!("type {t}"),
+    };
+    let m = field(block, " mtime:");
+    let (lo, extra) = m.split_once(':').unwrap();
+    let lo = u32::from_str_radix(lo.trim_start_matches("0x"), 16).unwrap();
+    let extra = u32::from_str_radix(extra, 16).unwrap();
+    let rdev = block.find("Device major/minor number:").map(|_| {
+        let v = field(block, "Device major/minor number:");
+        let (a, b) = v.split_once(':').unwrap();
+        (a.parse().unwrap(), b.parse().unwrap())
+    });
+    Stat {
+        ino: field(block, "Inode:").parse().unwrap(),
+        mode: fmt | mode,
+        uid: field(block, "User:").parse().unwrap(),
+        gid: field(block, "Group:").parse().unwrap(),
+        size: field(block, "Size:").parse().unwrap(),
+        links: field(block, "Links:").parse().unwrap(),
+        mtime: (i64::from(lo as i32) + (i64::from(extra & 3) << 32), extra >> 2),
+        rdev,
+    }
+}
+
+fn source_stat(p: &Path) -> Stat {
+    let md = fs::symlink_metadata(p).unwrap();
+    let ft = md.file_type();
+    use std::os::unix::fs::FileTypeExt;
+    let rdev = (ft.is_char_device() || ft.is_block_device())
+        .then(|| (libc::major(md.rdev()) as u32, libc::minor(md.rdev()) as u32));
+    Stat {
+        ino: 0,
+        mode: md.mode(),
+        uid: md.uid(),
+        gid: md.gid(),
+        size: if md.is_dir() { 0 } else { md.len() },
+        links: md.nlink(),
+        mtime: (md.mtime(), md.mtime_nsec() as u32),
+        rdev,
+    }
+}
+
+/// Every path under `root` (relative, as bytes), depth first.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = root.join(&rel);
+        if !rel.as_os_str().is_empty() {
+            out.push(rel.clone());
+        }
+        if fs::symlink_metadata(&abs).unwrap().is_dir() {
+            for e in fs::read_dir(&abs).unwrap() {
+                stack.push(rel.join(e.unwrap().file_name()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    let (fa, fb) = (fs::File::open(a).unwrap(), fs::File::open(b).unwrap());
+    let len = fa.metadata().unwrap().len();
+    if len != fb.metadata().unwrap().len() {
+        return false;
+    }
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = ((len - off) as usize).min(ba.len());
+        fa.read_exact_at(&mut ba[..n], off).unwrap();
+        fb.read_exact_at(&mut bb[..n], off).unwrap();
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+        off += n as u64;
+    }
+    true
+}
+
+/// Compares a tree extracted with `debugfs rdump` against the source: names, kinds, bytes,
+/// symlink targets. (rdump drops special files and may drop setuid bits: those are checked
+/// through `stat`.)
+fn compare_rdump(src: &Path, out: &Path, skip_big: bool) {
+    let want: Vec<PathBuf> = walk(src);
+    let mut got: Vec<PathBuf> = walk(out);
+    got.retain(|p| p != Path::new("lost+found"));
+    let special = |p: &Path| {
+        use std::os::unix::fs::FileTypeExt;
+        let ft = fs::symlink_metadata(src.join(p)).unwrap().file_type();
+        ft.is_fifo() || ft.is_char_device() || ft.is_block_device() || ft.is_socket()
+    };
+    let want_plain: Vec<&PathBuf> = want.iter().filter(|p| !special(p)).collect();
+    let got_plain: Vec<&PathBuf> = got.iter().collect();
+    assert_eq!(want_plain, got_plain, "rdump entries differ");
+    for (w, g) in want_plain.iter().zip(&got_plain) {
+        assert_eq!(w, g);
+        let (a, b) = (src.join(w), out.join(g));
+        let ma = fs::symlink_metadata(&a).unwrap();
+        let mb = fs::symlink_metadata(&b).unwrap();
+        assert_eq!(ma.file_type(), mb.file_type(), "{}", w.display());
+        if ma.file_type().is_symlink() {
+            assert_eq!(fs::read_link(&a).unwrap(), fs::read_link(&b).unwrap(), "{}", w.display());
+        } else if ma.is_file() && !(skip_big && ma.len() > (1 << 30)) {
+            assert!(same_bytes(&a, &b), "{}: bytes differ", w.display());
+        }
+    }
+}
+
+/// `debugfs stat` and `ea_list`/`ea_get` for each listed path against the source.
+fn compare_stats(img: &Path, src: &Path, paths: &[PathBuf]) {
+    let paths: Vec<&PathBuf> = paths.iter().filter(|p| debugfs_safe(p.as_os_str().as_bytes())).collect();
+    let cmds: Vec<String> = paths.iter().map(|p| format!("stat \"/{}\"", p.display())).collect();
+    let text = debugfs_batch(img, &cmds);
+    let blocks: Vec<&str> = text.split("Inode: ").skip(1).collect();
+    assert_eq!(blocks.len(), paths.len(), "debugfs stat output:\n{text}");
+    let mut by_src_ino: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    let mut xattr_cmds = Vec::new();
+    let ea_dir = tempfile::tempdir().unwrap();
+    let mut expected_values = Vec::new();
+    for (p, b) in paths.iter().zip(blocks) {
+        let got = parse_stat(&format!("Inode: {b}"));
+        let abs = src.join(p);
+        let mut want = source_stat(&abs);
+        want.ino = got.ino;
+        if want.mode & 0o170000 == 0o040000 {
+            want.size = got.size; // directory sizes are the filesystem's own
+            want.links = got.links; // the source's count includes its own filesystem's view
+        }
+        assert_eq!(got, want, "/{}", p.display());
+        let md = fs::symlink_metadata(&abs).unwrap();
+        if md.nlink() > 1 && !md.is_dir() {
+            let prev = by_src_ino.insert((md.dev(), md.ino()), got.ino);
+            assert!(prev.is_none_or(|i| i == got.ino), "/{}: hardlink identity lost", p.display());
+        }
+        let x = kiln_tree::dir::xattrs(&abs).unwrap();
+        xattr_cmds.push(format!("ea_list \"/{}\"", p.display()));
+        for (k, a) in x.iter().enumerate() {
+            let f = ea_dir.path().join(format!("{}-{k}", expected_values.len()));
+            xattr_cmds.push(format!(
+                "ea_get -f {} \"/{}\" {}",
+                f.display(),
+                p.display(),
+                String::from_utf8_lossy(&a.name)
+            ));
+            expected_values.push((f, a.value.to_vec(), p.to_path_buf()));
+        }
+    }
+    let listed = debugfs_batch(img, &xattr_cmds);
+    for (f, v, p) in expected_values {
+        let got = fs::read(&f).unwrap_or_else(|_| panic!("/{}: xattr missing\n{listed}", p.display()));
+        assert_eq!(got, v, "/{}: xattr value", p.display());
+    }
+    // Count the names ea_list printed: one line per attribute, indented by two spaces.
+    let total_src: usize = paths.iter().map(|p| kiln_tree::dir::xattrs(&src.join(p)).unwrap().len()).sum();
+    let total_listed = listed.lines().filter(|l| l.starts_with("  ") && l.contains(" (")).count();
+    assert_eq!(total_listed, total_src, "ea_list attribute count:\n{listed}");
+}
+
+/// A read-only kernel mount compared with the source (root only).
+fn compare_mount(img: &Path, src: &Path) {
+    if !is_root() {
+        eprintln!("SKIPPED: kernel mount comparison needs root and loop devices");
+        return;
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let out = run(Command::new("mount").args(["-o", "ro,loop"]).arg(img).arg(mnt.path()));
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr);
+        if msg.contains("loop") && (msg.contains("not found") || msg.contains("No such device")) {
+            eprintln!("SKIPPED: kernel mount comparison: no loop devices ({msg})");
+            return;
+        }
+        panic!("mount failed: {msg}");
+    }
+    let result = std::panic::catch_unwind(|| {
+        let want = walk(src);
+        let mut got = walk(mnt.path());
+        got.retain(|p| !p.starts_with("lost+found"));
+        assert_eq!(want, got);
+        let mut ino_map: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+        for p in &want {
+            let (a, b) = (src.join(p), mnt.path().join(p));
+            let (ma, mb) = (fs::symlink_metadata(&a).unwrap(), fs::symlink_metadata(&b).unwrap());
+            let ctx = p.display();
+            assert_eq!(ma.mode(), mb.mode(), "{ctx}: mode");
+            assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "{ctx}: owner");
+            assert_eq!((ma.mtime(), ma.mtime_nsec()), (mb.mtime(), mb.mtime_nsec()), "{ctx}: mtime");
+            assert_eq!(ma.rdev(), mb.rdev(), "{ctx}: rdev");
+            assert_eq!(kiln_tree::dir::xattrs(&a).unwrap(), kiln_tree::dir::xattrs(&b).unwrap(), "{ctx}: xattrs");
+            if !ma.is_dir() {
+                assert_eq!(ma.nlink(), mb.nlink(), "{ctx}: nlink");
+                assert_eq!(ma.len(), mb.len(), "{ctx}: size");
+                let prev = ino_map.insert((ma.dev(), ma.ino()), mb.ino());
+                assert!(prev.is_none_or(|i| i == mb.ino()), "{ctx}: hardlink identity");
+            }
+            if ma.file_type().is_symlink() {
+                assert_eq!(fs::read_link(&a).unwrap(), fs::read_link(&b).unwrap(), "{ctx}");
+            } else if ma.is_file() {
+                if ma.len() <= 64 << 20 {
+                    assert!(same_bytes(&a, &b), "{ctx}: bytes");
+                } else {
+                    // Large sparse files: compare the data runs the source has and a few probes.
+                    let (fa, fb) = (fs::File::open(&a).unwrap(), fs::File::open(&b).unwrap());
+                    for off in [0, 4096, (4 << 30) + 12288, ma.len() - 4096] {
+                        let mut x = vec![0u8; 8192];
+                        let mut y = vec![0u8; 8192];
+                        let n = ((ma.len() - off) as usize).min(8192);
+                        fa.read_exact_at(&mut x[..n], off).unwrap();
+                        fb.read_exact_at(&mut y[..n], off).unwrap();
+                        assert_eq!(x, y, "{ctx}: bytes at {off}");
+                    }
+                }
+            }
+        }
+    });
+    let _ = run(Command::new("umount").arg(mnt.path()));
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn corpus_is_clean_and_round_trips() {
+    let img = corpus_image();
+    e2fsck_clean(img);
+    let src = corpus();
+
+    // rdump: names, bytes, symlink targets of everything but special files.
+    let out = tempfile::tempdir().unwrap();
+    run_ok(Command::new(require_tool("debugfs")).arg("-R").arg(format!("rdump / {}", out.path().display())).arg(img));
+    compare_rdump(src, &out.path().join(""), true);
+
+    // stat/ea_get for everything outside the 100k-entry directory, plus a sample of it.
+    let mut paths: Vec<PathBuf> = walk(src).into_iter().filter(|p| !p.starts_with("bigdir")).collect();
+    let big: Vec<PathBuf> = walk(&src.join("bigdir"));
+    paths.extend(big.iter().step_by(997).map(|p| Path::new("bigdir").join(p)));
+    compare_stats(img, src, &paths);
+
+    compare_mount(img, src);
+}
+
+#[test]
+fn huge_directory_is_indexed_and_found_by_lookup() {
+    let img = corpus_image();
+    let text = debugfs_batch(img, &["stat /bigdir".into(), "htree_dump /bigdir".into(), "ls -l /bigdir/entry-099999-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx".into()]);
+    assert!(text.contains("Flags: 0x81000"), "bigdir should carry the index and extents flags:\n{}", &text[..text.len().min(2000)]);
+    assert!(text.contains("Indirect levels: 1"), "100k entries need a two-level htree");
+    assert!(text.contains("entry-099999"), "lookup through the index failed");
+}
+
+#[test]
+fn journal_on_request() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"journal test").unwrap();
+    let img = d.path().join("j.ext4");
+    run_ok(kiln().args(["mkfs", "ext4"]).arg(&src).arg("-o").arg(&img).args(["--size", "200M", "--journal", "--label", "withjournal"]));
+    e2fsck_clean(&img);
+    let out = run_ok(Command::new(require_tool("dumpe2fs")).arg("-h").arg(&img));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("has_journal"), "{text}");
+    assert!(text.contains("Journal size:") || text.contains("Total journal size:"), "{text}");
+    assert!(text.contains("4096"), "mke2fs sizes a 200M journal at 4096 blocks:\n{text}");
+    assert!(text.contains("withjournal"));
+    let plain = d.path().join("p.ext4");
+    run_ok(kiln().args(["mkfs", "ext4"]).arg(&src).arg("-o").arg(&plain).args(["--size", "200M"]));
+    let out = run_ok(Command::new(require_tool("dumpe2fs")).arg("-h").arg(&plain));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("has_journal"));
+    compare_mount(&img, &src);
+}
+
+/// A real tree from the machine: /usr/include (headers, symlinks, many directories).
+#[test]
+fn real_usr_tree_is_clean_and_round_trips() {
+    let src = Path::new("/usr/include");
+    assert!(src.is_dir(), "/usr/include is missing; .ci/run installs build tools that provide it");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("usr.ext4");
+    run_ok(kiln().args(["mkfs", "ext4"]).arg(src).arg("-o").arg(&img).args(["--minimize"]));
+    e2fsck_clean(&img);
+    let out = d.path().join("out");
+    fs::create_dir(&out).unwrap();
+    run_ok(Command::new(require_tool("debugfs")).arg("-R").arg(format!("rdump / {}", out.display())).arg(&img));
+    compare_rdump(src, &out, false);
+    let paths: Vec<PathBuf> = walk(src).into_iter().step_by(7).collect();
+    compare_stats(&img, src, &paths);
+    compare_mount(&img, src);
+}
