@@ -328,22 +328,29 @@ fn compare_mount(img: &Path, src: &Path) {
 
 #[test]
 fn corpus_is_clean_and_round_trips() {
-    let img = corpus_image();
-    e2fsck_clean(img);
+    let t = std::time::Instant::now();
     let src = corpus();
+    eprintln!("corpus generated: {:?}", t.elapsed());
+    let img = corpus_image();
+    eprintln!("image built: {:?}", t.elapsed());
+    e2fsck_clean(img);
+    eprintln!("e2fsck: {:?}", t.elapsed());
 
     // rdump: names, bytes, symlink targets of everything but special files.
     let out = tempfile::tempdir().unwrap();
     run_ok(Command::new(require_tool("debugfs")).arg("-R").arg(format!("rdump / {}", out.path().display())).arg(img));
+    eprintln!("rdump: {:?}", t.elapsed());
     compare_rdump(src, &out.path().join(""), true);
+    eprintln!("rdump compared: {:?}", t.elapsed());
 
     // stat/ea_get for everything outside the 100k-entry directory, plus a sample of it.
     let mut paths: Vec<PathBuf> = walk(src).into_iter().filter(|p| !p.starts_with("bigdir")).collect();
     let big: Vec<PathBuf> = walk(&src.join("bigdir"));
     paths.extend(big.iter().step_by(997).map(|p| Path::new("bigdir").join(p)));
     compare_stats(img, src, &paths);
-
+    eprintln!("stats compared: {:?}", t.elapsed());
     compare_mount(img, src);
+    eprintln!("mount compared: {:?}", t.elapsed());
 }
 
 #[test]
