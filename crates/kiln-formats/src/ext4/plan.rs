@@ -401,28 +401,75 @@ fn entry_err(tree: &Tree, node: NodeId, msg: impl Into<String>) -> Error {
 pub(crate) fn plan_with(tree: &Tree, opts: &Options, data: DataState) -> Result<Plan> {
     match plan_inner(tree, opts, data.clone()) {
         Err(PlanErr::Full) => {
-            // Report how much would have been needed.
             let size = match opts.size {
                 Size::Fixed(b) => b,
                 Size::Minimize { .. } => 1 << 60,
             };
-            let mut min = opts.clone();
-            min.size = Size::Minimize {
-                extra_bytes: 0,
-                extra_inodes: 0,
-            };
-            let mut d = data;
-            d.alloc.set_limit(1 << 48);
-            let needed = match plan_inner(tree, &min, d) {
-                Ok(p) => p.size_bytes(),
-                Err(PlanErr::Err(e)) => return Err(e),
-                Err(PlanErr::Full) => u64::MAX,
-            };
-            Err(Error::TooSmall { needed, size })
+            Err(Error::TooSmall {
+                needed: needed_size(tree, opts, data)?,
+                size,
+            })
         }
         Err(PlanErr::Err(e)) => Err(e),
         Ok(p) => Ok(p),
     }
+}
+
+/// The smallest size (found by search, at most a few dozen plans) that holds the tree under
+/// `opts`' size policy, for the "does not fit" message.
+fn needed_size(tree: &Tree, opts: &Options, data: DataState) -> Result<u64> {
+    let attempt = |blocks: u64| -> Result<bool> {
+        let mut o = opts.clone();
+        let mut d = data.clone();
+        if let Size::Fixed(_) = o.size {
+            o.size = Size::Fixed(blocks * BLOCK_SIZE);
+            d.alloc.set_limit(blocks);
+        }
+        match plan_inner(tree, &o, d) {
+            Ok(_) => Ok(true),
+            Err(PlanErr::Full) => Ok(false),
+            Err(PlanErr::Err(Error::BadSize { .. })) => Ok(false),
+            Err(PlanErr::Err(e)) => Err(e),
+        }
+    };
+    // The minimized layout is a lower bound; fixed sizes add inode tables by ratio.
+    let mut min = opts.clone();
+    min.size = Size::Minimize {
+        extra_bytes: 0,
+        extra_inodes: 0,
+    };
+    let mut d = data.clone();
+    d.alloc.set_limit(1 << 48);
+    let lower = match plan_inner(tree, &min, d) {
+        Ok(p) => p.blocks,
+        Err(PlanErr::Err(e)) => return Err(e),
+        Err(PlanErr::Full) => return Ok(u64::MAX),
+    };
+    if !matches!(opts.size, Size::Fixed(_)) {
+        return Ok(lower * BLOCK_SIZE);
+    }
+    let (mut lo, mut hi) = (lower.max(64) - 1, lower.max(64));
+    let mut tries = 0;
+    while !attempt(hi)? {
+        lo = hi;
+        hi += (hi / 32).max(16);
+        tries += 1;
+        if tries > 64 {
+            return Ok(u64::MAX);
+        }
+    }
+    for _ in 0..24 {
+        if hi - lo <= 1 {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        if attempt(mid)? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi * BLOCK_SIZE)
 }
 
 enum PlanErr {
