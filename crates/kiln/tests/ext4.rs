@@ -41,7 +41,12 @@ fn debugfs_batch(img: &Path, cmds: &[String]) -> String {
         text.push(b'\n');
     }
     fs::write(&f, text).unwrap();
-    let out = run_ok(Command::new(require_tool("debugfs")).arg("-f").arg(&f).arg(img));
+    let out = run_ok(
+        Command::new(require_tool("debugfs"))
+            .arg("-f")
+            .arg(&f)
+            .arg(img),
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -64,7 +69,10 @@ struct Stat {
 }
 
 fn field<'a>(text: &'a str, key: &str) -> &'a str {
-    let at = text.find(key).unwrap_or_else(|| panic!("no {key:?} in {text}")) + key.len();
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {text}"))
+        + key.len();
     text[at..].split_whitespace().next().unwrap()
 }
 
@@ -97,7 +105,10 @@ fn parse_stat(block: &str) -> Stat {
         gid: field(block, "Group:").parse().unwrap(),
         size: field(block, "Size:").parse().unwrap(),
         links: field(block, "Links:").parse().unwrap(),
-        mtime: (i64::from(lo as i32) + (i64::from(extra & 3) << 32), extra >> 2),
+        mtime: (
+            i64::from(lo as i32) + (i64::from(extra & 3) << 32),
+            extra >> 2,
+        ),
         rdev,
     }
 }
@@ -172,7 +183,10 @@ fn compare_rdump(src: &Path, out: &Path, skip: Option<&Path>) {
         let ft = fs::symlink_metadata(src.join(p)).unwrap().file_type();
         ft.is_fifo() || ft.is_char_device() || ft.is_block_device() || ft.is_socket()
     };
-    let want_plain: Vec<&PathBuf> = want.iter().filter(|p| !special(p) && Some(p.as_path()) != skip).collect();
+    let want_plain: Vec<&PathBuf> = want
+        .iter()
+        .filter(|p| !special(p) && Some(p.as_path()) != skip)
+        .collect();
     let got_plain: Vec<&PathBuf> = got.iter().collect();
     assert_eq!(want_plain, got_plain, "rdump entries differ");
     for (w, g) in want_plain.iter().zip(&got_plain) {
@@ -182,7 +196,12 @@ fn compare_rdump(src: &Path, out: &Path, skip: Option<&Path>) {
         let mb = fs::symlink_metadata(&b).unwrap();
         assert_eq!(ma.file_type(), mb.file_type(), "{}", w.display());
         if ma.file_type().is_symlink() {
-            assert_eq!(fs::read_link(&a).unwrap(), fs::read_link(&b).unwrap(), "{}", w.display());
+            assert_eq!(
+                fs::read_link(&a).unwrap(),
+                fs::read_link(&b).unwrap(),
+                "{}",
+                w.display()
+            );
         } else if ma.is_file() {
             assert!(same_bytes(&a, &b), "{}: bytes differ", w.display());
         }
@@ -191,8 +210,14 @@ fn compare_rdump(src: &Path, out: &Path, skip: Option<&Path>) {
 
 /// `debugfs stat` and `ea_list`/`ea_get` for each listed path against the source.
 fn compare_stats(img: &Path, src: &Path, paths: &[PathBuf]) {
-    let paths: Vec<&PathBuf> = paths.iter().filter(|p| debugfs_safe(p.as_os_str().as_bytes())).collect();
-    let cmds: Vec<String> = paths.iter().map(|p| format!("stat \"/{}\"", p.display())).collect();
+    let paths: Vec<&PathBuf> = paths
+        .iter()
+        .filter(|p| debugfs_safe(p.as_os_str().as_bytes()))
+        .collect();
+    let cmds: Vec<String> = paths
+        .iter()
+        .map(|p| format!("stat \"/{}\"", p.display()))
+        .collect();
     let text = debugfs_batch(img, &cmds);
     let blocks: Vec<&str> = text.split("Inode: ").skip(1).collect();
     assert_eq!(blocks.len(), paths.len(), "debugfs stat output:\n{text}");
@@ -213,7 +238,11 @@ fn compare_stats(img: &Path, src: &Path, paths: &[PathBuf]) {
         let md = fs::symlink_metadata(&abs).unwrap();
         if md.nlink() > 1 && !md.is_dir() {
             let prev = by_src_ino.insert((md.dev(), md.ino()), got.ino);
-            assert!(prev.is_none_or(|i| i == got.ino), "/{}: hardlink identity lost", p.display());
+            assert!(
+                prev.is_none_or(|i| i == got.ino),
+                "/{}: hardlink identity lost",
+                p.display()
+            );
         }
         let x = kiln_tree::dir::xattrs(&abs).unwrap();
         xattr_cmds.push(format!("ea_list \"/{}\"", p.display()));
@@ -230,13 +259,23 @@ fn compare_stats(img: &Path, src: &Path, paths: &[PathBuf]) {
     }
     let listed = debugfs_batch(img, &xattr_cmds);
     for (f, v, p) in expected_values {
-        let got = fs::read(&f).unwrap_or_else(|_| panic!("/{}: xattr missing\n{listed}", p.display()));
+        let got =
+            fs::read(&f).unwrap_or_else(|_| panic!("/{}: xattr missing\n{listed}", p.display()));
         assert_eq!(got, v, "/{}: xattr value", p.display());
     }
     // Count the names ea_list printed: one line per attribute, indented by two spaces.
-    let total_src: usize = paths.iter().map(|p| kiln_tree::dir::xattrs(&src.join(p)).unwrap().len()).sum();
-    let total_listed = listed.lines().filter(|l| l.starts_with("  ") && l.contains(" (")).count();
-    assert_eq!(total_listed, total_src, "ea_list attribute count:\n{listed}");
+    let total_src: usize = paths
+        .iter()
+        .map(|p| kiln_tree::dir::xattrs(&src.join(p)).unwrap().len())
+        .sum();
+    let total_listed = listed
+        .lines()
+        .filter(|l| l.starts_with("  ") && l.contains(" ("))
+        .count();
+    assert_eq!(
+        total_listed, total_src,
+        "ea_list attribute count:\n{listed}"
+    );
 }
 
 /// A read-only kernel mount compared with the source (root only).
@@ -246,7 +285,10 @@ fn compare_mount(img: &Path, src: &Path) {
         return;
     }
     let mnt = tempfile::tempdir().unwrap();
-    let out = run(Command::new("mount").args(["-o", "ro,loop"]).arg(img).arg(mnt.path()));
+    let out = run(Command::new("mount")
+        .args(["-o", "ro,loop"])
+        .arg(img)
+        .arg(mnt.path()));
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr);
         if msg.contains("loop") && (msg.contains("not found") || msg.contains("No such device")) {
@@ -263,21 +305,39 @@ fn compare_mount(img: &Path, src: &Path) {
         let mut ino_map: BTreeMap<(u64, u64), u64> = BTreeMap::new();
         for p in &want {
             let (a, b) = (src.join(p), mnt.path().join(p));
-            let (ma, mb) = (fs::symlink_metadata(&a).unwrap(), fs::symlink_metadata(&b).unwrap());
+            let (ma, mb) = (
+                fs::symlink_metadata(&a).unwrap(),
+                fs::symlink_metadata(&b).unwrap(),
+            );
             let ctx = p.display();
             assert_eq!(ma.mode(), mb.mode(), "{ctx}: mode");
             assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "{ctx}: owner");
-            assert_eq!((ma.mtime(), ma.mtime_nsec()), (mb.mtime(), mb.mtime_nsec()), "{ctx}: mtime");
+            assert_eq!(
+                (ma.mtime(), ma.mtime_nsec()),
+                (mb.mtime(), mb.mtime_nsec()),
+                "{ctx}: mtime"
+            );
             assert_eq!(ma.rdev(), mb.rdev(), "{ctx}: rdev");
-            assert_eq!(kiln_tree::dir::xattrs(&a).unwrap(), kiln_tree::dir::xattrs(&b).unwrap(), "{ctx}: xattrs");
+            assert_eq!(
+                kiln_tree::dir::xattrs(&a).unwrap(),
+                kiln_tree::dir::xattrs(&b).unwrap(),
+                "{ctx}: xattrs"
+            );
             if !ma.is_dir() {
                 assert_eq!(ma.nlink(), mb.nlink(), "{ctx}: nlink");
                 assert_eq!(ma.len(), mb.len(), "{ctx}: size");
                 let prev = ino_map.insert((ma.dev(), ma.ino()), mb.ino());
-                assert!(prev.is_none_or(|i| i == mb.ino()), "{ctx}: hardlink identity");
+                assert!(
+                    prev.is_none_or(|i| i == mb.ino()),
+                    "{ctx}: hardlink identity"
+                );
             }
             if ma.file_type().is_symlink() {
-                assert_eq!(fs::read_link(&a).unwrap(), fs::read_link(&b).unwrap(), "{ctx}");
+                assert_eq!(
+                    fs::read_link(&a).unwrap(),
+                    fs::read_link(&b).unwrap(),
+                    "{ctx}"
+                );
             } else if ma.is_file() {
                 if ma.len() <= 64 << 20 {
                     assert!(same_bytes(&a, &b), "{ctx}: bytes");
@@ -308,14 +368,33 @@ fn compare_mount(img: &Path, src: &Path) {
 #[test]
 fn corpus_is_clean_and_round_trips() {
     let t = std::time::Instant::now();
-    let corpus = tempfile::Builder::new().prefix("kiln-ext4-corpus").tempdir().unwrap();
+    let corpus = tempfile::Builder::new()
+        .prefix("kiln-ext4-corpus")
+        .tempdir()
+        .unwrap();
     let src = corpus.path();
     generate_corpus(src, CorpusOptions::default());
     eprintln!("corpus generated: {:?}", t.elapsed());
     let d = tempfile::tempdir().unwrap();
     let img = &d.path().join("corpus.ext4");
-    let out = run_ok(kiln().args(["mkfs", "ext4"]).arg(src).arg("-o").arg(img).args(["--minimize", "--json", "--seed", "0123456789abcdef0123456789abcdef"]));
-    eprintln!("image built: {:?} {}", t.elapsed(), String::from_utf8_lossy(&out.stdout));
+    let out = run_ok(
+        kiln()
+            .args(["mkfs", "ext4"])
+            .arg(src)
+            .arg("-o")
+            .arg(img)
+            .args([
+                "--minimize",
+                "--json",
+                "--seed",
+                "0123456789abcdef0123456789abcdef",
+            ]),
+    );
+    eprintln!(
+        "image built: {:?} {}",
+        t.elapsed(),
+        String::from_utf8_lossy(&out.stdout)
+    );
     e2fsck_clean(img);
     eprintln!("e2fsck: {:?}", t.elapsed());
 
@@ -332,7 +411,10 @@ fn corpus_is_clean_and_round_trips() {
     }
     fs::create_dir(out.path().join("sparse")).unwrap();
     for f in ["holes", "all-hole"] {
-        cmds.push(format!("dump /sparse/{f} {}", out.path().join("sparse").join(f).display()));
+        cmds.push(format!(
+            "dump /sparse/{f} {}",
+            out.path().join("sparse").join(f).display()
+        ));
     }
     debugfs_batch(img, &cmds);
     eprintln!("rdump: {:?}", t.elapsed());
@@ -345,27 +427,47 @@ fn corpus_is_clean_and_round_trips() {
         let mapped = ext.lines().any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             // "level entries  logical - logical  physical - physical length flags"
-            f.len() >= 6 && f.iter().position(|x| *x == "-").is_some_and(|i| {
-                let a: u64 = f[i - 1].parse().unwrap_or(u64::MAX);
-                let b: u64 = f[i + 1].parse().unwrap_or(0);
-                a <= lblk && lblk <= b
-            })
+            f.len() >= 6
+                && f.iter().position(|x| *x == "-").is_some_and(|i| {
+                    let a: u64 = f[i - 1].parse().unwrap_or(u64::MAX);
+                    let b: u64 = f[i + 1].parse().unwrap_or(0);
+                    a <= lblk && lblk <= b
+                })
         });
         assert!(mapped, "five-gib: logical block {lblk} not mapped:\n{ext}");
     }
 
     // stat/ea_get for everything outside the 100k-entry directory, plus a sample of it.
-    let mut paths: Vec<PathBuf> = walk(src).into_iter().filter(|p| !p.starts_with("bigdir")).collect();
+    let mut paths: Vec<PathBuf> = walk(src)
+        .into_iter()
+        .filter(|p| !p.starts_with("bigdir"))
+        .collect();
     let big: Vec<PathBuf> = walk(&src.join("bigdir"));
     paths.extend(big.iter().step_by(997).map(|p| Path::new("bigdir").join(p)));
     compare_stats(img, src, &paths);
     eprintln!("stats compared: {:?}", t.elapsed());
 
     // The 100k-entry directory is an htree with two levels, and lookups go through it.
-    let text = debugfs_batch(img, &["stat /bigdir".into(), "htree_dump /bigdir".into(), "ls -l /bigdir/entry-099999-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx".into()]);
-    assert!(text.contains("Flags: 0x81000"), "bigdir should carry the index and extents flags");
-    assert!(text.contains("Indirect levels: 1"), "100k entries need a two-level htree");
-    assert!(text.contains("entry-099999"), "lookup through the index failed");
+    let text = debugfs_batch(
+        img,
+        &[
+            "stat /bigdir".into(),
+            "htree_dump /bigdir".into(),
+            "ls -l /bigdir/entry-099999-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx".into(),
+        ],
+    );
+    assert!(
+        text.contains("Flags: 0x81000"),
+        "bigdir should carry the index and extents flags"
+    );
+    assert!(
+        text.contains("Indirect levels: 1"),
+        "100k entries need a two-level htree"
+    );
+    assert!(
+        text.contains("entry-099999"),
+        "lookup through the index failed"
+    );
 
     compare_mount(img, src);
     eprintln!("mount compared: {:?}", t.elapsed());
@@ -378,16 +480,36 @@ fn journal_on_request() {
     fs::create_dir(&src).unwrap();
     fs::write(src.join("f"), b"journal test").unwrap();
     let img = d.path().join("j.ext4");
-    run_ok(kiln().args(["mkfs", "ext4"]).arg(&src).arg("-o").arg(&img).args(["--size", "200M", "--journal", "--label", "withjournal"]));
+    run_ok(
+        kiln()
+            .args(["mkfs", "ext4"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&img)
+            .args(["--size", "200M", "--journal", "--label", "withjournal"]),
+    );
     e2fsck_clean(&img);
     let out = run_ok(Command::new(require_tool("dumpe2fs")).arg("-h").arg(&img));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("has_journal"), "{text}");
-    assert!(text.contains("Journal size:") || text.contains("Total journal size:"), "{text}");
-    assert!(text.contains("4096"), "mke2fs sizes a 200M journal at 4096 blocks:\n{text}");
+    assert!(
+        text.contains("Journal size:") || text.contains("Total journal size:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("4096"),
+        "mke2fs sizes a 200M journal at 4096 blocks:\n{text}"
+    );
     assert!(text.contains("withjournal"));
     let plain = d.path().join("p.ext4");
-    run_ok(kiln().args(["mkfs", "ext4"]).arg(&src).arg("-o").arg(&plain).args(["--size", "200M"]));
+    run_ok(
+        kiln()
+            .args(["mkfs", "ext4"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&plain)
+            .args(["--size", "200M"]),
+    );
     let out = run_ok(Command::new(require_tool("dumpe2fs")).arg("-h").arg(&plain));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("has_journal"));
     compare_mount(&img, &src);
@@ -397,14 +519,29 @@ fn journal_on_request() {
 #[test]
 fn real_usr_tree_is_clean_and_round_trips() {
     let src = Path::new("/usr/include");
-    assert!(src.is_dir(), "/usr/include is missing; .ci/run installs build tools that provide it");
+    assert!(
+        src.is_dir(),
+        "/usr/include is missing; .ci/run installs build tools that provide it"
+    );
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("usr.ext4");
-    run_ok(kiln().args(["mkfs", "ext4"]).arg(src).arg("-o").arg(&img).args(["--minimize"]));
+    run_ok(
+        kiln()
+            .args(["mkfs", "ext4"])
+            .arg(src)
+            .arg("-o")
+            .arg(&img)
+            .args(["--minimize"]),
+    );
     e2fsck_clean(&img);
     let out = d.path().join("out");
     fs::create_dir(&out).unwrap();
-    run_ok(Command::new(require_tool("debugfs")).arg("-R").arg(format!("rdump / {}", out.display())).arg(&img));
+    run_ok(
+        Command::new(require_tool("debugfs"))
+            .arg("-R")
+            .arg(format!("rdump / {}", out.display()))
+            .arg(&img),
+    );
     compare_rdump(src, &out, None);
     let paths: Vec<PathBuf> = walk(src).into_iter().step_by(7).collect();
     compare_stats(&img, src, &paths);
@@ -413,9 +550,25 @@ fn real_usr_tree_is_clean_and_round_trips() {
 
 fn set_mtime(p: &Path, sec: i64, nsec: i64) {
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let ts = [libc::timespec { tv_sec: sec, tv_nsec: nsec }, libc::timespec { tv_sec: sec, tv_nsec: nsec }];
+    let ts = [
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+    ];
     // SAFETY: valid NUL-terminated path and a two-element timespec array.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(r, 0, "utimensat {}", p.display());
 }
 
@@ -425,7 +578,16 @@ fn set_mtime(p: &Path, sec: i64, nsec: i64) {
 fn fixture(root: &Path, reverse: bool) {
     use std::os::unix::fs::{symlink, PermissionsExt};
     let mut names: Vec<String> = (0..400).map(|i| format!("many/file-{i:04}")).collect();
-    names.extend(["a/b/c/deep.txt", "a/one.txt", "bin/tool", "empty.txt", "z-last"].map(String::from));
+    names.extend(
+        [
+            "a/b/c/deep.txt",
+            "a/one.txt",
+            "bin/tool",
+            "empty.txt",
+            "z-last",
+        ]
+        .map(String::from),
+    );
     if reverse {
         names.reverse();
     }
@@ -449,10 +611,20 @@ fn fixture(root: &Path, reverse: bool) {
         let abs = root.join(p);
         let md = fs::symlink_metadata(&abs).unwrap();
         if !md.file_type().is_symlink() {
-            let mode = if md.is_dir() { 0o755 } else if p.starts_with("bin") { 0o755 } else { 0o644 };
+            let mode = if md.is_dir() {
+                0o755
+            } else if p.starts_with("bin") {
+                0o755
+            } else {
+                0o644
+            };
             fs::set_permissions(&abs, fs::Permissions::from_mode(mode)).unwrap();
         }
-        set_mtime(&abs, 1_600_000_000 + (i as i64 % 13) * 1000, (i as i64 * 7919) % 1_000_000_000);
+        set_mtime(
+            &abs,
+            1_600_000_000 + (i as i64 % 13) * 1000,
+            (i as i64 * 7919) % 1_000_000_000,
+        );
     }
     fs::set_permissions(root, fs::Permissions::from_mode(0o755)).unwrap();
     set_mtime(root, 1_600_000_000, 0);
@@ -460,7 +632,11 @@ fn fixture(root: &Path, reverse: bool) {
 
 fn sha256(p: &Path) -> String {
     let out = run_ok(Command::new("sha256sum").arg(p));
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// Builds `src` into `img` with SOURCE_DATE_EPOCH, a seed and --all-root, under `umask`.
@@ -475,7 +651,14 @@ fn build_repro(src: &Path, img: &Path, umask: &str) {
             .arg(src)
             .arg("-o")
             .arg(img)
-            .args(["--minimize", "--all-root", "--seed", "00112233445566778899aabbccddeeff", "--label", "repro"])
+            .args([
+                "--minimize",
+                "--all-root",
+                "--seed",
+                "00112233445566778899aabbccddeeff",
+                "--label",
+                "repro",
+            ])
             .env("SOURCE_DATE_EPOCH", "1700000000"),
     );
 }
@@ -483,7 +666,10 @@ fn build_repro(src: &Path, img: &Path, umask: &str) {
 #[test]
 fn reproducible_across_dirs_order_and_umask() {
     let a = tempfile::tempdir().unwrap();
-    let b = tempfile::Builder::new().prefix("other-place").tempdir().unwrap();
+    let b = tempfile::Builder::new()
+        .prefix("other-place")
+        .tempdir()
+        .unwrap();
     fixture(a.path(), false);
     fixture(b.path(), true);
     let out = tempfile::tempdir().unwrap();
@@ -491,10 +677,18 @@ fn reproducible_across_dirs_order_and_umask() {
     build_repro(a.path(), &ia, "022");
     build_repro(b.path(), &ib, "077");
     e2fsck_clean(&ia);
-    assert_eq!(sha256(&ia), sha256(&ib), "same tree, different dirs/order/umask");
+    assert_eq!(
+        sha256(&ia),
+        sha256(&ib),
+        "same tree, different dirs/order/umask"
+    );
     // The digest is pinned: any change to the on-disk layout shows up here. Update it only
     // for deliberate format changes, and say why in the commit.
-    assert_eq!(sha256(&ia), PINNED_FIXTURE_SHA256, "pinned digest of the fixture image");
+    assert_eq!(
+        sha256(&ia),
+        PINNED_FIXTURE_SHA256,
+        "pinned digest of the fixture image"
+    );
 }
 
 const PINNED_FIXTURE_SHA256: &str = "unset";
@@ -508,14 +702,41 @@ fn too_small_size_is_an_error_and_leaves_no_output() {
     let outdir = d.path().join("out");
     fs::create_dir(&outdir).unwrap();
     let img = outdir.join("small.ext4");
-    let out = run(kiln().args(["mkfs", "ext4"]).arg(&src).arg("-o").arg(&img).args(["--size", "1M"]));
+    let out = run(kiln()
+        .args(["mkfs", "ext4"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&img)
+        .args(["--size", "1M"]));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("needs a") && err.contains("1048576"), "unclear error: {err}");
-    assert_eq!(fs::read_dir(&outdir).unwrap().count(), 0, "no output or temp file may remain");
+    assert!(
+        err.contains("needs a") && err.contains("1048576"),
+        "unclear error: {err}"
+    );
+    assert_eq!(
+        fs::read_dir(&outdir).unwrap().count(),
+        0,
+        "no output or temp file may remain"
+    );
     // The size it asks for is enough.
-    let needed: u64 = err.split("needs a ").nth(1).unwrap().split('-').next().unwrap().parse().unwrap();
-    run_ok(kiln().args(["mkfs", "ext4"]).arg(&src).arg("-o").arg(&img).args(["--size", &needed.to_string()]));
+    let needed: u64 = err
+        .split("needs a ")
+        .nth(1)
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    run_ok(
+        kiln()
+            .args(["mkfs", "ext4"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&img)
+            .args(["--size", &needed.to_string()]),
+    );
     e2fsck_clean(&img);
 }
 
@@ -527,13 +748,30 @@ fn tar_of_a_directory_gives_the_same_image() {
     fs::create_dir(&src).unwrap();
     fixture(&src, false);
     let tar = d.path().join("src.tar");
-    run_ok(Command::new("tar").arg("--sort=name").arg("--format=pax").arg("-C").arg(&src).arg("-cf").arg(&tar).arg("."));
-    let (a, b, c) = (d.path().join("dir.ext4"), d.path().join("tar.ext4"), d.path().join("zst.ext4"));
+    run_ok(
+        Command::new("tar")
+            .arg("--sort=name")
+            .arg("--format=pax")
+            .arg("-C")
+            .arg(&src)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+    );
+    let (a, b, c) = (
+        d.path().join("dir.ext4"),
+        d.path().join("tar.ext4"),
+        d.path().join("zst.ext4"),
+    );
     build_repro(&src, &a, "022");
     build_repro(&tar, &b, "022");
     assert_eq!(sha256(&a), sha256(&b), "directory and tar differ");
     let zst = d.path().join("src.tar.zst");
     run_ok(Command::new("zstd").arg("-q").arg(&tar).arg("-o").arg(&zst));
     build_repro(&zst, &c, "022");
-    assert_eq!(sha256(&a), sha256(&c), "directory and compressed tar stream differ");
+    assert_eq!(
+        sha256(&a),
+        sha256(&c),
+        "directory and compressed tar stream differ"
+    );
 }

@@ -199,7 +199,10 @@ mod tests {
         a.run(BLOCKS_PER_GROUP - 10).unwrap();
         let s = a.contiguous(100).unwrap();
         assert_eq!(s, BLOCKS_PER_GROUP + 2);
-        assert_eq!(a.used(), &[(2, BLOCKS_PER_GROUP - 10), (BLOCKS_PER_GROUP + 2, 100)]);
+        assert_eq!(
+            a.used(),
+            &[(2, BLOCKS_PER_GROUP - 10), (BLOCKS_PER_GROUP + 2, 100)]
+        );
         let mut a = Allocator::new(50);
         assert_eq!(a.run(100), Err(Full));
     }

@@ -306,7 +306,14 @@ mod tests {
     #[test]
     fn small_directories_are_linear() {
         let names: Vec<Vec<u8>> = (0..10).map(|i| format!("f{i}").into_bytes()).collect();
-        let ents: Vec<Ent> = names.iter().map(|n| Ent { name: n, ino: 20, ft: 1 }).collect();
+        let ents: Vec<Ent> = names
+            .iter()
+            .map(|n| Ent {
+                name: n,
+                ino: 20,
+                ft: 1,
+            })
+            .collect();
         assert_eq!(blocks(&ents, HP).unwrap(), (1, false));
         let b = render(12, 2, &ents, HP, 0).unwrap();
         assert_eq!(b.len(), BS);
@@ -316,15 +323,31 @@ mod tests {
 
     #[test]
     fn big_directories_get_one_or_two_index_levels() {
-        let names: Vec<Vec<u8>> = (0..2000).map(|i| format!("file-{i:05}").into_bytes()).collect();
-        let ents: Vec<Ent> = names.iter().map(|n| Ent { name: n, ino: 20, ft: 1 }).collect();
+        let names: Vec<Vec<u8>> = (0..2000)
+            .map(|i| format!("file-{i:05}").into_bytes())
+            .collect();
+        let ents: Vec<Ent> = names
+            .iter()
+            .map(|n| Ent {
+                name: n,
+                ino: 20,
+                ft: 1,
+            })
+            .collect();
         let (n, idx) = blocks(&ents, HP).unwrap();
         assert!(idx && n > 2);
         assert_eq!(render(12, 2, &ents, HP, 0).unwrap().len(), n as usize * BS);
         let names: Vec<Vec<u8>> = (0..60_000)
             .map(|i| format!("entry-{i:06}-{}", "x".repeat(i % 40)).into_bytes())
             .collect();
-        let ents: Vec<Ent> = names.iter().map(|n| Ent { name: n, ino: 20, ft: 1 }).collect();
+        let ents: Vec<Ent> = names
+            .iter()
+            .map(|n| Ent {
+                name: n,
+                ino: 20,
+                ft: 1,
+            })
+            .collect();
         let s = shape(&ents, HP).unwrap().unwrap();
         assert!(s.nodes > 0, "{} leaves", s.leaves.len());
     }

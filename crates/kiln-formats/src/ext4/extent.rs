@@ -154,11 +154,19 @@ mod tests {
         let (root, blocks) = build(&exts, 7, 0);
         assert_eq!(blocks.len(), BS);
         assert_eq!(u16::from_le_bytes([root[6], root[7]]), 1, "depth 1");
-        assert_eq!(u32::from_le_bytes([root[16], root[17], root[18], root[19]]), 7);
+        assert_eq!(
+            u32::from_le_bytes([root[16], root[17], root[18], root[19]]),
+            7
+        );
         let (root, blocks) = build(&exts[..3], 7, 0);
         assert!(blocks.is_empty());
         assert_eq!(u16::from_le_bytes([root[2], root[3]]), 3);
-        let u = Ext { lblk: 0, len: 5, pblk: 9, unwritten: true };
+        let u = Ext {
+            lblk: 0,
+            len: 5,
+            pblk: 9,
+            unwritten: true,
+        };
         assert_eq!(Ext::from_raw(&u.raw()), u);
     }
 }

@@ -59,7 +59,10 @@ fn half_md4_transform(buf: &mut [u32; 4], inp: &[u32; 8]) {
     let [mut a, mut b, mut c, mut d] = *buf;
     macro_rules! round {
         ($f:expr, $a:ident, $b:ident, $c:ident, $d:ident, $x:expr, $s:expr) => {
-            $a = $a.wrapping_add($f($b, $c, $d)).wrapping_add($x).rotate_left($s);
+            $a = $a
+                .wrapping_add($f($b, $c, $d))
+                .wrapping_add($x)
+                .rotate_left($s);
         };
     }
     round!(f, a, b, c, d, inp[0], 3);
@@ -155,7 +158,10 @@ mod tests {
     #[test]
     fn signedness_only_matters_for_high_bytes() {
         let seed = DEFAULT_SEED;
-        assert_eq!(half_md4(b"abc", &seed, true), half_md4(b"abc", &seed, false));
+        assert_eq!(
+            half_md4(b"abc", &seed, true),
+            half_md4(b"abc", &seed, false)
+        );
         assert_ne!(
             half_md4(b"caf\xe9", &seed, true),
             half_md4(b"caf\xe9", &seed, false)
@@ -181,9 +187,19 @@ mod tests {
             .collect();
         let seed = seed_words(&seed_bytes.try_into().unwrap());
         let long = "x".repeat(100);
-        for name in ["a", "hello", "entry-000123-xxxxxxxxxx", long.as_str(), "12345678901234567890123456789012"] {
+        for name in [
+            "a",
+            "hello",
+            "entry-000123-xxxxxxxxxx",
+            long.as_str(),
+            "12345678901234567890123456789012",
+        ] {
             let out = std::process::Command::new(debugfs)
-                .args(["-R", &format!("dx_hash -h half_md4 -s {seed_str} {name}"), "/dev/null"])
+                .args([
+                    "-R",
+                    &format!("dx_hash -h half_md4 -s {seed_str} {name}"),
+                    "/dev/null",
+                ])
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);

@@ -469,11 +469,13 @@ impl GroupDesc {
     }
     /// Free blocks in the group.
     pub fn free_blocks(&self) -> u32 {
-        u32::from(self.free_blocks_count_lo.get()) | u32::from(self.free_blocks_count_hi.get()) << 16
+        u32::from(self.free_blocks_count_lo.get())
+            | u32::from(self.free_blocks_count_hi.get()) << 16
     }
     /// Free inodes in the group.
     pub fn free_inodes(&self) -> u32 {
-        u32::from(self.free_inodes_count_lo.get()) | u32::from(self.free_inodes_count_hi.get()) << 16
+        u32::from(self.free_inodes_count_lo.get())
+            | u32::from(self.free_inodes_count_hi.get()) << 16
     }
     /// Directories in the group.
     pub fn used_dirs(&self) -> u32 {

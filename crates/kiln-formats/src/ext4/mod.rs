@@ -28,6 +28,8 @@ mod plan;
 pub mod reader;
 pub mod slot;
 mod stream;
+#[cfg(test)]
+mod tests;
 mod write;
 pub mod xattr;
 

@@ -489,11 +489,7 @@ impl From<Error> for PlanErr {
     }
 }
 
-fn plan_inner(
-    tree: &Tree,
-    opts: &Options,
-    data: DataState,
-) -> std::result::Result<Plan, PlanErr> {
+fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Result<Plan, PlanErr> {
     if opts.label.len() > 16 {
         return Err(Error::Label(opts.label.clone()).into());
     }
@@ -554,7 +550,10 @@ fn plan_inner(
             return Err(entry_err(
                 tree,
                 id,
-                format!("{} hard links, more than ext4's {LINK_MAX}", links[id as usize]),
+                format!(
+                    "{} hard links, more than ext4's {LINK_MAX}",
+                    links[id as usize]
+                ),
             )
             .into());
         }
@@ -675,7 +674,12 @@ fn plan_inner(
                     let ents = plan.dir_entries(tree, id);
                     for e in &ents {
                         if e.name.is_empty() || e.name.len() > 255 {
-                            return Err(entry_err(tree, id, "entry name of 0 or more than 255 bytes").into());
+                            return Err(entry_err(
+                                tree,
+                                id,
+                                "entry name of 0 or more than 255 bytes",
+                            )
+                            .into());
                         }
                     }
                     let (n, indexed) = dir::blocks(&ents, hp).map_err(|t| {
@@ -693,7 +697,9 @@ fn plan_inner(
                 }
                 NodeKind::Symlink(t) => {
                     if t.is_empty() || t.len() > 4095 {
-                        return Err(entry_err(tree, id, "symlink target must be 1..=4095 bytes").into());
+                        return Err(
+                            entry_err(tree, id, "symlink target must be 1..=4095 bytes").into()
+                        );
                     }
                     if t.len() > FAST_SYMLINK_MAX {
                         own_blocks = 1;
@@ -724,8 +730,8 @@ fn plan_inner(
                         format!("xattr {:?}: {p}", String::from_utf8_lossy(&name)),
                     )
                 })?;
-                let split = xattr::split(attrs)
-                    .map_err(|p| entry_err(tree, id, format!("xattrs: {p}")))?;
+                let split =
+                    xattr::split(attrs).map_err(|p| entry_err(tree, id, format!("xattrs: {p}")))?;
                 if !split.block.is_empty() {
                     // Share a block among inodes with identical block attributes, up to the
                     // kernel's EXT4_XATTR_REFCOUNT_MAX (1024) references per block.
@@ -908,13 +914,24 @@ mod tests {
                     .collect(),
             ),
         };
-        assert_eq!(block_runs(&FileData::dense(0, DataRef::Empty)).unwrap(), vec![]);
         assert_eq!(
-            block_runs(&FileData::dense(4097, DataRef::Inline(vec![1; 4097].into()))).unwrap(),
+            block_runs(&FileData::dense(0, DataRef::Empty)).unwrap(),
+            vec![]
+        );
+        assert_eq!(
+            block_runs(&FileData::dense(
+                4097,
+                DataRef::Inline(vec![1; 4097].into())
+            ))
+            .unwrap(),
             vec![(0, 2)]
         );
         assert_eq!(
-            block_runs(&fd(1 << 20, &[(0, 10), (100, 10), (8192, 1), (40960, 4096)])).unwrap(),
+            block_runs(&fd(
+                1 << 20,
+                &[(0, 10), (100, 10), (8192, 1), (40960, 4096)]
+            ))
+            .unwrap(),
             vec![(0, 1), (2, 1), (10, 1)]
         );
         assert!(block_runs(&fd(100, &[(50, 60)])).is_err());
@@ -924,7 +941,17 @@ mod tests {
     #[test]
     fn slot_extent_counts_stay_within_the_inode() {
         for cap in [1u64, 2, 32768, 65535, MAX_SLOT_BLOCKS] {
-            for data in [0, 1, cap / 2, cap.saturating_sub(1), cap, 32767, 32768, 32769, 65537] {
+            for data in [
+                0,
+                1,
+                cap / 2,
+                cap.saturating_sub(1),
+                cap,
+                32767,
+                32768,
+                32769,
+                65537,
+            ] {
                 if data > cap {
                     continue;
                 }

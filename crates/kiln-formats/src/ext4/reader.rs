@@ -34,7 +34,10 @@ impl ReadAt for [u8] {
                 buf.copy_from_slice(s);
                 Ok(())
             }
-            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the image")),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the image",
+            )),
         }
     }
 }
@@ -98,21 +101,34 @@ impl<R: ReadAt> Reader<R> {
     pub fn open(r: R) -> Result<Self> {
         let mut raw = [0u8; 1024];
         read(&r, SUPERBLOCK_OFFSET, &mut raw)?;
-        let sb = Superblock::read_from_bytes(&raw).map_err(|_| corrupt(SUPERBLOCK_OFFSET, "short superblock"))?;
+        let sb = Superblock::read_from_bytes(&raw)
+            .map_err(|_| corrupt(SUPERBLOCK_OFFSET, "short superblock"))?;
         if sb.magic.get() != EXT4_MAGIC {
-            return Err(corrupt(SUPERBLOCK_OFFSET + 0x38, format!("bad magic {:#06x}", sb.magic.get())));
+            return Err(corrupt(
+                SUPERBLOCK_OFFSET + 0x38,
+                format!("bad magic {:#06x}", sb.magic.get()),
+            ));
         }
         if sb.log_block_size.get() != 2 {
-            return Err(corrupt(SUPERBLOCK_OFFSET + 0x18, "only 4096-byte blocks are supported"));
+            return Err(corrupt(
+                SUPERBLOCK_OFFSET + 0x18,
+                "only 4096-byte blocks are supported",
+            ));
         }
         let csum_on = sb.feature_ro_compat.get() & RO_COMPAT_METADATA_CSUM != 0;
         if csum_on && csum::superblock(&raw) != sb.checksum.get() {
-            return Err(corrupt(SUPERBLOCK_OFFSET + 0x3FC, "superblock checksum mismatch"));
+            return Err(corrupt(
+                SUPERBLOCK_OFFSET + 0x3FC,
+                "superblock checksum mismatch",
+            ));
         }
         let bpg = u64::from(sb.blocks_per_group.get());
         let ipg = sb.inodes_per_group.get();
         if bpg == 0 || bpg > BLOCKS_PER_GROUP || ipg == 0 || ipg > MAX_INODES_PER_GROUP {
-            return Err(corrupt(SUPERBLOCK_OFFSET + 0x20, "bad blocks or inodes per group"));
+            return Err(corrupt(
+                SUPERBLOCK_OFFSET + 0x20,
+                "bad blocks or inodes per group",
+            ));
         }
         if sb.inode_size.get() < 128 || usize::from(sb.inode_size.get()) > BS {
             return Err(corrupt(SUPERBLOCK_OFFSET + 0x58, "bad inode size"));
@@ -121,7 +137,11 @@ impl<R: ReadAt> Reader<R> {
         let first = u64::from(sb.first_data_block.get());
         let groups = blocks.saturating_sub(first).div_ceil(bpg);
         let is64 = sb.feature_incompat.get() & INCOMPAT_64BIT != 0;
-        let dsize = if is64 { usize::from(sb.desc_size.get()) } else { 32 };
+        let dsize = if is64 {
+            usize::from(sb.desc_size.get())
+        } else {
+            32
+        };
         if !(32..=BS).contains(&dsize) || !dsize.is_power_of_two() {
             return Err(corrupt(SUPERBLOCK_OFFSET + 0xFE, "bad descriptor size"));
         }
@@ -137,7 +157,10 @@ impl<R: ReadAt> Reader<R> {
         for b in 0..groups.div_ceil(per_block) {
             let loc = if meta_bg && b >= first_meta {
                 if per_block != DESCS_PER_BLOCK {
-                    return Err(corrupt(SUPERBLOCK_OFFSET + 0xFE, "meta_bg needs 64-byte descriptors here"));
+                    return Err(corrupt(
+                        SUPERBLOCK_OFFSET + 0xFE,
+                        "meta_bg needs 64-byte descriptors here",
+                    ));
                 }
                 desc_block_in_group(b * per_block)
             } else {
@@ -152,9 +175,16 @@ impl<R: ReadAt> Reader<R> {
                 let at = k as usize * dsize;
                 let mut d64 = [0u8; 64];
                 d64[..dsize.min(64)].copy_from_slice(&block[at..at + dsize.min(64)]);
-                let d = GroupDesc::read_from_bytes(&d64).map_err(|_| corrupt(loc * BLOCK_SIZE, "short descriptor"))?;
-                if csum_on && dsize == 64 && csum::group_desc(fs_seed, g as u32, &d64) != d.checksum.get() {
-                    return Err(corrupt(loc * BLOCK_SIZE + at as u64, format!("group {g} descriptor checksum mismatch")));
+                let d = GroupDesc::read_from_bytes(&d64)
+                    .map_err(|_| corrupt(loc * BLOCK_SIZE, "short descriptor"))?;
+                if csum_on
+                    && dsize == 64
+                    && csum::group_desc(fs_seed, g as u32, &d64) != d.checksum.get()
+                {
+                    return Err(corrupt(
+                        loc * BLOCK_SIZE + at as u64,
+                        format!("group {g} descriptor checksum mismatch"),
+                    ));
                 }
                 descs.push(d);
             }
@@ -209,7 +239,11 @@ impl<R: ReadAt> Reader<R> {
         let mut raw = [0u8; 256];
         let n = usize::from(self.sb.inode_size.get()).min(256);
         read(&self.r, off, &mut raw[..n])?;
-        if self.csum && n == 256 && raw.iter().any(|&b| b != 0) && csum::inode(self.fs_seed, ino, &raw) != csum::stored_inode(&raw) {
+        if self.csum
+            && n == 256
+            && raw.iter().any(|&b| b != 0)
+            && csum::inode(self.fs_seed, ino, &raw) != csum::stored_inode(&raw)
+        {
             return Err(corrupt(off, format!("inode {ino} checksum mismatch")));
         }
         Ok(raw)
@@ -232,12 +266,21 @@ impl<R: ReadAt> Reader<R> {
         Ok(out)
     }
 
-    fn walk_node(&self, node: &[u8], max_entries: usize, seed: u32, at: Option<u64>, out: &mut Vec<Ext>, depth_guard: u32) -> Result<()> {
+    fn walk_node(
+        &self,
+        node: &[u8],
+        max_entries: usize,
+        seed: u32,
+        at: Option<u64>,
+        out: &mut Vec<Ext>,
+        depth_guard: u32,
+    ) -> Result<()> {
         let off = at.unwrap_or(0);
         if depth_guard > 5 {
             return Err(corrupt(off, "extent tree deeper than 5 levels"));
         }
-        let h = ExtentHeader::read_from_bytes(&node[..12]).map_err(|_| corrupt(off, "short extent header"))?;
+        let h = ExtentHeader::read_from_bytes(&node[..12])
+            .map_err(|_| corrupt(off, "short extent header"))?;
         if h.magic.get() != EXTENT_MAGIC {
             return Err(corrupt(off, "bad extent header magic"));
         }
@@ -249,7 +292,12 @@ impl<R: ReadAt> Reader<R> {
             if self.csum {
                 let tail = 12 + 12 * usize::from(h.max.get());
                 if tail + 4 <= BS {
-                    let want = u32::from_le_bytes([node[tail], node[tail + 1], node[tail + 2], node[tail + 3]]);
+                    let want = u32::from_le_bytes([
+                        node[tail],
+                        node[tail + 1],
+                        node[tail + 2],
+                        node[tail + 3],
+                    ]);
                     if csum::crc32c_raw(seed, &node[..tail]) != want {
                         return Err(corrupt(blk, "extent block checksum mismatch"));
                     }
@@ -265,11 +313,21 @@ impl<R: ReadAt> Reader<R> {
                 let idx = ExtentIdx::read_from_bytes(e).map_err(|_| corrupt(off, "short index"))?;
                 let child = u64::from(idx.leaf_lo.get()) | u64::from(idx.leaf_hi.get()) << 32;
                 if child >= self.blocks() {
-                    return Err(corrupt(off, format!("extent index points past the end (block {child})")));
+                    return Err(corrupt(
+                        off,
+                        format!("extent index points past the end (block {child})"),
+                    ));
                 }
                 let mut b = vec![0u8; BS];
                 read(&self.r, child * BLOCK_SIZE, &mut b)?;
-                self.walk_node(&b, EXTENTS_PER_BLOCK, seed, Some(child * BLOCK_SIZE), out, depth_guard + 1)?;
+                self.walk_node(
+                    &b,
+                    EXTENTS_PER_BLOCK,
+                    seed,
+                    Some(child * BLOCK_SIZE),
+                    out,
+                    depth_guard + 1,
+                )?;
             }
         }
         Ok(())
@@ -280,9 +338,13 @@ impl<R: ReadAt> Reader<R> {
     pub fn read_data(&self, ino: u32) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
         let size = inode.size();
-        let len = usize::try_from(size).map_err(|_| corrupt(0, "file too large to read into memory"))?;
+        let len =
+            usize::try_from(size).map_err(|_| corrupt(0, "file too large to read into memory"))?;
         if len > 1 << 31 {
-            return Err(corrupt(0, format!("inode {ino}: {size} bytes is too large to read into memory")));
+            return Err(corrupt(
+                0,
+                format!("inode {ino}: {size} bytes is too large to read into memory"),
+            ));
         }
         let mut out = vec![0u8; len];
         for e in self.extents(ino, &inode)? {
@@ -295,9 +357,16 @@ impl<R: ReadAt> Reader<R> {
             }
             let to = (from + u64::from(e.len) * BLOCK_SIZE).min(size);
             if e.pblk + u64::from(e.len) > self.blocks() {
-                return Err(corrupt(0, format!("inode {ino}: extent past the end of the filesystem")));
+                return Err(corrupt(
+                    0,
+                    format!("inode {ino}: extent past the end of the filesystem"),
+                ));
             }
-            read(&self.r, e.pblk * BLOCK_SIZE, &mut out[from as usize..to as usize])?;
+            read(
+                &self.r,
+                e.pblk * BLOCK_SIZE,
+                &mut out[from as usize..to as usize],
+            )?;
         }
         Ok(out)
     }
@@ -307,11 +376,9 @@ impl<R: ReadAt> Reader<R> {
         let inode = self.inode(ino)?;
         let size = inode.size() as usize;
         if inode.flags.get() & INODE_EXTENTS_FL == 0 {
-            return inode
-                .block
-                .get(..size)
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| corrupt(0, format!("inode {ino}: fast symlink longer than 60 bytes")));
+            return inode.block.get(..size).map(<[u8]>::to_vec).ok_or_else(|| {
+                corrupt(0, format!("inode {ino}: fast symlink longer than 60 bytes"))
+            });
         }
         self.read_data(ino)
     }
@@ -321,7 +388,12 @@ impl<R: ReadAt> Reader<R> {
         let data = self.read_data(ino)?;
         let mut out = Vec::new();
         for (b, block) in data.chunks(BS).enumerate() {
-            parse_block(block, &mut out).map_err(|at| corrupt(0, format!("directory inode {ino}, block {b}, byte {at}: bad entry")))?;
+            parse_block(block, &mut out).map_err(|at| {
+                corrupt(
+                    0,
+                    format!("directory inode {ino}, block {b}, byte {at}: bad entry"),
+                )
+            })?;
         }
         Ok(out)
     }
@@ -330,16 +402,26 @@ impl<R: ReadAt> Reader<R> {
     pub fn lookup(&self, dir: u32, name: &[u8]) -> Result<Option<u32>> {
         let inode = self.inode(dir)?;
         if inode.flags.get() & INODE_INDEX_FL == 0 {
-            return Ok(self.dir_entries(dir)?.into_iter().find(|e| e.name == name).map(|e| e.ino));
+            return Ok(self
+                .dir_entries(dir)?
+                .into_iter()
+                .find(|e| e.name == name)
+                .map(|e| e.ino));
         }
         let exts = self.extents(dir, &inode)?;
         let block_of = |l: u32| -> Result<Vec<u8>> {
             let e = exts
                 .iter()
                 .find(|e| l >= e.lblk && l < e.lblk + e.len)
-                .ok_or_else(|| corrupt(0, format!("directory {dir}: logical block {l} unmapped")))?;
+                .ok_or_else(|| {
+                    corrupt(0, format!("directory {dir}: logical block {l} unmapped"))
+                })?;
             let mut b = vec![0u8; BS];
-            read(&self.r, (e.pblk + u64::from(l - e.lblk)) * BLOCK_SIZE, &mut b)?;
+            read(
+                &self.r,
+                (e.pblk + u64::from(l - e.lblk)) * BLOCK_SIZE,
+                &mut b,
+            )?;
             Ok(b)
         };
         let root = block_of(0)?;
@@ -351,14 +433,17 @@ impl<R: ReadAt> Reader<R> {
             if count == 0 || at + count * 8 > BS {
                 return Err(corrupt(0, format!("directory {dir}: bad dx count")));
             }
-            let mut chosen = u32::from_le_bytes([block[at + 4], block[at + 5], block[at + 6], block[at + 7]]);
+            let mut chosen =
+                u32::from_le_bytes([block[at + 4], block[at + 5], block[at + 6], block[at + 7]]);
             for k in 1..count {
                 let p = at + k * 8;
-                let h = u32::from_le_bytes([block[p], block[p + 1], block[p + 2], block[p + 3]]) & !1;
+                let h =
+                    u32::from_le_bytes([block[p], block[p + 1], block[p + 2], block[p + 3]]) & !1;
                 if h > hash {
                     break;
                 }
-                chosen = u32::from_le_bytes([block[p + 4], block[p + 5], block[p + 6], block[p + 7]]);
+                chosen =
+                    u32::from_le_bytes([block[p + 4], block[p + 5], block[p + 6], block[p + 7]]);
             }
             Ok(chosen)
         };
@@ -372,11 +457,14 @@ impl<R: ReadAt> Reader<R> {
         let mut l = leaf;
         while l < total {
             let mut ents = Vec::new();
-            parse_block(&block_of(l)?, &mut ents).map_err(|at| corrupt(0, format!("directory {dir}: bad leaf entry at {at}")))?;
+            parse_block(&block_of(l)?, &mut ents)
+                .map_err(|at| corrupt(0, format!("directory {dir}: bad leaf entry at {at}")))?;
             if let Some(e) = ents.iter().find(|e| e.name == name) {
                 return Ok(Some(e.ino));
             }
-            let past = ents.iter().any(|e| half_md4(&e.name, &seed_words(&self.sb.hash_seed), signed).0 > hash);
+            let past = ents
+                .iter()
+                .any(|e| half_md4(&e.name, &seed_words(&self.sb.hash_seed), signed).0 > hash);
             if past {
                 break;
             }
@@ -404,7 +492,10 @@ impl<R: ReadAt> Reader<R> {
         let mut attrs = Vec::new();
         let start = 128 + usize::from(inode.extra_isize.get());
         if start + 4 <= 256 && raw[start..start + 4] == XATTR_MAGIC.to_le_bytes() {
-            attrs.extend(xattr::parse(&raw[start..], 4, 4).ok_or_else(|| corrupt(0, format!("inode {ino}: bad in-inode xattrs")))?);
+            attrs.extend(
+                xattr::parse(&raw[start..], 4, 4)
+                    .ok_or_else(|| corrupt(0, format!("inode {ino}: bad in-inode xattrs")))?,
+            );
         }
         let blk = inode.file_acl();
         if blk != 0 {
@@ -419,7 +510,10 @@ impl<R: ReadAt> Reader<R> {
                     return Err(corrupt(blk * BLOCK_SIZE, "xattr block checksum mismatch"));
                 }
             }
-            attrs.extend(xattr::parse(&b, 32, 0).ok_or_else(|| corrupt(blk * BLOCK_SIZE, "bad xattr block entries"))?);
+            attrs.extend(
+                xattr::parse(&b, 32, 0)
+                    .ok_or_else(|| corrupt(blk * BLOCK_SIZE, "bad xattr block entries"))?,
+            );
         }
         let mut out: Vec<(Vec<u8>, Vec<u8>)> = attrs
             .into_iter()
@@ -445,7 +539,8 @@ impl<R: ReadAt> Reader<R> {
 }
 
 fn read<R: ReadAt + ?Sized>(r: &R, offset: u64, buf: &mut [u8]) -> Result<()> {
-    r.read_at(offset, buf).map_err(|source| Error::ReadImage { offset, source })
+    r.read_at(offset, buf)
+        .map_err(|source| Error::ReadImage { offset, source })
 }
 
 /// Parses the live entries of one directory block; `Err(byte)` on a malformed record.

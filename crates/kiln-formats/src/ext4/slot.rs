@@ -28,7 +28,8 @@ pub fn reservation(inode: &[u8; 256], ino: u32) -> Result<(u64, u64)> {
     if i.flags.get() & INODE_EXTENTS_FL == 0 {
         return Err(bad(ino, "inode does not use extents"));
     }
-    let h = ExtentHeader::read_from_bytes(&i.block[..12]).map_err(|_| bad(ino, "short extent header"))?;
+    let h = ExtentHeader::read_from_bytes(&i.block[..12])
+        .map_err(|_| bad(ino, "short extent header"))?;
     if h.magic.get() != EXTENT_MAGIC || h.depth.get() != 0 {
         return Err(bad(ino, "not a slot: extent tree is not held in the inode"));
     }
@@ -61,7 +62,10 @@ pub fn rewrite_inode(base: &[u8; 256], fs_seed: u32, ino: u32, new_size: u64) ->
     if new_size > cap * BLOCK_SIZE {
         return Err(bad(
             ino,
-            format!("payload of {new_size} bytes exceeds the slot capacity of {} bytes", cap * BLOCK_SIZE),
+            format!(
+                "payload of {new_size} bytes exceeds the slot capacity of {} bytes",
+                cap * BLOCK_SIZE
+            ),
         ));
     }
     let exts = slot_extents(pblk, cap, new_size.div_ceil(BLOCK_SIZE));

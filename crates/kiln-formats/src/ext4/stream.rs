@@ -51,7 +51,9 @@ impl<'a> StreamWriter<'a> {
 
     fn full(&self) -> io::Error {
         io::Error::other(match self.opts.size {
-            super::Size::Fixed(b) => format!("image full: file data alone exceeds the {b}-byte filesystem size"),
+            super::Size::Fixed(b) => {
+                format!("image full: file data alone exceeds the {b}-byte filesystem size")
+            }
             super::Size::Minimize { .. } => format!(
                 "image full: file data exceeds the {}-byte output limit",
                 self.sink.len()
@@ -69,9 +71,19 @@ impl Placer for StreamWriter<'_> {
         };
         let exts = &self.data.extents[start as usize..(start + count) as usize];
         let mut read = |_off: u64, b: &mut [u8]| data.read_exact(b);
-        copy_file(file, exts, self.sink, &mut self.buf, &mut read, self.progress).map_err(|e| match e {
+        copy_file(
+            file,
+            exts,
+            self.sink,
+            &mut self.buf,
+            &mut read,
+            self.progress,
+        )
+        .map_err(|e| match e {
             CopyErr::Read(e) => e,
-            CopyErr::Write(off, e) => io::Error::new(e.kind(), format!("writing the image at byte {off}: {e}")),
+            CopyErr::Write(off, e) => {
+                io::Error::new(e.kind(), format!("writing the image at byte {off}: {e}"))
+            }
         })?;
         // Whatever the source still has for this entry (it must be nothing) is not ours.
         let idx = u32::try_from(self.data.placed.len()).map_err(io::Error::other)?;

@@ -234,9 +234,10 @@ impl Plan {
                 _ => None,
             })
             .collect();
-        files.par_iter().with_min_len(8).try_for_each_init(
-            Vec::new,
-            |buf, &(ino, fd)| {
+        files
+            .par_iter()
+            .with_min_len(8)
+            .try_for_each_init(Vec::new, |buf, &(ino, fd)| {
                 let mut read = |off: u64, b: &mut [u8]| contents.read_at(fd, off, b);
                 copy_file(fd, self.exts(ino), sink, buf, &mut read, progress).map_err(|e| {
                     let Src::Node(id) = self.inodes[ino as usize - 1].src else {
@@ -250,8 +251,7 @@ impl Plan {
                         CopyErr::Write(offset, source) => Error::Write { offset, source },
                     }
                 })
-            },
-        )
+            })
     }
 
     fn write_metadata(&self, tree: &Tree, sink: &dyn Sink) -> Result<()> {
@@ -262,23 +262,25 @@ impl Plan {
             let seed = csum::inode_seed(self.fs_seed, ino, 0);
             let exts = self.exts(ino);
             match info.src {
-                Src::Node(id) => match &tree.node(id).kind {
-                    NodeKind::Dir(_) => {
-                        let ents = self.dir_entries(tree, id);
-                        let bytes = dir::render(ino, info.parent, &ents, self.hp, seed)
-                            .map_err(|t| Error::Entry {
-                                path: path_of(tree, id),
-                                msg: format!("directory needs {} leaf blocks", t.leaves),
-                            })?;
-                        write_mapped(sink, exts, &bytes)?;
+                Src::Node(id) => {
+                    match &tree.node(id).kind {
+                        NodeKind::Dir(_) => {
+                            let ents = self.dir_entries(tree, id);
+                            let bytes = dir::render(ino, info.parent, &ents, self.hp, seed)
+                                .map_err(|t| Error::Entry {
+                                    path: path_of(tree, id),
+                                    msg: format!("directory needs {} leaf blocks", t.leaves),
+                                })?;
+                            write_mapped(sink, exts, &bytes)?;
+                        }
+                        NodeKind::Symlink(t) if t.len() > FAST_SYMLINK_MAX => {
+                            let mut b = vec![0u8; BS];
+                            b[..t.len()].copy_from_slice(t);
+                            write_mapped(sink, exts, &b)?;
+                        }
+                        _ => {}
                     }
-                    NodeKind::Symlink(t) if t.len() > FAST_SYMLINK_MAX => {
-                        let mut b = vec![0u8; BS];
-                        b[..t.len()].copy_from_slice(t);
-                        write_mapped(sink, exts, &b)?;
-                    }
-                    _ => {}
-                },
+                }
                 Src::LostFound => {
                     write_mapped(sink, exts, &lost_found_blocks(ino, seed))?;
                 }
@@ -506,7 +508,11 @@ impl Plan {
         }
         s.feature_compat = U32::new(compat);
         s.feature_incompat = U32::new(
-            INCOMPAT_FILETYPE | INCOMPAT_META_BG | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG,
+            INCOMPAT_FILETYPE
+                | INCOMPAT_META_BG
+                | INCOMPAT_EXTENTS
+                | INCOMPAT_64BIT
+                | INCOMPAT_FLEX_BG,
         );
         s.feature_ro_compat = U32::new(
             RO_COMPAT_SPARSE_SUPER
@@ -534,7 +540,8 @@ impl Plan {
             s.jnl_backup_type = JNL_BACKUP_BLOCKS;
             let exts = self.exts(JOURNAL_INO);
             let seed = csum::inode_seed(self.fs_seed, JOURNAL_INO, 0);
-            let (root, _) = extent::build(exts, self.inodes[JOURNAL_INO as usize - 1].tree_block, seed);
+            let (root, _) =
+                extent::build(exts, self.inodes[JOURNAL_INO as usize - 1].tree_block, seed);
             for k in 0..15 {
                 s.jnl_blocks[k] = U32::new(u32::from_le_bytes([
                     root[4 * k],

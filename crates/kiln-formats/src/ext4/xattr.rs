@@ -152,9 +152,7 @@ pub fn to_disk(xattrs: &[crate::fstree::Xattr]) -> Result<Vec<DiskXattr>, (Vec<u
             value,
         });
     }
-    out.sort_by(|a, b| {
-        (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name))
-    });
+    out.sort_by(|a, b| (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name)));
     Ok(out)
 }
 
@@ -190,8 +188,12 @@ pub fn split(attrs: Vec<DiskXattr>) -> Result<Split, XattrProblem> {
             s.block.push(x);
         }
     }
-    let block_need: usize =
-        32 + 4 + s.block.iter().map(|x| entry_size(x) + value_size(x)).sum::<usize>();
+    let block_need: usize = 32
+        + 4
+        + s.block
+            .iter()
+            .map(|x| entry_size(x) + value_size(x))
+            .sum::<usize>();
     if !s.block.is_empty() && block_need > BS {
         return Err(XattrProblem::TooLarge(block_need));
     }
@@ -270,7 +272,11 @@ pub fn parse(area: &[u8], entries_at: usize, values_base: usize) -> Option<Vec<D
         let name = area.get(e + 16..e + 16 + nl)?;
         let vs = head.value_size.get() as usize;
         let vo = values_base + usize::from(head.value_offs.get());
-        let value = if vs == 0 { &[][..] } else { area.get(vo..vo + vs)? };
+        let value = if vs == 0 {
+            &[][..]
+        } else {
+            area.get(vo..vo + vs)?
+        };
         out.push(DiskXattr {
             index: head.name_index,
             name: name.into(),
@@ -298,7 +304,10 @@ mod tests {
         assert_eq!(split_name(b"user.foo"), (1, &b"foo"[..]));
         assert_eq!(split_name(b"security.selinux"), (6, &b"selinux"[..]));
         assert_eq!(split_name(b"system.posix_acl_access"), (2, &b""[..]));
-        assert_eq!(split_name(b"system.posix_acl_accessX"), (7, &b"posix_acl_accessX"[..]));
+        assert_eq!(
+            split_name(b"system.posix_acl_accessX"),
+            (7, &b"posix_acl_accessX"[..])
+        );
         assert_eq!(split_name(b"weird"), (0, &b"weird"[..]));
         assert_eq!(join_name(6, b"capability"), b"security.capability");
     }
@@ -306,7 +315,13 @@ mod tests {
     #[test]
     fn acl_round_trip() {
         let mut v = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [(1u16, 7u16, u32::MAX), (2, 5, 1000), (4, 5, u32::MAX), (16, 7, u32::MAX), (32, 4, u32::MAX)] {
+        for (tag, perm, id) in [
+            (1u16, 7u16, u32::MAX),
+            (2, 5, 1000),
+            (4, 5, u32::MAX),
+            (16, 7, u32::MAX),
+            (32, 4, u32::MAX),
+        ] {
             v.extend_from_slice(&tag.to_le_bytes());
             v.extend_from_slice(&perm.to_le_bytes());
             v.extend_from_slice(&id.to_le_bytes());

@@ -72,16 +72,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown size suffix {c:?} (use K, M, G or T)")),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown size suffix {c:?} (use K, M, G or T)"
+                    ))
+                }
             };
             (&s[..i], m)
         }
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (a whole number with an optional K/M/G/T suffix)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a size (a whole number with an optional K/M/G/T suffix)")
+    })?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_seed(s: &str) -> Result<repart::Uuid, String> {
@@ -103,8 +108,10 @@ fn progress_bar(total: Option<u64>) -> Option<ProgressBar> {
         Some(t) => {
             let pb = ProgressBar::new(t);
             pb.set_style(
-                ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             pb
         }
@@ -139,13 +146,16 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
     opts.timestamp = norm.source_date_epoch.unwrap_or(0);
 
     let source = SourceArg::parse(&a.source);
-    let opened = kiln_tree::open(&source).with_context(|| format!("reading {}", a.source.display()))?;
+    let opened =
+        kiln_tree::open(&source).with_context(|| format!("reading {}", a.source.display()))?;
     let report = match opened {
         Opened::Indexed(mut tree, contents) => {
             norm.apply(&mut tree);
             // Plan first: a tree that does not fit fails before any output exists.
-            let plan = ext4::plan(&tree, &opts).with_context(|| format!("laying out {}", a.source.display()))?;
-            let out = AtomicFile::create(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
+            let plan = ext4::plan(&tree, &opts)
+                .with_context(|| format!("laying out {}", a.source.display()))?;
+            let out = AtomicFile::create(&a.output)
+                .with_context(|| format!("creating {}", a.output.display()))?;
             let len = a.size.unwrap_or(0).max(plan.size_bytes());
             out.file()
                 .set_len(len)
@@ -163,11 +173,13 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
             if let Some(pb) = pb {
                 pb.finish_and_clear();
             }
-            out.commit().with_context(|| format!("committing {}", a.output.display()))?;
+            out.commit()
+                .with_context(|| format!("committing {}", a.output.display()))?;
             report
         }
         Opened::Stream(stream) => {
-            let out = AtomicFile::create(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
+            let out = AtomicFile::create(&a.output)
+                .with_context(|| format!("creating {}", a.output.display()))?;
             // A stream's size is unknown until its end: the window bounds what it may write
             // (the requested size, or ext4's practical maximum when minimizing).
             let window = a.size.unwrap_or(1 << 44);
@@ -195,7 +207,8 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
             out.file()
                 .set_len(len)
                 .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
-            out.commit().with_context(|| format!("committing {}", a.output.display()))?;
+            out.commit()
+                .with_context(|| format!("committing {}", a.output.display()))?;
             report
         }
     };
@@ -228,7 +241,9 @@ fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
