@@ -153,6 +153,21 @@ fn sample_tree() -> Tree {
         )
         .unwrap();
     }
+    // High bytes hash differently with signed chars: e2fsck checks the htree order.
+    for i in 0..600u32 {
+        let name = [
+            b"hi-".as_slice(),
+            &[0x80 + (i % 128) as u8, 0xFF - (i / 128) as u8],
+            format!("-{i}").as_bytes(),
+        ]
+        .concat();
+        t.insert(
+            [b"high/".as_slice(), &name].concat().as_slice(),
+            file(vec![]),
+            &m,
+        )
+        .unwrap();
+    }
     let _ = xid;
     t
 }
