@@ -95,6 +95,7 @@ pub fn journal_superblock(jsb: &[u8]) -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -129,6 +129,7 @@ pub fn build(exts: &[Ext], first_tree_block: u64, seed: u32) -> ([u8; 60], Vec<u
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

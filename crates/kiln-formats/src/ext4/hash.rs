@@ -144,6 +144,7 @@ pub fn xattr_block(entry_hashes: impl IntoIterator<Item = u32>) -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

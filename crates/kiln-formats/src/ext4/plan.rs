@@ -528,7 +528,7 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
             continue;
         }
         let ino = u32::try_from(inodes.len() + 1)
-            .map_err(|_| Error::from(entry_err(tree, id, "more than 2^32 inodes")))?;
+            .map_err(|_| entry_err(tree, id, "more than 2^32 inodes"))?;
         node_ino[id as usize] = ino;
         inodes.push(Ino::new(Src::Node(id)));
     }
@@ -900,6 +900,7 @@ fn layout_tail(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

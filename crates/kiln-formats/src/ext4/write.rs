@@ -375,7 +375,7 @@ impl Plan {
         let exts = self.exts(ino);
         let seed = csum::inode_seed(self.fs_seed, ino, 0);
         let mapped: u64 = exts.iter().map(|e| u64::from(e.len)).sum();
-        let tree_blocks = extent::tree_blocks(exts.len()) as u64;
+        let tree_blocks = extent::tree_blocks(exts.len());
         let mut blocks = mapped + tree_blocks;
         let mut flags = 0u32;
         let mut use_extents = true;
@@ -713,6 +713,7 @@ fn lost_found_blocks(ino: u32, seed: u32) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

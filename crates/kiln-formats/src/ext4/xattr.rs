@@ -288,6 +288,7 @@ pub fn parse(area: &[u8], entries_at: usize, values_base: usize) -> Option<Vec<D
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::fstree::Xattr;
