@@ -736,7 +736,8 @@ fn reproducible_across_dirs_order_and_umask() {
     );
 }
 
-const PINNED_FIXTURE_SHA256: &str = "0620ec0888e45391079b6e0cbc8e91e116b18dc7ec8e52c3c575e30a1b20ae22";
+const PINNED_FIXTURE_SHA256: &str =
+    "0620ec0888e45391079b6e0cbc8e91e116b18dc7ec8e52c3c575e30a1b20ae22";
 
 #[test]
 fn too_small_size_is_an_error_and_leaves_no_output() {

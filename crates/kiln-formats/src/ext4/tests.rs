@@ -515,3 +515,35 @@ fn reader_rejects_garbage_without_panicking() {
     assert!(r.read_data(12).is_err());
     let _ = r.resolve(b"/files/f1");
 }
+
+#[test]
+fn lost_found_from_the_tree_is_kept_and_link_limits_are_enforced() {
+    let m = meta(0o755, 0);
+    let mut t = Tree::new(m.clone());
+    t.insert(b"lost+found/orphan", file(b"x".to_vec()), &m)
+        .unwrap();
+    let img = build_mem(&t, &opts());
+    e2fsck_bytes(&img);
+    let r = Reader::open(img).unwrap();
+    assert_eq!(r.resolve(b"/lost+found").unwrap(), Some(layout::FIRST_INO));
+    assert!(r.resolve(b"/lost+found/orphan").unwrap().is_some());
+
+    // A file named lost+found means no lost+found directory; still clean.
+    let mut t = Tree::new(m.clone());
+    t.insert(b"lost+found", file(b"not a dir".to_vec()), &m)
+        .unwrap();
+    e2fsck_bytes(&build_mem(&t, &opts()));
+
+    // More hard links than ext4 counts is refused, naming the file.
+    let mut t = Tree::new(m.clone());
+    let f = t.insert(b"target", file(b"x".to_vec()), &m).unwrap();
+    let d = t.mkdir_p(b"links", &m).unwrap();
+    for i in 0..layout::LINK_MAX {
+        t.link(d, format!("l{i}").as_bytes(), f);
+    }
+    let e = plan(&t, &opts()).unwrap_err().to_string();
+    assert!(
+        e.contains("/links/l0") && e.contains("65001 hard links"),
+        "{e}"
+    );
+}

@@ -145,6 +145,10 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
     opts.journal = a.journal;
     opts.timestamp = norm.source_date_epoch.unwrap_or(0);
 
+    if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the output directory {}", parent.display()))?;
+    }
     let source = SourceArg::parse(&a.source);
     let opened =
         kiln_tree::open(&source).with_context(|| format!("reading {}", a.source.display()))?;
