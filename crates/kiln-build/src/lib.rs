@@ -1,1 +1,7 @@
 //! kiln-build: a `kiln.toml` spec and a source tree become a reproducible disk image.
+
+pub mod budget;
+pub mod layout;
+pub mod prepare;
+pub mod spec;
+pub mod sysupdate;
