@@ -18,6 +18,23 @@ fn kiln() -> Command {
     c
 }
 
+/// A scratch directory, in memory (/dev/shm) when the machine has it: these tests write and
+/// read back hundreds of MB, and disk writeback would dominate their run time.
+fn scratch() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let b = {
+        let mut b = tempfile::Builder::new();
+        b.prefix("kiln-ext4-test");
+        b
+    };
+    if shm.is_dir() {
+        if let Ok(d) = b.tempdir_in(shm) {
+            return d;
+        }
+    }
+    b.tempdir().unwrap()
+}
+
 fn e2fsck_clean(img: &Path) {
     let out = run(Command::new(require_tool("e2fsck")).arg("-fn").arg(img));
     assert!(
@@ -32,7 +49,7 @@ fn e2fsck_clean(img: &Path) {
 
 /// Runs debugfs commands from a file (one process for many commands) and returns stdout.
 fn debugfs_batch(img: &Path, cmds: &[String]) -> String {
-    let d = tempfile::tempdir().unwrap();
+    let d = scratch();
     let f = d.path().join("cmds");
     let mut text = Vec::new();
     for c in cmds {
@@ -222,7 +239,7 @@ fn compare_stats(img: &Path, src: &Path, paths: &[PathBuf]) {
     assert_eq!(blocks.len(), paths.len(), "debugfs stat output:\n{text}");
     let mut by_src_ino: BTreeMap<(u64, u64), u64> = BTreeMap::new();
     let mut xattr_cmds = Vec::new();
-    let ea_dir = tempfile::tempdir().unwrap();
+    let ea_dir = scratch();
     let mut expected_values = Vec::new();
     for (p, b) in paths.iter().zip(blocks) {
         let got = parse_stat(&format!("Inode: {b}"));
@@ -283,7 +300,7 @@ fn compare_mount(img: &Path, src: &Path) {
         eprintln!("SKIPPED: kernel mount comparison needs root and loop devices");
         return;
     }
-    let mnt = tempfile::tempdir().unwrap();
+    let mnt = scratch();
     let out = run(Command::new("mount")
         .args(["-o", "ro,loop"])
         .arg(img)
@@ -370,14 +387,11 @@ fn compare_mount(img: &Path, src: &Path) {
 #[test]
 fn corpus_is_clean_and_round_trips() {
     let t = std::time::Instant::now();
-    let corpus = tempfile::Builder::new()
-        .prefix("kiln-ext4-corpus")
-        .tempdir()
-        .unwrap();
+    let corpus = scratch();
     let src = corpus.path();
     generate_corpus(src, CorpusOptions::default());
     eprintln!("corpus generated: {:?}", t.elapsed());
-    let d = tempfile::tempdir().unwrap();
+    let d = scratch();
     let img = &d.path().join("corpus.ext4");
     let out = run_ok(
         kiln()
@@ -402,7 +416,7 @@ fn corpus_is_clean_and_round_trips() {
 
     // rdump every top-level entry except the 5 GiB sparse file, which debugfs would write
     // out densely; that one is checked through its extent map (and the mount below).
-    let out = tempfile::tempdir().unwrap();
+    let out = scratch();
     let mut cmds = Vec::new();
     for e in fs::read_dir(src).unwrap() {
         let name = e.unwrap().file_name();
@@ -477,7 +491,7 @@ fn corpus_is_clean_and_round_trips() {
 
 #[test]
 fn journal_on_request() {
-    let d = tempfile::tempdir().unwrap();
+    let d = scratch();
     let src = d.path().join("src");
     fs::create_dir(&src).unwrap();
     fs::write(src.join("f"), b"journal test").unwrap();
@@ -516,6 +530,40 @@ fn journal_on_request() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("has_journal"));
     compare_mount(&img, &src);
     mount_rw_and_recheck(&img);
+
+    // A minimized image with room to grow: free blocks and inodes as asked, writable.
+    let min = d.path().join("m.ext4");
+    run_ok(
+        kiln()
+            .args(["mkfs", "ext4"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&min)
+            .args([
+                "--minimize",
+                "--extra-space",
+                "64M",
+                "--extra-inodes",
+                "1000",
+            ]),
+    );
+    e2fsck_clean(&min);
+    let out = run_ok(Command::new(require_tool("dumpe2fs")).arg("-h").arg(&min));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let num = |k: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(k))
+            .unwrap()
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(num("Free blocks") >= 16384, "{text}");
+    assert!(num("Free inodes") >= 1000, "{text}");
+    mount_rw_and_recheck(&min);
 }
 
 /// Mounts read-write (root only), lets the kernel allocate and free inodes and blocks in the
@@ -525,7 +573,7 @@ fn mount_rw_and_recheck(img: &Path) {
         eprintln!("SKIPPED: read-write kernel mount needs root and loop devices");
         return;
     }
-    let mnt = tempfile::tempdir().unwrap();
+    let mnt = scratch();
     run_ok(
         Command::new("mount")
             .args(["-o", "loop"])
@@ -565,7 +613,7 @@ fn real_usr_trees_are_clean_and_round_trip() {
             "{} is missing; .ci/run installs the packages that provide it",
             src.display()
         );
-        let d = tempfile::tempdir().unwrap();
+        let d = scratch();
         let img = d.path().join("usr.ext4");
         run_ok(
             kiln()
@@ -710,14 +758,14 @@ fn build_repro(src: &Path, img: &Path, umask: &str) {
 
 #[test]
 fn reproducible_across_dirs_order_and_umask() {
-    let a = tempfile::tempdir().unwrap();
+    let a = scratch();
     let b = tempfile::Builder::new()
         .prefix("other-place")
         .tempdir()
         .unwrap();
     fixture(a.path(), false);
     fixture(b.path(), true);
-    let out = tempfile::tempdir().unwrap();
+    let out = scratch();
     let (ia, ib) = (out.path().join("a.ext4"), out.path().join("b.ext4"));
     build_repro(a.path(), &ia, "022");
     build_repro(b.path(), &ib, "077");
@@ -741,7 +789,7 @@ const PINNED_FIXTURE_SHA256: &str =
 
 #[test]
 fn too_small_size_is_an_error_and_leaves_no_output() {
-    let d = tempfile::tempdir().unwrap();
+    let d = scratch();
     let src = d.path().join("src");
     fs::create_dir(&src).unwrap();
     fs::write(src.join("big"), kiln_testkit::pseudo_random(5, 3 << 20)).unwrap();
@@ -789,7 +837,7 @@ fn too_small_size_is_an_error_and_leaves_no_output() {
 #[test]
 #[ignore = "needs the tar reader (kiln-tree tar.rs); un-ignore once it lands"]
 fn tar_of_a_directory_gives_the_same_image() {
-    let d = tempfile::tempdir().unwrap();
+    let d = scratch();
     let src = d.path().join("src");
     fs::create_dir(&src).unwrap();
     fixture(&src, false);
@@ -828,13 +876,10 @@ fn tar_of_a_directory_gives_the_same_image() {
 #[test]
 #[ignore = "needs the tar reader (kiln-tree tar.rs); un-ignore once it lands"]
 fn corpus_tar_and_stream_give_the_same_image() {
-    let corpus = tempfile::Builder::new()
-        .prefix("kiln-ext4-corpus")
-        .tempdir()
-        .unwrap();
+    let corpus = scratch();
     let src = corpus.path();
     generate_corpus(src, CorpusOptions::default());
-    let d = tempfile::tempdir().unwrap();
+    let d = scratch();
     let tar = d.path().join("c.tar");
     run_ok(
         Command::new("tar")

@@ -428,47 +428,54 @@ impl<R: ReadAt> Reader<R> {
         let info = DxRoot::read_from_bytes(&root[..40]).map_err(|_| corrupt(0, "short dx root"))?;
         let signed = self.sb.flags.get() & FLAGS_SIGNED_HASH != 0;
         let (hash, _) = half_md4(name, &seed_words(&self.sb.hash_seed), signed);
-        let pick = |block: &[u8], at: usize| -> Result<u32> {
+        // The index entries of a dx block: (hash as stored, child block); the first entry's
+        // hash slot holds count/limit and stands for "everything below the second".
+        let entries = |block: &[u8], at: usize| -> Result<Vec<(u32, u32)>> {
+            let word =
+                |p: usize| u32::from_le_bytes([block[p], block[p + 1], block[p + 2], block[p + 3]]);
             let count = usize::from(u16::from_le_bytes([block[at + 2], block[at + 3]]));
             if count == 0 || at + count * 8 > BS {
                 return Err(corrupt(0, format!("directory {dir}: bad dx count")));
             }
-            let mut chosen =
-                u32::from_le_bytes([block[at + 4], block[at + 5], block[at + 6], block[at + 7]]);
-            for k in 1..count {
-                let p = at + k * 8;
-                let h =
-                    u32::from_le_bytes([block[p], block[p + 1], block[p + 2], block[p + 3]]) & !1;
-                if h > hash {
-                    break;
-                }
-                chosen =
-                    u32::from_le_bytes([block[p + 4], block[p + 5], block[p + 6], block[p + 7]]);
-            }
-            Ok(chosen)
+            Ok((0..count)
+                .map(|k| {
+                    (
+                        if k == 0 { 0 } else { word(at + k * 8) },
+                        word(at + k * 8 + 4),
+                    )
+                })
+                .collect())
         };
-        let mut leaf = pick(&root, 32)?;
-        for _ in 0..info.indirect_levels {
-            let node = block_of(leaf)?;
-            leaf = pick(&node, 8)?;
+        let mut leaves = entries(&root, 32)?;
+        if info.indirect_levels > 1 {
+            return Err(corrupt(
+                0,
+                format!("directory {dir}: more than 2 htree levels"),
+            ));
         }
-        // Equal hashes may continue into the following leaves; scan until the hash passes.
-        let total = exts.iter().map(|e| e.lblk + e.len).max().unwrap_or(0);
-        let mut l = leaf;
-        while l < total {
+        if info.indirect_levels == 1 {
+            let mut flat = Vec::new();
+            for (_, node) in leaves {
+                flat.extend(entries(&block_of(node)?, 8)?);
+            }
+            leaves = flat;
+        }
+        // The leaf whose range holds `hash` (stored hashes compare with their continuation
+        // bit, as the kernel's probe does), then following leaves while they continue it.
+        let start = leaves.iter().rposition(|&(h, _)| h <= hash).unwrap_or(0);
+        let mut k = start;
+        loop {
             let mut ents = Vec::new();
-            parse_block(&block_of(l)?, &mut ents)
+            parse_block(&block_of(leaves[k].1)?, &mut ents)
                 .map_err(|at| corrupt(0, format!("directory {dir}: bad leaf entry at {at}")))?;
             if let Some(e) = ents.iter().find(|e| e.name == name) {
                 return Ok(Some(e.ino));
             }
-            let past = ents
-                .iter()
-                .any(|e| half_md4(&e.name, &seed_words(&self.sb.hash_seed), signed).0 > hash);
-            if past {
-                break;
+            k += 1;
+            match leaves.get(k) {
+                Some(&(h, _)) if h & 1 == 1 && h & !1 == hash => continue,
+                _ => break,
             }
-            l += 1;
         }
         Ok(None)
     }

@@ -547,3 +547,80 @@ fn lost_found_from_the_tree_is_kept_and_link_limits_are_enforced() {
         "{e}"
     );
 }
+
+/// Two names with the same hash straddling a leaf boundary: the second leaf's index entry
+/// carries the continuation bit, e2fsck accepts it, and lookups (ours and debugfs's) find
+/// both names.
+#[test]
+fn hash_collisions_across_a_leaf_boundary() {
+    let o = opts();
+    let seed = hash::seed_words(&o.hash_seed);
+    let h = |n: &[u8]| hash::half_md4(n, &seed, true).0;
+    // Find colliding names by brute force (about nine pairs expected among 200k).
+    let mut hs: Vec<(u32, u32)> = (0..200_000u32)
+        .map(|i| (h(format!("collision-name-{i:06}").as_bytes()), i))
+        .collect();
+    hs.sort_unstable();
+    let (ch, a, b) = hs
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| (w[0].0, w[0].1, w[1].1))
+        .max()
+        .expect("no collision among 200k names");
+    let (a, b) = (
+        format!("collision-name-{a:06}"),
+        format!("collision-name-{b:06}"),
+    );
+    // Fill the first leaf with 4-byte names hashing below the collision, then `a`, so that
+    // `b` (same hash) spills into the next leaf.
+    let room = 4096 - 12 - dir::rec_len(a.len());
+    let mut used = 0;
+    let mut fillers = Vec::new();
+    let mut j = 0u32;
+    while used + 12 <= room {
+        let n = format!("{:04x}", j);
+        j += 1;
+        assert!(j < 1 << 16, "not enough small-hash fillers");
+        if h(n.as_bytes()) < ch {
+            used += 12;
+            fillers.push(n);
+        }
+    }
+    let m = meta(0o755, 0);
+    let mut t = Tree::new(m.clone());
+    for n in fillers.iter().chain([&a, &b]) {
+        t.insert(format!("d/{n}").as_bytes(), file(n.as_bytes().to_vec()), &m)
+            .unwrap();
+    }
+    let img = build_mem(&t, &o);
+    let dino = Reader::open(img.clone())
+        .unwrap()
+        .resolve(b"/d")
+        .unwrap()
+        .unwrap();
+    // The second index entry (the second leaf) has the collision hash with bit 0 set.
+    let r = Reader::open(img.clone()).unwrap();
+    let inode = r.inode(dino).unwrap();
+    let root_blk = r.extents(dino, &inode).unwrap()[0].pblk as usize * 4096;
+    let entry1 = u32::from_le_bytes(img[root_blk + 40..root_blk + 44].try_into().unwrap());
+    assert_eq!(entry1, ch | 1, "continuation bit on the second leaf");
+    for n in [&a, &b] {
+        assert!(
+            r.resolve(format!("/d/{n}").as_bytes()).unwrap().is_some(),
+            "{n}"
+        );
+    }
+    e2fsck_bytes(&img);
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("img");
+    fs::write(&f, &img).unwrap();
+    for n in [&a, &b] {
+        let out = run_ok(
+            Command::new(require_tool("debugfs"))
+                .arg("-R")
+                .arg(format!("cat /d/{n}"))
+                .arg(&f),
+        );
+        assert_eq!(out.stdout, n.as_bytes(), "debugfs lookup of {n}");
+    }
+}
