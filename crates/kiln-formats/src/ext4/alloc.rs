@@ -8,6 +8,12 @@
 //! - a descriptor block in groups 0, 1 and 63 of every run of 64 groups (the primary and its
 //!   two backups), right after the superblock copy if the group has one.
 //!
+//! Alternatives weighed: the classic layout (resize_inode, descriptors after every backup
+//! superblock) puts `ceil(groups / 64)` descriptor blocks, plus reserved growth blocks, at the
+//! start of groups 0, 1, 3, 5, 7, 9, 25, ... so the data region's holes move whenever the group
+//! count changes; sparse_super2 (two backups, anywhere) would also do, but older e2fsprogs
+//! and bootloaders know it less well than meta_bg, which every ext4 reader since 2.6 handles.
+//!
 //! Nothing here depends on how many groups the filesystem ends up with. That is what lets the
 //! data region be laid out first, in arrival order, before the tree's totals are known: the
 //! allocator walks forward from block 2 and steps over these fixed blocks. Bitmaps, inode
