@@ -11,8 +11,9 @@
 //! Alternatives weighed: the classic layout (resize_inode, descriptors after every backup
 //! superblock) puts `ceil(groups / 64)` descriptor blocks, plus reserved growth blocks, at the
 //! start of groups 0, 1, 3, 5, 7, 9, 25, ... so the data region's holes move whenever the group
-//! count changes; sparse_super2 (two backups, anywhere) would also do, but older e2fsprogs
-//! and bootloaders know it less well than meta_bg, which every ext4 reader since 2.6 handles.
+//! count changes. sparse_super2 (two backups at recorded groups) would also do; meta_bg is
+//! the older of the two (kernel 2.6 era, versus 3.16 for sparse_super2), so more readers
+//! implement it.
 //!
 //! Nothing here depends on how many groups the filesystem ends up with. That is what lets the
 //! data region be laid out first, in arrival order, before the tree's totals are known: the
