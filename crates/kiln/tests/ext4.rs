@@ -704,9 +704,7 @@ fn fixture(root: &Path, reverse: bool) {
         let abs = root.join(p);
         let md = fs::symlink_metadata(&abs).unwrap();
         if !md.file_type().is_symlink() {
-            let mode = if md.is_dir() {
-                0o755
-            } else if p.starts_with("bin") {
+            let mode = if md.is_dir() || p.starts_with("bin") {
                 0o755
             } else {
                 0o644
