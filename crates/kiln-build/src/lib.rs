@@ -1,1 +1,9 @@
 //! kiln-build: a `kiln.toml` spec and a source tree become a reproducible disk image.
+
+pub mod budget;
+pub mod initrd;
+pub mod layout;
+pub mod prepare;
+pub mod qemu;
+pub mod spec;
+pub mod sysupdate;

@@ -349,6 +349,49 @@ impl Tree {
         Some(cur)
     }
 
+    /// Resolves `path` as the booted system would: symlinks in every component are followed
+    /// (absolute targets from this tree's root, `..` stops at the root), at most 40 hops.
+    pub fn resolve_follow(&self, path: &[u8]) -> Option<NodeId> {
+        let mut comps: Vec<Vec<u8>> = path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+            .rev()
+            .map(<[u8]>::to_vec)
+            .collect();
+        let mut stack: Vec<NodeId> = vec![ROOT];
+        let mut hops = 0;
+        while let Some(c) = comps.pop() {
+            let cur = *stack.last()?;
+            if c == b".." {
+                if stack.len() > 1 {
+                    stack.pop();
+                }
+                continue;
+            }
+            let next = self.lookup(cur, &c)?;
+            match &self.node(next).kind {
+                NodeKind::Symlink(target) => {
+                    hops += 1;
+                    if hops > 40 {
+                        return None;
+                    }
+                    if target.first() == Some(&b'/') {
+                        stack.truncate(1);
+                    }
+                    comps.extend(
+                        target
+                            .split(|&b| b == b'/')
+                            .filter(|c| !c.is_empty() && *c != b".")
+                            .rev()
+                            .map(<[u8]>::to_vec),
+                    );
+                }
+                _ => stack.push(next),
+            }
+        }
+        stack.last().copied()
+    }
+
     /// Creates (or returns) the directory at `path`, creating missing parents with `meta`.
     pub fn mkdir_p(&mut self, path: &[u8], meta: &Meta) -> Result<NodeId, TreeError> {
         let mut cur = ROOT;
@@ -517,6 +560,51 @@ pub fn check_name(name: &[u8], path: &[u8]) -> Result<(), TreeError> {
     })
 }
 
+/// Reads a whole regular file of `tree` (following symlinks) when it exists and is at most
+/// `limit` bytes: `Ok(None)` when there is no such file, an error when it is larger or a
+/// directory, or when its bytes cannot be read. Meant for configuration files.
+pub fn read_file(
+    tree: &Tree,
+    contents: &dyn Contents,
+    path: &str,
+    limit: u64,
+) -> io::Result<Option<Vec<u8>>> {
+    let Some(id) = tree.resolve_follow(path.as_bytes()) else {
+        return Ok(None);
+    };
+    let fd = match &tree.node(id).kind {
+        NodeKind::File(fd) => fd,
+        k => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path}: a {}, not a regular file", k.name()),
+            ))
+        }
+    };
+    if fd.size > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path}: {} bytes, more than the {limit} expected", fd.size),
+        ));
+    }
+    let mut buf = vec![0u8; fd.size as usize];
+    for run in fd.runs() {
+        let dst = usize::try_from(run.offset)
+            .ok()
+            .and_then(|s| buf.get_mut(s..s + run.len as usize))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{path}: data run beyond its size"),
+                )
+            })?;
+        contents
+            .read_at(fd, run.offset, dst)
+            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+    }
+    Ok(Some(buf))
+}
+
 /// Reads the bytes a [`DataRef`] points at. Writers call it from many threads at once.
 pub trait Contents: Sync {
     /// Fills `buf` with the file's bytes starting at logical offset `offset`. The range lies
@@ -654,6 +742,35 @@ mod tests {
         t.link(b, b"g", f);
         assert_eq!(t.walk().iter().filter(|&&n| n == f).count(), 1);
         assert_eq!(t.link_counts()[f as usize], 2);
+    }
+
+    #[test]
+    fn resolve_follow_and_read_file_follow_symlinks() {
+        let mut t = Tree::default();
+        let m = Meta::default();
+        t.insert(b"/usr/lib/os-release", file(3), &m).unwrap();
+        let link = |target: &[u8]| Node {
+            kind: NodeKind::Symlink(target.into()),
+            meta: Meta::default(),
+            slot: None,
+        };
+        t.insert(b"/etc/os-release", link(b"../usr/lib/os-release"), &m)
+            .unwrap();
+        t.insert(b"/lib", link(b"usr/lib"), &m).unwrap();
+        t.insert(b"/loop", link(b"/loop"), &m).unwrap();
+        let target = t.resolve(b"/usr/lib/os-release");
+        assert_eq!(t.resolve_follow(b"/etc/os-release"), target);
+        assert_eq!(t.resolve_follow(b"/lib/os-release"), target);
+        assert_eq!(t.resolve_follow(b"/loop/x"), None);
+        assert_eq!(
+            read_file(&t, &HostContents, "/etc/os-release", 10)
+                .unwrap()
+                .unwrap(),
+            vec![0; 3]
+        );
+        assert!(read_file(&t, &HostContents, "/nope", 10).unwrap().is_none());
+        assert!(read_file(&t, &HostContents, "/etc/os-release", 2).is_err());
+        assert!(read_file(&t, &HostContents, "/usr", 2).is_err());
     }
 
     #[test]

@@ -27,6 +27,13 @@ pub trait Sink: Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The file and byte offset this window starts at, when the sink is a window of a file:
+    /// lets a writer copy file data in the kernel (`copy_file_range`) instead of through a
+    /// buffer. Writes made that way must stay inside the window.
+    fn file_window(&self) -> Option<(&File, u64)> {
+        None
+    }
 }
 
 fn out_of_window(offset: u64, len: usize, window: u64) -> io::Error {
@@ -129,6 +136,10 @@ impl Sink for FileSink<'_> {
 
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn file_window(&self) -> Option<(&File, u64)> {
+        Some((self.file, self.base))
     }
 }
 

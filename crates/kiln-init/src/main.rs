@@ -1,7 +1,534 @@
-//! kiln-init: PID 1 of the initrds kiln builds. Loads modules, finds the root by its GPT
-//! partition UUIDs, sets up dm-verity, mounts, and switches root.
+//! kiln-init: PID 1 of the initrds kiln builds. In order: mount /proc /sys /dev /run, read the
+//! configuration and the kernel command line, load modules, wait for the boot disk, find the
+//! root (dm-verity data and hash partitions by the root hash halves, or a partition by UUID or
+//! DPS type, or a live medium's image file), mount it read-only, mount /var, apply tmpfs
+//! overlays, move the API filesystems and switch root. Any failure is printed as
+//! `kiln-init: …` on the console, followed by a reboot after a short delay so that boot
+//! counting can take effect.
 
+#[cfg(target_os = "linux")]
+mod disk;
+#[cfg(target_os = "linux")]
+mod dm;
+#[cfg(target_os = "linux")]
+mod loopdev;
+#[cfg(target_os = "linux")]
+mod sys;
+
+#[cfg(not(target_os = "linux"))]
 fn main() {
-    eprintln!("kiln-init: not yet able to boot anything");
+    eprintln!("kiln-init: runs only as PID 1 of a Linux initrd");
     std::process::exit(1);
+}
+
+#[cfg(target_os = "linux")]
+fn main() {
+    linux::main()
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    use kiln_init::config::{self, format_uuid, Config, Plan, RootSpec, VarMode};
+    use kiln_init::probe;
+
+    use crate::disk;
+    use crate::{dm, loopdev, sys};
+
+    static REBOOT_DELAY: AtomicU32 = AtomicU32::new(config::DEFAULT_REBOOT_DELAY);
+    static DEBUG: AtomicBool = AtomicBool::new(false);
+
+    /// Where the new root is assembled.
+    const NEWROOT: &str = "/newroot";
+
+    macro_rules! say {
+        ($($a:tt)*) => {
+            eprintln!("kiln-init: [{:7.3}] {}", sys::uptime(), format!($($a)*))
+        };
+    }
+    macro_rules! debug {
+        ($($a:tt)*) => {
+            if DEBUG.load(Ordering::Relaxed) { say!($($a)*) }
+        };
+    }
+
+    pub fn main() {
+        let is_pid1 = std::process::id() == 1;
+        if !is_pid1 {
+            eprintln!(
+                "kiln-init: must run as PID 1 of an initrd (this is pid {})",
+                std::process::id()
+            );
+            std::process::exit(2);
+        }
+        let err = match run() {
+            Ok(never) => match never {},
+            Err(e) => e,
+        };
+        let delay = REBOOT_DELAY.load(Ordering::Relaxed);
+        eprintln!("kiln-init: {err}");
+        eprintln!("kiln-init: boot failed; rebooting in {delay} s");
+        std::thread::sleep(Duration::from_secs(u64::from(delay)));
+        sys::reboot()
+    }
+
+    fn run() -> Result<std::convert::Infallible, String> {
+        // The initrd's own /dev/console first, so errors mounting /dev are seen too.
+        sys::ensure_console();
+        mount_api_filesystems()?;
+        sys::ensure_console();
+        let cmdline = std::fs::read_to_string("/proc/cmdline")
+            .map_err(|e| format!("read /proc/cmdline: {e}"))?;
+        let cfg = match std::fs::read_to_string(config::CONFIG_PATH) {
+            Ok(t) => Config::parse(&t)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(format!("read {}: {e}", config::CONFIG_PATH)),
+        };
+        let plan = Plan::new(&cfg, &cmdline).map_err(|e| format!("kernel command line: {e}"))?;
+        REBOOT_DELAY.store(plan.reboot_delay, Ordering::Relaxed);
+        DEBUG.store(plan.debug, Ordering::Relaxed);
+        say!(
+            "starting ({} modules, root: {})",
+            plan.modules.len(),
+            describe_root(&plan.root)
+        );
+
+        load_modules(&plan.modules);
+        sys::mkdir_p(NEWROOT)?;
+        let disk = match &plan.root {
+            RootSpec::Live {
+                medium,
+                image,
+                roothash,
+            } => {
+                mount_live(&plan, medium, image, roothash.as_deref())?;
+                None
+            }
+            _ => Some(mount_disk_root(&plan)?),
+        };
+        if let Some(disk) = &disk {
+            mount_var(&plan, disk)?;
+        }
+        for t in &plan.tmpfs {
+            let target = format!("{NEWROOT}{}", t.path);
+            let opts = t.size.as_ref().map(|s| format!("mode=0755,size={s}"));
+            sys::mount(
+                "tmpfs",
+                &target,
+                Some("tmpfs"),
+                0,
+                Some(opts.as_deref().unwrap_or("mode=0755")),
+            )?;
+            debug!("tmpfs on {}", t.path);
+        }
+        for (i, dir) in plan.overlays.iter().enumerate() {
+            overlay(i, dir)?;
+        }
+        switch_root(&plan)
+    }
+
+    fn describe_root(r: &RootSpec) -> String {
+        match r {
+            RootSpec::Verity { roothash } => format!(
+                "dm-verity, data {} hash {}",
+                format_uuid(&half(roothash, false)),
+                format_uuid(&half(roothash, true))
+            ),
+            RootSpec::PartUuid(u) => format!("PARTUUID={}", format_uuid(u)),
+            RootSpec::Device(d) => d.clone(),
+            RootSpec::DpsType => "first root-x86-64 partition (no verity)".into(),
+            RootSpec::Live {
+                medium,
+                image,
+                roothash,
+            } => format!(
+                "live {image} on {medium}{}",
+                if roothash.is_some() {
+                    " with dm-verity"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+
+    /// The first or last 16 bytes of the root hash: the data and hash partition UUIDs.
+    fn half(roothash: &[u8], last: bool) -> [u8; 16] {
+        let mut u = [0u8; 16];
+        let n = roothash.len();
+        if last {
+            u.copy_from_slice(&roothash[n - 16..]);
+        } else {
+            u.copy_from_slice(&roothash[..16]);
+        }
+        u
+    }
+
+    fn mount_api_filesystems() -> Result<(), String> {
+        let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        for (src, dir, fs, flags, opts) in [
+            ("proc", "/proc", "proc", nosuid, None),
+            ("sysfs", "/sys", "sysfs", nosuid, None),
+            (
+                "devtmpfs",
+                "/dev",
+                "devtmpfs",
+                libc::MS_NOSUID,
+                Some("mode=0755"),
+            ),
+            (
+                "tmpfs",
+                "/run",
+                "tmpfs",
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some("mode=0755"),
+            ),
+        ] {
+            sys::mkdir_p(dir)?;
+            if let Err(e) = sys::mount(src, dir, Some(fs), flags, opts) {
+                // A kernel with CONFIG_DEVTMPFS_MOUNT mounts /dev itself.
+                if !(dir == "/dev" && std::path::Path::new("/dev/null").exists()) {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load_modules(mods: &[String]) {
+        let t = Instant::now();
+        let mut loaded = 0;
+        for m in mods {
+            match sys::load_module(m) {
+                Ok(true) => {
+                    loaded += 1;
+                    debug!("loaded {m}");
+                }
+                Ok(false) => debug!("{m} already loaded"),
+                // A driver for absent hardware may refuse to load; the search for the disk
+                // below reports what is missing.
+                Err(e) => say!("warning: {e}"),
+            }
+        }
+        say!(
+            "loaded {loaded} of {} modules in {} ms",
+            mods.len(),
+            t.elapsed().as_millis()
+        );
+    }
+
+    /// Polls `find` until it yields or `timeout` runs out; then `why()` explains the failure.
+    fn wait_for<T>(
+        timeout: u32,
+        what: &str,
+        mut find: impl FnMut() -> Result<Option<T>, String>,
+        why: impl Fn() -> String,
+    ) -> Result<T, String> {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(u64::from(timeout));
+        let mut announced = false;
+        loop {
+            if let Some(t) = find()? {
+                debug!("found {what} after {} ms", start.elapsed().as_millis());
+                return Ok(t);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{what} not found within {timeout} s; block devices:{}",
+                    why()
+                ));
+            }
+            if !announced && start.elapsed() > Duration::from_secs(2) {
+                say!("waiting up to {timeout} s for {what}");
+                announced = true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn explain() -> String {
+        let devs = disk::list();
+        let parts = disk::gpt_partitions(&devs);
+        disk::describe(&devs, &parts)
+    }
+
+    /// Finds, sets up and mounts the root from a disk; returns the disk's name.
+    fn mount_disk_root(plan: &Plan) -> Result<String, String> {
+        let (disk, fs_dev): (String, String) = match &plan.root {
+            RootSpec::Verity { roothash } => {
+                let (data_u, hash_u) = (half(roothash, false), half(roothash, true));
+                let (data, hash) = wait_for(
+                    plan.timeout,
+                    "the dm-verity data and hash partitions",
+                    || {
+                        let parts = disk::gpt_partitions(&disk::list());
+                        let d = parts.iter().find(|p| p.entry.part_guid == data_u);
+                        let h = parts.iter().find(|p| p.entry.part_guid == hash_u);
+                        Ok(match (d, h) {
+                            (Some(d), Some(h)) => Some((d.clone(), h.clone())),
+                            _ => None,
+                        })
+                    },
+                    explain,
+                )?;
+                say!("root data {} hash {}", data.dev.path(), hash.dev.path());
+                let head = disk::read_head(&hash.dev, 4096)?;
+                let sb = probe::parse_verity_superblock(&head)
+                    .map_err(|e| format!("{}: {e}", hash.dev.path()))?;
+                if (data.dev.sectors * 512) < sb.data_blocks * u64::from(sb.data_block_size) {
+                    return Err(format!(
+                        "{}: {} bytes, smaller than the {} blocks of {} bytes its verity superblock covers",
+                        data.dev.path(),
+                        data.dev.sectors * 512,
+                        sb.data_blocks,
+                        sb.data_block_size
+                    ));
+                }
+                let (sectors, params) =
+                    probe::verity_table(&sb, &data.dev.devno(), &hash.dev.devno(), roothash);
+                debug!("verity table: 0 {sectors} verity {params}");
+                let (major, minor) = dm::create_readonly("root", sectors, "verity", &params)?;
+                sys::mkdir_p("/dev/mapper")?;
+                sys::mknod_block("/dev/mapper/root", major, minor)?;
+                say!(
+                    "dm-verity active: /dev/mapper/root ({major}:{minor}), {} data blocks",
+                    sb.data_blocks
+                );
+                (data.disk, "/dev/mapper/root".to_string())
+            }
+            RootSpec::PartUuid(u) => {
+                let f = wait_for(
+                    plan.timeout,
+                    &format!("partition {}", format_uuid(u)),
+                    || {
+                        Ok(disk::gpt_partitions(&disk::list())
+                            .into_iter()
+                            .find(|p| p.entry.part_guid == *u))
+                    },
+                    explain,
+                )?;
+                (f.disk, f.dev.path())
+            }
+            RootSpec::DpsType => {
+                let f = wait_for(
+                    plan.timeout,
+                    "a root-x86-64 partition",
+                    || {
+                        Ok(disk::gpt_partitions(&disk::list()).into_iter().find(|p| {
+                            p.entry.type_guid == disk::ROOT_X86_64 && p.entry.name != "_empty"
+                        }))
+                    },
+                    explain,
+                )?;
+                (f.disk, f.dev.path())
+            }
+            RootSpec::Device(d) => {
+                let name = d.trim_start_matches("/dev/").to_string();
+                let dev = wait_for(
+                    plan.timeout,
+                    d,
+                    || Ok(disk::list().into_iter().find(|b| b.name == name)),
+                    explain,
+                )?;
+                let disk = dev.parent.map(|p| p.0).unwrap_or(dev.name);
+                (disk, d.clone())
+            }
+            RootSpec::Live { .. } => unreachable!("handled by mount_live"),
+        };
+        mount_detected(&fs_dev, NEWROOT, plan.rootfstype.as_deref(), true)?;
+        say!("root mounted read-only from {fs_dev}");
+        Ok(disk)
+    }
+
+    /// Mounts `source` on `target`, the filesystem type given or recognised by its magic.
+    fn mount_detected(
+        source: &str,
+        target: &str,
+        hint: Option<&str>,
+        ro: bool,
+    ) -> Result<(), String> {
+        let f = std::fs::File::open(source).map_err(|e| format!("open {source}: {e}"))?;
+        let mut head = vec![0u8; probe::PROBE_LEN];
+        let n = {
+            use std::os::unix::fs::FileExt;
+            let mut got = 0;
+            while got < head.len() {
+                match f.read_at(&mut head[got..], got as u64) {
+                    Ok(0) => break,
+                    Ok(k) => got += k,
+                    Err(e) => return Err(format!("read {source}: {e} (verity or I/O error on the filesystem's first blocks?)")),
+                }
+            }
+            got
+        };
+        head.truncate(n);
+        let fs = probe::detect_fs(&head);
+        let name = match (hint, fs) {
+            (Some(h), _) => h.to_string(),
+            (None, Some(t)) => t.mount_name().to_string(),
+            (None, None) => {
+                return Err(format!(
+                    "{source}: no ext4, EROFS, squashfs, ISO 9660 or FAT filesystem recognised"
+                ))
+            }
+        };
+        let flags = if ro { libc::MS_RDONLY } else { 0 };
+        sys::mount(source, target, Some(&name), flags, None)
+    }
+
+    fn mount_var(plan: &Plan, disk: &str) -> Result<(), String> {
+        if plan.var == VarMode::Off {
+            return Ok(());
+        }
+        let parts = disk::gpt_partitions(&disk::list());
+        let var = parts
+            .iter()
+            .find(|p| p.disk == disk && p.entry.type_guid == disk::VAR);
+        let Some(var) = var else {
+            if plan.var == VarMode::Required {
+                return Err(format!(
+                    "no /var partition (DPS type {}) on {disk}",
+                    format_uuid(&disk::VAR)
+                ));
+            }
+            debug!("no /var partition on {disk}");
+            return Ok(());
+        };
+        let target = format!("{NEWROOT}/var");
+        if !std::path::Path::new(&target).is_dir() {
+            return Err(format!(
+                "the root has no /var directory to mount {} on",
+                var.dev.path()
+            ));
+        }
+        mount_detected(&var.dev.path(), &target, None, false)?;
+        say!("/var mounted read-write from {}", var.dev.path());
+        Ok(())
+    }
+
+    /// A tmpfs-backed overlay over directory `dir` of the new root.
+    fn overlay(i: usize, dir: &str) -> Result<(), String> {
+        let base = "/run/kiln/overlay";
+        if i == 0 {
+            sys::mkdir_p(base)?;
+            sys::mount("tmpfs", base, Some("tmpfs"), 0, Some("mode=0755"))?;
+        }
+        let upper = format!("{base}/{i}/upper");
+        let work = format!("{base}/{i}/work");
+        sys::mkdir_p(&upper)?;
+        sys::mkdir_p(&work)?;
+        let target = format!("{NEWROOT}{dir}");
+        if !std::path::Path::new(&target).is_dir() {
+            return Err(format!("overlay {dir}: the root has no such directory"));
+        }
+        let opts = format!("lowerdir={target},upperdir={upper},workdir={work}");
+        sys::mount("overlay", &target, Some("overlay"), 0, Some(&opts))
+            .map_err(|e| format!("{e} (is the overlay module loaded?)"))?;
+        say!("tmpfs overlay on {dir}");
+        Ok(())
+    }
+
+    /// Live mode: the medium by label, the image on it through a loop device (and dm-verity
+    /// when `roothash=` is given: hash tree in `IMAGE.verity`), a tmpfs overlay on top.
+    fn mount_live(
+        plan: &Plan,
+        medium: &str,
+        image: &str,
+        roothash: Option<&[u8]>,
+    ) -> Result<(), String> {
+        let dev = wait_for(
+            plan.timeout,
+            &format!("the live medium {medium:?}"),
+            || {
+                for d in disk::list() {
+                    if d.name.starts_with("loop")
+                        || d.name.starts_with("dm-")
+                        || d.name.starts_with("ram")
+                    {
+                        continue;
+                    }
+                    if let Ok(head) = disk::read_head(&d, probe::PROBE_LEN) {
+                        if probe::medium_matches(&head, medium) {
+                            return Ok(Some(d));
+                        }
+                    }
+                }
+                Ok(None)
+            },
+            explain,
+        )?;
+        let mnt = "/run/kiln/medium";
+        sys::mkdir_p(mnt)?;
+        mount_detected(&dev.path(), mnt, None, true)?;
+        say!("live medium {medium:?} mounted from {}", dev.path());
+        let img = format!("{mnt}{image}");
+        let (loop_path, loop_dev) = loopdev::attach_readonly(&img)?;
+        let mut source = loop_path.clone();
+        if let Some(roothash) = roothash {
+            let hash_file = format!("{img}.verity");
+            let (hash_path, hash_dev) = loopdev::attach_readonly(&hash_file)?;
+            let head = {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::open(&hash_path)
+                    .map_err(|e| format!("open {hash_path}: {e}"))?;
+                let mut b = vec![0u8; 512];
+                f.read_exact_at(&mut b, 0)
+                    .map_err(|e| format!("read {hash_path} ({hash_file}): {e}"))?;
+                b
+            };
+            let sb =
+                probe::parse_verity_superblock(&head).map_err(|e| format!("{hash_file}: {e}"))?;
+            let (sectors, params) = probe::verity_table(
+                &sb,
+                &format!("{}:{}", loop_dev.0, loop_dev.1),
+                &format!("{}:{}", hash_dev.0, hash_dev.1),
+                roothash,
+            );
+            let (ma, mi) = dm::create_readonly("root", sectors, "verity", &params)?;
+            sys::mkdir_p("/dev/mapper")?;
+            sys::mknod_block("/dev/mapper/root", ma, mi)?;
+            say!("dm-verity active over {image}");
+            source = "/dev/mapper/root".into();
+        }
+        let lower = "/run/kiln/lower";
+        sys::mkdir_p(lower)?;
+        mount_detected(&source, lower, plan.rootfstype.as_deref(), true)?;
+        let rw = "/run/kiln/live-rw";
+        sys::mkdir_p(rw)?;
+        sys::mount("tmpfs", rw, Some("tmpfs"), 0, Some("mode=0755"))?;
+        sys::mkdir_p(&format!("{rw}/upper"))?;
+        sys::mkdir_p(&format!("{rw}/work"))?;
+        let opts = format!("lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work");
+        sys::mount("overlay", NEWROOT, Some("overlay"), 0, Some(&opts))
+            .map_err(|e| format!("{e} (is the overlay module loaded?)"))?;
+        say!("live root: {image} with a RAM overlay");
+        Ok(())
+    }
+
+    fn switch_root(plan: &Plan) -> Result<std::convert::Infallible, String> {
+        let init_path = format!("{NEWROOT}{}", plan.init);
+        if std::fs::symlink_metadata(&init_path).is_err() {
+            return Err(format!("the root has no {} to run (init=)", plan.init));
+        }
+        for dir in ["/dev", "/proc", "/sys", "/run"] {
+            let target = format!("{NEWROOT}{dir}");
+            if std::path::Path::new(&target).is_dir() {
+                sys::move_mount(dir, &target)?;
+            } else {
+                say!("warning: the root has no {dir} directory; unmounting it");
+                let _ = sys::umount_lazy(dir);
+            }
+        }
+        std::env::set_current_dir(NEWROOT).map_err(|e| format!("chdir {NEWROOT}: {e}"))?;
+        sys::wipe_initramfs();
+        sys::move_mount(".", "/")?;
+        sys::chroot(".")?;
+        std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+        say!("switching root to {}", plan.init);
+        // Arguments the kernel passed to init (words it did not recognise) go to the next init.
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        Err(sys::exec(&plan.init, &args))
+    }
 }

@@ -13,6 +13,7 @@ use kiln_formats::fstree::{Contents, FileData, Placer, Tree};
 
 pub mod dir;
 pub mod output;
+pub mod spool;
 pub mod tar;
 
 /// Errors reading a source. Messages name the path, entry or byte offset at fault.
@@ -36,6 +37,13 @@ pub enum Error {
     /// A malformed archive where no entry name is known.
     #[error("tar archive at offset {offset}: {msg}")]
     Archive { offset: u64, msg: String },
+    /// The writer's [`Placer`] could not store an entry's data (typically: the image is full).
+    #[error("tar entry {entry:?} at offset {offset}: {source}")]
+    Place {
+        entry: String,
+        offset: u64,
+        source: io::Error,
+    },
 }
 
 impl Error {
@@ -148,6 +156,22 @@ pub fn read_with(
     }
 }
 
+/// Opens any source with random access to its file bytes: indexed sources as they are, a
+/// stream (compressed tar, stdin) spooled once to an unlinked temp file.
+pub fn open_random_access(arg: &SourceArg) -> Result<(Tree, SourceContents), Error> {
+    match open(arg)? {
+        Opened::Indexed(t, c) => Ok((t, c)),
+        Opened::Stream(s) => {
+            let mut spool = spool::Spool::new().map_err(|e| Error::Io {
+                path: "temp spool".into(),
+                source: e,
+            })?;
+            let t = s.read(&mut spool)?;
+            Ok((t, SourceContents::Spool(spool)))
+        }
+    }
+}
+
 /// Reads file bytes for the trees [`open`] returns.
 #[derive(Debug)]
 pub enum SourceContents {
@@ -155,6 +179,8 @@ pub enum SourceContents {
     Host,
     /// Offsets into an uncompressed tar file (plus host paths and inline data).
     Tar(tar::TarContents),
+    /// A once-read stream spooled to a temp file (see [`open_random_access`]).
+    Spool(spool::Spool),
 }
 
 impl Contents for SourceContents {
@@ -162,6 +188,7 @@ impl Contents for SourceContents {
         match self {
             SourceContents::Host => kiln_formats::fstree::read_host_or_inline(file, offset, buf),
             SourceContents::Tar(t) => t.read_at(file, offset, buf),
+            SourceContents::Spool(s) => s.read_at(file, offset, buf),
         }
     }
 }

@@ -1,6 +1,18 @@
 //! `kiln mkfs ext4|erofs`.
 
-use clap::Subcommand;
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_formats::ext4;
+use kiln_formats::repart;
+use kiln_formats::sink::FileSink;
+use kiln_tree::output::AtomicFile;
+use kiln_tree::{Normalize, Opened, SourceArg, SourceContents};
+use sha2::{Digest, Sha256};
 
 use super::Outcome;
 
@@ -9,14 +21,255 @@ mod erofs;
 #[derive(Subcommand)]
 pub enum MkfsCommand {
     /// An ext4 image.
-    Ext4,
+    Ext4(Ext4Args),
     /// An EROFS image (read-only, optionally LZ4-compressed).
     Erofs(erofs::ErofsArgs),
 }
 
+/// Make an ext4 image from a directory or a tar stream.
+#[derive(Args)]
+pub struct Ext4Args {
+    /// A directory, a tar file (plain, gzip, xz or zstd) or `-` for a tar stream on stdin.
+    pub source: PathBuf,
+    /// The image to write (created beside its final name, renamed when complete).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Filesystem size (bytes, or with a K/M/G/T suffix, powers of 1024).
+    #[arg(long, value_parser = parse_size, conflicts_with = "minimize")]
+    pub size: Option<u64>,
+    /// Make the smallest image that holds the tree (the default without --size).
+    #[arg(long)]
+    pub minimize: bool,
+    /// With --minimize: free space to leave (K/M/G/T suffixes).
+    #[arg(long, value_parser = parse_size, default_value = "0", conflicts_with = "size")]
+    pub extra_space: u64,
+    /// With --minimize: free inodes to leave.
+    #[arg(long, default_value_t = 0, conflicts_with = "size")]
+    pub extra_inodes: u64,
+    /// Volume label (at most 16 bytes).
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// 32 hex digits (or a dashed UUID): the UUID is systemd-repart's file-system UUID for
+    /// this seed, the hash seed derive_uuid(seed, "directory-hash-seed"). Default: all zero.
+    #[arg(long, value_parser = parse_seed)]
+    pub seed: Option<repart::Uuid>,
+    /// Make every file owned by root.
+    #[arg(long)]
+    pub all_root: bool,
+    /// Add a journal (read-only images do not need one).
+    #[arg(long)]
+    pub journal: bool,
+    /// Print a JSON summary (inodes, blocks, size, sha256, seconds) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `123`, `4K`, `10M`, `2G`, `1T` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown size suffix {c:?} (use K, M, G or T)"
+                    ))
+                }
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a size (a whole number with an optional K/M/G/T suffix)")
+    })?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_seed(s: &str) -> Result<repart::Uuid, String> {
+    repart::parse_uuid(s).ok_or_else(|| format!("{s:?} is not 32 hex digits or a UUID"))
+}
+
 pub fn run(cmd: MkfsCommand) -> Outcome {
     match cmd {
-        MkfsCommand::Ext4 => anyhow::bail!("kiln mkfs ext4 is not implemented yet"),
+        MkfsCommand::Ext4(a) => ext4_cmd(a),
         MkfsCommand::Erofs(a) => erofs::run(a),
+    }
+}
+
+fn progress_bar(total: Option<u64>) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = match total {
+        Some(t) => {
+            let pb = ProgressBar::new(t);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            pb
+        }
+        None => {
+            let pb = ProgressBar::new_spinner();
+            pb.set_style(
+                ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            pb
+        }
+    };
+    Some(pb)
+}
+
+fn ext4_cmd(a: Ext4Args) -> Outcome {
+    let started = Instant::now();
+    let norm = Normalize::from_env(a.all_root).context("reading SOURCE_DATE_EPOCH")?;
+    let size = match a.size {
+        Some(bytes) => ext4::Size::Fixed(bytes),
+        None => ext4::Size::Minimize {
+            extra_bytes: a.extra_space,
+            extra_inodes: a.extra_inodes,
+        },
+    };
+    let mut opts = ext4::Options::from_seed(a.seed.as_ref(), size);
+    if a.label.len() > 16 {
+        bail!("--label {:?} is longer than 16 bytes", a.label);
+    }
+    opts.label = a.label.clone();
+    opts.journal = a.journal;
+    opts.timestamp = norm.source_date_epoch.unwrap_or(0);
+
+    if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the output directory {}", parent.display()))?;
+    }
+    let source = SourceArg::parse(&a.source);
+    let opened =
+        kiln_tree::open(&source).with_context(|| format!("reading {}", a.source.display()))?;
+    let report = match opened {
+        Opened::Indexed(mut tree, contents) => {
+            norm.apply(&mut tree);
+            // Plan first: a tree that does not fit fails before any output exists.
+            let plan = ext4::plan(&tree, &opts)
+                .with_context(|| format!("laying out {}", a.source.display()))?;
+            let out = AtomicFile::create(&a.output)
+                .with_context(|| format!("creating {}", a.output.display()))?;
+            let len = a.size.unwrap_or(0).max(plan.size_bytes());
+            out.file()
+                .set_len(len)
+                .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
+            let sink = FileSink::new(out.file(), 0, len);
+            let pb = progress_bar(Some(plan.data_bytes(&tree)));
+            let inc = |n: u64| {
+                if let Some(pb) = &pb {
+                    pb.inc(n);
+                }
+            };
+            let report = plan
+                .write_with_progress(&tree, &contents, &sink, &inc)
+                .with_context(|| format!("writing {}", a.output.display()))?;
+            if let Some(pb) = pb {
+                pb.finish_and_clear();
+            }
+            out.commit()
+                .with_context(|| format!("committing {}", a.output.display()))?;
+            report
+        }
+        Opened::Stream(stream) => {
+            let out = AtomicFile::create(&a.output)
+                .with_context(|| format!("creating {}", a.output.display()))?;
+            // A stream's size is unknown until its end: the window bounds what it may write
+            // (the requested size, or ext4's practical maximum when minimizing).
+            let window = a.size.unwrap_or(1 << 44);
+            let sink = FileSink::new(out.file(), 0, window);
+            let pb = progress_bar(None);
+            let inc = |n: u64| {
+                if let Some(pb) = &pb {
+                    pb.inc(n);
+                }
+            };
+            let mut writer = ext4::StreamWriter::new(&opts, &sink)
+                .context("starting the image")?
+                .with_progress(&inc);
+            let mut tree = stream
+                .read(&mut writer)
+                .with_context(|| format!("reading {}", a.source.display()))?;
+            norm.apply(&mut tree);
+            let report = writer
+                .finish(&tree, &SourceContents::Host)
+                .with_context(|| format!("writing {}", a.output.display()))?;
+            if let Some(pb) = pb {
+                pb.finish_and_clear();
+            }
+            let len = a.size.unwrap_or(0).max(report.size_bytes);
+            out.file()
+                .set_len(len)
+                .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
+            out.commit()
+                .with_context(|| format!("committing {}", a.output.display()))?;
+            report
+        }
+    };
+    if a.json {
+        let sha = sha256_file(&a.output)?;
+        let summary = serde_json::json!({
+            "inodes": report.used_inodes,
+            "inodes_total": report.inodes,
+            "blocks": report.blocks,
+            "blocks_used": report.used_blocks,
+            "size": report.size_bytes,
+            "uuid": repart::format_uuid(&report.uuid),
+            "sha256": sha,
+            "seconds": started.elapsed().as_secs_f64(),
+            "slots": report.slots.iter().map(|s| serde_json::json!({
+                "name": s.name,
+                "inode": s.inode,
+                "inode_offset": s.inode_offset,
+                "data_offset": s.data_offset,
+                "capacity": s.capacity,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{summary}");
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("10X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 }

@@ -1,12 +1,62 @@
-//! `kiln serve`.
+//! `kiln serve`: personalised images over HTTP (kiln-serve).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Args;
 
 use super::Outcome;
 
 #[derive(Args)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// The configuration file (see examples/serve.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Listen on this address instead of the config's `listen`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
 
-pub fn run(_args: ServeArgs) -> Outcome {
-    anyhow::bail!("kiln serve is not implemented yet")
+pub fn run(args: ServeArgs) -> Outcome {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    let config = kiln_serve::Config::load(&args.config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let running = kiln_serve::start(&config, args.listen).await?;
+        // Tests and scripts read this line to find the port.
+        println!("listening on http://{}", running.addr);
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate() => {}
+        }
+        tracing::info!("shutting down");
+        running.stop().await;
+        anyhow::Ok(())
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
+    }
 }

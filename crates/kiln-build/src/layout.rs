@@ -1,0 +1,473 @@
+//! Disk layout: the spec's partitions expanded (A/B twins, verity hash partners), sized, aligned
+//! to 1 MiB and given systemd-repart's deterministic UUIDs and labels. Pure computation: the
+//! filesystems' sizes come in, offsets and identities go out.
+
+use kiln_formats::repart::{self, Uuid};
+
+use crate::spec::{self, FsKind, PartSize, Spec};
+
+/// Partition alignment and the gap before the first partition (room for the GPT and kiln's
+/// slot table at byte 24576).
+pub const ALIGN: u64 = 1 << 20;
+
+/// 512-byte logical sectors.
+pub const SECTOR: u64 = 512;
+
+/// Label of an A/B twin that holds nothing yet (systemd-sysupdate's convention).
+pub const EMPTY_LABEL: &str = "_empty";
+
+/// What a laid-out partition is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Holds the spec partition's filesystem.
+    Data,
+    /// The dm-verity hash device of the partition at `of` (an index into the layout).
+    Verity {
+        /// Index of the data partition in [`Layout::parts`].
+        of: usize,
+    },
+    /// The empty B twin of an A/B data partition.
+    EmptyTwin,
+    /// The empty B twin of a verity partition.
+    EmptyVerityTwin,
+}
+
+/// One GPT entry to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// Index of the spec partition this comes from.
+    pub spec: usize,
+    /// Role.
+    pub role: Role,
+    /// DPS type name (or GUID text).
+    pub type_name: String,
+    /// Type GUID (RFC order).
+    pub type_uuid: Uuid,
+    /// GPT name.
+    pub label: String,
+    /// Partition UUID. For verity data/hash partitions this is provisional until the root hash
+    /// is known ([`Layout::set_root_hash`]).
+    pub uuid: Uuid,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// GPT attribute bits.
+    pub flags: u64,
+}
+
+/// The whole disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Disk GUID.
+    pub disk_uuid: Uuid,
+    /// Partitions in GPT order.
+    pub parts: Vec<Part>,
+    /// Total disk size in bytes.
+    pub disk_size: u64,
+}
+
+/// Why a layout cannot be made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutError {
+    /// Spec partition index at fault, if any.
+    pub spec: Option<usize>,
+    /// Message.
+    pub msg: String,
+}
+
+impl std::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+/// Rounds up to a multiple of `a` (a power of two).
+pub fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+/// Size in bytes of a dm-verity hash device (superblock + tree) for `data_size` bytes of data
+/// with 4096-byte blocks and sha256 (SPECS.md: 128 digests per hash block).
+pub fn verity_hash_size(data_size: u64) -> u64 {
+    let blocks = data_size.div_ceil(4096);
+    let mut total = 1; // superblock block
+    let mut level = blocks;
+    while level > 1 {
+        level = level.div_ceil(128);
+        total += level;
+    }
+    if blocks == 1 {
+        total += 1;
+    }
+    total * 4096
+}
+
+/// Sizes the filesystems need, as the build planned them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsSize {
+    /// Bytes the partition's contents need (0 for empty partitions).
+    pub bytes: u64,
+}
+
+/// Lays out the disk for `spec` given the planned size of each spec partition's contents.
+/// `machine_id`, when the tree has one, keys the `/var` partition UUID the way systemd's
+/// gpt-auto-generator expects.
+pub fn layout(
+    spec: &Spec,
+    sizes: &[FsSize],
+    machine_id: Option<&Uuid>,
+) -> Result<Layout, LayoutError> {
+    assert_eq!(
+        sizes.len(),
+        spec.partitions.len(),
+        "one size per spec partition"
+    );
+    let seed = &spec.seed;
+    let mut parts: Vec<Part> = Vec::new();
+    // k per type UUID, in disk order (systemd-repart counts earlier partitions of the same type).
+    let mut seen: Vec<(Uuid, u64)> = Vec::new();
+    let mut next_k = |t: &Uuid| -> u64 {
+        match seen.iter_mut().find(|(u, _)| u == t) {
+            Some((_, k)) => {
+                *k += 1;
+                *k
+            }
+            None => {
+                seen.push((*t, 0));
+                0
+            }
+        }
+    };
+    let name_version = format!("{}_{}", spec.name, spec.version);
+
+    for (i, p) in spec.partitions.iter().enumerate() {
+        let need = sizes[i].bytes;
+        let size = match p.size {
+            PartSize::Fixed(s) => {
+                let s = align_up(s.0, ALIGN);
+                if need > s {
+                    return Err(LayoutError {
+                        spec: Some(i),
+                        msg: format!(
+                            "partition {} (line {}) is {} but its contents need {}",
+                            p.label.as_deref().unwrap_or(&p.type_name),
+                            p.at.line,
+                            spec::human_size(s),
+                            spec::human_size(need)
+                        ),
+                    });
+                }
+                s
+            }
+            PartSize::Auto => align_up(need.max(1), ALIGN),
+        };
+        if let Some(b) = p.budget {
+            if need > b {
+                return Err(LayoutError {
+                    spec: Some(i),
+                    msg: format!(
+                        "partition {} (line {}) needs {}, over its budget of {}",
+                        p.label.as_deref().unwrap_or(&p.type_name),
+                        p.at.line,
+                        spec::human_size(need),
+                        spec::human_size(b)
+                    ),
+                });
+            }
+        }
+        let ab = p.slots == 2;
+        let type_k = next_k(&p.type_uuid);
+        let default_label = if ab {
+            name_version.clone()
+        } else {
+            repart::label(&p.type_name, type_k)
+        };
+        let label = p.label.clone().unwrap_or(default_label);
+        let mut uuid = repart::partition_uuid(seed, &p.type_uuid, type_k);
+        if p.type_name == "var" && type_k == 0 {
+            if let Some(mid) = machine_id {
+                uuid = repart::partition_uuid(mid, &p.type_uuid, 0);
+            }
+        }
+        let data_index = parts.len();
+        parts.push(Part {
+            spec: i,
+            role: Role::Data,
+            type_name: p.type_name.clone(),
+            type_uuid: p.type_uuid,
+            label: label.clone(),
+            uuid,
+            offset: 0,
+            size,
+            flags: p.flags,
+        });
+        let verity_type = if p.verity {
+            Some(verity_type_of(&p.type_name))
+        } else {
+            None
+        };
+        if let Some((vname, vuuid)) = &verity_type {
+            let vk = next_k(vuuid);
+            let vlabel = if ab {
+                name_version.clone()
+            } else {
+                repart::label(vname, vk)
+            };
+            parts.push(Part {
+                spec: i,
+                role: Role::Verity { of: data_index },
+                type_name: vname.clone(),
+                type_uuid: *vuuid,
+                label: vlabel,
+                uuid: repart::partition_uuid(seed, vuuid, vk),
+                offset: 0,
+                size: align_up(verity_hash_size(size), ALIGN),
+                flags: spec::attr::READ_ONLY,
+            });
+        }
+        if ab {
+            let k = next_k(&p.type_uuid);
+            parts.push(Part {
+                spec: i,
+                role: Role::EmptyTwin,
+                type_name: p.type_name.clone(),
+                type_uuid: p.type_uuid,
+                label: EMPTY_LABEL.into(),
+                uuid: repart::partition_uuid(seed, &p.type_uuid, k),
+                offset: 0,
+                size,
+                flags: p.flags,
+            });
+            if let Some((vname, vuuid)) = &verity_type {
+                let vk = next_k(vuuid);
+                parts.push(Part {
+                    spec: i,
+                    role: Role::EmptyVerityTwin,
+                    type_name: vname.clone(),
+                    type_uuid: *vuuid,
+                    label: EMPTY_LABEL.into(),
+                    uuid: repart::partition_uuid(seed, vuuid, vk),
+                    offset: 0,
+                    size: align_up(verity_hash_size(size), ALIGN),
+                    flags: spec::attr::READ_ONLY,
+                });
+            }
+        }
+    }
+    if parts.len() > 128 {
+        return Err(LayoutError {
+            spec: None,
+            msg: format!("{} partitions: a GPT holds at most 128", parts.len()),
+        });
+    }
+
+    let mut off = ALIGN;
+    for p in &mut parts {
+        p.offset = off;
+        off += p.size;
+    }
+    // Room for the backup GPT (33 sectors), keeping the disk size a multiple of the alignment.
+    let min_disk = off + 33 * SECTOR;
+    let disk_size = match spec.disk_size {
+        Some(s) if s < min_disk => {
+            return Err(LayoutError {
+                spec: None,
+                msg: format!(
+                    "the partitions need {} but [image] size is {}",
+                    spec::human_size(min_disk),
+                    spec::human_size(s)
+                ),
+            })
+        }
+        Some(s) => align_up(s, SECTOR),
+        None => align_up(min_disk, ALIGN),
+    };
+    if let Some(b) = spec.budget {
+        if disk_size > b {
+            return Err(LayoutError {
+                spec: None,
+                msg: format!(
+                    "the disk image is {}, over the image budget of {}",
+                    spec::human_size(disk_size),
+                    spec::human_size(b)
+                ),
+            });
+        }
+    }
+    Ok(Layout {
+        disk_uuid: repart::disk_uuid(seed),
+        parts,
+        disk_size,
+    })
+}
+
+/// The verity hash partition type for a data partition type.
+fn verity_type_of(type_name: &str) -> (String, Uuid) {
+    let name = format!("{type_name}-verity");
+    let (n, u) = spec::resolve_type(&name).unwrap_or_else(|| {
+        // Data types without a DPS verity type are refused by the spec parser.
+        unreachable!("no verity type for {type_name}")
+    });
+    (n, u)
+}
+
+impl Layout {
+    /// Sets the UUIDs of a verity pair from its root hash (data = first 16 bytes, hash = last
+    /// 16, raw — SPECS.md), the way systemd finds them.
+    pub fn set_root_hash(&mut self, data_index: usize, root_hash: &[u8; 32]) {
+        let mut a = [0u8; 16];
+        let mut b = [0u8; 16];
+        a.copy_from_slice(&root_hash[..16]);
+        b.copy_from_slice(&root_hash[16..]);
+        self.parts[data_index].uuid = a;
+        if let Some(v) = self
+            .parts
+            .iter_mut()
+            .find(|p| p.role == Role::Verity { of: data_index })
+        {
+            v.uuid = b;
+        }
+    }
+
+    /// The verity partner of the data partition at `data_index`.
+    pub fn verity_of(&self, data_index: usize) -> Option<usize> {
+        self.parts
+            .iter()
+            .position(|p| p.role == Role::Verity { of: data_index })
+    }
+}
+
+/// True when `fs` is written by kiln into the partition (as opposed to left empty).
+pub fn has_filesystem(fs: FsKind) -> bool {
+    fs != FsKind::None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn spec(text: &str) -> Spec {
+        Spec::parse(Path::new("kiln.toml"), text).unwrap()
+    }
+
+    const AB: &str = r#"
+[image]
+name = "os"
+version = "1.0"
+seed = "0123456789abcdef0123456789abcdef"
+[[partition]]
+type = "esp"
+size = "64M"
+[[partition]]
+type = "root"
+fs = "erofs"
+verity = true
+slots = 2
+[[partition]]
+type = "var"
+size = "32M"
+"#;
+
+    #[test]
+    fn ab_verity_expansion_order_labels_and_uuids() {
+        let s = spec(AB);
+        let l = layout(
+            &s,
+            &[
+                FsSize { bytes: 1 << 20 },
+                FsSize { bytes: 300 << 20 },
+                FsSize { bytes: 0 },
+            ],
+            None,
+        )
+        .unwrap();
+        let names: Vec<_> = l
+            .parts
+            .iter()
+            .map(|p| (p.type_name.as_str(), p.label.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("esp", "esp"),
+                ("root-x86-64", "os_1.0"),
+                ("root-x86-64-verity", "os_1.0"),
+                ("root-x86-64", "_empty"),
+                ("root-x86-64-verity", "_empty"),
+                ("var", "var"),
+            ]
+        );
+        // The B twin is the second partition of its type: k = 1.
+        let root = repart::parse_uuid("4f68bce3-e8cd-4db1-96e7-fbcaf984b709").unwrap();
+        assert_eq!(l.parts[3].uuid, repart::partition_uuid(&s.seed, &root, 1));
+        assert_eq!(l.parts[1].size, l.parts[3].size);
+        assert_eq!(l.parts[0].offset, ALIGN);
+        for w in l.parts.windows(2) {
+            assert_eq!(w[0].offset + w[0].size, w[1].offset, "contiguous, aligned");
+            assert_eq!(w[1].offset % ALIGN, 0);
+        }
+        assert!(l.disk_size >= l.parts[5].offset + l.parts[5].size + 33 * 512);
+        let mut l2 = l.clone();
+        let h: [u8; 32] = std::array::from_fn(|i| i as u8);
+        l2.set_root_hash(1, &h);
+        assert_eq!(&l2.parts[1].uuid[..], &h[..16]);
+        assert_eq!(&l2.parts[2].uuid[..], &h[16..]);
+    }
+
+    #[test]
+    fn var_uuid_follows_machine_id() {
+        let s = spec(AB);
+        let mid = [7u8; 16];
+        let l = layout(
+            &s,
+            &[
+                FsSize { bytes: 0 },
+                FsSize { bytes: 1 << 20 },
+                FsSize { bytes: 0 },
+            ],
+            Some(&mid),
+        )
+        .unwrap();
+        let var = repart::parse_uuid("4d21b016-b534-45c2-a9fb-5c16e091fd2d").unwrap();
+        assert_eq!(l.parts[5].uuid, repart::partition_uuid(&mid, &var, 0));
+    }
+
+    #[test]
+    fn fixed_too_small_and_budgets_fail_with_line() {
+        let s = spec(AB);
+        let e = layout(
+            &s,
+            &[
+                FsSize { bytes: 65 << 20 },
+                FsSize { bytes: 1 },
+                FsSize { bytes: 0 },
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.msg.contains("line 6") && e.msg.contains("need"), "{e}");
+        let s = spec(&AB.replace("version = \"1.0\"", "version = \"1.0\"\nbudget = \"100M\""));
+        let e = layout(
+            &s,
+            &[
+                FsSize { bytes: 0 },
+                FsSize { bytes: 200 << 20 },
+                FsSize { bytes: 0 },
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.msg.contains("budget"), "{e}");
+    }
+
+    #[test]
+    fn verity_sizes_match_specs_example() {
+        // SPECS.md: 300 data blocks -> 2 levels -> 5 hash-device blocks.
+        assert_eq!(verity_hash_size(300 * 4096), 5 * 4096);
+        assert_eq!(verity_hash_size(128 * 4096), 2 * 4096);
+        assert_eq!(verity_hash_size(129 * 4096), 4 * 4096);
+    }
+}

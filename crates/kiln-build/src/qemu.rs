@@ -1,0 +1,481 @@
+//! Booting images in QEMU to prove they work: `qemu-system-x86_64 -machine q35` under TCG
+//! (KVM guests hang on these machines), UEFI firmware from OVMF (code read-only, a private copy
+//! of the variables), the serial console streamed to stdout while it is scanned for a marker.
+//! `-no-reboot` makes one call one boot: a guest that reboots ends the run, so A/B tests drive
+//! several boots and look at the disk in between.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use regex::Regex;
+
+/// How the image is attached to the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Attach {
+    /// A virtio block device.
+    #[default]
+    Disk,
+    /// A USB stick on an xHCI controller (the guest kernel needs xhci and usb-storage).
+    Usb,
+    /// A CD on virtio-scsi (bootable by OVMF; the guest needs virtio_scsi and sr_mod).
+    Cdrom,
+    /// A CD on q35's AHCI controller, as on real PCs (the guest needs ahci and sr_mod).
+    CdromAhci,
+}
+
+impl std::str::FromStr for Attach {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "disk" => Ok(Attach::Disk),
+            "usb" => Ok(Attach::Usb),
+            "cdrom" => Ok(Attach::Cdrom),
+            "cdrom-ahci" => Ok(Attach::CdromAhci),
+            _ => Err(format!("{s:?}: expected disk, usb, cdrom or cdrom-ahci")),
+        }
+    }
+}
+
+/// Firmware to boot with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// OVMF: a directory holding OVMF_CODE*.fd and OVMF_VARS*.fd, or the code file itself (the
+    /// variables file is found beside it). `None`: /usr/share/OVMF.
+    Ovmf(Option<PathBuf>),
+    /// QEMU's default BIOS (for direct kernel boot, which needs no UEFI).
+    Bios,
+}
+
+/// A kernel booted directly (`-kernel -initrd -append`), without a boot loader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectKernel {
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// The initrd.
+    pub initrd: PathBuf,
+    /// The kernel command line.
+    pub append: String,
+}
+
+/// Patterns that end a boot as failed by default: a kernel panic, and kiln-init giving up.
+pub const DEFAULT_FAIL_PATTERNS: &[&str] =
+    &[r"Kernel panic - not syncing", r"kiln-init: boot failed"];
+
+/// What Linux prints as it powers the machine off.
+pub const POWER_DOWN: &str = "reboot: Power down";
+
+/// One boot.
+#[derive(Clone, Debug)]
+pub struct BootOptions {
+    /// The disk or ISO image (none for a direct kernel boot without disks).
+    pub image: Option<PathBuf>,
+    /// How to attach `image`.
+    pub attach: Attach,
+    /// Firmware.
+    pub firmware: Firmware,
+    /// Direct kernel boot instead of booting from the image.
+    pub direct: Option<DirectKernel>,
+    /// Regular expression that ends the boot successfully when a console line matches. Without
+    /// one the boot succeeds when the guest powers off (not when it reboots).
+    pub expect: Option<String>,
+    /// Regular expressions that end the boot as failed.
+    pub fail: Vec<String>,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Write guest changes to the image (no `snapshot=on`).
+    pub keep: bool,
+    /// Copy the console to this process's stdout as it arrives.
+    pub echo: bool,
+    /// The QEMU executable (default: `$KILN_QEMU` or `qemu-system-x86_64` from PATH).
+    pub qemu: Option<PathBuf>,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        Self {
+            image: None,
+            attach: Attach::Disk,
+            firmware: Firmware::Ovmf(None),
+            direct: None,
+            expect: None,
+            fail: DEFAULT_FAIL_PATTERNS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            timeout: Duration::from_secs(120),
+            memory_mib: 1024,
+            keep: false,
+            echo: true,
+            qemu: None,
+        }
+    }
+}
+
+/// How a boot ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The expected pattern appeared (or, without one, the guest powered off).
+    Matched,
+    /// A failure pattern appeared: the matching line.
+    Failed(String),
+    /// The timeout ran out.
+    Timeout,
+    /// QEMU exited (guest reboot or power-off, or a QEMU error) before a match.
+    Exited(Option<i32>),
+}
+
+/// The result of [`boot`].
+#[derive(Clone, Debug)]
+pub struct BootOutcome {
+    /// How it ended.
+    pub ending: Ending,
+    /// From QEMU's start to the end.
+    pub elapsed: Duration,
+    /// The whole console output.
+    pub console: String,
+    /// QEMU's own diagnostics (stderr).
+    pub qemu_stderr: String,
+}
+
+impl BootOutcome {
+    /// True when the marker was seen.
+    pub fn success(&self) -> bool {
+        self.ending == Ending::Matched
+    }
+
+    /// A one-line description.
+    pub fn summary(&self) -> String {
+        let t = self.elapsed.as_secs_f64();
+        match &self.ending {
+            Ending::Matched => format!("matched after {t:.1} s"),
+            Ending::Failed(line) => format!("failed after {t:.1} s: {line}"),
+            Ending::Timeout => format!("no match within {t:.0} s"),
+            Ending::Exited(code) => format!(
+                "QEMU exited after {t:.1} s (status {}) before a match{}",
+                code.map_or("signal".into(), |c| c.to_string()),
+                if self.qemu_stderr.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", self.qemu_stderr.trim())
+                }
+            ),
+        }
+    }
+}
+
+/// The OVMF code and variables files for `spec`.
+pub fn ovmf_files(spec: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    let spec = spec.unwrap_or(Path::new("/usr/share/OVMF"));
+    let pairs = [
+        ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"),
+        ("OVMF_CODE.fd", "OVMF_VARS.fd"),
+        ("OVMF_CODE.4m.fd", "OVMF_VARS.4m.fd"),
+    ];
+    if spec.is_dir() {
+        for (c, v) in pairs {
+            let (c, v) = (spec.join(c), spec.join(v));
+            if c.is_file() && v.is_file() {
+                return Ok((c, v));
+            }
+        }
+        bail!(
+            "{}: no OVMF_CODE*.fd with a matching OVMF_VARS*.fd (install the ovmf package, or pass --ovmf)",
+            spec.display()
+        );
+    }
+    if !spec.is_file() {
+        bail!(
+            "{}: no such OVMF directory or firmware file",
+            spec.display()
+        );
+    }
+    let name = spec
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let vars_name = name.replacen("CODE", "VARS", 1);
+    let vars = spec.with_file_name(&vars_name);
+    if vars_name == name || !vars.is_file() {
+        bail!(
+            "{}: cannot find the matching variables file (looked for {})",
+            spec.display(),
+            vars.display()
+        );
+    }
+    Ok((spec.to_path_buf(), vars))
+}
+
+fn find_in_path(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(tool))
+            .find(|c| c.is_file())
+    })
+}
+
+enum Event {
+    Data(Vec<u8>),
+    Eof,
+}
+
+/// Boots once and reports how it went. Errors are for things that prevent booting at all
+/// (no QEMU, no firmware, a bad pattern); a boot that fails is an `Ok` with its [`Ending`].
+pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
+    let expect = opts
+        .expect
+        .as_deref()
+        .map(Regex::new)
+        .transpose()
+        .context("--expect is not a valid regular expression")?;
+    let fails = opts
+        .fail
+        .iter()
+        .map(|f| Regex::new(f).with_context(|| format!("failure pattern {f:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    let qemu = match &opts.qemu {
+        Some(q) => q.clone(),
+        None => match std::env::var_os("KILN_QEMU") {
+            Some(q) => PathBuf::from(q),
+            None => find_in_path("qemu-system-x86_64").context(
+                "qemu-system-x86_64 not found in PATH (install qemu-system-x86, or set KILN_QEMU)",
+            )?,
+        },
+    };
+    let scratch =
+        tempfile::tempdir().context("creating a temporary directory for OVMF variables")?;
+    let mut cmd = Command::new(&qemu);
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+    ])
+    .args(["-serial", "stdio", "-no-reboot"])
+    .arg("-m")
+    .arg(opts.memory_mib.to_string());
+    if let Firmware::Ovmf(spec) = &opts.firmware {
+        let (code, vars) = ovmf_files(spec.as_deref())?;
+        let private = scratch.path().join("OVMF_VARS.fd");
+        std::fs::copy(&vars, &private)
+            .with_context(|| format!("copying {} to {}", vars.display(), private.display()))?;
+        cmd.arg("-drive").arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            qemu_path(&code)?
+        ));
+        cmd.arg("-drive").arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            qemu_path(&private)?
+        ));
+    }
+    if let Some(d) = &opts.direct {
+        for p in [&d.kernel, &d.initrd] {
+            if !p.is_file() {
+                bail!("{}: no such file", p.display());
+            }
+        }
+        cmd.arg("-kernel").arg(&d.kernel);
+        cmd.arg("-initrd").arg(&d.initrd);
+        cmd.arg("-append").arg(&d.append);
+    }
+    if let Some(img) = &opts.image {
+        if !img.is_file() {
+            bail!("{}: no such image file", img.display());
+        }
+        let file = qemu_path(img)?;
+        let snap = if opts.keep { "" } else { ",snapshot=on" };
+        match opts.attach {
+            Attach::Disk => {
+                cmd.arg("-drive")
+                    .arg(format!("file={file},format=raw,if=virtio{snap}"));
+            }
+            Attach::Usb => {
+                cmd.args(["-device", "qemu-xhci,id=xhci"])
+                    .arg("-drive")
+                    .arg(format!("file={file},format=raw,if=none,id=stick{snap}"))
+                    .args(["-device", "usb-storage,bus=xhci.0,drive=stick,removable=on"]);
+            }
+            Attach::Cdrom => {
+                cmd.args(["-device", "virtio-scsi-pci,id=scsi"])
+                    .arg("-drive")
+                    .arg(format!(
+                        "file={file},format=raw,if=none,id=cd,media=cdrom,readonly=on"
+                    ))
+                    .args(["-device", "scsi-cd,bus=scsi.0,drive=cd"]);
+            }
+            Attach::CdromAhci => {
+                cmd.arg("-drive")
+                    .arg(format!(
+                        "file={file},format=raw,if=none,id=cd,media=cdrom,readonly=on"
+                    ))
+                    .args(["-device", "ide-cd,bus=ide.0,drive=cd"]);
+            }
+        }
+    } else if opts.direct.is_none() {
+        bail!("nothing to boot: give an image or a direct kernel");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", qemu.display()))?;
+    let mut stdout = child.stdout.take().context("QEMU stdout")?;
+    let mut stderr = child.stderr.take().context("QEMU stderr")?;
+    let err_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(Event::Eof);
+                    return;
+                }
+                Ok(n) => {
+                    if tx.send(Event::Data(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+
+    let deadline = start + opts.timeout;
+    let mut console: Vec<u8> = Vec::new();
+    let mut line_start = 0usize;
+    let mut out = std::io::stdout();
+    let check = |line: &str| -> Option<Ending> {
+        if fails.iter().any(|f| f.is_match(line)) {
+            return Some(Ending::Failed(line.trim().to_string()));
+        }
+        if expect.as_ref().is_some_and(|e| e.is_match(line)) {
+            return Some(Ending::Matched);
+        }
+        None
+    };
+    let ending = loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break Ending::Timeout;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(Event::Data(d)) => {
+                if opts.echo {
+                    let _ = out.write_all(&d);
+                    let _ = out.flush();
+                }
+                console.extend_from_slice(&d);
+                // Check each completed line; a partial line is checked again once complete.
+                let mut found = None;
+                while let Some(nl) = console[line_start..].iter().position(|&b| b == b'\n') {
+                    let line = String::from_utf8_lossy(&console[line_start..line_start + nl]);
+                    line_start += nl + 1;
+                    if let Some(e) = check(&line.replace('\r', "")) {
+                        found = Some(e);
+                        break;
+                    }
+                }
+                if found.is_none() {
+                    let partial = String::from_utf8_lossy(&console[line_start..]);
+                    if expect.as_ref().is_some_and(|e| e.is_match(&partial)) {
+                        found = Some(Ending::Matched);
+                    }
+                }
+                if let Some(e) = found {
+                    break e;
+                }
+            }
+            Ok(Event::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().ok();
+                let code = status.and_then(|s| s.code());
+                // With -no-reboot a guest reset also ends QEMU with status 0; only a power-off
+                // (the kernel's last words are "reboot: Power down") counts as success.
+                if expect.is_none()
+                    && code == Some(0)
+                    && String::from_utf8_lossy(&console).contains(POWER_DOWN)
+                {
+                    break Ending::Matched;
+                }
+                break Ending::Exited(code);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => break Ending::Timeout,
+        }
+    };
+    let elapsed = start.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    let qemu_stderr = err_thread.join().unwrap_or_default();
+    if opts.echo && !console.ends_with(b"\n") {
+        let _ = writeln!(out);
+    }
+    Ok(BootOutcome {
+        ending,
+        elapsed,
+        console: String::from_utf8_lossy(&console).into_owned(),
+        qemu_stderr,
+    })
+}
+
+/// QEMU's -drive syntax uses commas as separators: refuse paths that contain one.
+fn qemu_path(p: &Path) -> Result<String> {
+    let s = p
+        .to_str()
+        .with_context(|| format!("{}: path is not UTF-8", p.display()))?;
+    if s.contains(',') {
+        bail!("{s}: QEMU cannot take a path containing a comma");
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ovmf_lookup() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(ovmf_files(Some(d.path())).is_err());
+        std::fs::write(d.path().join("OVMF_CODE.fd"), b"c").unwrap();
+        std::fs::write(d.path().join("OVMF_VARS.fd"), b"v").unwrap();
+        let (c, v) = ovmf_files(Some(d.path())).unwrap();
+        assert!(c.ends_with("OVMF_CODE.fd") && v.ends_with("OVMF_VARS.fd"));
+        let (c2, v2) = ovmf_files(Some(&c)).unwrap();
+        assert_eq!((c2, v2), (c, v));
+        let e = ovmf_files(Some(&d.path().join("nope"))).unwrap_err();
+        assert!(e.to_string().contains("nope"));
+        assert_eq!("cdrom".parse::<Attach>(), Ok(Attach::Cdrom));
+        assert!("floppy".parse::<Attach>().is_err());
+    }
+
+    #[test]
+    fn bad_inputs_fail_before_starting_qemu() {
+        let o = BootOptions {
+            expect: Some("(".into()),
+            image: Some("/nonexistent".into()),
+            ..BootOptions::default()
+        };
+        assert!(boot(&o).unwrap_err().to_string().contains("--expect"));
+        let o = BootOptions {
+            image: Some("/nonexistent/x.img".into()),
+            firmware: Firmware::Bios,
+            ..BootOptions::default()
+        };
+        assert!(boot(&o).unwrap_err().to_string().contains("no such image"));
+    }
+}

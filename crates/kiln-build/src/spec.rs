@@ -1,0 +1,1109 @@
+//! The `kiln.toml` spec: what image to build, from which tree, how it boots, and its ordered
+//! partitions. Parsing keeps source spans so every error — a TOML syntax error, an unknown key,
+//! a bad size, a partition that cannot work — names the line and column it comes from.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use kiln_formats::gpt;
+use kiln_formats::repart::{self, Uuid};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A spec error with its position in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    /// The spec file, for messages.
+    pub file: PathBuf,
+    /// 1-based line, 0 when unknown.
+    pub line: usize,
+    /// 1-based column, 0 when unknown.
+    pub column: usize,
+    /// What is wrong and what was expected.
+    pub msg: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.msg
+            )
+        } else {
+            write!(f, "{}: {}", self.file.display(), self.msg)
+        }
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// A size in bytes, written `4096`, `512K`, `128M`, `2G`, `1T` (binary units) or `1.5G`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl Size {
+    /// Parses a size string.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+            Some((i, _)) => {
+                let unit = t[i..].trim().to_ascii_uppercase();
+                let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                    "" => 1,
+                    "K" => 1 << 10,
+                    "M" => 1 << 20,
+                    "G" => 1 << 30,
+                    "T" => 1 << 40,
+                    _ => {
+                        return Err(format!(
+                            "bad size {s:?}: unknown unit {:?} (use K, M, G or T)",
+                            &t[i..]
+                        ))
+                    }
+                };
+                (t[..i].trim(), mult)
+            }
+            None => (t, 1),
+        };
+        if num.is_empty() {
+            return Err(format!("bad size {s:?}: no number"));
+        }
+        let bytes = if let Some((int, frac)) = num.split_once('.') {
+            let int: u64 = int
+                .parse()
+                .map_err(|_| format!("bad size {s:?}: not a number"))?;
+            if frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) || frac.len() > 9 {
+                return Err(format!("bad size {s:?}: not a number"));
+            }
+            let f: u64 = frac
+                .parse()
+                .map_err(|_| format!("bad size {s:?}: not a number"))?;
+            let scale = 10u64.pow(frac.len() as u32);
+            int.checked_mul(mult).and_then(|v| {
+                v.checked_add((u128::from(f) * u128::from(mult) / u128::from(scale)) as u64)
+            })
+        } else {
+            let n: u64 = num
+                .parse()
+                .map_err(|_| format!("bad size {s:?}: not a number"))?;
+            n.checked_mul(mult)
+        };
+        bytes
+            .map(Size)
+            .ok_or_else(|| format!("bad size {s:?}: too large"))
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&human_size(self.0))
+    }
+}
+
+/// Formats bytes with a binary unit and one decimal (`1.5 GiB`, `512 B`).
+pub fn human_size(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) if n >= 0 => Ok(Size(n as u64)),
+            Raw::Int(n) => Err(de::Error::custom(format!("bad size {n}: negative"))),
+            Raw::Str(s) => Size::parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A partition size: fixed, or `auto` (as small as the contents allow, plus `extra`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartSize {
+    /// Exactly this many bytes (rounded up to the 1 MiB alignment).
+    Fixed(Size),
+    /// Computed from the contents.
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for PartSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Str(s) if s.eq_ignore_ascii_case("auto") => Ok(PartSize::Auto),
+            Raw::Str(s) => Size::parse(&s)
+                .map(PartSize::Fixed)
+                .map_err(de::Error::custom),
+            Raw::Int(n) if n > 0 => Ok(PartSize::Fixed(Size(n as u64))),
+            Raw::Int(n) => Err(de::Error::custom(format!(
+                "bad size {n}: must be positive or \"auto\""
+            ))),
+        }
+    }
+}
+
+/// `[image]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSection {
+    /// Image name: letters, digits, `.`, `-`; used in file names and sysupdate patterns.
+    pub name: Spanned<String>,
+    /// Version string; no `_` (it separates name and version in artifact names).
+    pub version: Spanned<String>,
+    /// 32 hex digits or a UUID; every UUID, salt and label derives from it.
+    pub seed: Option<Spanned<String>>,
+    /// Clamp for every timestamp; the environment's `SOURCE_DATE_EPOCH` is used when absent.
+    pub source_date_epoch: Option<i64>,
+    /// Upper bound for the whole disk image.
+    pub budget: Option<Spanned<Size>>,
+    /// Fixed total disk size; partitions must fit (`size = "fill"` is not supported).
+    pub size: Option<Spanned<Size>>,
+    /// What to emit: `disk` (default) and/or `iso`.
+    #[serde(default)]
+    pub output: Option<Spanned<Vec<String>>>,
+}
+
+/// `[source]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// A directory or tar file (relative to the spec's directory); `--source` overrides it.
+    pub tree: Option<Spanned<String>>,
+    /// Make every file owned by root.
+    #[serde(default)]
+    pub all_root: bool,
+}
+
+/// `[boot]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSection {
+    /// `auto` (find `/boot/vmlinuz-*` or `/usr/lib/modules/*/vmlinuz` in the tree) or a path
+    /// in the tree.
+    #[serde(default)]
+    pub kernel: Option<Spanned<String>>,
+    /// Kernel command line; kiln appends `roothash=` and its own options.
+    #[serde(default)]
+    pub cmdline: Option<Spanned<String>>,
+    /// `kiln` (kiln-init, the default) or a path to a prebuilt initrd (relative to the spec).
+    #[serde(default)]
+    pub initrd: Option<Spanned<String>>,
+    /// systemd's UKI stub: `auto` (the tree's, then the host's) or a path.
+    #[serde(default)]
+    pub stub: Option<Spanned<String>>,
+    /// Extra kernel modules for the initrd, by name.
+    #[serde(default)]
+    pub modules: Vec<Spanned<String>>,
+    /// Boot-counting tries for a new UKI (`NAME_VERSION+TRIES.efi`); 0 disables counting.
+    #[serde(default)]
+    pub tries: Option<u32>,
+    /// systemd-boot menu timeout in seconds (loader.conf).
+    #[serde(default)]
+    pub timeout: Option<u32>,
+    /// Directories of the root that get a tmpfs overlay at boot (writable, RAM-only).
+    #[serde(default)]
+    pub overlays: Vec<Spanned<String>>,
+}
+
+/// A slot reserved in a partition's filesystem for later injection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotSection {
+    /// Slot name (`--slot NAME=FILE`); defaults to the file's base name without extension.
+    pub name: Option<String>,
+    /// Absolute path of the file inside the partition's filesystem.
+    pub path: String,
+    /// Bytes reserved, contiguous on disk.
+    pub capacity: Size,
+    /// The payload before injection: a host file relative to the spec (default: empty).
+    pub default: Option<String>,
+}
+
+/// One slot or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    /// `slot = { ... }`
+    One(T),
+    /// `slot = [{ ... }, { ... }]`
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(t) => vec![t],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// `[[partition]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionSection {
+    /// DPS type name (`esp`, `root`, `root-x86-64`, `var`, `linux-generic`, ...) or a GUID.
+    #[serde(rename = "type")]
+    pub type_: Option<Spanned<String>>,
+    /// GPT partition name; defaults to systemd-repart's (the type name, `-2` for a second).
+    pub label: Option<Spanned<String>>,
+    /// `ext4`, `erofs`, `vfat` or `none`.
+    pub fs: Option<Spanned<String>>,
+    /// `auto` or a size.
+    pub size: Option<Spanned<PartSize>>,
+    /// Free space added to an `auto` size (writable filesystems).
+    pub extra: Option<Spanned<Size>>,
+    /// Directory of the source tree that becomes this filesystem's root.
+    pub contents: Option<Spanned<String>>,
+    /// A host directory (relative to the spec) copied into this filesystem instead.
+    pub copy: Option<Spanned<String>>,
+    /// Protect with dm-verity (adds the hash partition after this one).
+    #[serde(default)]
+    pub verity: bool,
+    /// 2 for A/B: an empty twin (and verity twin) labelled `_empty` follows.
+    pub slots: Option<Spanned<u32>>,
+    /// GPT attribute flags: `read-only`, `no-auto`, `grow-fs`.
+    #[serde(default)]
+    pub flags: Vec<Spanned<String>>,
+    /// Upper bound for this partition's filesystem.
+    pub budget: Option<Spanned<Size>>,
+    /// EROFS compression: `lz4` (default), `lz4hc`, `none`.
+    pub compression: Option<Spanned<String>>,
+    /// Injectable slots in this filesystem (errors point at the whole `slot` value: serde's
+    /// untagged enums cannot carry spans inside).
+    pub slot: Option<Spanned<OneOrMany<SlotSection>>>,
+}
+
+/// `[policy]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Byte patterns that must appear in no file name or content.
+    #[serde(default)]
+    pub forbid: Vec<Spanned<String>>,
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    image: ImageSection,
+    #[serde(default)]
+    source: SourceSection,
+    boot: Option<BootSection>,
+    #[serde(default, rename = "partition")]
+    partitions: Vec<Spanned<PartitionSection>>,
+    #[serde(default)]
+    policy: PolicySection,
+}
+
+/// A filesystem kind a partition can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsKind {
+    /// ext4.
+    Ext4,
+    /// EROFS.
+    Erofs,
+    /// FAT (type by size).
+    Vfat,
+    /// No filesystem: the partition is left zeroed (or filled by kiln, e.g. verity hashes).
+    None,
+}
+
+impl FsKind {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ext4" => FsKind::Ext4,
+            "erofs" => FsKind::Erofs,
+            "vfat" | "fat" | "fat32" => FsKind::Vfat,
+            "none" | "raw" => FsKind::None,
+            _ => return None,
+        })
+    }
+
+    /// Name as written in specs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Ext4 => "ext4",
+            FsKind::Erofs => "erofs",
+            FsKind::Vfat => "vfat",
+            FsKind::None => "none",
+        }
+    }
+}
+
+/// EROFS compression choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Uncompressed.
+    None,
+    /// LZ4 (kernel ≥ 5.4; the default for bootable images).
+    Lz4,
+    /// LZ4, high-compression encoder.
+    Lz4hc,
+}
+
+/// A resolved slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// Unique slot name.
+    pub name: String,
+    /// Path inside the filesystem.
+    pub path: String,
+    /// Reserved bytes.
+    pub capacity: u64,
+    /// Host file with the default payload.
+    pub default: Option<PathBuf>,
+    /// Where it was declared, for later errors.
+    pub at: Pos,
+}
+
+/// A position in the spec file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pos {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+}
+
+/// What a partition holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Contents {
+    /// Nothing (a zeroed partition, or the ESP filled by the boot stage).
+    Empty,
+    /// A directory of the source tree (`/` for root).
+    Tree(String),
+    /// A host directory.
+    Host(PathBuf),
+}
+
+/// A resolved partition (as declared; A/B twins and verity partitions are added by the layout).
+#[derive(Debug, Clone)]
+pub struct Partition {
+    /// DPS name of the type when it has one (`esp`, `root-x86-64`, ...), else the GUID text.
+    pub type_name: String,
+    /// Type GUID (RFC byte order).
+    pub type_uuid: Uuid,
+    /// Explicit label.
+    pub label: Option<String>,
+    /// Filesystem.
+    pub fs: FsKind,
+    /// Size rule.
+    pub size: PartSize,
+    /// Extra free bytes for `auto`.
+    pub extra: u64,
+    /// What goes in.
+    pub contents: Contents,
+    /// dm-verity protected.
+    pub verity: bool,
+    /// 1, or 2 for A/B.
+    pub slots: u32,
+    /// GPT attribute bits.
+    pub flags: u64,
+    /// Filesystem size limit.
+    pub budget: Option<u64>,
+    /// EROFS compression.
+    pub compression: Compression,
+    /// Injectable slots.
+    pub slot: Vec<Slot>,
+    /// Where it was declared.
+    pub at: Pos,
+}
+
+/// Boot settings, resolved.
+#[derive(Debug, Clone, Default)]
+pub struct Boot {
+    /// `None` = auto.
+    pub kernel: Option<String>,
+    /// User part of the command line.
+    pub cmdline: String,
+    /// `None` = kiln-init; else a host path.
+    pub initrd: Option<PathBuf>,
+    /// `None` = auto.
+    pub stub: Option<PathBuf>,
+    /// Extra modules.
+    pub modules: Vec<String>,
+    /// Boot-counting tries.
+    pub tries: u32,
+    /// loader.conf timeout.
+    pub timeout: u32,
+    /// tmpfs overlays.
+    pub overlays: Vec<String>,
+}
+
+/// A parsed and validated spec.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The spec file.
+    pub file: PathBuf,
+    /// Its directory (relative paths resolve against it).
+    pub dir: PathBuf,
+    /// Image name.
+    pub name: String,
+    /// Image version.
+    pub version: String,
+    /// Seed bytes.
+    pub seed: Uuid,
+    /// `SOURCE_DATE_EPOCH` from the spec.
+    pub source_date_epoch: Option<i64>,
+    /// Whole-image budget.
+    pub budget: Option<u64>,
+    /// Fixed disk size.
+    pub disk_size: Option<u64>,
+    /// Emit a disk image.
+    pub disk: bool,
+    /// Emit a hybrid ISO.
+    pub iso: bool,
+    /// Source tree path (resolved), if the spec names one.
+    pub source: Option<PathBuf>,
+    /// All-root ownership.
+    pub all_root: bool,
+    /// Boot settings; `None` builds a disk that is not bootable by itself.
+    pub boot: Option<Boot>,
+    /// Partitions in disk order.
+    pub partitions: Vec<Partition>,
+    /// Forbidden patterns.
+    pub forbid: Vec<String>,
+    /// sha256 of the spec file's bytes (for reports and provenance).
+    pub digest: [u8; 32],
+}
+
+/// Resolves a DPS type name (with `root`/`usr` as aliases of the x86-64 types) or a GUID to
+/// (canonical name, type UUID). Unnamed GUIDs keep their text as the name.
+pub fn resolve_type(s: &str) -> Option<(String, Uuid)> {
+    let key = match s {
+        "root" => "root-x86-64",
+        "root-verity" => "root-x86-64-verity",
+        "root-verity-sig" => "root-x86-64-verity-sig",
+        "usr" => "usr-x86-64",
+        "usr-verity" => "usr-x86-64-verity",
+        "generic" | "linux" => "linux-generic",
+        other => other,
+    };
+    let guid = gpt::parse_type(key)?;
+    let name = type_name(&guid)
+        .map(str::to_string)
+        .unwrap_or_else(|| repart::format_uuid(&guid));
+    Some((name, guid))
+}
+
+/// The DPS name of a type UUID, if it has one.
+pub fn type_name(u: &Uuid) -> Option<&'static str> {
+    gpt::type_by_guid(u).map(|t| t.name)
+}
+
+/// Line and column (1-based) of byte offset `off` in `text`.
+fn line_col(text: &str, off: usize) -> Pos {
+    let off = off.min(text.len());
+    let before = &text[..off];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map(|i| off - i).unwrap_or(off + 1);
+    Pos { line, column: col }
+}
+
+/// GPT attribute bits (UEFI, DPS), re-exported under the names specs use.
+pub mod attr {
+    pub use kiln_formats::gpt::{
+        ATTR_GROWFS as GROW_FS, ATTR_NO_AUTO as NO_AUTO, ATTR_READ_ONLY as READ_ONLY,
+    };
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err<T>(&self, span: std::ops::Range<usize>, msg: impl Into<String>) -> Result<T, SpecError> {
+        let p = line_col(self.text, span.start);
+        Err(SpecError {
+            file: self.file.to_path_buf(),
+            line: p.line,
+            column: p.column,
+            msg: msg.into(),
+        })
+    }
+
+    fn pos(&self, span: std::ops::Range<usize>) -> Pos {
+        line_col(self.text, span.start)
+    }
+}
+
+fn valid_ident(s: &str, allow: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || allow.contains(c))
+}
+
+impl Spec {
+    /// Reads and validates the spec at `path` (a file, or a directory holding `kiln.toml`).
+    pub fn load(path: &Path) -> Result<Spec, SpecError> {
+        let file = if path.is_dir() {
+            path.join("kiln.toml")
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file).map_err(|e| SpecError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            msg: format!("cannot read spec: {e}"),
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// Parses and validates spec text; `file` is used for messages and relative paths.
+    pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
+        let cx = Ctx { file, text };
+        let raw: RawSpec = toml::from_str(text).map_err(|e| {
+            let p = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .unwrap_or_default();
+            SpecError {
+                file: file.to_path_buf(),
+                line: p.line,
+                column: p.column,
+                msg: e.message().to_string(),
+            }
+        })?;
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+
+        let img = &raw.image;
+        let name = img.name.get_ref().clone();
+        if !valid_ident(&name, ".-") {
+            return cx.err(
+                img.name.span(),
+                format!("image name {name:?}: use letters, digits, '.' and '-'"),
+            );
+        }
+        let version = img.version.get_ref().clone();
+        if !valid_ident(&version, ".-~^+") {
+            return cx.err(img.version.span(), format!("version {version:?}: use letters, digits and .-~^+ (no '_', it separates name and version)"));
+        }
+        let seed = match &img.seed {
+            Some(s) => match repart::parse_uuid(s.get_ref()) {
+                Some(u) => u,
+                None => {
+                    return cx.err(
+                        s.span(),
+                        format!("seed {:?}: expected 32 hex digits or a UUID", s.get_ref()),
+                    )
+                }
+            },
+            // Deterministic without a seed: derive one from the name, so two specs with
+            // different names never share UUIDs by accident.
+            None => repart::derive_uuid(&[0; 16], &format!("kiln-image:{name}")),
+        };
+        let (mut disk, mut iso) = (true, false);
+        if let Some(out) = &img.output {
+            disk = false;
+            for o in out.get_ref() {
+                match o.as_str() {
+                    "disk" => disk = true,
+                    "iso" => iso = true,
+                    other => {
+                        return cx.err(
+                            out.span(),
+                            format!("unknown output {other:?}: expected \"disk\" or \"iso\""),
+                        )
+                    }
+                }
+            }
+            if !disk && !iso {
+                return cx.err(
+                    out.span(),
+                    "output is empty: list \"disk\", \"iso\" or both",
+                );
+            }
+        }
+
+        let source = raw.source.tree.as_ref().map(|t| dir.join(t.get_ref()));
+        let boot = match &raw.boot {
+            None => None,
+            Some(b) => Some(Boot {
+                kernel: b
+                    .kernel
+                    .as_ref()
+                    .map(|k| k.get_ref().clone())
+                    .filter(|k| k != "auto"),
+                cmdline: b
+                    .cmdline
+                    .as_ref()
+                    .map(|c| c.get_ref().clone())
+                    .unwrap_or_default(),
+                initrd: match &b.initrd {
+                    Some(i) if i.get_ref() != "kiln" => Some(dir.join(i.get_ref())),
+                    _ => None,
+                },
+                stub: b
+                    .stub
+                    .as_ref()
+                    .filter(|s| s.get_ref() != "auto")
+                    .map(|s| dir.join(s.get_ref())),
+                modules: b.modules.iter().map(|m| m.get_ref().clone()).collect(),
+                tries: b.tries.unwrap_or(3),
+                timeout: b.timeout.unwrap_or(0),
+                overlays: {
+                    let mut v = Vec::new();
+                    for o in &b.overlays {
+                        if !o.get_ref().starts_with('/') || o.get_ref().contains("..") {
+                            return cx.err(
+                                o.span(),
+                                format!(
+                                    "overlay {:?}: expected an absolute path without '..'",
+                                    o.get_ref()
+                                ),
+                            );
+                        }
+                        v.push(o.get_ref().clone());
+                    }
+                    v
+                },
+            }),
+        };
+
+        let mut partitions = Vec::new();
+        let mut slot_names: Vec<String> = Vec::new();
+        for sp in &raw.partitions {
+            let at = cx.pos(sp.span());
+            let p = sp.get_ref();
+            let Some(t) = &p.type_ else {
+                return cx.err(
+                    sp.span(),
+                    "partition without `type` (a DPS name like \"root\" or a GUID)",
+                );
+            };
+            let Some((type_name, type_uuid)) = resolve_type(t.get_ref()) else {
+                return cx.err(t.span(), format!("unknown partition type {:?}: use a DPS name (esp, root, usr, var, home, swap, linux-generic, ...) or a GUID", t.get_ref()));
+            };
+            let is_root = type_name.starts_with("root-") && !type_name.contains("verity");
+            let is_usr = type_name.starts_with("usr-") && !type_name.contains("verity");
+            if type_name.contains("verity") {
+                return cx.err(t.span(), "verity partitions are added by kiln: set `verity = true` on the data partition instead");
+            }
+            let fs = match &p.fs {
+                Some(f) => match FsKind::parse(f.get_ref()) {
+                    Some(k) => k,
+                    None => {
+                        return cx.err(
+                            f.span(),
+                            format!(
+                                "unknown filesystem {:?}: expected ext4, erofs, vfat or none",
+                                f.get_ref()
+                            ),
+                        )
+                    }
+                },
+                None => match type_name.as_str() {
+                    "esp" | "xbootldr" => FsKind::Vfat,
+                    "swap" => FsKind::None,
+                    _ => FsKind::Ext4,
+                },
+            };
+            if type_name == "esp" && fs != FsKind::Vfat {
+                return cx.err(
+                    p.fs.as_ref().map(|f| f.span()).unwrap_or(t.span()),
+                    "an ESP must be vfat",
+                );
+            }
+            let size = p
+                .size
+                .as_ref()
+                .map(|s| *s.get_ref())
+                .unwrap_or(PartSize::Auto);
+            if let (Some(s), Some(e)) = (&p.size, &p.extra) {
+                if matches!(s.get_ref(), PartSize::Fixed(_)) {
+                    return cx.err(e.span(), "`extra` only applies to `size = \"auto\"`; a fixed size already says how big it is");
+                }
+            }
+            let contents = match (&p.contents, &p.copy) {
+                (Some(a), Some(_)) => return cx.err(a.span(), "give either `contents` (a directory of the source tree) or `copy` (a host directory), not both"),
+                (Some(c), None) => {
+                    let v = c.get_ref();
+                    if !v.starts_with('/') || v.split('/').any(|x| x == "..") {
+                        return cx.err(c.span(), format!("contents {v:?}: expected an absolute path in the tree, without '..'"));
+                    }
+                    Contents::Tree(v.clone())
+                }
+                (None, Some(h)) => Contents::Host(dir.join(h.get_ref())),
+                (None, None) => match type_name.as_str() {
+                    n if n.starts_with("root-") => Contents::Tree("/".into()),
+                    n if n.starts_with("usr-") => Contents::Tree("/usr".into()),
+                    "var" => Contents::Tree("/var".into()),
+                    "home" => Contents::Tree("/home".into()),
+                    _ => Contents::Empty,
+                },
+            };
+            if fs == FsKind::None && contents != Contents::Empty && p.contents.is_some() {
+                return cx.err(
+                    sp.span(),
+                    "a partition with `fs = \"none\"` cannot have contents",
+                );
+            }
+            if p.verity && !(fs == FsKind::Erofs || fs == FsKind::Ext4) {
+                return cx.err(
+                    sp.span(),
+                    "`verity = true` needs an ext4 or erofs filesystem",
+                );
+            }
+            if p.verity && !(is_root || is_usr) {
+                return cx.err(
+                    sp.span(),
+                    format!(
+                        "`verity = true` is supported on root and usr partitions, not {type_name}"
+                    ),
+                );
+            }
+            let slots = p.slots.as_ref().map(|s| *s.get_ref()).unwrap_or(1);
+            if let Some(s) = &p.slots {
+                if !(1..=2).contains(s.get_ref()) {
+                    return cx.err(s.span(), "`slots` must be 1 or 2 (A/B)");
+                }
+                if *s.get_ref() == 2 && !(is_root || is_usr) {
+                    return cx.err(
+                        s.span(),
+                        "A/B `slots = 2` is supported on root and usr partitions",
+                    );
+                }
+            }
+            let mut flags = 0u64;
+            for f in &p.flags {
+                flags |= match f.get_ref().as_str() {
+                    "read-only" => attr::READ_ONLY,
+                    "no-auto" => attr::NO_AUTO,
+                    "grow-fs" => attr::GROW_FS,
+                    other => {
+                        return cx.err(
+                            f.span(),
+                            format!(
+                                "unknown flag {other:?}: expected read-only, no-auto or grow-fs"
+                            ),
+                        )
+                    }
+                };
+            }
+            if p.verity {
+                flags |= attr::READ_ONLY;
+            }
+            let compression = match &p.compression {
+                None => Compression::Lz4,
+                Some(c) => {
+                    if fs != FsKind::Erofs {
+                        return cx.err(c.span(), "`compression` applies to erofs partitions");
+                    }
+                    match c.get_ref().as_str() {
+                        "lz4" => Compression::Lz4,
+                        "lz4hc" => Compression::Lz4hc,
+                        "none" => Compression::None,
+                        other => {
+                            return cx.err(
+                                c.span(),
+                                format!(
+                                    "unknown compression {other:?}: expected lz4, lz4hc or none"
+                                ),
+                            )
+                        }
+                    }
+                }
+            };
+            let mut slot = Vec::new();
+            if let Some(slots_v) = &p.slot {
+                let span = slots_v.span();
+                for s in slots_v.get_ref().clone().into_vec() {
+                    let spath = &s.path;
+                    if !spath.starts_with('/')
+                        || spath.ends_with('/')
+                        || spath.split('/').any(|x| x == "..")
+                    {
+                        return cx.err(
+                            span,
+                            format!(
+                                "slot path {spath:?}: expected an absolute file path without '..'"
+                            ),
+                        );
+                    }
+                    if p.verity {
+                        return cx.err(span, "a slot cannot live in a verity-protected partition: its bytes are hashed, so injecting would break verification; put it on its own small partition");
+                    }
+                    if !matches!(fs, FsKind::Ext4 | FsKind::Vfat | FsKind::Erofs) {
+                        return cx.err(
+                            span,
+                            format!(
+                                "slots need an ext4, vfat or erofs filesystem, not {}",
+                                fs.name()
+                            ),
+                        );
+                    }
+                    let base = spath.rsplit('/').next().unwrap_or_default();
+                    let sname = s
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| base.split('.').next().unwrap_or(base).to_string());
+                    if !valid_ident(&sname, "-_.") {
+                        return cx.err(
+                            span,
+                            format!("slot name {sname:?}: use letters, digits, '-', '_' and '.'"),
+                        );
+                    }
+                    if slot_names.contains(&sname) {
+                        return cx.err(span, format!("duplicate slot name {sname:?}"));
+                    }
+                    if s.capacity.0 == 0 {
+                        return cx.err(span, "slot capacity must be positive");
+                    }
+                    slot_names.push(sname.clone());
+                    slot.push(Slot {
+                        name: sname,
+                        path: spath.clone(),
+                        capacity: s.capacity.0,
+                        default: s.default.as_ref().map(|d| dir.join(d)),
+                        at: cx.pos(span.clone()),
+                    });
+                }
+            }
+            if let (PartSize::Fixed(sz), Some(b)) = (size, &p.budget) {
+                if sz.0 > b.get_ref().0 {
+                    return cx.err(
+                        b.span(),
+                        format!(
+                            "fixed size {sz} is larger than the partition's budget {}",
+                            b.get_ref()
+                        ),
+                    );
+                }
+            }
+            if let Some(l) = &p.label {
+                if l.get_ref().encode_utf16().count() > 36 {
+                    return cx.err(l.span(), "GPT labels hold at most 36 UTF-16 code units");
+                }
+            }
+            partitions.push(Partition {
+                type_name,
+                type_uuid,
+                label: p.label.as_ref().map(|l| l.get_ref().clone()),
+                fs,
+                size,
+                extra: p.extra.as_ref().map(|e| e.get_ref().0).unwrap_or(0),
+                contents,
+                verity: p.verity,
+                slots,
+                flags,
+                budget: p.budget.as_ref().map(|b| b.get_ref().0),
+                compression,
+                slot,
+                at,
+            });
+        }
+        if partitions.is_empty() && disk {
+            return cx.err(
+                0..0,
+                "no [[partition]]: a disk needs at least one (e.g. type = \"root\")",
+            );
+        }
+        // Two partitions claiming the same subtree would duplicate files.
+        for (i, a) in partitions.iter().enumerate() {
+            for b in &partitions[..i] {
+                if let (Contents::Tree(x), Contents::Tree(y)) = (&a.contents, &b.contents) {
+                    if x == y {
+                        let p = a.at;
+                        return Err(SpecError { file: file.to_path_buf(), line: p.line, column: p.column, msg: format!("contents {x:?} is already the contents of the {} partition at line {}", b.type_name, b.at.line) });
+                    }
+                }
+            }
+            if let Some(l) = &a.label {
+                if partitions[..i].iter().any(|b| b.label.as_ref() == Some(l)) {
+                    let p = a.at;
+                    return Err(SpecError {
+                        file: file.to_path_buf(),
+                        line: p.line,
+                        column: p.column,
+                        msg: format!("duplicate partition label {l:?}"),
+                    });
+                }
+            }
+        }
+        if let Some(b) = &boot {
+            if disk && !partitions.iter().any(|p| p.type_name == "esp") {
+                let _ = b;
+                return cx.err(
+                    0..0,
+                    "[boot] needs an esp partition for systemd-boot and the UKI",
+                );
+            }
+        }
+        if let (Some(size), Some(budget)) = (&img.size, &img.budget) {
+            if size.get_ref().0 > budget.get_ref().0 {
+                return cx.err(
+                    budget.span(),
+                    format!(
+                        "image size {} is larger than its budget {}",
+                        size.get_ref(),
+                        budget.get_ref()
+                    ),
+                );
+            }
+        }
+        let forbid = raw
+            .policy
+            .forbid
+            .iter()
+            .map(|f| f.get_ref().clone())
+            .collect::<Vec<_>>();
+        if let Some(f) = raw.policy.forbid.iter().find(|f| f.get_ref().is_empty()) {
+            return cx.err(
+                f.span(),
+                "an empty forbidden pattern would match everything",
+            );
+        }
+
+        use sha2::Digest;
+        Ok(Spec {
+            file: file.to_path_buf(),
+            dir,
+            name,
+            version,
+            seed,
+            source_date_epoch: img.source_date_epoch,
+            budget: img.budget.as_ref().map(|b| b.get_ref().0),
+            disk_size: img.size.as_ref().map(|s| s.get_ref().0),
+            disk,
+            iso,
+            source,
+            all_root: raw.source.all_root,
+            boot,
+            partitions,
+            forbid,
+            digest: sha2::Sha256::digest(text.as_bytes()).into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Spec, SpecError> {
+        Spec::parse(Path::new("kiln.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+[image]
+name = "notepat-os"
+version = "2026.11.22"
+seed = "0123456789abcdef0123456789abcdef"
+budget = "500M"
+
+[source]
+tree = "rootfs"
+
+[boot]
+cmdline = "console=ttyS0"
+
+[[partition]]
+type = "esp"
+size = "64M"
+
+[[partition]]
+type = "root"
+fs = "erofs"
+verity = true
+slots = 2
+
+[[partition]]
+type = "var"
+size = "32M"
+
+[[partition]]
+type = "linux-generic"
+label = "piece"
+size = "20M"
+slot = { name = "piece", path = "/piece.html", capacity = "8M" }
+"#;
+
+    #[test]
+    fn parses_the_example() {
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.name, "notepat-os");
+        assert_eq!(s.partitions.len(), 4);
+        assert_eq!(s.partitions[1].type_name, "root-x86-64");
+        assert_eq!(s.partitions[1].slots, 2);
+        assert_eq!(s.partitions[1].flags & attr::READ_ONLY, attr::READ_ONLY);
+        assert_eq!(s.partitions[2].contents, Contents::Tree("/var".into()));
+        assert_eq!(s.partitions[3].slot[0].capacity, 8 << 20);
+        assert_eq!(s.budget, Some(500 << 20));
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let cases: &[(&str, &str, usize)] = &[
+            ("[image]\nname = \"a\"\nversion = \"1\"\nbogus = 1\n", "unknown field `bogus`", 4),
+            ("[image]\nname = \"a\"\nversion = \"1\"\n[[partition]]\ntype = \"root\"\nsize = \"12Q\"\n", "unknown unit", 6),
+            ("[image]\nname = \"a\"\nversion = \"1\"\n[[partition]]\ntype = \"rooot\"\n", "unknown partition type", 5),
+            ("[image]\nname = \"a\"\nversion = \"1_2\"\n[[partition]]\ntype = \"root\"\n", "no '_'", 3),
+            ("[image]\nname = \"a\"\nversion = \"1\"\n[[partition]]\ntype = \"root\"\nverity = true\nslot = { path = \"/p\", capacity = \"1M\" }\n", "verity-protected", 7),
+            ("[image]\nname = \"a\"\nversion = \"1\"\n[[partition]]\ntype = \"root\"\nsize = \"1G\"\nbudget = \"500M\"\n", "budget", 7),
+            ("[image]\nname = \"a\"\nversion = \"1\"\n[[partition]]\ntype = \"var\"\nsize = \"1G\"\nextra = \"5M\"\n", "`extra` only applies", 7),
+            ("[image]\nname = \"a\"\nversion = \"1\"\nseed = \"xyz\"\n[[partition]]\ntype = \"root\"\n", "32 hex digits", 4),
+            ("[image]\nname = \"a\"\nversion = \"1\"\n[[partition]]\ntype = \"root\"\n[[partition]]\ntype = \"linux-generic\"\ncontents = \"/\"\n", "already the contents", 6),
+            ("[image\n", "", 1),
+        ];
+        for (text, want, line) in cases {
+            let e = parse(text).unwrap_err();
+            assert!(e.msg.contains(want), "{text:?}: got {e}");
+            assert_eq!(e.line, *line, "{text:?}: got {e}");
+            assert!(e.column > 0, "{e}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        for (s, v) in [
+            ("4096", 4096),
+            ("512K", 512 << 10),
+            ("128M", 128 << 20),
+            ("2G", 2 << 30),
+            ("1.5G", 3 << 29),
+            ("8MiB", 8 << 20),
+        ] {
+            assert_eq!(Size::parse(s).unwrap().0, v, "{s}");
+        }
+        for s in ["", "M", "1X", "-1", "1.G", "99999999999999T"] {
+            assert!(Size::parse(s).is_err(), "{s}");
+        }
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+    }
+}

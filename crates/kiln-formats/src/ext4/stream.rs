@@ -1,0 +1,103 @@
+//! Writing from a one-pass source: file data goes to the sink as it arrives, in arrival
+//! order, through the same allocator [`super::plan`] uses; the metadata is laid out once the
+//! tree is complete. For a `tar --sort=name` stream arrival order is the canonical tree order,
+//! so the image equals the one made from the extracted directory.
+
+use std::io::{self, Read};
+
+use super::alloc::Full;
+use super::plan::{alloc_runs, block_runs, limit_blocks, plan_with, DataState};
+use super::write::{copy_file, CopyErr};
+use super::{Options, Progress, Report, Result};
+use crate::fstree::{Contents, FileData, Placer, Tree};
+use crate::sink::Sink;
+
+/// A [`Placer`] that writes file data straight into an ext4 image being built.
+pub struct StreamWriter<'a> {
+    opts: Options,
+    sink: &'a dyn Sink,
+    data: DataState,
+    buf: Vec<u8>,
+    progress: Progress<'a>,
+}
+
+impl<'a> StreamWriter<'a> {
+    /// Starts an image on `sink`. With [`super::Size::Fixed`] data that overflows the size is
+    /// refused as it arrives; with [`super::Size::Minimize`] the sink's length bounds it.
+    pub fn new(opts: &Options, sink: &'a dyn Sink) -> Result<Self> {
+        let limit = limit_blocks(opts)?.min(sink.len() / super::layout::BLOCK_SIZE);
+        Ok(Self {
+            opts: opts.clone(),
+            sink,
+            data: DataState::new(limit),
+            buf: Vec::new(),
+            progress: &|_| {},
+        })
+    }
+
+    /// Reports copied file bytes to `progress`.
+    pub fn with_progress(mut self, progress: Progress<'a>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Lays out and writes the metadata for the finished `tree` (whose placed files carry
+    /// [`crate::fstree::DataRef::Placed`] indexes from this writer), plus the data of any
+    /// file that was not streamed (read through `contents`).
+    pub fn finish(self, tree: &Tree, contents: &dyn Contents) -> Result<Report> {
+        let plan = plan_with(tree, &self.opts, self.data)?;
+        plan.write_with_progress(tree, contents, self.sink, self.progress)
+    }
+
+    fn full(&self) -> io::Error {
+        io::Error::other(match self.opts.size {
+            super::Size::Fixed(b) => {
+                format!("image full: file data alone exceeds the {b}-byte filesystem size")
+            }
+            super::Size::Minimize { .. } => format!(
+                "image full: file data exceeds the {}-byte output limit",
+                self.sink.len()
+            ),
+        })
+    }
+}
+
+impl Placer for StreamWriter<'_> {
+    fn place(&mut self, file: &FileData, data: &mut dyn Read) -> io::Result<u32> {
+        let runs = block_runs(file).map_err(io::Error::other)?;
+        let (start, count) = match alloc_runs(&mut self.data.alloc, &runs, &mut self.data.extents) {
+            Ok(r) => r,
+            Err(Full) => return Err(self.full()),
+        };
+        let exts = &self.data.extents[start as usize..(start + count) as usize];
+        let mut read = |_off: u64, b: &mut [u8]| data.read_exact(b);
+        copy_file(
+            file,
+            exts,
+            self.sink,
+            &mut self.buf,
+            &mut read,
+            self.progress,
+        )
+        .map_err(|e| match e {
+            CopyErr::Read(e) => e,
+            CopyErr::Write(off, e) => {
+                io::Error::new(e.kind(), format!("writing the image at byte {off}: {e}"))
+            }
+        })?;
+        // Whatever the source still has for this entry (it must be nothing) is not ours.
+        let idx = u32::try_from(self.data.placed.len()).map_err(io::Error::other)?;
+        self.data.placed.push(Some((start, count)));
+        Ok(idx)
+    }
+
+    fn discard(&mut self, index: u32) {
+        if let Some(slot) = self.data.placed.get_mut(index as usize) {
+            if let Some((s, n)) = slot.take() {
+                for e in &self.data.extents[s as usize..(s + n) as usize] {
+                    self.data.alloc.free(e.pblk, u64::from(e.len));
+                }
+            }
+        }
+    }
+}

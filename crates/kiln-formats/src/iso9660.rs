@@ -1,1 +1,0 @@
-//! ISO 9660 (ECMA-119), Rock Ridge (IEEE P1282), El Torito.

@@ -1,0 +1,419 @@
+//! The catalog: each configured base image opened once, with its slot table and chunk table.
+//! A base is a local file or an object in an S3-compatible store read with ranged GETs; either
+//! way it is only ever read.
+
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use kiln_inject::chunks::{ChunkTable, ChunkedDigest, CHUNK_SIZE};
+use kiln_inject::slots::{self, SlotTable};
+use kiln_inject::source::AsyncFileSource;
+use kiln_inject::{AsyncRangeSource, FileSource, ReadAt};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as ObjPath;
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore};
+use sha2::{Digest, Sha256};
+
+use crate::config::ImageConfig;
+
+/// A base image readable both ways: streamed (downloads) and positionally (planning, patched
+/// chunks). The positional reader may block; call it from the blocking pool.
+#[derive(Clone)]
+pub struct Base {
+    /// Streamed reads.
+    pub stream: Arc<dyn AsyncRangeSource>,
+    /// Positional reads (blocking).
+    pub sync: Arc<dyn ReadAt + Send + Sync>,
+}
+
+/// One catalog entry.
+pub struct Image {
+    /// Configuration.
+    pub config: ImageConfig,
+    /// The base.
+    pub base: Base,
+    /// Its slot table.
+    pub table: SlotTable,
+    /// Its chunk table.
+    pub chunks: ChunkTable,
+    /// Its chunked digest.
+    pub digest: ChunkedDigest,
+}
+
+impl Image {
+    /// Size of the base (and of every download) in bytes.
+    pub fn len(&self) -> u64 {
+        self.table.image_len
+    }
+
+    /// True for an empty base.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The slot pieces go into.
+    pub fn slot(&self) -> Option<&kiln_inject::Slot> {
+        self.table.get(&self.config.slot)
+    }
+
+    /// The download file name for `piece`.
+    pub fn filename(&self, piece: &str) -> String {
+        match &self.config.filename {
+            Some(t) => t.replace("{piece}", piece),
+            None => format!("{}-{piece}.{}", self.config.name, self.config.extension),
+        }
+    }
+}
+
+/// Bytes per ranged GET when streaming from an object store.
+const OBJECT_PIECE: u64 = 64 << 20;
+/// A GET body that yields nothing for this long fails.
+const OBJECT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Fails `s` if it yields nothing for `d`.
+fn idle_timeout(
+    s: BoxStream<'static, io::Result<Bytes>>,
+    d: std::time::Duration,
+    what: String,
+) -> BoxStream<'static, io::Result<Bytes>> {
+    futures::stream::unfold(Some(s), move |st| {
+        let what = what.clone();
+        async move {
+            let mut s = st?;
+            match tokio::time::timeout(d, s.next()).await {
+                Ok(Some(item)) => Some((item, Some(s))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("{what}: no data for {d:?}"),
+                    )),
+                    None,
+                )),
+            }
+        }
+    })
+    .boxed()
+}
+
+/// An object in an object store, read with ranged GETs.
+pub struct ObjectBase {
+    store: Arc<dyn ObjectStore>,
+    path: ObjPath,
+    len: u64,
+    url: String,
+    rt: tokio::runtime::Handle,
+    /// Bytes per ranged GET (OBJECT_PIECE; smaller in tests).
+    piece: u64,
+}
+
+impl AsyncRangeSource for ObjectBase {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn stream(&self, range: Range<u64>) -> BoxStream<'static, io::Result<Bytes>> {
+        let store = self.store.clone();
+        let path = self.path.clone();
+        let url = self.url.clone();
+        let piece = self.piece;
+        // One GET per OBJECT_PIECE bytes, issued only when the previous one is consumed, each
+        // body guarded by an idle timeout: a stalled store fails the download instead of
+        // holding it open, and a slow client never keeps one request open for long.
+        let pieces = (range.start..range.end)
+            .step_by(piece as usize)
+            .map(move |a| a..(a + piece).min(range.end));
+        futures::stream::iter(pieces)
+            .flat_map(move |r| {
+                let (store, path, url) = (store.clone(), path.clone(), url.clone());
+                let what = format!("{url} bytes {r:?}");
+                let get = futures::stream::once(async move {
+                    let opts = GetOptions {
+                        range: Some(GetRange::Bounded(r.clone())),
+                        ..Default::default()
+                    };
+                    store
+                        .get_opts(&path, opts)
+                        .await
+                        .map(|g| g.into_stream().map_err(io::Error::other))
+                        .map_err(|e| io::Error::other(format!("{url} bytes {r:?}: {e}")))
+                })
+                .try_flatten()
+                .boxed();
+                idle_timeout(get, OBJECT_IDLE, what)
+            })
+            .boxed()
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+}
+
+impl ReadAt for ObjectBase {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let end = (offset + buf.len() as u64).min(self.len);
+        if offset >= end {
+            return Ok(0);
+        }
+        let bytes = self
+            .rt
+            .block_on(self.store.get_range(&self.path, offset..end))
+            .map_err(|e| io::Error::other(format!("{} bytes {offset}..{end}: {e}", self.url)))?;
+        let n = bytes.len().min(buf.len());
+        buf[..n].copy_from_slice(&bytes[..n]);
+        Ok(n)
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+async fn get_optional(store: &dyn ObjectStore, path: &ObjPath) -> anyhow::Result<Option<Bytes>> {
+    match store.get(path).await {
+        Ok(r) => Ok(Some(r.bytes().await?)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Streams an object once to hash its chunks (when it has no `.chunks` sidecar).
+async fn compute_chunks_streaming(base: &dyn AsyncRangeSource) -> anyhow::Result<ChunkTable> {
+    let len = base.len();
+    let mut digests = Vec::new();
+    let mut h = Sha256::new();
+    let mut whole = Sha256::new();
+    let mut in_chunk = 0u64;
+    let mut s = base.stream(0..len);
+    while let Some(b) = s.next().await {
+        let mut b = b?;
+        whole.update(&b);
+        while !b.is_empty() {
+            let take = ((CHUNK_SIZE - in_chunk) as usize).min(b.len());
+            h.update(&b[..take]);
+            in_chunk += take as u64;
+            b = b.slice(take..);
+            if in_chunk == CHUNK_SIZE {
+                digests.push(h.finalize_reset().into());
+                in_chunk = 0;
+            }
+        }
+    }
+    if in_chunk > 0 {
+        digests.push(h.finalize().into());
+    }
+    Ok(ChunkTable {
+        chunk_size: CHUNK_SIZE,
+        image_len: len,
+        digests,
+        sha256: Some(whole.finalize().into()),
+    })
+}
+
+/// Opens a configured image.
+pub async fn open(config: &ImageConfig) -> anyhow::Result<Image> {
+    let (base, table, chunks) = if config.base.contains("://") {
+        open_object(config).await?
+    } else {
+        open_local(config).await?
+    };
+    let Some(slot) = table.get(&config.slot) else {
+        bail!(
+            "image {:?}: the base has no slot {:?} (it has: {})",
+            config.name,
+            config.slot,
+            table.names()
+        );
+    };
+    tracing::info!(image = %config.name, base = %config.base, len = table.image_len,
+        slot = %slot.name, capacity = slot.capacity, digest = %chunks.digest(), "image ready");
+    let digest = chunks.digest();
+    Ok(Image {
+        config: config.clone(),
+        base,
+        table,
+        chunks,
+        digest,
+    })
+}
+
+async fn open_local(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, ChunkTable)> {
+    let path = Path::new(&config.base).to_path_buf();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let src = FileSource::open(&path)?;
+        let (table, _) = slots::find_table(&path, src.file(), None)?;
+        let chunks = match ChunkTable::load_sidecar(&path, src.len())? {
+            Some(c) => c,
+            None => {
+                tracing::warn!(base = %path.display(), "no chunk table sidecar; hashing the base");
+                ChunkTable::compute(&src, false)?
+            }
+        };
+        let stream = AsyncFileSource::new(src);
+        let sync = stream.sync().clone();
+        Ok((
+            Base {
+                stream: Arc::new(stream),
+                sync,
+            },
+            table,
+            chunks,
+        ))
+    })
+    .await?
+}
+
+async fn open_object(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, ChunkTable)> {
+    let url = &config.base;
+    let Some(rest) = url.strip_prefix("s3://") else {
+        bail!(
+            "image {:?}: base {url:?}: only s3:// object URLs are supported",
+            config.name
+        );
+    };
+    let Some((bucket, key)) = rest.split_once('/') else {
+        bail!(
+            "image {:?}: base {url:?}: expected s3://bucket/key",
+            config.name
+        );
+    };
+    // object_store's default 30 s limit covers a whole request including its body, which
+    // would cut long downloads to slow clients; requests are bounded per range piece and by
+    // an idle timeout instead (see ObjectBase::stream). A `timeout` store option still wins.
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_client_options(ClientOptions::new().with_timeout_disabled());
+    for (k, v) in &config.store {
+        let key = AmazonS3ConfigKey::from_str(k)
+            .with_context(|| format!("image {:?}: unknown store option {k:?}", config.name))?;
+        b = b.with_config(key, v);
+    }
+    let store: Arc<dyn ObjectStore> = Arc::new(b.build().with_context(|| url.to_string())?);
+    let path = ObjPath::from(key);
+    let meta = store.head(&path).await.with_context(|| url.to_string())?;
+    let len = meta.size;
+    let ob = Arc::new(ObjectBase {
+        store: store.clone(),
+        path: path.clone(),
+        len,
+        url: url.clone(),
+        rt: tokio::runtime::Handle::current(),
+        piece: OBJECT_PIECE,
+    });
+    // The table: in the object at 24576, else the sidecar object.
+    let area_end = (slots::TABLE_OFFSET + slots::TABLE_MAX as u64).min(len);
+    let area = if len > slots::TABLE_OFFSET {
+        store
+            .get_range(&path, slots::TABLE_OFFSET..area_end)
+            .await?
+    } else {
+        Bytes::new()
+    };
+    let table = if area.starts_with(&slots::MAGIC) {
+        let t = SlotTable::decode(&area, url)?;
+        t.check_image_len(len, url)?;
+        t
+    } else {
+        let side = ObjPath::from(format!("{key}.slots.json"));
+        let Some(text) = get_optional(store.as_ref(), &side).await? else {
+            bail!(
+                "{url}: no slot table at offset {} and no {key}.slots.json",
+                slots::TABLE_OFFSET
+            );
+        };
+        let t = SlotTable::from_sidecar_json(&text, &format!("{url}.slots.json"))?;
+        t.check_image_len(len, url)?;
+        t
+    };
+    let chunks = match get_optional(store.as_ref(), &ObjPath::from(format!("{key}.chunks"))).await?
+    {
+        Some(b) => {
+            let t = ChunkTable::from_bytes(&b, &format!("{url}.chunks"))?;
+            if t.image_len != len {
+                bail!(
+                    "{url}.chunks describes {} bytes, the object is {len}",
+                    t.image_len
+                );
+            }
+            t
+        }
+        None => {
+            tracing::warn!(base = %url, "no .chunks sidecar object; streaming the base once to hash it");
+            compute_chunks_streaming(ob.as_ref()).await?
+        }
+    };
+    Ok((
+        Base {
+            stream: ob.clone(),
+            sync: ob,
+        },
+        table,
+        chunks,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+    use object_store::PutPayload;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn object_ranges_span_get_pieces_exactly() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let path = ObjPath::from("b/base.img");
+        store
+            .put(&path, PutPayload::from(data.clone()))
+            .await
+            .unwrap();
+        let ob = Arc::new(ObjectBase {
+            store,
+            path,
+            len: data.len() as u64,
+            url: "memory://b/base.img".into(),
+            rt: tokio::runtime::Handle::current(),
+            piece: 1000,
+        });
+        for r in [
+            0..10_000u64,
+            999..1001,
+            1000..2000,
+            5..9_995,
+            7..7,
+            9_999..10_000,
+        ] {
+            let mut got = Vec::new();
+            let mut s = ob.stream(r.clone());
+            while let Some(b) = s.next().await {
+                got.extend_from_slice(&b.unwrap());
+            }
+            assert_eq!(got, &data[r.start as usize..r.end as usize], "{r:?}");
+        }
+        // The blocking reader (used for planning and patched chunks) agrees.
+        let ob2 = ob.clone();
+        let got = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; 2500];
+            ob2.read_exact_at(1500, &mut buf).map(|_| buf)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, &data[1500..4000]);
+        // Streaming chunk hashing equals the positional computation.
+        let streamed = compute_chunks_streaming(ob.as_ref()).await.unwrap();
+        let ob3 = ob.clone();
+        let direct = tokio::task::spawn_blocking(move || ChunkTable::compute(ob3.as_ref(), true))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(streamed, direct);
+    }
+}

@@ -1,0 +1,194 @@
+//! The accept loop: HTTP/1.1 connections served by hyper with a header timeout, a cap on open
+//! connections, and a write timeout on every socket so that a client that stops reading is
+//! disconnected (freeing its download slot) instead of holding resources forever.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tower::ServiceExt;
+
+use crate::http::ClientAddr;
+
+/// A socket whose writes fail with `TimedOut` when no progress is made for `timeout`.
+pub struct TimeoutIo {
+    inner: TcpStream,
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl TimeoutIo {
+    /// Wraps `inner`.
+    pub fn new(inner: TcpStream, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
+        }
+    }
+
+    fn pending<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending => {
+                if !self.armed {
+                    self.sleep.as_mut().reset(Instant::now() + self.timeout);
+                    self.armed = true;
+                }
+                if self.sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client accepted no data within the write timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => {
+                self.armed = false;
+                ready
+            }
+        }
+    }
+}
+
+impl AsyncRead for TimeoutIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TimeoutIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.inner).poll_write(cx, buf);
+        me.pending(cx, r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.inner).poll_write_vectored(cx, bufs);
+        me.pending(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.inner).poll_flush(cx);
+        me.pending(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A running server.
+pub struct Running {
+    /// The bound address.
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting and waits for the accept loop to end (open connections are dropped).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits until the accept loop ends (it ends only on `stop` or a fatal listener error).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `addr` and serves `router`.
+pub async fn serve(
+    router: Router,
+    addr: SocketAddr,
+    connections: u32,
+    header_timeout: Duration,
+    write_timeout: Duration,
+) -> io::Result<Running> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let (stop, mut stopped) = watch::channel(false);
+    let sem = Arc::new(Semaphore::new(connections.max(1) as usize));
+    let task = tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stopped.changed() => break,
+            };
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = stopped.changed() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let io = TokioIo::new(TimeoutIo::new(tcp, write_timeout));
+            let router = router.clone();
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                router.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            let mut stopped2 = stopped.clone();
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    // hyper queues body chunks up to this many bytes per connection before it
+                    // stops polling the body: with two 128 KiB reads in flight that bounds a
+                    // download at about 512 KiB however slow the client.
+                    .max_buf_size(256 * 1024)
+                    .serve_connection(io, svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(%peer, "connection: {e}");
+                        }
+                    }
+                    _ = stopped2.changed() => {}
+                }
+                drop(permit);
+            });
+        }
+    });
+    Ok(Running { addr, stop, task })
+}

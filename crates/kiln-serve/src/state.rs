@@ -1,0 +1,318 @@
+//! Shared server state and the preparation of a personalised download: fetch the piece, plan
+//! the injection, compute the composed image's chunked digest (O(patched chunks)) and its
+//! strong ETag. Preparations are cached per (image, piece) with one fetch in flight per key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use kiln_inject::slots::PayloadInfo;
+use kiln_inject::{
+    plan_injection, AsyncComposed, ChunkTable, ChunkedDigest, ComposedImage, Payload,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, OnceCell};
+
+use crate::catalog::Image;
+use crate::config::{valid_name, Config, Limits};
+use crate::error::ApiError;
+use crate::limits::{DownloadSlots, RateLimiter};
+use crate::metrics::Metrics;
+use crate::pieces::Sources;
+
+/// A loaded minisign key.
+pub struct Signer {
+    /// Secret key.
+    pub sk: minisign::SecretKey,
+    /// Public key text (the .pub file), if configured.
+    pub pk_text: Option<String>,
+    /// Public key, if configured (used to self-check signatures).
+    pub pk: Option<minisign::PublicKey>,
+}
+
+/// Loads a minisign secret key. The minisign CLI (0.11) writes keys made with `-W` (no
+/// password) with an all-zero checksum, which the minisign crate rejects as a wrong password;
+/// for such unencrypted keys the checksum (BLAKE2b-256 of signature algorithm, key id and
+/// secret key) is filled in first.
+pub fn load_secret_key(
+    path: &std::path::Path,
+    password: String,
+) -> anyhow::Result<minisign::SecretKey> {
+    use base64::Engine;
+    use blake2::digest::consts::U32;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if let Some(mut raw) = lines.get(1).and_then(|l| b64.decode(l.trim()).ok()) {
+        // Layout: sig_alg 2, kdf_alg 2, chk_alg 2, salt 32, opslimit 8, memlimit 8,
+        // key id 8, secret key 64, checksum 32.
+        let unencrypted = raw.get(2..4) == Some(&[0, 0][..]);
+        if raw.len() == 158 && unencrypted && raw[126..158].iter().all(|&b| b == 0) {
+            let mut h = blake2::Blake2b::<U32>::new();
+            h.update(&raw[0..2]);
+            h.update(&raw[54..62]);
+            h.update(&raw[62..126]);
+            let sum = h.finalize();
+            raw[126..158].copy_from_slice(&sum);
+            lines[1] = b64.encode(&raw);
+        }
+    }
+    let boxed = minisign::SecretKeyBox::from_string(&(lines.join("\n") + "\n"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    boxed
+        .into_secret_key(Some(password))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// Catalog by name.
+    pub images: BTreeMap<String, Arc<Image>>,
+    /// Piece sources.
+    pub sources: Sources,
+    /// Limits.
+    pub limits: Limits,
+    /// Per-IP rate limiter.
+    pub rate: RateLimiter,
+    /// Download caps.
+    pub slots: Arc<DownloadSlots>,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Manifest signing.
+    pub signer: Option<Signer>,
+    cache: Mutex<HashMap<(String, String), CacheEntry>>,
+}
+
+struct CacheEntry {
+    cell: Arc<OnceCell<Arc<Prepared>>>,
+    created: Instant,
+}
+
+/// A personalised download, ready to stream.
+pub struct Prepared {
+    /// The image.
+    pub image: Arc<Image>,
+    /// The piece name.
+    pub piece: String,
+    /// The payload.
+    pub payload: PayloadInfo,
+    /// Base + patches.
+    pub composed: AsyncComposed,
+    /// Chunk table of the composed image.
+    pub chunks: ChunkTable,
+    /// Its chunked digest.
+    pub digest: ChunkedDigest,
+    /// Strong ETag (with quotes).
+    pub etag: String,
+}
+
+/// Progress of a preparation, for the SSE page.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Fetching the piece.
+    Fetching,
+    /// Planning the injection and hashing the patched chunks.
+    Preparing,
+}
+
+impl AppState {
+    /// Opens every image and builds the state.
+    pub async fn new(config: &Config) -> anyhow::Result<Arc<Self>> {
+        let mut images = BTreeMap::new();
+        for ic in &config.images {
+            let im = crate::catalog::open(ic).await?;
+            images.insert(ic.name.clone(), Arc::new(im));
+        }
+        let signer = match &config.signing {
+            Some(s) => {
+                let password = match &s.password_env {
+                    Some(v) => std::env::var(v)
+                        .map_err(|_| anyhow::anyhow!("[signing] password_env {v:?} is not set"))?,
+                    None => String::new(),
+                };
+                let sk = load_secret_key(&s.secret_key, password)?;
+                let (pk, pk_text) = match &s.public_key {
+                    Some(p) => {
+                        let text = std::fs::read_to_string(p)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                        let pk = minisign::PublicKey::from_file(p)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                        (Some(pk), Some(text))
+                    }
+                    None => (None, None),
+                };
+                Some(Signer { sk, pk_text, pk })
+            }
+            None => None,
+        };
+        let l = &config.limits;
+        Ok(Arc::new(Self {
+            images,
+            sources: Sources::new(&config.sources, config.uploads.clone()),
+            limits: l.clone(),
+            rate: RateLimiter::new(l.requests_per_second, l.burst),
+            slots: DownloadSlots::new(l.downloads_per_ip, l.downloads_total),
+            metrics: Metrics::default(),
+            signer,
+            cache: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The image called `name`.
+    pub fn image(&self, name: &str) -> Result<Arc<Image>, ApiError> {
+        self.images
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no image {name:?}")))
+    }
+
+    /// Prepares (or finds prepared) the download of `piece` in `image`, reporting steps.
+    pub async fn prepare(
+        self: &Arc<Self>,
+        image: &str,
+        piece: &str,
+        progress: Option<&mpsc::Sender<Step>>,
+    ) -> Result<Arc<Prepared>, ApiError> {
+        let im = self.image(image)?;
+        if !valid_name(piece) {
+            return Err(ApiError::bad_request(format!(
+                "invalid piece name {piece:?}"
+            )));
+        }
+        let key = (image.to_string(), piece.to_string());
+        let cell = {
+            let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let ttl = self.limits.cache_ttl.0;
+            let fresh = c.get(&key).is_some_and(|e| e.created.elapsed() < ttl);
+            if !fresh {
+                c.insert(
+                    key.clone(),
+                    CacheEntry {
+                        cell: Arc::new(OnceCell::new()),
+                        created: Instant::now(),
+                    },
+                );
+            }
+            c.get(&key).map(|e| e.cell.clone())
+        };
+        let Some(cell) = cell else {
+            return Err(ApiError::internal("cache entry vanished"));
+        };
+        let mut ran = false;
+        let prepared = cell
+            .get_or_try_init(|| {
+                ran = true;
+                self.clone()
+                    .prepare_uncached(im, piece.to_string(), progress.cloned())
+            })
+            .await;
+        let prepared = match prepared {
+            Ok(p) => p.clone(),
+            Err(e) => {
+                // Failures are not cached: the next request tries again.
+                let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                if c.get(&key).is_some_and(|e| Arc::ptr_eq(&e.cell, &cell)) {
+                    c.remove(&key);
+                }
+                return Err(e);
+            }
+        };
+        if !ran {
+            if let Some(tx) = progress {
+                let _ = tx.send(Step::Fetching).await;
+                let _ = tx.send(Step::Preparing).await;
+            }
+        } else {
+            self.evict();
+        }
+        Ok(prepared)
+    }
+
+    async fn prepare_uncached(
+        self: Arc<Self>,
+        im: Arc<Image>,
+        piece: String,
+        progress: Option<mpsc::Sender<Step>>,
+    ) -> Result<Arc<Prepared>, ApiError> {
+        let t0 = Instant::now();
+        let slot = im
+            .slot()
+            .ok_or_else(|| ApiError::internal("configured slot missing"))?
+            .clone();
+        if let Some(tx) = &progress {
+            let _ = tx.send(Step::Fetching).await;
+        }
+        let fetched = self.sources.fetch(&piece, slot.capacity).await?;
+        tracing::info!(image = %im.config.name, %piece, origin = %fetched.origin,
+            len = fetched.data.len(), "piece fetched");
+        if let Some(tx) = &progress {
+            let _ = tx.send(Step::Preparing).await;
+        }
+        let payload = PayloadInfo::of(&fetched.data);
+        let data: Bytes = fetched.data;
+        let im2 = im.clone();
+        let slot_name = slot.name.clone();
+        // Planning may read base bytes (format kinds) and hashing the patched chunks reads
+        // them: both block, so they run on the blocking pool.
+        let (plan, chunks) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+            let plan = plan_injection(&im2.table, &im2.base.sync, &[Payload::new(slot_name, data)])
+                .map_err(|e| match e {
+                    kiln_inject::Error::TooLarge { .. } => ApiError::too_large(e.to_string()),
+                    _ => ApiError::internal(e.to_string()),
+                })?;
+            let plan = Arc::new(plan);
+            let composed = ComposedImage::new(&im2.base.sync, plan.clone())
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            let chunks = im2
+                .chunks
+                .compose(&composed, &plan)
+                .map_err(|e| ApiError::bad_gateway(format!("reading the base: {e}")))?;
+            Ok((plan, chunks))
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+        let composed = AsyncComposed::new(im.base.stream.clone(), plan)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let digest = chunks.digest();
+        let mut h = Sha256::new();
+        h.update(im.digest.0);
+        h.update(slot.name.as_bytes());
+        h.update([0]);
+        h.update(payload.sha256.as_bytes());
+        let etag = format!("\"{}\"", hex::encode(&h.finalize()[..16]));
+        self.metrics.injection(t0.elapsed().as_secs_f64());
+        Ok(Arc::new(Prepared {
+            image: im,
+            piece,
+            payload,
+            composed,
+            chunks,
+            digest,
+            etag,
+        }))
+    }
+
+    /// Drops the oldest preparations while their payloads exceed the cache budget.
+    fn evict(&self) {
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let size = |e: &CacheEntry| e.cell.get().map_or(0, |p| p.payload.len);
+        let mut total: u64 = c.values().map(size).sum();
+        if total <= self.limits.cache_bytes.0 {
+            return;
+        }
+        let mut by_age: Vec<((String, String), Instant, u64)> = c
+            .iter()
+            .map(|(k, e)| (k.clone(), e.created, size(e)))
+            .collect();
+        by_age.sort_by_key(|x| x.1);
+        for (k, _, s) in by_age {
+            if total <= self.limits.cache_bytes.0 {
+                break;
+            }
+            c.remove(&k);
+            total -= s;
+        }
+    }
+}

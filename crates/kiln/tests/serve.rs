@@ -1,0 +1,506 @@
+//! `kiln serve` end to end: every response is byte-identical to `kiln inject`'s output (full,
+//! resumed, random ranges, HEAD, 304, 416) for a local base and a base in an S3-compatible
+//! server (s3s-fs); bad input gets a clean 4xx/5xx and the server keeps serving; manifests
+//! verify with the minisign CLI.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use reqwest::header;
+
+const PIECE_SMALL: &str = "<!doctype html><title>small</title><p>hello</p>\n";
+
+async fn get(c: &reqwest::Client, url: &str, hdrs: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = c.get(url);
+    for (k, v) in hdrs {
+        r = r.header(*k, *v);
+    }
+    r.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// Checks one personalised download against the bytes `kiln inject` produced.
+async fn check_identity(base: &str, image: &str, piece: &str, want: &[u8], digest: &str) {
+    let c = reqwest::Client::new();
+    let url = format!("{base}/os/{image}/{piece}.img");
+    let len = want.len() as u64;
+
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(r.status(), 200, "{url}");
+    let etag = r.headers()[header::ETAG].to_str().unwrap().to_string();
+    assert!(
+        etag.starts_with('"') && !etag.starts_with("W/"),
+        "strong ETag: {etag}"
+    );
+    assert_eq!(
+        r.headers()[header::CONTENT_LENGTH],
+        len.to_string().as_str()
+    );
+    assert_eq!(r.headers()["kiln-chunked-digest"], digest);
+    let cd = r.headers()[header::CONTENT_DISPOSITION]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(cd.contains("attachment") && cd.contains(piece), "{cd}");
+    let body = r.bytes().await.unwrap();
+    assert!(
+        body.as_ref() == want,
+        "full download differs from kiln inject"
+    );
+
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()[header::CONTENT_LENGTH],
+        len.to_string().as_str()
+    );
+    assert_eq!(r.headers()[header::ETAG], etag.as_str());
+    assert!(r.bytes().await.unwrap().is_empty());
+
+    // A download interrupted at `cut` and resumed with If-Range.
+    let cut = len / 3 + 12_345;
+    let r = get(
+        &c,
+        &url,
+        &[("range", &format!("bytes={cut}-")), ("if-range", &etag)],
+    )
+    .await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()[header::CONTENT_RANGE],
+        format!("bytes {cut}-{}/{len}", len - 1).as_str()
+    );
+    assert!(
+        r.bytes().await.unwrap().as_ref() == &want[cut as usize..],
+        "resumed tail differs"
+    );
+
+    // Random ranges (a fixed-seed generator), including ones across the slot's edges.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for i in 0..24 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let a = x % len;
+        let span = if i % 3 == 0 { 1 } else { (x >> 20) % (3 << 20) };
+        let b = (a + span).min(len - 1);
+        let r = get(&c, &url, &[("range", &format!("bytes={a}-{b}"))]).await;
+        assert_eq!(r.status(), 206, "bytes={a}-{b}");
+        assert!(
+            r.bytes().await.unwrap().as_ref() == &want[a as usize..=b as usize],
+            "range {a}-{b} differs"
+        );
+    }
+    let r = get(&c, &url, &[("range", "bytes=-1000")]).await;
+    assert_eq!(r.status(), 206);
+    assert!(r.bytes().await.unwrap().as_ref() == &want[want.len() - 1000..]);
+
+    let r = get(&c, &url, &[("if-none-match", &etag)]).await;
+    assert_eq!(r.status(), 304);
+    assert!(r.bytes().await.unwrap().is_empty());
+
+    // If-Range with another validator: the whole image, not a fragment of a different one.
+    let r = get(
+        &c,
+        &url,
+        &[("range", "bytes=0-9"), ("if-range", "\"other\"")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()[header::CONTENT_LENGTH],
+        len.to_string().as_str()
+    );
+    drop(r);
+
+    for bad in [
+        format!("bytes={len}-"),
+        "bytes=-0".to_string(),
+        "bytes=abc".into(),
+        "bytes=9-2".into(),
+    ] {
+        let r = get(&c, &url, &[("range", &bad)]).await;
+        assert_eq!(r.status(), 416, "{bad}");
+        assert_eq!(
+            r.headers()[header::CONTENT_RANGE],
+            format!("bytes */{len}").as_str()
+        );
+    }
+    // Several ranges: documented as answered with the whole image.
+    let r = get(&c, &url, &[("range", "bytes=0-1,5-6")]).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().as_ref() == want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_base_is_served_byte_identical_with_signed_manifests() {
+    let fx = Fixture::new();
+    fs::write(fx.pieces.join("hello.html"), PIECE_SMALL).unwrap();
+    let full: Vec<u8> = (0..CAPACITY).map(|i| b'a' + (i % 26) as u8).collect();
+    fs::write(fx.pieces.join("full.html"), &full).unwrap();
+    let empty = fx.pieces.join("empty.html");
+    fs::write(&empty, b"").unwrap();
+    let (pk, sk) = minisign_keys(fx.dir.path());
+    let cfg = fx.config(&format!(
+        "[signing]\nsecret_key = \"{}\"\npublic_key = \"{}\"\n",
+        sk.display(),
+        pk.display()
+    ));
+    let srv = KilnServer::start(&cfg);
+
+    for piece in ["hello", "full", "empty"] {
+        let (want, digest) = fx.expected(&fx.pieces.join(format!("{piece}.html")));
+        check_identity(&srv.url, "demo", piece, &want, &digest).await;
+    }
+
+    // Upload, then download by id.
+    let c = reqwest::Client::new();
+    let page = b"<!doctype html><p>uploaded</p>".to_vec();
+    let r = c
+        .post(format!("{}/os/demo", srv.url))
+        .header("content-type", "text/html")
+        .body(page.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let j: serde_json::Value = r.json().await.unwrap();
+    let id = j["id"].as_str().unwrap().to_string();
+    let up = fx.dir.path().join("uploaded.html");
+    fs::write(&up, &page).unwrap();
+    let (want, digest) = fx.expected(&up);
+    check_identity(&srv.url, "demo", &id, &want, &digest).await;
+
+    // Signed manifest, checked by the minisign CLI.
+    let m = get(&c, &format!("{}/os/demo/hello.manifest", srv.url), &[]).await;
+    assert_eq!(m.status(), 200);
+    let m = m.bytes().await.unwrap();
+    let sig = get(
+        &c,
+        &format!("{}/os/demo/hello.manifest.minisig", srv.url),
+        &[],
+    )
+    .await;
+    assert_eq!(sig.status(), 200);
+    let sig = sig.bytes().await.unwrap();
+    let mf = fx.dir.path().join("hello.manifest");
+    fs::write(&mf, &m).unwrap();
+    fs::write(fx.dir.path().join("hello.manifest.minisig"), &sig).unwrap();
+    let v = Command::new("minisign")
+        .args(["-V", "-p", pk.to_str().unwrap(), "-m", mf.to_str().unwrap()])
+        .output()
+        .expect("minisign must be installed");
+    assert!(
+        v.status.success(),
+        "minisign -V: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let mj: serde_json::Value = serde_json::from_slice(&m).unwrap();
+    let (_, digest) = fx.expected(&fx.pieces.join("hello.html"));
+    assert_eq!(mj["chunked_digest"], digest.as_str());
+    assert_eq!(mj["payload"]["len"], PIECE_SMALL.len());
+    // A tampered manifest does not verify.
+    fs::write(&mf, String::from_utf8_lossy(&m).replace("hello", "hellp")).unwrap();
+    let v = Command::new("minisign")
+        .args(["-V", "-p", pk.to_str().unwrap(), "-m", mf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!v.status.success());
+
+    let cat: serde_json::Value = get(&c, &format!("{}/api/catalog", srv.url), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cat["images"][0]["name"], "demo");
+    assert_eq!(cat["images"][0]["slots"][0]["kind"], "raw");
+    assert!(cat["images"][0]["pieces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == "hello"));
+    let metrics = get(&c, &format!("{}/metrics", srv.url), &[])
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("kiln_downloads_total{image=\"demo\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_injection_seconds_count"),
+        "{metrics}"
+    );
+    assert_eq!(fx.base_sha(), fx.base_sha_before, "base modified");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_base_is_served_byte_identical() {
+    let fx = Fixture::new();
+    fs::write(fx.pieces.join("hello.html"), PIECE_SMALL).unwrap();
+    let s3 = S3Server::start(fx.dir.path(), &fx.base);
+    let cfg = fx.config_with_image(
+        &format!(
+            "[[image]]\nname = \"demo\"\nbase = \"s3://kiln/base.img\"\nslot = \"piece\"\n\
+         [image.store]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"AKTEST\"\n\
+         secret_access_key = \"SKTEST-secret\"\nallow_http = \"true\"\n",
+            s3.url
+        ),
+        "",
+    );
+    let srv = KilnServer::start(&cfg);
+    let (want, digest) = fx.expected(&fx.pieces.join("hello.html"));
+    check_identity(&srv.url, "demo", "hello", &want, &digest).await;
+    drop(srv);
+    drop(s3);
+}
+
+/// Sends raw bytes and returns the status line's code.
+fn raw_status(addr: &str, request: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap();
+    let line = String::from_utf8_lossy(&buf[..n]).to_string();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clean_errors_and_the_server_keeps_serving() {
+    let fx = Fixture::new();
+    fs::write(fx.pieces.join("hello.html"), PIECE_SMALL).unwrap();
+    let up = Upstream::start();
+    let upstream = format!(
+        "[[source]]\nkind = \"upstream\"\nurl = \"http://127.0.0.1:{}/{{piece}}\"\nallow_hosts = [\"127.0.0.1\"]\n\
+         timeout = \"2s\"\nmax_size = \"64K\"\nallow_private = true\n",
+        up.port
+    );
+    let cfg = fx.config_with(&upstream, "write_timeout = \"1s\"\ndownloads_per_ip = 2\n");
+    let srv = KilnServer::start(&cfg);
+    let c = reqwest::Client::new();
+    let u = |p: &str| format!("{}{p}", srv.url);
+
+    // Traversal in image or piece names, raw so no client normalises the path.
+    for path in [
+        "/os/../../etc/passwd",
+        "/os/demo/..%2F..%2Fetc%2Fpasswd.img",
+        "/os/demo/../../../etc/passwd.img",
+        "/os/..%2F..%2Fetc/hello.img",
+        "/os/demo/%2e%2e.img",
+        "/os/demo/.hidden.img",
+    ] {
+        let code = raw_status(
+            &srv.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        );
+        assert!((400..500).contains(&code), "{path}: {code}");
+    }
+    // Garbage instead of HTTP.
+    let code = raw_status(&srv.addr, "\x16\x03\x01garbage\r\n\r\n");
+    assert_eq!(code, 400);
+
+    assert_eq!(get(&c, &u("/os/nope/hello.img"), &[]).await.status(), 404);
+    assert_eq!(get(&c, &u("/os/demo/missing.img"), &[]).await.status(), 404);
+    assert_eq!(get(&c, &u("/os/demo/hello.iso"), &[]).await.status(), 404);
+    assert_eq!(
+        get(&c, &u("/os/demo/hello.img"), &[("range", "bytes=zz")])
+            .await
+            .status(),
+        416
+    );
+    assert_eq!(
+        get(&c, &u("/os/demo/hello.manifest.minisig"), &[])
+            .await
+            .status(),
+        404
+    );
+
+    let post = |body: Vec<u8>, ctype: &'static str| {
+        c.post(u("/os/demo"))
+            .header("content-type", ctype)
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        post(vec![b'a'; CAPACITY as usize + 1], "text/html")
+            .await
+            .unwrap()
+            .status(),
+        413
+    );
+    assert_eq!(
+        post(b"<p>x</p>".to_vec(), "application/x-sh")
+            .await
+            .unwrap()
+            .status(),
+        415
+    );
+    assert_eq!(
+        post(vec![0xff, 0xfe, 0], "text/html")
+            .await
+            .unwrap()
+            .status(),
+        415
+    );
+    assert_eq!(
+        c.post(u("/os/nope"))
+            .header("content-type", "text/html")
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // Upstream: fine, slow, huge, redirecting to loopback.
+    let r = get(&c, &u("/os/demo/fine.img"), &[]).await;
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    let fine = fx.dir.path().join("fine.html");
+    fs::write(&fine, UPSTREAM_FINE).unwrap();
+    let (want, _) = fx.expected(&fine);
+    assert!(
+        body.as_ref() == want,
+        "upstream piece download differs from kiln inject"
+    );
+    let t = std::time::Instant::now();
+    assert_eq!(get(&c, &u("/os/demo/slow.img"), &[]).await.status(), 504);
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "slow upstream held the request {:?}",
+        t.elapsed()
+    );
+    assert_eq!(get(&c, &u("/os/demo/huge.img"), &[]).await.status(), 502);
+    assert_eq!(
+        get(&c, &u("/os/demo/redirect.img"), &[]).await.status(),
+        502
+    );
+    assert_eq!(up.hits("secret"), 0, "the redirect target was fetched");
+    assert_eq!(
+        get(&c, &u("/os/demo/missing-upstream.img"), &[])
+            .await
+            .status(),
+        404
+    );
+
+    // Download caps: two streams held open without reading, the third is refused.
+    let h1 = get(&c, &u("/os/demo/hello.img"), &[]).await;
+    let h2 = get(&c, &u("/os/demo/hello.img"), &[]).await;
+    assert_eq!((h1.status().as_u16(), h2.status().as_u16()), (200, 200));
+    let r3 = get(&c, &u("/os/demo/hello.img"), &[]).await;
+    assert_eq!(r3.status(), 429);
+    assert!(r3.headers().contains_key(header::RETRY_AFTER));
+    drop((h1, h2));
+    // A client that stops reading is dropped after the write timeout, freeing its slot.
+    let mut stalled = TcpStream::connect(&srv.addr).unwrap();
+    stalled
+        .write_all(b"GET /os/demo/hello.img HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut freed = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let m = get(&c, &u("/metrics"), &[]).await.text().await.unwrap();
+        if m.contains("kiln_downloads_active 0") {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "slots not released after clients left or stalled");
+    drop(stalled);
+
+    // Still serving.
+    assert_eq!(get(&c, &u("/healthz"), &[]).await.status(), 200);
+    let (want, _) = fx.expected(&fx.pieces.join("hello.html"));
+    let r = get(&c, &u("/os/demo/hello.img"), &[]).await;
+    assert!(r.bytes().await.unwrap().as_ref() == want);
+    drop(srv);
+
+    // Without allow_private, an upstream on loopback is refused before any connection.
+    let hits = up.hits("fine");
+    let strict = upstream.replace("allow_private = true", "allow_private = false");
+    let cfg = fx.config_with(&strict, "");
+    let srv = KilnServer::start(&cfg);
+    let r = get(&c, &format!("{}/os/demo/fine.img", srv.url), &[]).await;
+    assert_eq!(r.status(), 502);
+    assert!(r.text().await.unwrap().contains("non-public"));
+    assert_eq!(up.hits("fine"), hits);
+    drop(srv);
+
+    // Per-IP rate limit.
+    let cfg = fx.config_with("", "requests_per_second = 0.5\nburst = 3\n");
+    let srv = KilnServer::start(&cfg);
+    let mut limited = None;
+    for _ in 0..6 {
+        let r = get(&c, &format!("{}/api/catalog", srv.url), &[]).await;
+        if r.status() == 429 {
+            limited = Some(
+                r.headers()[header::RETRY_AFTER]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
+            break;
+        }
+    }
+    let wait: u64 = limited
+        .expect("no 429 after exceeding the burst")
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&wait), "Retry-After {wait}");
+    assert_eq!(
+        get(&c, &format!("{}/healthz", srv.url), &[]).await.status(),
+        200
+    );
+    assert_eq!(fx.base_sha(), fx.base_sha_before);
+}
+
+#[test]
+fn example_config_serves() {
+    // The shipped example works as documented (with its demo base).
+    let d = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let ex = d.path().join("examples");
+    fs::create_dir_all(ex.join("pieces")).unwrap();
+    fs::copy(root.join("examples/serve.toml"), ex.join("serve.toml")).unwrap();
+    fs::copy(
+        root.join("examples/pieces/hello.html"),
+        ex.join("pieces/hello.html"),
+    )
+    .unwrap();
+    let base = d.path().join("out/demo.img");
+    fs::create_dir_all(base.parent().unwrap()).unwrap();
+    common::write_raw_base(&base);
+    let srv = KilnServer::start(&ex.join("serve.toml"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let r = reqwest::get(format!("{}/os/demo/hello.img", srv.url))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let cd = r.headers()[header::CONTENT_DISPOSITION]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(cd.contains("demo-hello.img"), "{cd}");
+        let page = reqwest::get(format!("{}/", srv.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("kiln demo image"));
+    });
+}
