@@ -1,1 +1,760 @@
-//! LZ4 block format (lz4 doc/lz4_Block_format.md).
+//! LZ4 block format: an encoder with a fast mode (one hash table, greedy parsing) and a
+//! high-compression mode (hash chains with lazy matching, lz4hc-class ratio), both able to run
+//! in "fill the destination" mode, plus a bounds-checked decoder.
+//!
+//! Spec: the LZ4 Block Format description (lz4/doc/lz4_Block_format.md). A block is a series of
+//! sequences `token | [literal length bytes] | literals | offset (LE u16) | [match length
+//! bytes]`; the last sequence has literals only. The end-of-block rules the reference decoders
+//! rely on: the last 5 bytes are literals (`LASTLITERALS`) and the last match starts at least 12
+//! bytes before the end (`MFLIMIT`). Offsets are 1..=65535, the minimum match is 4 bytes.
+//!
+//! Fill-the-destination mode compresses as much of the input as fits in `cap` output bytes
+//! (what EROFS fixed-size physical clusters need): every sequence is only committed when the
+//! output still has room for it *and* for the shortest final literal run that keeps the
+//! end-of-block rules true; the final literal run then takes as many bytes as still fit.
+
+/// Minimum match length.
+const MINMATCH: usize = 4;
+/// The last match must start at least this many bytes before the end of the block.
+const MFLIMIT: usize = 12;
+/// The last this-many bytes of a block are always literals.
+const LASTLITERALS: usize = 5;
+/// Largest match offset.
+const MAX_DISTANCE: usize = 65535;
+/// Blocks shorter than this hold literals only (no room for a match under the end rules).
+const MIN_INPUT_FOR_MATCH: usize = MFLIMIT + 1;
+
+/// Encoder effort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Greedy parsing over a single-entry hash table: hundreds of MB/s per core.
+    Fast,
+    /// Hash chains with lazy matching. `1..=12`; the level sets the chain search depth
+    /// (9 is lz4hc's default, 12 searches deepest).
+    High(u8),
+}
+
+impl Level {
+    /// A match at least this long ends the search (and skips lazy evaluation).
+    fn nice(self) -> usize {
+        match self {
+            Level::Fast => 0,
+            Level::High(l) if l >= 10 => 1024,
+            Level::High(_) => 64,
+        }
+    }
+
+    fn attempts(self) -> usize {
+        match self {
+            Level::Fast => 0,
+            // lz4hc's depths: 2^(level-1) chain entries for levels 3..=9 (level 9 = 256),
+            // deeper searches above.
+            Level::High(l) => match l.clamp(1, 12) {
+                l @ 1..=9 => 1usize << (l.max(3) - 1),
+                10 => 1024,
+                11 => 2048,
+                _ => 4096,
+            },
+        }
+    }
+}
+
+/// Errors from the decoder. Offsets are byte positions in the compressed input.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lz4Error {
+    /// The input ended inside a sequence.
+    #[error("lz4: input truncated at offset {0}")]
+    Truncated(usize),
+    /// A match offset is 0 or points before the start of the output.
+    #[error("lz4: bad match offset {offset} at input offset {at} (output so far {produced})")]
+    BadOffset {
+        offset: usize,
+        at: usize,
+        produced: usize,
+    },
+    /// The block decodes to more bytes than allowed.
+    #[error("lz4: output exceeds {limit} bytes at input offset {at}")]
+    OutputOverflow { limit: usize, at: usize },
+    /// The block decodes to a different size than expected.
+    #[error("lz4: decoded {got} bytes, expected {expected}")]
+    SizeMismatch { got: usize, expected: usize },
+}
+
+/// Number of extra length bytes for a length field whose nibble saturates at 15.
+#[inline]
+fn ext_len(n: usize) -> usize {
+    if n >= 15 {
+        (n - 15) / 255 + 1
+    } else {
+        0
+    }
+}
+
+/// Encoded size of a sequence with `lit` literals and a match of `mlen` bytes.
+#[inline]
+fn seq_cost(lit: usize, mlen: usize) -> usize {
+    1 + ext_len(lit) + lit + 2 + ext_len(mlen - MINMATCH)
+}
+
+#[inline]
+fn push_len(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 255 {
+        out.push(255);
+        n -= 255;
+    }
+    out.push(n as u8);
+}
+
+#[inline]
+fn read_u32(s: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]])
+}
+
+#[inline]
+fn read_u64(s: &[u8], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&s[i..i + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// Length of the common prefix of `s[a..]` and `s[b..]` (a < b), not reading past `limit`.
+#[inline]
+fn common(s: &[u8], a: usize, b: usize, limit: usize) -> usize {
+    let mut n = 0;
+    let max = limit - b;
+    while n + 8 <= max {
+        let x = read_u64(s, a + n) ^ read_u64(s, b + n);
+        if x != 0 {
+            return n + (x.trailing_zeros() / 8) as usize;
+        }
+        n += 8;
+    }
+    while n < max && s[a + n] == s[b + n] {
+        n += 1;
+    }
+    n
+}
+
+/// The sequence writer: tracks the output budget for fill-the-destination mode.
+struct Emitter<'a> {
+    out: &'a mut Vec<u8>,
+    start: usize,
+    cap: usize,
+}
+
+impl Emitter<'_> {
+    fn used(&self) -> usize {
+        self.out.len() - self.start
+    }
+
+    /// Emits literals `src[anchor..mstart]` and a match, if it fits with room for the final
+    /// literal run it forces. Returns false (and writes nothing) otherwise.
+    fn sequence(
+        &mut self,
+        src: &[u8],
+        anchor: usize,
+        mstart: usize,
+        off: usize,
+        mlen: usize,
+    ) -> bool {
+        let lit = mstart - anchor;
+        let cost = seq_cost(lit, mlen);
+        // Shortest final run allowed after this match: the block must end >= 5 bytes after the
+        // match and >= 13 bytes after its start.
+        let min_final = LASTLITERALS.max(MIN_INPUT_FOR_MATCH.saturating_sub(mlen));
+        if self.used() + cost + 1 + min_final > self.cap {
+            return false;
+        }
+        let ml = mlen - MINMATCH;
+        let token = ((lit.min(15) as u8) << 4) | ml.min(15) as u8;
+        self.out.push(token);
+        if lit >= 15 {
+            push_len(self.out, lit - 15);
+        }
+        self.out.extend_from_slice(&src[anchor..mstart]);
+        self.out.extend_from_slice(&(off as u16).to_le_bytes());
+        if ml >= 15 {
+            push_len(self.out, ml - 15);
+        }
+        true
+    }
+
+    /// Emits the final literal run from `anchor`, as long as fits; returns the input consumed.
+    fn finish(&mut self, src: &[u8], anchor: usize) -> usize {
+        let avail = self.cap - self.used();
+        let mut lit = src.len() - anchor;
+        if 1 + ext_len(lit) + lit > avail {
+            lit = avail.saturating_sub(1);
+            while lit > 0 && 1 + ext_len(lit) + lit > avail {
+                lit -= 1;
+            }
+        }
+        if lit == 0 && anchor == 0 {
+            // An empty block is a single empty token; in fill mode nothing fit.
+            if src.is_empty() && avail >= 1 {
+                self.out.push(0);
+            }
+            return 0;
+        }
+        self.out.push((lit.min(15) as u8) << 4);
+        if lit >= 15 {
+            push_len(self.out, lit - 15);
+        }
+        self.out.extend_from_slice(&src[anchor..anchor + lit]);
+        anchor + lit
+    }
+}
+
+/// Positions after a match start that lazy evaluation tries.
+const LAZY_STEPS: usize = 1;
+
+const FAST_HASH_LOG: u32 = 14;
+const HC_HASH_LOG: u32 = 15;
+const CHAIN_SIZE: usize = 1 << 16;
+
+#[inline]
+fn hash4(v: u32, log: u32) -> usize {
+    (v.wrapping_mul(2_654_435_761) >> (32 - log)) as usize
+}
+
+/// A reusable compressor. Its tables are kept between calls (positions are stored with a
+/// moving base, so nothing is cleared between blocks), which matters when a caller compresses
+/// many small EROFS clusters.
+pub struct Compressor {
+    level: Level,
+    head: Vec<u32>,
+    chain: Vec<u16>,
+    base: u32,
+}
+
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor")
+            .field("level", &self.level)
+            .finish()
+    }
+}
+
+impl Compressor {
+    /// A compressor for `level`.
+    pub fn new(level: Level) -> Self {
+        let (hlog, chain) = match level {
+            Level::Fast => (FAST_HASH_LOG, 0),
+            Level::High(_) => (HC_HASH_LOG, CHAIN_SIZE),
+        };
+        Self {
+            level,
+            head: vec![u32::MAX; 1 << hlog],
+            chain: vec![0; chain],
+            base: 0,
+        }
+    }
+
+    /// Starts a new block of `len` bytes: moves the base past every stored position so old
+    /// entries read as out of window.
+    fn reset(&mut self, len: usize) {
+        let need = len as u64 + MAX_DISTANCE as u64 + 2;
+        if u64::from(self.base) + 2 * need >= u64::from(u32::MAX) {
+            self.head.fill(u32::MAX);
+            self.base = 0;
+        }
+        self.base += need as u32;
+    }
+
+    /// Compresses all of `src` as one block, appending to `out`.
+    pub fn compress(&mut self, src: &[u8], out: &mut Vec<u8>) {
+        self.compress_into(src, usize::MAX, out);
+    }
+
+    /// Compresses as much of `src` as fits in `cap` bytes, appending to `out`. Returns the
+    /// number of input bytes the block encodes (it decodes to exactly `src[..n]`).
+    pub fn compress_dest(&mut self, src: &[u8], cap: usize, out: &mut Vec<u8>) -> usize {
+        self.compress_into(src, cap, out)
+    }
+
+    fn compress_into(&mut self, src: &[u8], cap: usize, out: &mut Vec<u8>) -> usize {
+        let mut em = Emitter {
+            start: out.len(),
+            out,
+            cap,
+        };
+        if src.len() < MIN_INPUT_FOR_MATCH {
+            return em.finish(src, 0);
+        }
+        self.reset(src.len());
+        let anchor = match self.level {
+            Level::Fast => self.fast(src, &mut em),
+            Level::High(_) => self.high(src, &mut em),
+        };
+        em.finish(src, anchor)
+    }
+
+    /// Greedy parse; returns the anchor of the final literal run.
+    fn fast(&mut self, src: &[u8], em: &mut Emitter<'_>) -> usize {
+        let base = self.base;
+        let match_limit = src.len() - MFLIMIT; // matches start before this
+        let end = src.len() - LASTLITERALS; // and end at or before this
+        let mut anchor = 0usize;
+        let mut ip = 0usize;
+        let mut misses = 0usize;
+        while ip < match_limit {
+            let seq = read_u32(src, ip);
+            let h = hash4(seq, FAST_HASH_LOG);
+            let stored = self.head[h];
+            self.head[h] = base + ip as u32;
+            let cand = stored.wrapping_sub(base) as usize;
+            if stored == u32::MAX
+                || stored < base
+                || cand >= ip
+                || ip - cand > MAX_DISTANCE
+                || read_u32(src, cand) != seq
+            {
+                misses += 1;
+                ip += 1 + (misses >> 6);
+                continue;
+            }
+            misses = 0;
+            // Extend backwards over pending literals, then forwards.
+            let (mut s, mut c) = (ip, cand);
+            while s > anchor && c > 0 && src[s - 1] == src[c - 1] {
+                s -= 1;
+                c -= 1;
+            }
+            let mlen = (ip - s) + MINMATCH + common(src, cand + MINMATCH, ip + MINMATCH, end);
+            if !em.sequence(src, anchor, s, ip - cand, mlen) {
+                return anchor;
+            }
+            anchor = s + mlen;
+            ip = anchor;
+            // Seed the table inside the match for the next search.
+            if ip - 2 < match_limit {
+                let p = ip - 2;
+                self.head[hash4(read_u32(src, p), FAST_HASH_LOG)] = base + p as u32;
+            }
+        }
+        anchor
+    }
+
+    /// Inserts every position in `from..to` into the hash chains.
+    #[inline]
+    fn insert(&mut self, src: &[u8], from: usize, to: usize) {
+        let base = self.base;
+        for p in from..to {
+            let h = hash4(read_u32(src, p), HC_HASH_LOG);
+            let prev = self.head[h];
+            let delta = if prev == u32::MAX || prev < base {
+                u16::MAX
+            } else {
+                (base + p as u32 - prev).min(u32::from(u16::MAX)) as u16
+            };
+            self.chain[p & (CHAIN_SIZE - 1)] = delta;
+            self.head[h] = base + p as u32;
+        }
+    }
+
+    /// Longest match for position `ip` (which must already be inserted), at least `min_len + 1`
+    /// long to count; returns (length, offset) or (0, 0).
+    #[inline]
+    fn longest(
+        &self,
+        src: &[u8],
+        ip: usize,
+        end: usize,
+        min_len: usize,
+        mut attempts: usize,
+    ) -> (usize, usize) {
+        let base = self.base;
+        let nice = self.level.nice();
+        let mut best = (min_len, 0usize);
+        let seq = read_u32(src, ip);
+        let lowest = ip.saturating_sub(MAX_DISTANCE);
+        let mut cand = ip;
+        loop {
+            let d = self.chain[cand & (CHAIN_SIZE - 1)] as usize;
+            if d == u16::MAX as usize || d == 0 || cand < lowest + d {
+                break;
+            }
+            cand -= d;
+            if attempts == 0 {
+                break;
+            }
+            attempts -= 1;
+            let bl = best.0;
+            // Cheap reject: the byte that would make this match longer than the best so far.
+            if ip + bl < end && src[cand + bl] != src[ip + bl] {
+                continue;
+            }
+            if read_u32(src, cand) != seq {
+                continue;
+            }
+            let len = MINMATCH + common(src, cand + MINMATCH, ip + MINMATCH, end);
+            if len > best.0 {
+                best = (len, ip - cand);
+                if ip + len >= end || len >= nice {
+                    break;
+                }
+            }
+        }
+        let _ = base;
+        if best.1 == 0 {
+            (0, 0)
+        } else {
+            best
+        }
+    }
+
+    /// Hash-chain parse with two-step lazy matching; returns the anchor of the final literal
+    /// run.
+    fn high(&mut self, src: &[u8], em: &mut Emitter<'_>) -> usize {
+        let match_limit = src.len() - MFLIMIT;
+        let end = src.len() - LASTLITERALS;
+        let mut anchor = 0usize;
+        let mut ip = 0usize;
+        let mut inserted = 0usize;
+        while ip < match_limit {
+            self.insert(src, inserted, ip + 1);
+            inserted = ip + 1;
+            let attempts = self.level.attempts();
+            let nice = self.level.nice();
+            let (mut mlen, mut off) = self.longest(src, ip, end, MINMATCH - 1, attempts);
+            if mlen == 0 {
+                ip += 1;
+                continue;
+            }
+            let mut mstart = ip;
+            // Lazy evaluation: a longer match one or two bytes later wins over this one.
+            while mlen < nice {
+                let mut improved = false;
+                for step in 1..=LAZY_STEPS {
+                    let p = mstart + step;
+                    if p >= match_limit {
+                        break;
+                    }
+                    self.insert(src, inserted, p + 1);
+                    inserted = inserted.max(p + 1);
+                    let (l2, o2) = self.longest(src, p, end, mlen + step, attempts / 4);
+                    if l2 > mlen + step {
+                        mlen = l2;
+                        off = o2;
+                        mstart = p;
+                        improved = true;
+                        break;
+                    }
+                }
+                if !improved {
+                    break;
+                }
+            }
+            // Extend backwards over pending literals.
+            while mstart > anchor && mstart > off && src[mstart - 1] == src[mstart - 1 - off] {
+                mstart -= 1;
+                mlen += 1;
+            }
+            if !em.sequence(src, anchor, mstart, off, mlen) {
+                return anchor;
+            }
+            anchor = mstart + mlen;
+            ip = anchor;
+            let upto = ip.min(match_limit);
+            if inserted < upto {
+                self.insert(src, inserted, upto);
+                inserted = upto;
+            }
+        }
+        anchor
+    }
+}
+
+/// Compresses `src` as one LZ4 block.
+pub fn compress(src: &[u8], level: Level) -> Vec<u8> {
+    let mut out = Vec::with_capacity(src.len() / 2 + 16);
+    Compressor::new(level).compress(src, &mut out);
+    out
+}
+
+/// Compresses as much of `src` as fits in `cap` bytes; returns (input consumed, block).
+pub fn compress_dest(src: &[u8], cap: usize, level: Level) -> (usize, Vec<u8>) {
+    let mut out = Vec::with_capacity(cap.min(src.len() + 16));
+    let n = Compressor::new(level).compress_dest(src, cap, &mut out);
+    (n, out)
+}
+
+/// Worst-case compressed size of `n` input bytes.
+pub fn compress_bound(n: usize) -> usize {
+    n + n / 255 + 16
+}
+
+/// Decodes one block into `out`, which must decode to at most `limit` bytes. Returns the
+/// number of bytes produced.
+pub fn decompress_into(src: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<usize, Lz4Error> {
+    let start = out.len();
+    let mut ip = 0usize;
+    let byte = |i: usize| src.get(i).copied().ok_or(Lz4Error::Truncated(i));
+    loop {
+        let token = byte(ip)?;
+        ip += 1;
+        let mut lit = usize::from(token >> 4);
+        if lit == 15 {
+            loop {
+                let b = byte(ip)?;
+                ip += 1;
+                lit += usize::from(b);
+                if b != 255 {
+                    break;
+                }
+            }
+        }
+        let lits = src
+            .get(ip..ip.saturating_add(lit))
+            .ok_or(Lz4Error::Truncated(src.len()))?;
+        if out.len() - start + lit > limit {
+            return Err(Lz4Error::OutputOverflow { limit, at: ip });
+        }
+        out.extend_from_slice(lits);
+        ip += lit;
+        if ip == src.len() {
+            return Ok(out.len() - start);
+        }
+        let off = usize::from(u16::from_le_bytes([byte(ip)?, byte(ip + 1)?]));
+        let at = ip;
+        ip += 2;
+        let mut mlen = usize::from(token & 15);
+        if mlen == 15 {
+            loop {
+                let b = byte(ip)?;
+                ip += 1;
+                mlen += usize::from(b);
+                if b != 255 {
+                    break;
+                }
+            }
+        }
+        mlen += MINMATCH;
+        let produced = out.len() - start;
+        if off == 0 || off > produced {
+            return Err(Lz4Error::BadOffset {
+                offset: off,
+                at,
+                produced,
+            });
+        }
+        if produced + mlen > limit {
+            return Err(Lz4Error::OutputOverflow { limit, at });
+        }
+        let from = out.len() - off;
+        if off >= mlen {
+            out.extend_from_within(from..from + mlen);
+        } else {
+            for i in 0..mlen {
+                let b = out[from + i];
+                out.push(b);
+            }
+        }
+    }
+}
+
+/// Decodes one block that must decode to exactly `size` bytes.
+pub fn decompress(src: &[u8], size: usize) -> Result<Vec<u8>, Lz4Error> {
+    let mut out = Vec::with_capacity(size);
+    let got = decompress_into(src, &mut out, size)?;
+    if got != size {
+        return Err(Lz4Error::SizeMismatch {
+            got,
+            expected: size,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text(n: usize) -> Vec<u8> {
+        let words = [
+            "erofs ",
+            "block ",
+            "the ",
+            "compressed ",
+            "cluster ",
+            "lz4 ",
+            "kiln\n",
+            "a ",
+        ];
+        let mut x = 12345u32;
+        let mut v = Vec::new();
+        while v.len() < n {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            v.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+
+    fn check_block_rules(block: &[u8], n: usize) {
+        // Walk the sequences and check the end-of-block rules the reference decoder needs.
+        let mut ip = 0;
+        let mut op = 0;
+        loop {
+            let t = block[ip];
+            ip += 1;
+            let mut lit = (t >> 4) as usize;
+            if lit == 15 {
+                loop {
+                    let b = block[ip];
+                    ip += 1;
+                    lit += b as usize;
+                    if b != 255 {
+                        break;
+                    }
+                }
+            }
+            ip += lit;
+            op += lit;
+            if ip == block.len() {
+                break;
+            }
+            ip += 2;
+            let mut ml = (t & 15) as usize;
+            if ml == 15 {
+                loop {
+                    let b = block[ip];
+                    ip += 1;
+                    ml += b as usize;
+                    if b != 255 {
+                        break;
+                    }
+                }
+            }
+            assert!(
+                op + MFLIMIT < n,
+                "match at {op} starts too close to the end {n}"
+            );
+            op += ml + 4;
+            assert!(
+                op + LASTLITERALS <= n,
+                "match ends at {op}, too close to {n}"
+            );
+        }
+        assert_eq!(op, n);
+    }
+
+    #[test]
+    fn round_trips_table() {
+        let cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![7],
+            vec![0; 12],
+            vec![0; 13],
+            vec![0; 100_000],
+            text(1 << 20),
+            kiln_random(5, 70_000),
+            [text(5000), kiln_random(9, 5000), text(5000)].concat(),
+        ];
+        for src in &cases {
+            for level in [Level::Fast, Level::High(4), Level::High(9), Level::High(12)] {
+                let c = compress(src, level);
+                check_block_rules(&c, src.len());
+                assert_eq!(&decompress(&c, src.len()).unwrap(), src);
+                assert_eq!(&lz4_flex::block::decompress(&c, src.len()).unwrap(), src);
+            }
+        }
+    }
+
+    fn kiln_random(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn high_mode_beats_fast_mode_on_text() {
+        let src = text(1 << 20);
+        let f = compress(&src, Level::Fast).len();
+        let h = compress(&src, Level::High(9)).len();
+        assert!(h < f, "hc {h} vs fast {f}");
+    }
+
+    #[test]
+    fn fill_destination_uses_the_budget() {
+        let src = text(1 << 20);
+        for level in [Level::Fast, Level::High(9)] {
+            for cap in [20, 100, 4096, 65536] {
+                let (n, c) = compress_dest(&src, cap, level);
+                assert!(c.len() <= cap, "{level:?} cap {cap}: {}", c.len());
+                assert!(
+                    c.len() + 16 >= cap,
+                    "{level:?} cap {cap}: only {} used",
+                    c.len()
+                );
+                assert!(n > cap, "text compresses: {n} from {cap}");
+                check_block_rules(&c, n);
+                assert_eq!(decompress(&c, n).unwrap(), &src[..n]);
+            }
+        }
+        // Incompressible input: roughly cap bytes consumed.
+        let r = kiln_random(3, 100_000);
+        let (n, c) = compress_dest(&r, 4096, Level::High(9));
+        assert!(c.len() <= 4096 && n > 4000 && n <= 4096);
+        assert_eq!(decompress(&c, n).unwrap(), &r[..n]);
+    }
+
+    #[test]
+    fn decoder_rejects_bad_input() {
+        assert!(matches!(
+            decompress(&[0x10], 1),
+            Err(Lz4Error::Truncated(_))
+        ));
+        // Literal 'a' then a match with offset 2 (> 1 produced).
+        assert!(matches!(
+            decompress(&[0x10, b'a', 2, 0, 0x00], 10),
+            Err(Lz4Error::BadOffset { .. })
+        ));
+        assert!(matches!(
+            decompress(&[0x20, b'a', b'b'], 1),
+            Err(Lz4Error::OutputOverflow { .. })
+        ));
+        assert!(matches!(
+            decompress(&[0x10, b'a'], 2),
+            Err(Lz4Error::SizeMismatch { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn prop_round_trip(data in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..20_000),
+                           rep in 0usize..4) {
+            let src: Vec<u8> = data.iter().cycle().take(data.len() * (rep + 1)).copied().collect();
+            for level in [Level::Fast, Level::High(9)] {
+                let c = compress(&src, level);
+                check_block_rules(&c, src.len());
+                prop_assert_eq!(&decompress(&c, src.len()).unwrap(), &src);
+                prop_assert_eq!(&lz4_flex::block::decompress(&c, src.len()).unwrap(), &src);
+            }
+        }
+
+        #[test]
+        fn prop_fill_destination(data in proptest::collection::vec(prop_oneof![Just(0u8), Just(b'x'), any::<u8>()], 0..30_000),
+                                 cap in 1usize..9000) {
+            for level in [Level::Fast, Level::High(6)] {
+                let (n, c) = compress_dest(&data, cap, level);
+                prop_assert!(c.len() <= cap);
+                prop_assert!(n <= data.len());
+                if n > 0 {
+                    check_block_rules(&c, n);
+                    prop_assert_eq!(&decompress(&c, n).unwrap()[..], &data[..n]);
+                    prop_assert_eq!(&lz4_flex::block::decompress(&c, n).unwrap()[..], &data[..n]);
+                }
+            }
+        }
+    }
+}

@@ -16,12 +16,14 @@ use sha2::{Digest, Sha256};
 
 use super::Outcome;
 
+mod erofs;
+
 #[derive(Subcommand)]
 pub enum MkfsCommand {
     /// An ext4 image.
     Ext4(Ext4Args),
-    /// An EROFS image.
-    Erofs,
+    /// An EROFS image (read-only, optionally LZ4-compressed).
+    Erofs(erofs::ErofsArgs),
 }
 
 /// Make an ext4 image from a directory or a tar stream.
@@ -96,7 +98,7 @@ fn parse_seed(s: &str) -> Result<repart::Uuid, String> {
 pub fn run(cmd: MkfsCommand) -> Outcome {
     match cmd {
         MkfsCommand::Ext4(a) => ext4_cmd(a),
-        MkfsCommand::Erofs => anyhow::bail!("kiln mkfs erofs is not implemented yet"),
+        MkfsCommand::Erofs(a) => erofs::run(a),
     }
 }
 

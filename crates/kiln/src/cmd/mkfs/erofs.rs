@@ -1,0 +1,194 @@
+//! `kiln mkfs erofs SOURCE -o OUT`: a directory, a tar file or `-` (a tar stream on stdin)
+//! into an EROFS image, written to a temp file beside OUT and renamed at the end.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use kiln_formats::erofs::{self, Compression, Options};
+use kiln_formats::fstree::Tree;
+use kiln_formats::repart;
+use kiln_formats::sink::FileSink;
+use kiln_tree::output::AtomicFile;
+use kiln_tree::{Normalize, Opened, SourceArg};
+use sha2::Digest;
+
+use crate::cmd::Outcome;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Algo {
+    /// Store data uncompressed.
+    None,
+    /// LZ4, fast.
+    Lz4,
+    /// LZ4, high compression (level 9 unless --level).
+    Lz4hc,
+}
+
+#[derive(Args, Debug)]
+pub struct ErofsArgs {
+    /// A directory, a tar file (plain, gzip, xz or zstd), or `-` for a tar stream on stdin.
+    pub source: PathBuf,
+    /// The image to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Data compression.
+    #[arg(short = 'z', long = "compress", value_enum, default_value = "none")]
+    pub compress: Algo,
+    /// LZ4HC level, 1..=12.
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u8).range(1..=12))]
+    pub level: u8,
+    /// Physical cluster size in 4 KiB blocks (1..=256) for compressed data.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub pcluster_blocks: u32,
+    /// 32 hex digits: the filesystem UUID is derived from it (as systemd-repart does).
+    #[arg(long)]
+    pub seed: Option<String>,
+    /// Volume label (up to 16 bytes).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Make every file owned by root.
+    #[arg(long)]
+    pub all_root: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: ErofsArgs) -> Outcome {
+    let start = Instant::now();
+    let seed = match &a.seed {
+        Some(s) => repart::parse_uuid(s)
+            .with_context(|| format!("--seed {s:?}: expected 32 hex digits or a UUID"))?,
+        None => [0u8; 16],
+    };
+    let label = a.label.clone().unwrap_or_default().into_bytes();
+    if label.len() > 16 {
+        bail!(
+            "--label {:?}: longer than 16 bytes",
+            a.label.unwrap_or_default()
+        );
+    }
+    let opts = Options {
+        compression: match a.compress {
+            Algo::None => Compression::None,
+            Algo::Lz4 => Compression::Lz4,
+            Algo::Lz4hc => Compression::Lz4hc { level: a.level },
+        },
+        pcluster_blocks: a.pcluster_blocks,
+        uuid: repart::filesystem_uuid(&seed),
+        timestamp: None,
+        volume_name: label,
+    };
+    let norm = Normalize::from_env(a.all_root)?;
+    let source = SourceArg::parse(&a.source);
+    let out = AtomicFile::create(&a.output)
+        .with_context(|| format!("creating {}", a.output.display()))?;
+    let file = out.file();
+    let show = std::io::stderr().is_terminal() && !a.json;
+    let summary = match kiln_tree::open(&source)
+        .with_context(|| format!("reading {}", a.source.display()))?
+    {
+        Opened::Indexed(mut tree, contents) => {
+            norm.apply(&mut tree);
+            let plan = erofs::plan(&tree, &opts).context("planning the EROFS image")?;
+            let size = plan.size().bytes;
+            file.set_len(size)
+                .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
+            let sink = FileSink::new(file, 0, size);
+            let bar = progress(show, total_bytes(&tree));
+            let s = plan
+                .write(&contents, &sink, &|n| {
+                    if let Some(b) = &bar {
+                        b.set_position(n);
+                    }
+                })
+                .with_context(|| format!("writing {}", a.output.display()))?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            s
+        }
+        Opened::Stream(stream) => {
+            // The image size is unknown until the stream ends: write into a large window of
+            // a sparse file and trim it afterwards.
+            let sink = FileSink::new(file, 0, 1 << 44);
+            let mut w = erofs::StreamWriter::new(&opts, &sink)?;
+            let mut tree = stream
+                .read(&mut w)
+                .with_context(|| format!("reading {}", a.source.display()))?;
+            norm.apply(&mut tree);
+            w.finish(&tree, &kiln_formats::fstree::HostContents)
+                .with_context(|| format!("writing {}", a.output.display()))?
+        }
+    };
+    file.set_len(summary.size)
+        .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
+    let sha = if a.json {
+        let mut h = sha2::Sha256::new();
+        let mut f = std::fs::File::open(out.tmp_path())
+            .with_context(|| format!("reading back {}", out.tmp_path().display()))?;
+        std::io::copy(&mut f, &mut h).context("hashing the image")?;
+        Some(hex::encode(h.finalize()))
+    } else {
+        None
+    };
+    out.commit()
+        .with_context(|| format!("finishing {}", a.output.display()))?;
+    if a.json {
+        let slots: Vec<_> = summary
+            .slots
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "nid": s.nid, "inode_offset": s.inode_offset,
+                    "data_offset": s.data_offset, "capacity": s.capacity,
+                })
+            })
+            .collect();
+        let j = serde_json::json!({
+            "format": "erofs",
+            "output": a.output.display().to_string(),
+            "compression": format!("{:?}", a.compress).to_lowercase(),
+            "size": summary.size,
+            "blocks": summary.size / 4096,
+            "inodes": summary.inodes,
+            "data_blocks": summary.data_blocks,
+            "meta_blocks": summary.meta_blocks,
+            "compressed_files": summary.compressed_files,
+            "root_nid": summary.root_nid,
+            "uuid": repart::format_uuid(&opts.uuid),
+            "sha256": sha,
+            "seconds": start.elapsed().as_secs_f64(),
+            "slots": slots,
+        });
+        println!("{j}");
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn total_bytes(tree: &Tree) -> u64 {
+    tree.nodes
+        .iter()
+        .map(|n| match &n.kind {
+            kiln_formats::fstree::NodeKind::File(f) => f.stored_len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+fn progress(show: bool, total: u64) -> Option<indicatif::ProgressBar> {
+    if !show {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(b)
+}
