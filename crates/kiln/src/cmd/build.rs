@@ -1,12 +1,59 @@
 //! `kiln build`.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::anyhow;
 use clap::Args;
 
 use super::Outcome;
 
+/// Build a disk image (and its split artifacts, report, SBOM and provenance) from a spec.
 #[derive(Args)]
-pub struct BuildArgs {}
+pub struct BuildArgs {
+    /// The spec file, or a directory holding kiln.toml.
+    #[arg(default_value = ".")]
+    pub spec: PathBuf,
+    /// Output directory (created if missing).
+    #[arg(short = 'o', long = "output", value_name = "OUTDIR")]
+    pub outdir: PathBuf,
+    /// Source tree (directory, tar, tar.gz/.xz/.zst, or - for stdin), overriding the spec's.
+    #[arg(long, value_name = "PATH")]
+    pub source: Option<PathBuf>,
+    /// Seed (32 hex digits or a UUID) overriding the spec's: every UUID and salt derives from it.
+    #[arg(long, value_name = "HEX32")]
+    pub seed: Option<String>,
+    /// Sign the disk, split artifacts and report with this minisign secret key.
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
+    /// Print the build report (OUTDIR/NAME.json) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No stage lines on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
 
-pub fn run(_args: BuildArgs) -> Outcome {
-    anyhow::bail!("kiln build is not implemented yet")
+pub fn run(a: BuildArgs) -> Outcome {
+    let seed = match &a.seed {
+        Some(s) => Some(
+            kiln_formats::repart::parse_uuid(s)
+                .ok_or_else(|| anyhow!("--seed {s:?}: expected 32 hex digits or a UUID"))?,
+        ),
+        None => None,
+    };
+    let report = kiln_build::image::build(&kiln_build::image::BuildOptions {
+        spec: a.spec,
+        outdir: a.outdir.clone(),
+        source: a.source,
+        seed,
+        sign_key: a.sign,
+        quiet: a.quiet,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if !a.quiet {
+        println!("{}", a.outdir.join(&report.disk.file).display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

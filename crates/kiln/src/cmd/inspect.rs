@@ -1,12 +1,29 @@
 //! `kiln inspect`.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
 use clap::Args;
 
 use super::Outcome;
 
+/// Show what an image holds: GPT partitions with their filesystems and verity superblocks,
+/// ISO 9660 descriptors and El Torito entries, and kiln's slots. Works on any GPT disk.
 #[derive(Args)]
-pub struct InspectArgs {}
+pub struct InspectArgs {
+    /// A disk image, ISO, filesystem image or block device.
+    pub image: PathBuf,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: InspectArgs) -> Outcome {
-    anyhow::bail!("kiln inspect is not implemented yet")
+pub fn run(a: InspectArgs) -> Outcome {
+    let ins = kiln_build::inspect::inspect(&a.image)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ins)?);
+    } else {
+        print!("{}", kiln_build::inspect::format(&ins));
+    }
+    Ok(ExitCode::SUCCESS)
 }

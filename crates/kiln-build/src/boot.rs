@@ -1,0 +1,214 @@
+//! The boot stage of a build: kernel and modules from the tree, kiln's initrd (or the spec's),
+//! the UKI on systemd's stub, and the ESP's contents — systemd-boot as the fallback loader and
+//! the UKI under `EFI/Linux/` with boot counting (Boot Loader Specification, type #2 entries).
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use kiln_formats::fstree::{
+    self, Contents, DataRef, FileData, Meta, Node, NodeKind, Timestamp, Tree,
+};
+use kiln_formats::pe;
+
+use crate::initrd::{self, InitrdOptions, KernelInfo};
+use crate::spec::Boot;
+
+/// Where systemd ships its EFI binaries, in a tree and on the host (Debian: systemd-boot-efi).
+const EFI_DIR: &str = "/usr/lib/systemd/boot/efi";
+
+/// Everything the UKI needs except the command line, which carries the root hash.
+pub struct BootParts {
+    /// The kernel found in the tree.
+    pub kernel: KernelInfo,
+    /// Its bytes.
+    pub linux: Vec<u8>,
+    /// The initrd.
+    pub initrd: Vec<u8>,
+    /// systemd's UKI stub.
+    pub stub: Vec<u8>,
+    /// Where the stub came from, for the report.
+    pub stub_from: String,
+    /// systemd-boot.
+    pub systemd_boot: Vec<u8>,
+    /// os-release of the image (with IMAGE_ID/IMAGE_VERSION).
+    pub osrel: String,
+    /// Modules in the initrd, in load order.
+    pub modules: Vec<String>,
+    /// Requested modules the kernel has built in.
+    pub builtin: Vec<String>,
+    /// Optional modules this kernel does not have.
+    pub skipped: Vec<String>,
+}
+
+/// Reads a binary from the tree at `tree_path`, else from the host at the same path.
+fn tree_or_host(
+    tree: &Tree,
+    contents: &dyn Contents,
+    tree_path: &str,
+    what: &str,
+) -> Result<(Vec<u8>, String)> {
+    if let Some(b) = fstree::read_file(tree, contents, tree_path, 256 << 20)? {
+        return Ok((b, format!("tree:{tree_path}")));
+    }
+    match std::fs::read(tree_path) {
+        Ok(b) => Ok((b, format!("host:{tree_path}"))),
+        Err(e) => bail!(
+            "no {what}: {tree_path} is neither in the source tree nor on this machine ({e}); \
+             install systemd-boot-efi (Debian) or set it in [boot]"
+        ),
+    }
+}
+
+/// Gathers the kernel, initrd, stub and loader for `boot`. `root_fs` is the root filesystem's
+/// kind (its module becomes required), `init_config` kiln-init's configuration.
+pub fn prepare(
+    boot: &Boot,
+    tree: &Tree,
+    contents: &dyn Contents,
+    root_fs: Option<&str>,
+    init_config: kiln_init::config::Config,
+    osrel: String,
+    mtime: u32,
+) -> Result<BootParts> {
+    let kernel = initrd::find_kernel(tree, boot.kernel.as_deref()).context("[boot] kernel")?;
+    let linux = initrd::read_tree_file(tree, contents, &kernel.image)
+        .with_context(|| format!("[boot] reading the kernel {}", kernel.image))?;
+    let (initrd_bytes, modules, builtin, skipped) = match &boot.initrd {
+        Some(path) => {
+            let b =
+                std::fs::read(path).with_context(|| format!("[boot] initrd {}", path.display()))?;
+            (b, Vec::new(), Vec::new(), Vec::new())
+        }
+        None => {
+            let kiln_init = kiln_init_embed::kiln_init().context("[boot] the kiln-init binary")?;
+            let built = initrd::build_initrd(
+                tree,
+                contents,
+                &InitrdOptions {
+                    kernel: Some(kernel.image.clone()),
+                    root_fs: root_fs.map(str::to_string),
+                    extra_modules: boot.modules.clone(),
+                    no_optional_modules: false,
+                    config: init_config,
+                    kiln_init: kiln_init.into_owned(),
+                    mtime,
+                    compression: Default::default(),
+                },
+            )
+            .context("[boot] building the initrd")?;
+            (built.bytes, built.modules, built.builtin, built.skipped)
+        }
+    };
+    let (stub, stub_from) = match &boot.stub {
+        Some(p) => (
+            std::fs::read(p).with_context(|| format!("[boot] stub {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => tree_or_host(
+            tree,
+            contents,
+            &format!("{EFI_DIR}/linuxx64.efi.stub"),
+            "UKI stub (linuxx64.efi.stub)",
+        )?,
+    };
+    let (systemd_boot, _) = tree_or_host(
+        tree,
+        contents,
+        &format!("{EFI_DIR}/systemd-bootx64.efi"),
+        "systemd-boot (systemd-bootx64.efi)",
+    )?;
+    Ok(BootParts {
+        kernel,
+        linux,
+        initrd: initrd_bytes,
+        stub,
+        stub_from,
+        systemd_boot,
+        osrel,
+        modules,
+        builtin,
+        skipped,
+    })
+}
+
+impl BootParts {
+    /// Assembles the UKI for `cmdline`.
+    pub fn uki(&self, cmdline: &str) -> Result<Vec<u8>> {
+        let uname = self.kernel.version.as_bytes();
+        pe::assemble_uki(
+            &self.stub,
+            &pe::UkiParts {
+                linux: &self.linux,
+                initrd: &self.initrd,
+                cmdline: cmdline.as_bytes(),
+                osrel: self.osrel.as_bytes(),
+                uname: Some(uname),
+                sbat: None,
+                splash: None,
+                dtb: None,
+            },
+        )
+        .context("assembling the UKI")
+    }
+}
+
+/// The UKI's file name in `EFI/Linux/`: `NAME_VERSION+TRIES.efi`, or without a counter when
+/// boot counting is off.
+pub fn uki_name(name_version: &str, tries: u32) -> String {
+    if tries > 0 {
+        format!("{name_version}+{tries}.efi")
+    } else {
+        format!("{name_version}.efi")
+    }
+}
+
+/// A read-only regular file node holding `bytes`.
+pub fn file(bytes: Arc<[u8]>, mtime: i64) -> Node {
+    Node {
+        kind: NodeKind::File(FileData::dense(bytes.len() as u64, DataRef::Inline(bytes))),
+        meta: Meta {
+            perm: 0o644,
+            mtime: Timestamp::from_secs(mtime),
+            ..Meta::default()
+        },
+        slot: None,
+    }
+}
+
+/// The ESP: the spec's own ESP contents (if any) plus systemd-boot, loader.conf and the UKI.
+pub fn esp_tree(
+    base: Option<Tree>,
+    sdboot: &[u8],
+    uki_file: &str,
+    uki: Arc<[u8]>,
+    timeout: u32,
+    mtime: i64,
+) -> Result<Tree> {
+    let mut t = base.unwrap_or_default();
+    let dir_meta = Meta {
+        perm: 0o755,
+        mtime: Timestamp::from_secs(mtime),
+        ..Meta::default()
+    };
+    let sd: Arc<[u8]> = sdboot.into();
+    t.insert(b"/EFI/BOOT/BOOTX64.EFI", file(sd.clone(), mtime), &dir_meta)?;
+    t.insert(
+        b"/EFI/systemd/systemd-bootx64.efi",
+        file(sd, mtime),
+        &dir_meta,
+    )?;
+    // `timeout 0` boots the default entry at once; systemd-boot picks the newest version
+    // that still has tries left (entries with 0 tries left sort last).
+    let conf = format!("timeout {timeout}\n");
+    t.insert(
+        b"/loader/loader.conf",
+        file(conf.into_bytes().into(), mtime),
+        &dir_meta,
+    )?;
+    t.insert(
+        format!("/EFI/Linux/{uki_file}").as_bytes(),
+        file(uki, mtime),
+        &dir_meta,
+    )?;
+    Ok(t)
+}

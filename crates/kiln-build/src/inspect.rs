@@ -1,0 +1,351 @@
+//! `kiln inspect`: what is in an image — kiln's or anyone's. A GPT disk shows its partitions
+//! with the filesystem or verity superblock found in each; an ISO shows its volume descriptors,
+//! El Torito catalog and hybrid GPT; a bare filesystem image shows itself; kiln's slot table is
+//! shown wherever it is found.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use kiln_formats::repart::format_uuid;
+use kiln_formats::{gpt, iso9660, verity};
+use serde::Serialize;
+
+/// A filesystem (or verity superblock) recognised at some offset.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Detected {
+    /// `ext4`, `erofs`, `vfat`, `iso9660`, `verity`, `swap`, `squashfs`.
+    pub kind: String,
+    /// Label, if the format has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// UUID or serial, if the format has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Format-specific facts (`data_blocks`, `salt`, `fat`, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<(String, String)>,
+}
+
+/// One GPT partition.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartInfo {
+    /// Partition number.
+    pub number: u32,
+    /// DPS type name, or the GUID.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// Partition UUID.
+    pub uuid: String,
+    /// GPT name.
+    pub label: String,
+    /// Byte offset.
+    pub offset: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Attribute names.
+    pub attributes: Vec<String>,
+    /// What is inside.
+    pub content: Option<Detected>,
+}
+
+/// An inspected image.
+#[derive(Clone, Debug, Serialize)]
+pub struct Inspection {
+    /// The file.
+    pub path: String,
+    /// Its size.
+    pub size: u64,
+    /// Disk GUID, for a GPT disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_uuid: Option<String>,
+    /// Why the primary GPT was not used, if the backup was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpt_warning: Option<String>,
+    /// GPT partitions.
+    pub partitions: Vec<PartInfo>,
+    /// What the image itself is when it is not (only) a partitioned disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<Detected>,
+    /// ISO 9660 details (descriptors, El Torito) in human form.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iso: Option<String>,
+    /// kiln's slot table.
+    pub slots: Vec<kiln_inject::Slot>,
+    /// Why the slot table could not be read, when one seems to be there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot_error: Option<String>,
+}
+
+fn le16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+
+fn le32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+fn text(b: &[u8]) -> Option<String> {
+    let s = String::from_utf8_lossy(b)
+        .trim_end_matches(['\0', ' '])
+        .to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// Recognises what starts at `off` in `f`.
+pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
+    let mut head = vec![0u8; 4096.min(len as usize).max(0)];
+    if head.len() < 1024 || f.read_exact_at(&mut head, off).is_err() {
+        return None;
+    }
+    if head.starts_with(&verity::SIGNATURE) {
+        return Some(
+            match verity::parse_superblock(&head[..verity::SUPERBLOCK_SIZE]) {
+                Ok((sb, params)) => Detected {
+                    kind: "verity".into(),
+                    uuid: Some(format_uuid(&params.uuid)),
+                    label: None,
+                    details: vec![
+                        ("data_blocks".into(), sb.data_blocks.get().to_string()),
+                        ("data_block_size".into(), params.data_block_size.to_string()),
+                        ("hash_block_size".into(), params.hash_block_size.to_string()),
+                        ("salt".into(), hex::encode(&params.salt)),
+                    ],
+                },
+                Err(e) => Detected {
+                    kind: "verity".into(),
+                    details: vec![("error".into(), e.to_string())],
+                    ..Default::default()
+                },
+            },
+        );
+    }
+    if head.len() >= 2048 && le16(&head, 1024 + 56) == 0xEF53 {
+        let sb = &head[1024..];
+        let blocks = u64::from(le32(sb, 4)) | (u64::from(le32(sb, 0x150)) << 32);
+        let bs = 1024u64 << le32(sb, 24).min(16);
+        return Some(Detected {
+            kind: "ext4".into(),
+            label: text(&sb[120..136]),
+            uuid: Some(format_uuid(sb[104..120].try_into().ok()?)),
+            details: vec![
+                ("size".into(), (blocks * bs).to_string()),
+                ("inodes".into(), le32(sb, 0).to_string()),
+            ],
+        });
+    }
+    if head.len() >= 2048 && le32(&head, 1024) == 0xE0F5_E1E2 {
+        let sb = &head[1024..];
+        let blocks = u64::from(le32(sb, 36)) << sb[12].min(16);
+        return Some(Detected {
+            kind: "erofs".into(),
+            label: text(&sb[64..80]),
+            uuid: Some(format_uuid(sb[48..64].try_into().ok()?)),
+            details: vec![("size".into(), blocks.to_string())],
+        });
+    }
+    if head.len() >= 4096 && &head[4086..4096] == b"SWAPSPACE2" {
+        return Some(Detected {
+            kind: "swap".into(),
+            ..Default::default()
+        });
+    }
+    if head.starts_with(b"hsqs") {
+        return Some(Detected {
+            kind: "squashfs".into(),
+            ..Default::default()
+        });
+    }
+    if le16(&head, 510) == 0xAA55 && (head[0] == 0xEB || head[0] == 0xE9) {
+        let (ty, serial_at, label_at) = if &head[82..87] == b"FAT32" {
+            ("FAT32", 67, 71)
+        } else if &head[54..59] == b"FAT16" || &head[54..59] == b"FAT12" {
+            (
+                if &head[54..59] == b"FAT16" {
+                    "FAT16"
+                } else {
+                    "FAT12"
+                },
+                39,
+                43,
+            )
+        } else {
+            return None;
+        };
+        let serial = le32(&head, serial_at);
+        return Some(Detected {
+            kind: "vfat".into(),
+            label: text(&head[label_at..label_at + 11]).filter(|l| l != "NO NAME"),
+            uuid: Some(format!("{:04X}-{:04X}", serial >> 16, serial & 0xFFFF)),
+            details: vec![("fat".into(), ty.into())],
+        });
+    }
+    let mut cd = [0u8; 6];
+    if len > 32774 && f.read_exact_at(&mut cd, off + 32768).is_ok() && &cd[1..6] == b"CD001" {
+        let mut pvd = vec![0u8; 2048];
+        f.read_exact_at(&mut pvd, off + 32768).ok()?;
+        return Some(Detected {
+            kind: "iso9660".into(),
+            label: text(&pvd[40..72]),
+            ..Default::default()
+        });
+    }
+    None
+}
+
+/// Inspects the image at `path`.
+pub fn inspect(path: &Path) -> Result<Inspection> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = {
+        use std::io::{Seek, SeekFrom};
+        (&f).seek(SeekFrom::End(0))
+            .with_context(|| format!("{}: size", path.display()))?
+    };
+    let mut ins = Inspection {
+        path: path.display().to_string(),
+        size,
+        disk_uuid: None,
+        gpt_warning: None,
+        partitions: Vec::new(),
+        filesystem: None,
+        iso: None,
+        slots: Vec::new(),
+        slot_error: None,
+    };
+    match gpt::Gpt::read(&f) {
+        Ok(g) => {
+            ins.disk_uuid = Some(format_uuid(&g.disk_guid));
+            ins.gpt_warning = g.primary_error.clone();
+            for (i, p) in g.partitions.iter().enumerate() {
+                let attributes = gpt::ATTRIBUTE_NAMES
+                    .iter()
+                    .filter(|(bit, _)| p.attributes & bit != 0)
+                    .map(|(_, n)| (*n).to_string())
+                    .collect();
+                ins.partitions.push(PartInfo {
+                    number: g.entry_numbers.get(i).copied().unwrap_or(i as u32 + 1),
+                    type_name: gpt::type_by_guid(&p.type_guid)
+                        .map(|t| t.name.to_string())
+                        .unwrap_or_else(|| format_uuid(&p.type_guid)),
+                    uuid: format_uuid(&p.part_guid),
+                    label: p.name.clone(),
+                    offset: p.offset(),
+                    size: p.size(),
+                    attributes,
+                    content: detect(&f, p.offset(), p.size()),
+                });
+            }
+        }
+        Err(_) => {
+            // Not a GPT disk: maybe a bare filesystem.
+            ins.filesystem = detect(&f, 0, size);
+        }
+    }
+    let mut cd = [0u8; 6];
+    if size > 32774 && f.read_exact_at(&mut cd, 32768).is_ok() && &cd[1..6] == b"CD001" {
+        match iso9660::dump::dump(&f, size) {
+            Ok(d) => ins.iso = Some(d),
+            Err(e) => ins.iso = Some(format!("ISO 9660 descriptors unreadable: {e}")),
+        }
+        if ins.filesystem.is_none() {
+            ins.filesystem = detect(&f, 0, size);
+        }
+    }
+    match kiln_inject::slots::read_table(&f, &path.display().to_string()) {
+        Ok(t) => ins.slots = t.slots,
+        Err(e) => {
+            // No magic at 24576 means no table; anything else is a damaged one, worth saying.
+            let mut magic = [0u8; 8];
+            if size >= kiln_inject::slots::TABLE_OFFSET + 8
+                && f.read_exact_at(&mut magic, kiln_inject::slots::TABLE_OFFSET)
+                    .is_ok()
+                && magic == kiln_inject::slots::MAGIC
+            {
+                ins.slot_error = Some(e.to_string());
+            } else if let Ok(t) = std::fs::read(kiln_inject::slots::sidecar_path(path))
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(kiln_inject::SlotTable::from_sidecar_json(&b, "sidecar")?))
+            {
+                ins.slots = t.slots;
+            }
+        }
+    }
+    Ok(ins)
+}
+
+fn human(b: u64) -> String {
+    crate::spec::human_size(b)
+}
+
+/// The human form.
+pub fn format(ins: &Inspection) -> String {
+    let mut o = format!("{}: {} ({} bytes)\n", ins.path, human(ins.size), ins.size);
+    if let Some(u) = &ins.disk_uuid {
+        o += &format!("GPT disk {u}\n");
+    }
+    if let Some(w) = &ins.gpt_warning {
+        o += &format!("  warning: primary GPT unusable ({w}); read the backup\n");
+    }
+    for p in &ins.partitions {
+        o += &format!(
+            "  {:>2}  {:<22} {:<20} {:>10}  @{:<12} {}{}\n",
+            p.number,
+            p.type_name,
+            p.label,
+            human(p.size),
+            p.offset,
+            p.uuid,
+            if p.attributes.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", p.attributes.join(","))
+            }
+        );
+        if let Some(d) = &p.content {
+            o += &format!("      {}\n", describe(d));
+        }
+    }
+    if let Some(d) = &ins.filesystem {
+        o += &format!("image: {}\n", describe(d));
+    }
+    if let Some(iso) = &ins.iso {
+        o += "ISO 9660:\n";
+        for l in iso.lines() {
+            o += &format!("  {l}\n");
+        }
+    }
+    if let Some(e) = &ins.slot_error {
+        o += &format!("slot table: {e}\n");
+    }
+    if !ins.slots.is_empty() {
+        o += "slots:\n";
+        for s in &ins.slots {
+            let at = s.data.first().map(|r| r.offset).unwrap_or(0);
+            o += &format!(
+                "  {:<12} {:<8} {:<24} capacity {:>10}  data @{}  default {} bytes\n",
+                s.name,
+                s.kind().to_string(),
+                s.path,
+                human(s.capacity),
+                at,
+                s.default.len
+            );
+        }
+    }
+    o
+}
+
+fn describe(d: &Detected) -> String {
+    let mut s = d.kind.clone();
+    if let Some(l) = &d.label {
+        s += &format!(" label={l:?}");
+    }
+    if let Some(u) = &d.uuid {
+        s += &format!(" uuid={u}");
+    }
+    for (k, v) in &d.details {
+        s += &format!(" {k}={v}");
+    }
+    s
+}
