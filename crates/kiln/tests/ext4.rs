@@ -10,7 +10,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_testkit::{generate_corpus, is_root, require_tool, run, run_ok, CorpusOptions};
+use kiln_testkit::{
+    generate_corpus, is_root, require_tool, run, run_ok, scratch_dir, CorpusOptions,
+};
 
 fn kiln() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
@@ -18,21 +20,10 @@ fn kiln() -> Command {
     c
 }
 
-/// A scratch directory, in memory (/dev/shm) when the machine has it: these tests write and
-/// read back hundreds of MB, and disk writeback would dominate their run time.
+/// A scratch directory, in memory when the machine has room: these tests write and read back
+/// hundreds of MB, and disk writeback would dominate their run time.
 fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    let b = {
-        let mut b = tempfile::Builder::new();
-        b.prefix("kiln-ext4-test");
-        b
-    };
-    if shm.is_dir() {
-        if let Ok(d) = b.tempdir_in(shm) {
-            return d;
-        }
-    }
-    b.tempdir().unwrap()
+    scratch_dir("kiln-ext4-test")
 }
 
 fn e2fsck_clean(img: &Path) {
