@@ -114,19 +114,7 @@ impl Window<'_, '_> {
     }
 }
 
-impl ext4::reader::ReadAt for Window<'_, '_> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.read(offset, buf)
-    }
-}
-
-impl erofs::reader::ReadAt for Window<'_, '_> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.read(offset, buf)
-    }
-}
-
-impl iso9660::ReadAt for Window<'_, '_> {
+impl kiln_formats::io::ReadAt for Window<'_, '_> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.read(offset, buf)
     }
