@@ -70,7 +70,7 @@ impl<'a> Overlay<'a> {
             .patches
             .range(..=end)
             .rev()
-            .take_while(|(&po, pb)| po + pb.len() as u64 >= offset)
+            .take_while(|(&po, pb)| po + Vec::len(pb) as u64 >= offset)
             .map(|(&po, _)| po)
             .collect();
         let mut start = offset;
@@ -235,10 +235,8 @@ pub(crate) fn fat(slot: &Slot, m: &FatMeta, src: &Overlay, len: u64) -> Result<P
     let d = one_range(slot, &err)?;
     let inner = |e: fat::FatError| err(format!("{e}"));
     let fs = m.fs_offset;
-    let r = fat::FatReader::open(|off: u64, buf: &mut [u8]| {
-        src.read(fs.checked_add(off).unwrap_or(u64::MAX), buf)
-    })
-    .map_err(|e| err(format!("{e} (offset within the filesystem)")))?;
+    let r = fat::FatReader::open(|off: u64, buf: &mut [u8]| src.read(fs.saturating_add(off), buf))
+        .map_err(|e| err(format!("{e} (offset within the filesystem)")))?;
     let g = r.geometry;
     let fat_type = match m.fat_bits {
         12 => fat::FatType::Fat12,
