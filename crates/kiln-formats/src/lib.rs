@@ -6,6 +6,7 @@ pub mod fstree;
 pub mod io;
 pub mod sink;
 
+pub mod calendar;
 pub mod cpio;
 pub mod erofs;
 pub mod ext4;

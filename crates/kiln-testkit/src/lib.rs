@@ -57,7 +57,8 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     );
 }
 
-fn set_times(path: &Path, sec: i64, nsec: i64) {
+/// Sets a path's access and modification times (not following a symlink).
+pub fn set_times(path: &Path, sec: i64, nsec: i64) {
     let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
     let ts = [
         libc::timespec {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kiln_testkit::{
-    generate_corpus, is_root, require_tool, run, run_ok, scratch_dir, CorpusOptions,
+    generate_corpus, is_root, require_tool, run, run_ok, scratch_dir, set_times, CorpusOptions,
 };
 
 fn kiln() -> Command {
@@ -653,27 +653,7 @@ fn real_usr_trees_are_clean_and_round_trip() {
 }
 
 fn set_mtime(p: &Path, sec: i64, nsec: i64) {
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let ts = [
-        libc::timespec {
-            tv_sec: sec,
-            tv_nsec: nsec,
-        },
-        libc::timespec {
-            tv_sec: sec,
-            tv_nsec: nsec,
-        },
-    ];
-    // SAFETY: valid NUL-terminated path and a two-element timespec array.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    assert_eq!(r, 0, "utimensat {}", p.display());
+    set_times(p, sec, nsec);
 }
 
 /// A small tree with every ordinary kind, an indexed directory, a hardlink and a sparse file.

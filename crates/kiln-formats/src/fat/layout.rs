@@ -603,20 +603,6 @@ pub(crate) fn compute_geometry(size: u64, force: Option<FatType>) -> Result<Geom
     })
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 /// FAT's (date, time, hundredths) for a Unix time, as UTC, clamped to the representable range
 /// 1980-01-01 00:00:00 ..= 2107-12-31 23:59:58.
 pub fn dos_time(sec: i64, nsec: u32) -> (u16, u16, u8) {
@@ -631,7 +617,7 @@ pub fn dos_time(sec: i64, nsec: u32) -> (u16, u16, u8) {
     };
     let days = sec.div_euclid(86400);
     let rem = sec.rem_euclid(86400) as u32;
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = crate::calendar::civil_from_days(days);
     let date = (((y - 1980) as u16) << 9) | ((m as u16) << 5) | d as u16;
     let time = (((rem / 3600) << 11) | ((rem / 60 % 60) << 5) | ((rem % 60) / 2)) as u16;
     let hundredths = ((rem % 2) * 100 + nsec / 10_000_000) as u8;
@@ -643,14 +629,7 @@ pub fn unix_time(date: u16, time: u16) -> i64 {
     let y = i64::from(date >> 9) + 1980;
     let m = i64::from((date >> 5) & 0xF).clamp(1, 12);
     let d = i64::from(date & 0x1F).max(1);
-    // days_from_civil
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = crate::calendar::days_from_civil(y, m as u32, d as u32);
     days * 86400
         + i64::from(time >> 11) * 3600
         + i64::from((time >> 5) & 0x3F) * 60
