@@ -551,3 +551,22 @@ fn budget_overrun_lists_heaviest_paths_and_leaves_nothing() {
         0
     );
 }
+
+#[test]
+fn auto_sized_ext4_stays_minimized_when_alignment_leaves_no_room() {
+    // Data just under a 1 MiB boundary: at fixed-size inode density (one inode per 16 KiB) the
+    // aligned partition would need ~1 MiB more of inode tables than the minimized filesystem.
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..63 {
+        fs::write(src.join(format!("f{i:02}")), kiln_testkit::pseudo_random(i, (1 << 20) - 4096)).unwrap();
+    }
+    let r = build(d.path(), "[image]\nname = \"m\"\nversion = \"1\"\n[[partition]]\ntype = \"root\"\nfs = \"ext4\"\n", &src);
+    let disk = disk_of(d.path(), &r);
+    let p = &r["partitions"][0];
+    assert!(p["fs_size"].as_u64().unwrap() <= p["size"].as_u64().unwrap());
+    let f = extract(&disk, p, &d.path().join("root.img"));
+    let o = run(Command::new("e2fsck").arg("-fn").arg(&f));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
