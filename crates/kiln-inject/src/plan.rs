@@ -10,7 +10,7 @@
 use bytes::Bytes;
 
 use crate::region::{PatchPlan, Region};
-use crate::slots::{RawMeta, Slot, SlotMeta, SlotTable};
+use crate::slots::{IsoMeta, RawMeta, Slot, SlotMeta, SlotTable};
 use crate::source::ReadAt;
 use crate::{Error, Result};
 
@@ -85,7 +85,6 @@ pub fn data_regions(slot: &Slot, payload: &Bytes) -> Vec<Region> {
 /// The metadata patches for `slot` holding a payload of `len` bytes. This is where each
 /// filesystem kind's rewrite function is wired in.
 pub fn metadata_regions(slot: &Slot, base: &dyn ReadAt, len: u64) -> Result<Vec<Region>> {
-    let _ = base; // raw slots need no base bytes; the filesystem kinds read inodes, FATs, records
     match &slot.meta {
         SlotMeta::Raw(m) => Ok(raw_size_fields(m, len)),
         // To wire a filesystem kind: call its format-level rewrite with the base bytes it
@@ -94,13 +93,39 @@ pub fn metadata_regions(slot: &Slot, base: &dyn ReadAt, len: u64) -> Result<Vec<
         // where ext4_regions reads the 256-byte inode at m.inode_offset and the superblock at
         // m.fs_offset + 1024 (checksum seed), calls kiln_formats::ext4::slot::rewrite_inode and
         // returns Region::bytes(m.inode_offset, new_inode).
-        SlotMeta::Ext4(_) | SlotMeta::Fat(_) | SlotMeta::Erofs(_) | SlotMeta::Iso9660(_) => {
-            Err(Error::Unsupported {
-                slot: slot.name.clone(),
-                kind: slot.kind(),
-            })
-        }
+        SlotMeta::Iso9660(m) => iso9660_regions(&slot.name, m, base, len),
+        SlotMeta::Ext4(_) | SlotMeta::Fat(_) | SlotMeta::Erofs(_) => Err(Error::Unsupported {
+            slot: slot.name.clone(),
+            kind: slot.kind(),
+        }),
     }
+}
+
+/// ISO 9660: the both-endian data length of every directory record (ISO 9660 and Joliet)
+/// pointing at the slot's extent; nothing else in the image depends on a file's size (see
+/// `kiln_formats::iso9660::slot`). Each record is checked first, so a table that does not
+/// belong to this image cannot overwrite another record.
+fn iso9660_regions(name: &str, m: &IsoMeta, base: &dyn ReadAt, len: u64) -> Result<Vec<Region>> {
+    use kiln_formats::iso9660::slot as iso;
+    for &r in &m.record_offsets {
+        let mut rec = [0u8; 34];
+        let n = base
+            .read_at(r, &mut rec)
+            .map_err(|e| Error::io(format!("base image: slot {name:?} record at {r}"), e))?;
+        // The record alone, at offset 0 of a copy: the check reads only these bytes.
+        let rec: &[u8] = rec.get(..n).unwrap_or_default();
+        iso::verify_records(&rec, m.extent_lba, &[0]).map_err(|e| Error::Table {
+            place: "base image".into(),
+            offset: r,
+            msg: format!("slot {name:?}: {e}"),
+        })?;
+    }
+    let patches = iso::record_size_patches(&m.record_offsets, len)
+        .map_err(|e| Error::InvalidTable(format!("slot {name:?}: {e}")))?;
+    Ok(patches
+        .into_iter()
+        .map(|p| Region::bytes(p.offset, Bytes::from(p.data)))
+        .collect())
 }
 
 /// Each size field gets `len` in little-endian, truncated to its width (the table validation
