@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -510,6 +512,51 @@ fn injection_patches_only_the_slot_and_its_records() {
     for p in [stdout, inplace] {
         let _ = fs::remove_file(p);
     }
+}
+
+/// `kiln serve` streams the ISO with a piece injected, byte-identical to `kiln inject -o`.
+#[test]
+fn kiln_serve_streams_the_injected_iso() {
+    let fx = fixture();
+    let pieces = fx.dir.join("pieces");
+    fs::create_dir_all(&pieces).unwrap();
+    let page = pieces.join("hello.html");
+    fs::write(&page, INJECTED_PAGE).unwrap();
+    let want = fs::read(inject(fx, &page, "serve-want.iso")).unwrap();
+    let cfg = fx.dir.join("serve.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nuploads = \"{up}\"\n\
+             [[image]]\nname = \"kiosk\"\nbase = \"{base}\"\nslot = \"piece\"\n\
+             extension = \"iso\"\nfilename = \"kiosk-{{piece}}.iso\"\n\
+             [[source]]\nkind = \"dir\"\npath = \"{pieces}\"\nextension = \".html\"\n",
+            up = fx.dir.join("uploads").display(),
+            base = fx.iso.display(),
+            pieces = pieces.display(),
+        ),
+    )
+    .unwrap();
+    let srv = common::KilnServer::start(&cfg);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, cd, body) = rt.block_on(async {
+        let r = reqwest::get(format!("{}/os/kiosk/hello.iso", srv.url))
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let cd = r
+            .headers()
+            .get("content-disposition")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (status, cd, r.bytes().await.unwrap())
+    });
+    assert_eq!(status, 200);
+    assert!(cd.contains("kiosk-hello.iso"), "{cd}");
+    assert!(
+        body[..] == want[..],
+        "kiln serve's ISO differs from kiln inject's"
+    );
 }
 
 fn boot(iso: &Path, attach: &str) -> (String, f64) {
