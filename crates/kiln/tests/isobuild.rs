@@ -399,6 +399,73 @@ fn two_builds_give_identical_isos() {
     let _ = fs::remove_dir_all(&again);
 }
 
+/// `output = ["disk", "iso"]`: one build writes both from the same tree; both pass sgdisk, the
+/// provenance names both, and they share no GPT GUID (both may be attached to one machine).
+#[test]
+fn disk_and_iso_from_one_spec() {
+    let fx = fixture();
+    let project = fx.dir.join("both");
+    fs::create_dir_all(&project).unwrap();
+    fs::copy(fx.project.join("piece.html"), project.join("piece.html")).unwrap();
+    let spec = SPEC
+        .replace(r#"output = ["iso"]"#, r#"output = ["disk", "iso"]"#)
+        .replace(r#"tree = "tree""#, r#"tree = "../kiosk/tree""#)
+        .replace(
+            "[[partition]]\ntype = \"root\"",
+            "[[partition]]\ntype = \"esp\"\nsize = \"48M\"\n\n[[partition]]\ntype = \"root\"",
+        );
+    assert!(spec.contains("\"disk\", \"iso\"") && spec.contains("type = \"esp\""));
+    fs::write(project.join("kiln.toml"), spec).unwrap();
+    let out = build(&project, &fx.dir.join("out-both"));
+    let r: Value = serde_json::from_slice(&fs::read(out.join("kiosk.json")).unwrap()).unwrap();
+    let disk = out.join(r["disk"]["file"].as_str().unwrap());
+    let iso = out.join(r["iso"]["file"].as_str().unwrap());
+    for img in [&disk, &iso] {
+        let v = run(Command::new(tool("sgdisk")).arg("-v").arg(img));
+        assert!(
+            String::from_utf8_lossy(&v.stdout).contains("No problems found"),
+            "{}",
+            img.display()
+        );
+    }
+    assert_eq!(r["iso"]["sha256"].as_str().unwrap(), sha256_file(&iso));
+    assert_eq!(r["disk"]["sha256"].as_str().unwrap(), sha256_file(&disk));
+    let disk_guids: Vec<&str> = std::iter::once(r["disk_uuid"].as_str().unwrap())
+        .chain(
+            r["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["uuid"].as_str().unwrap()),
+        )
+        .collect();
+    let iso_guids: Vec<&str> = std::iter::once(r["iso"]["disk_uuid"].as_str().unwrap())
+        .chain(
+            r["iso"]["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["uuid"].as_str().unwrap()),
+        )
+        .collect();
+    assert!(
+        iso_guids.iter().all(|g| !disk_guids.contains(g)),
+        "{disk_guids:?} vs {iso_guids:?}"
+    );
+    let prov = fs::read_to_string(out.join("kiosk_1.provenance.json")).unwrap();
+    assert!(prov.contains("kiosk_1.iso") && prov.contains(r["disk"]["file"].as_str().unwrap()));
+    // The disk's boot is the installed kind (root= by DPS), the ISO's the live one.
+    assert!(!r["boot"]["cmdline"]
+        .as_str()
+        .unwrap()
+        .contains("kiln.live="));
+    assert!(r["iso"]["boot"]["cmdline"]
+        .as_str()
+        .unwrap()
+        .contains("kiln.live=kiosk_1"));
+    let _ = fs::remove_dir_all(&out);
+}
+
 /// Injecting a page into the ISO's slot: only the slot's extent and the size fields of its
 /// directory records change; in place, `-o FILE` and `-o -` agree; xorriso reads the new page.
 fn inject(fx: &Fixture, page: &Path, name: &str) -> PathBuf {
