@@ -280,10 +280,15 @@ fn iso_tree(
     };
     for (p, pt) in spec.partitions.iter().zip(partition_trees) {
         for s in &p.slot {
-            let src = pt
+            let mut src = pt
                 .as_ref()
                 .and_then(|pt| pt.resolve(s.path.as_bytes()).map(|id| pt.node(id).clone()))
                 .ok_or_else(|| anyhow!("internal: slot {} has no file in its tree", s.name))?;
+            // A default payload from outside the tree has no time of its own: date it like
+            // the rest of the medium rather than 1970.
+            if src.meta.mtime == Timestamp::default() {
+                src.meta.mtime = Timestamp::from_secs(mtime);
+            }
             if t.resolve(s.path.as_bytes()).is_some()
                 || s.path == "/live"
                 || s.path.starts_with("/live/")

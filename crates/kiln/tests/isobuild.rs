@@ -321,8 +321,20 @@ fn iso_passes_sgdisk_xorriso_erofs_and_verity_checks() {
     assert_eq!(mode("live"), 0o755);
     assert_eq!(mode("live/root.img"), 0o444);
     assert_eq!(mode("live/root.img.verity"), 0o444);
-    // The slot file keeps the mode of its default in the tree (regular, readable).
+    // The slot file keeps the mode of its default in the tree (regular, readable), and is
+    // dated like the rest of the medium.
     assert_eq!(mode("piece.html") & 0o444, 0o444);
+    let mtime = |p: &str| {
+        fs::metadata(x.join(p))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    assert_eq!(mtime("piece.html"), 1_767_225_600);
+    assert_eq!(mtime("live/root.img"), 1_767_225_600);
     // The bytes at the reported extents are the extracted files.
     let f = fs::File::open(&fx.iso).unwrap();
     for (what, file) in [
