@@ -598,7 +598,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         table.write_into(file, &iso_path.display().to_string())?;
         let side = AtomicFile::create(&islots::sidecar_path(&iso_path))?;
         let json = table.to_sidecar_json()?;
-        (&*side.file()).write_all(json.as_bytes())?;
+        side.file().write_all(json.as_bytes())?;
         let a = image::artifact_of_bytes(&side, json.as_bytes());
         sidecars.push((side, a));
         stages.done(format_args!(
@@ -619,7 +619,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         .ok_or_else(|| anyhow!("internal: no plain sha256 from the chunk table"))?;
     let chunk_file = AtomicFile::create(&kiln_inject::chunks::sidecar_path(&iso_path))?;
     let cbytes = chunks.to_bytes();
-    (&*chunk_file.file()).write_all(&cbytes)?;
+    chunk_file.file().write_all(&cbytes)?;
     let a = image::artifact_of_bytes(&chunk_file, &cbytes);
     sidecars.push((chunk_file, a));
 
