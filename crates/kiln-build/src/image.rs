@@ -8,7 +8,9 @@
 //! size once written and the partitions after it move up, which is safe because nothing after
 //! it has been written yet; hash the verity partitions; build the UKI with the root hash and
 //! write the ESP last (its size was fixed up front from a UKI of identical length); write the
-//! GPT; then the slot table, sidecars, split artifacts, SBOM, provenance and signatures.
+//! GPT; then the slot table, sidecars, split artifacts, the hybrid ISO when the spec asks for
+//! one (`crate::iso`, from the same tree; an ISO-only spec skips the disk), SBOM, provenance
+//! and signatures.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -158,12 +160,15 @@ pub struct Report {
     pub source: String,
     /// Digest of the normalised input tree (paths, metadata, bytes).
     pub input_digest: String,
-    /// The disk image.
-    pub disk: Artifact,
+    /// The disk image (absent when `[image] output` lists only "iso").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Artifact>,
     /// Disk GUID.
-    pub disk_uuid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_uuid: Option<String>,
     /// Chunked digest of the disk (`kiln verify --digest`).
-    pub chunked_digest: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunked_digest: Option<String>,
     /// Partitions in GPT order.
     pub partitions: Vec<PartitionReport>,
     /// Root hash of the (first) verity-protected root or usr partition.
@@ -176,16 +181,19 @@ pub struct Report {
     pub slots: Vec<islots::Slot>,
     /// Every other output file.
     pub artifacts: Vec<Artifact>,
+    /// The hybrid ISO, when `[image] output` lists "iso".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iso: Option<crate::iso::IsoReport>,
 }
 
 /// Prints one line per finished stage.
-struct Stages {
+pub(crate) struct Stages {
     quiet: bool,
     start: Instant,
 }
 
 impl Stages {
-    fn done(&self, what: impl std::fmt::Display) {
+    pub(crate) fn done(&self, what: impl std::fmt::Display) {
         if !self.quiet {
             eprintln!(
                 "kiln build [{:>6.1}s] {what}",
@@ -323,6 +331,55 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 )?;
             }
         }
+    }
+
+    let finish_with = Finish {
+        opts,
+        spec: &spec,
+        tree: &tree,
+        contents: &contents,
+        source: &source,
+        epoch,
+        input_digest,
+        stages: &stages,
+    };
+    let iso_inputs = crate::iso::IsoInputs {
+        spec: &spec,
+        tree: &tree,
+        contents: &contents,
+        osrel: &osrel,
+        epoch,
+        outdir: &opts.outdir,
+        name_version: &name_version,
+    };
+    if !spec.disk {
+        // `output = ["iso"]`: no disk is laid out.
+        std::fs::create_dir_all(&opts.outdir)
+            .with_context(|| format!("creating {}", opts.outdir.display()))?;
+        let iso = crate::iso::build(&iso_inputs, &stages)?;
+        let report = Report {
+            format: "kiln-build-report",
+            schema: 1,
+            kiln_version: env!("CARGO_PKG_VERSION"),
+            name: spec.name.clone(),
+            version: spec.version.clone(),
+            seed: hex32(&spec.seed),
+            source_date_epoch: epoch,
+            spec_sha256: hex32(&spec.digest),
+            source: source.display().to_string(),
+            input_digest: format!("sha256:{}", hex32(&input_digest)),
+            disk: None,
+            disk_uuid: None,
+            chunked_digest: None,
+            partitions: Vec::new(),
+            root_hash: None,
+            verity: Vec::new(),
+            boot: None,
+            slots: Vec::new(),
+            artifacts: Vec::new(),
+            iso: None,
+        };
+        return finish(&finish_with, report, Vec::new(), None, Some(iso));
     }
 
     // Per-partition trees and slots.
@@ -903,14 +960,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         }
     }
 
-    // SBOM.
-    let sbom =
-        kiln_ship::sbom::spdx_for_tree(&tree, &contents, &spec.name, Some(&hex32(&disk_sha)))?;
-    let sbom_text = serde_json::to_string_pretty(&sbom)? + "\n";
-    let f = AtomicFile::create(&opts.outdir.join(format!("{name_version}.spdx.json")))?;
-    (&*f.file()).write_all(sbom_text.as_bytes())?;
-    artifacts.push(artifact_of_bytes(&f, sbom_text.as_bytes()));
-    pending.push(f);
+    // The hybrid ISO, from the same tree.
+    let iso = if spec.iso {
+        Some(crate::iso::build(&iso_inputs, &stages)?)
+    } else {
+        None
+    };
 
     let report = Report {
         format: "kiln-build-report",
@@ -923,26 +978,83 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         spec_sha256: hex32(&spec.digest),
         source: source.display().to_string(),
         input_digest: format!("sha256:{}", hex32(&input_digest)),
-        disk: Artifact {
+        disk: Some(Artifact {
             file: disk_name.clone(),
             size: disk_size,
             sha256: hex32(&disk_sha),
-        },
-        disk_uuid: uuid_text(&lay.disk_uuid),
-        chunked_digest: chunks.digest().to_string(),
+        }),
+        disk_uuid: Some(uuid_text(&lay.disk_uuid)),
+        chunked_digest: Some(chunks.digest().to_string()),
         partitions,
         root_hash: root_hash.map(|h| hex32(&h)),
         verity: verity_reports,
         boot: boot_report,
         slots: slot_list,
         artifacts,
+        iso: None,
     };
+    finish(&finish_with, report, pending, Some(out), iso)
+}
+
+/// What the last stage needs from the build.
+struct Finish<'a> {
+    opts: &'a BuildOptions,
+    spec: &'a Spec,
+    tree: &'a Tree,
+    contents: &'a dyn Contents,
+    source: &'a Path,
+    epoch: Option<i64>,
+    input_digest: [u8; 32],
+    stages: &'a Stages,
+}
+
+/// The last stage of every build: the SBOM, provenance over every output, the report, the
+/// commit (everything else first, then the images, then the report that describes them) and
+/// signatures. `disk` is the disk image described by `report.disk`.
+fn finish(
+    f: &Finish<'_>,
+    mut report: Report,
+    mut pending: Vec<AtomicFile>,
+    disk: Option<AtomicFile>,
+    iso: Option<crate::iso::IsoOutput>,
+) -> Result<Report> {
+    let (opts, spec) = (f.opts, f.spec);
+    let name_version = format!("{}_{}", spec.name, spec.version);
+    let mut images: Vec<(AtomicFile, Artifact)> = Vec::new();
+    if let (Some(d), Some(a)) = (disk, &report.disk) {
+        images.push((d, a.clone()));
+    }
+    if let Some(iso) = iso {
+        for (file, a) in iso.sidecars {
+            pending.push(file);
+            report.artifacts.push(a);
+        }
+        report.iso = Some(iso.report);
+        images.push((iso.image, iso.artifact));
+    }
+    let first = images
+        .first()
+        .map(|(_, a)| a.sha256.clone())
+        .ok_or_else(|| anyhow!("internal: a build without an image"))?;
+
+    // SBOM.
+    let sbom = kiln_ship::sbom::spdx_for_tree(f.tree, f.contents, &spec.name, Some(&first))?;
+    let sbom_text = serde_json::to_string_pretty(&sbom)? + "\n";
+    let sf = AtomicFile::create(&opts.outdir.join(format!("{name_version}.spdx.json")))?;
+    (&*sf.file()).write_all(sbom_text.as_bytes())?;
+    report
+        .artifacts
+        .push(artifact_of_bytes(&sf, sbom_text.as_bytes()));
+    pending.push(sf);
 
     // Provenance: every output so far, with its digest.
-    let mut subjects = vec![kiln_ship::provenance::Subject {
-        name: disk_name.clone(),
-        sha256: hex32(&disk_sha),
-    }];
+    let mut subjects: Vec<kiln_ship::provenance::Subject> = images
+        .iter()
+        .map(|(_, a)| kiln_ship::provenance::Subject {
+            name: a.file.clone(),
+            sha256: a.sha256.clone(),
+        })
+        .collect();
     subjects.extend(
         report
             .artifacts
@@ -955,10 +1067,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let def = kiln_ship::provenance::BuildDefinition {
         spec: spec.file.display().to_string(),
         spec_sha256: hex32(&spec.digest),
-        source: source.display().to_string(),
-        source_sha256: hex32(&input_digest),
+        source: f.source.display().to_string(),
+        source_sha256: hex32(&f.input_digest),
         seed: hex32(&spec.seed),
-        source_date_epoch: epoch,
+        source_date_epoch: f.epoch,
         extra: BTreeMap::new(),
     };
     let run = kiln_ship::provenance::RunDetails {
@@ -970,22 +1082,27 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let prov =
         serde_json::to_string_pretty(&kiln_ship::provenance::statement(&subjects, &def, &run))?
             + "\n";
-    let f = AtomicFile::create(&opts.outdir.join(format!("{name_version}.provenance.json")))?;
-    (&*f.file()).write_all(prov.as_bytes())?;
-    pending.push(f);
+    let pf = AtomicFile::create(&opts.outdir.join(format!("{name_version}.provenance.json")))?;
+    (&*pf.file()).write_all(prov.as_bytes())?;
+    pending.push(pf);
 
     let report_path = opts.outdir.join(format!("{}.json", spec.name));
     let rf = AtomicFile::create(&report_path)?;
     (&*rf.file()).write_all((serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
 
-    // Commit: everything else first, the disk, then the report that describes them.
-    for f in pending {
-        f.commit()?;
+    // Commit: everything else first, the images, then the report that describes them.
+    for p in pending {
+        p.commit()?;
     }
-    out.commit()?;
+    let mut done = Vec::new();
+    for (file, a) in images {
+        file.commit()?;
+        done.push((opts.outdir.join(&a.file), a.size));
+    }
     rf.commit()?;
     if let Some(key) = &opts.sign_key {
-        let mut files = vec![disk_path.clone(), report_path.clone()];
+        let mut files: Vec<PathBuf> = done.iter().map(|(p, _)| p.clone()).collect();
+        files.push(report_path.clone());
         files.extend(
             report
                 .artifacts
@@ -994,18 +1111,17 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 .map(|a| opts.outdir.join(&a.file)),
         );
         kiln_ship::sign::sign_files(&files, key).context("signing the outputs")?;
-        stages.done(format_args!("signed {} files", files.len()));
+        f.stages.done(format_args!("signed {} files", files.len()));
     }
-    stages.done(format_args!(
-        "{} ({})",
-        disk_path.display(),
-        spec::human_size(disk_size)
-    ));
+    for (p, size) in done {
+        f.stages
+            .done(format_args!("{} ({})", p.display(), spec::human_size(size)));
+    }
     Ok(report)
 }
 
 /// Reads as much of `buf` as the file holds at `off` (short at EOF), returning the count.
-fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+pub(crate) fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     use std::os::unix::fs::FileExt;
     let mut done = 0;
     while done < buf.len() {
@@ -1097,7 +1213,7 @@ fn copy_file_range(src: &File, off: u64, dst: &File, len: u64) -> std::io::Resul
     Ok(())
 }
 
-fn artifact_of_bytes(f: &AtomicFile, bytes: &[u8]) -> Artifact {
+pub(crate) fn artifact_of_bytes(f: &AtomicFile, bytes: &[u8]) -> Artifact {
     let file = f
         .dest()
         .file_name()
@@ -1191,7 +1307,7 @@ fn short_type(t: &str) -> &'static str {
     }
 }
 
-fn truncate_label(l: &str, max: usize) -> String {
+pub(crate) fn truncate_label(l: &str, max: usize) -> String {
     let mut s = String::new();
     for ch in l.chars() {
         if s.len() + ch.len_utf8() > max {
@@ -1203,7 +1319,7 @@ fn truncate_label(l: &str, max: usize) -> String {
 }
 
 /// FAT volume labels: at most 11 characters of upper-case ASCII without specials.
-fn fat_label(l: &str) -> Option<String> {
+pub(crate) fn fat_label(l: &str) -> Option<String> {
     let s: String = l
         .chars()
         .map(|c| c.to_ascii_uppercase())
@@ -1215,7 +1331,7 @@ fn fat_label(l: &str) -> Option<String> {
 
 /// FAT volume serial from the filesystem UUID (its first four bytes, as repart's mkfs.vfat
 /// call derives it).
-fn fat_volume_id(fs_uuid: &Uuid) -> [u8; 4] {
+pub(crate) fn fat_volume_id(fs_uuid: &Uuid) -> [u8; 4] {
     [fs_uuid[0], fs_uuid[1], fs_uuid[2], fs_uuid[3]]
 }
 

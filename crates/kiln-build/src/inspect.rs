@@ -71,6 +71,9 @@ pub struct Inspection {
     /// ISO 9660 details (descriptors, El Torito) in human form.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iso: Option<String>,
+    /// The El Torito boot catalog's entries, one summary line each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub boot_entries: Vec<String>,
     /// kiln's slot table.
     pub slots: Vec<kiln_inject::Slot>,
     /// Why the slot table could not be read, when one seems to be there.
@@ -210,6 +213,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         partitions: Vec::new(),
         filesystem: None,
         iso: None,
+        boot_entries: Vec::new(),
         slots: Vec::new(),
         slot_error: None,
     };
@@ -251,6 +255,9 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         if ins.filesystem.is_none() {
             ins.filesystem = detect(&f, 0, size);
         }
+        if let Ok(Some(cat)) = iso9660::reader::IsoImage::open_file(&f).map(|i| i.boot) {
+            ins.boot_entries = boot_entries(&cat, &ins.partitions);
+        }
     }
     match kiln_inject::slots::read_table(&f, &path.display().to_string()) {
         Ok(t) => ins.slots = t.slots,
@@ -272,6 +279,34 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         }
     }
     Ok(ins)
+}
+
+/// One line per El Torito entry: platform, where its image lies and, for a hybrid ISO, the
+/// GPT partition holding the same bytes (what a USB boot reads instead).
+fn boot_entries(cat: &iso9660::reader::BootCatalog, parts: &[PartInfo]) -> Vec<String> {
+    cat.images
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let platform = match b.platform {
+                iso9660::layout::PLATFORM_EFI => "UEFI".to_string(),
+                iso9660::layout::PLATFORM_X86 => "BIOS".to_string(),
+                p => format!("platform {p:#04x}"),
+            };
+            let at = u64::from(b.load_rba) * 2048;
+            let part = parts
+                .iter()
+                .find(|p| p.offset == at)
+                .map(|p| format!(", = GPT partition {} ({})", p.number, p.type_name))
+                .unwrap_or_default();
+            format!(
+                "entry {i}: {platform}{}{}, image at byte {at} ({} sectors of 512 in the entry; 0 = to the end){part}",
+                if b.bootable { " bootable" } else { "" },
+                if b.media_type == 0 { " no-emulation" } else { "" },
+                b.sector_count,
+            )
+        })
+        .collect()
 }
 
 fn human(b: u64) -> String {
@@ -308,6 +343,12 @@ pub fn format(ins: &Inspection) -> String {
     }
     if let Some(d) = &ins.filesystem {
         o += &format!("image: {}\n", describe(d));
+    }
+    if !ins.boot_entries.is_empty() {
+        o += "El Torito boot catalog:\n";
+        for l in &ins.boot_entries {
+            o += &format!("  {l}\n");
+        }
     }
     if let Some(iso) = &ins.iso {
         o += "ISO 9660:\n";

@@ -1,10 +1,12 @@
-//! kiln-build: a `kiln.toml` spec and a source tree become a reproducible disk image.
+//! kiln-build: a `kiln.toml` spec and a source tree become a reproducible disk image and/or a
+//! hybrid live ISO.
 
 pub mod boot;
 pub mod budget;
 pub mod image;
 pub mod initrd;
 pub mod inspect;
+pub mod iso;
 pub mod layout;
 pub mod prepare;
 pub mod qemu;

@@ -965,6 +965,12 @@ impl Spec {
                 );
             }
         }
+        if let (true, None, Some(out)) = (iso, &boot, &img.output) {
+            return cx.err(
+                out.span(),
+                "output \"iso\" needs a [boot] section: the ISO boots the tree's kernel through systemd-boot and kiln's initrd",
+            );
+        }
         if let (Some(size), Some(budget)) = (&img.size, &img.budget) {
             if size.get_ref().0 > budget.get_ref().0 {
                 return cx.err(
@@ -1079,6 +1085,7 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
             ("[image]\nname = \"a\"\nversion = \"1\"\n[[partition]]\ntype = \"var\"\nsize = \"1G\"\nextra = \"5M\"\n", "`extra` only applies", 7),
             ("[image]\nname = \"a\"\nversion = \"1\"\nseed = \"xyz\"\n[[partition]]\ntype = \"root\"\n", "32 hex digits", 4),
             ("[image]\nname = \"a\"\nversion = \"1\"\n[[partition]]\ntype = \"root\"\n[[partition]]\ntype = \"linux-generic\"\ncontents = \"/\"\n", "already the contents", 6),
+            ("[image]\nname = \"a\"\nversion = \"1\"\noutput = [\"iso\"]\n", "needs a [boot] section", 4),
             ("[image\n", "", 1),
         ];
         for (text, want, line) in cases {

@@ -29,7 +29,7 @@
 //! | `kiln.var=auto\|required\|off` | mount the DPS /var partition of the boot disk read-write |
 //! | `kiln.overlay=/a,/b` | tmpfs overlays over these directories of the read-only root |
 //! | `kiln.tmpfs=/a,/b` | plain tmpfs mounts |
-//! | `kiln.live=LABEL` | live mode: boot medium with this volume label (or `UUID=…`) |
+//! | `kiln.live=LABEL` | live mode: boot medium with this volume label (or `UUID=…`), kept mounted read-only at `/run/kiln/medium` in the live system |
 //! | `kiln.live.image=PATH` | root image on the live medium (default `/live/root.img`) |
 //! | `kiln.reboot_delay=S` | seconds to show a failure before rebooting (default 5) |
 //! | `kiln.debug` | print every step |
@@ -44,6 +44,10 @@ pub const DEFAULT_REBOOT_DELAY: u32 = 5;
 pub const CONFIG_PATH: &str = "/etc/kiln-init.conf";
 /// Default path of the root image inside a live medium.
 pub const DEFAULT_LIVE_IMAGE: &str = "/live/root.img";
+/// Where live mode mounts the medium (read-only). It stays mounted: `/run` moves into the new
+/// root, so the live system finds the medium's other files (kiln's ISO slots, e.g. a kiosk's
+/// page) below this path.
+pub const LIVE_MEDIUM_MOUNT: &str = "/run/kiln/medium";
 
 /// Whether to mount the /var partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

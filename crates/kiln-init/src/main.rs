@@ -459,7 +459,7 @@ mod linux {
             },
             explain,
         )?;
-        let mnt = "/run/kiln/medium";
+        let mnt = config::LIVE_MEDIUM_MOUNT;
         sys::mkdir_p(mnt)?;
         mount_detected(&dev.path(), mnt, None, true)?;
         say!("live medium {medium:?} mounted from {}", dev.path());

@@ -129,7 +129,7 @@ fn raw_size_fields(m: &RawMeta, len: u64) -> kinds::Patches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slots::{ByteRange, PayloadInfo, SizeField};
+    use crate::slots::{ByteRange, IsoMeta, PayloadInfo, SizeField};
     use crate::ComposedImage;
     use std::sync::Arc;
 
@@ -267,5 +267,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("slot \"b\" (ext4 filesystem at byte 0)"), "{e}");
+    }
+    /// An ISO 9660 slot: both-endian sizes in each record; a table whose offsets do not hold
+    /// a record of the slot's extent is refused before anything is patched.
+    #[test]
+    fn iso9660_slot_patches_record_sizes_and_checks_records() {
+        // Two 34-byte file records (ISO 9660 and Joliet) for extent 7 holding 10 bytes.
+        let mut base = vec![0u8; 8 * 2048];
+        for r in [100usize, 300] {
+            base[r] = 34;
+            base[r + 2..r + 6].copy_from_slice(&7u32.to_le_bytes());
+            base[r + 6..r + 10].copy_from_slice(&7u32.to_be_bytes());
+            base[r + 10..r + 14].copy_from_slice(&10u32.to_le_bytes());
+            base[r + 14..r + 18].copy_from_slice(&10u32.to_be_bytes());
+        }
+        let slot = |records: Vec<u64>| Slot {
+            name: "page".into(),
+            path: "/page.html".into(),
+            capacity: 2048,
+            data: vec![ByteRange {
+                offset: 7 * 2048,
+                len: 2048,
+            }],
+            meta: SlotMeta::Iso9660(IsoMeta {
+                fs_offset: 0,
+                extent_lba: 7,
+                record_offsets: records,
+            }),
+            default: PayloadInfo::of(b""),
+        };
+        let regions = metadata_regions(&slot(vec![100, 300]), &base, 0x0102_0304).unwrap();
+        let want: Vec<u8> = [0x04, 0x03, 0x02, 0x01, 0x01, 0x02, 0x03, 0x04].to_vec();
+        assert_eq!(regions.len(), 2);
+        for (r, at) in regions.iter().zip([110u64, 310]) {
+            assert_eq!((r.offset, r.len, &r.data[..]), (at, 8, &want[..]));
+        }
+        // Offset 200 holds no record: an error naming it, no patches.
+        let err = metadata_regions(&slot(vec![100, 200]), &base, 5).unwrap_err();
+        assert!(matches!(err, Error::Base { .. }), "{err}");
+        assert!(err.to_string().contains("byte offset 200"), "{err}");
+        // A record of another extent is refused too.
+        base[302..306].copy_from_slice(&8u32.to_le_bytes());
+        base[306..310].copy_from_slice(&8u32.to_be_bytes());
+        let err = metadata_regions(&slot(vec![100, 300]), &base, 5).unwrap_err();
+        assert!(err.to_string().contains("extent 7"), "{err}");
     }
 }

@@ -8,7 +8,8 @@ use clap::Args;
 
 use super::Outcome;
 
-/// Build a disk image (and its split artifacts, report, SBOM and provenance) from a spec.
+/// Build a disk image and/or a hybrid live ISO (`[image] output`), with split artifacts, report,
+/// SBOM and provenance, from a spec.
 #[derive(Args)]
 pub struct BuildArgs {
     /// The spec file, or a directory holding kiln.toml.
@@ -53,7 +54,14 @@ pub fn run(a: BuildArgs) -> Outcome {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if !a.quiet {
-        println!("{}", a.outdir.join(&report.disk.file).display());
+        for file in report
+            .disk
+            .iter()
+            .map(|d| &d.file)
+            .chain(report.iso.iter().map(|i| &i.file))
+        {
+            println!("{}", a.outdir.join(file).display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
