@@ -46,6 +46,9 @@ pub struct BuildOptions {
     pub source: Option<PathBuf>,
     /// Overrides the spec's seed.
     pub seed: Option<Uuid>,
+    /// Overrides the spec's `[image] version` (release pipelines build each version from one
+    /// spec).
+    pub version: Option<String>,
     /// Sign the outputs with this minisign secret key.
     pub sign_key: Option<PathBuf>,
     /// No stage lines on stderr.
@@ -227,6 +230,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let mut spec = Spec::load(&opts.spec).map_err(|e| anyhow!("{e}"))?;
     if let Some(seed) = opts.seed {
         spec.seed = seed;
+    }
+    if let Some(v) = &opts.version {
+        spec::check_version(v).map_err(|e| anyhow!("--version: {e}"))?;
+        spec.version = v.clone();
     }
     let epoch = match spec.source_date_epoch {
         Some(e) => Some(e),
