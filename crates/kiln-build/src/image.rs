@@ -1169,6 +1169,11 @@ fn cmdline(spec: &Spec, lay: Option<&Layout>, root_hash: &[u8; 32]) -> String {
         }
         if spec.partitions[ri].verity {
             c.push_str(&format!("roothash={}", hex32(root_hash)));
+            if spec.partitions[ri].slots == 2 {
+                // kiln update gives the slot the root hash halves as UUIDs; systemd-sysupdate
+                // cannot, but names the slot NAME_VERSION, which kiln-init falls back to.
+                c.push_str(&format!(" kiln.label={}_{}", spec.name, spec.version));
+            }
         } else {
             // The UUID is known before anything is written, so the placeholder has its length.
             let uuid = lay
