@@ -432,12 +432,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 let mut o = ext4::Options::from_seed(Some(&part_uuid_of(i)), size);
                 o.label = truncate_label(&label, 16);
                 o.timestamp = mtime;
-                let mut plan = ext4::plan(t, &o).map_err(|e| part_error(p, &e.to_string(), t))?;
-                if matches!(p.size, PartSize::Auto) {
-                    // Fill the aligned partition: the free tail becomes usable space, not padding.
-                    o.size = ext4::Size::Fixed(align_up(plan.size_bytes(), ALIGN));
-                    plan = ext4::plan(t, &o).map_err(|e| part_error(p, &e.to_string(), t))?;
-                }
+                // An auto-sized filesystem stays minimized (with `extra` free space); the rest
+                // of its 1 MiB-aligned partition is padding. Re-planning it as fixed-size would
+                // switch to fixed-size inode density and need more room than it has.
+                let plan = ext4::plan(t, &o).map_err(|e| part_error(p, &e.to_string(), t))?;
                 let need = plan.size_bytes();
                 (Planned::Ext4(plan), need)
             }
@@ -852,10 +850,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         })
         .collect();
 
-    // Split artifacts for updates.
+    // Split artifacts for updates: what `kiln update` and systemd-sysupdate install into the
+    // inactive slot. Only A/B images have one, so only they get the (full-size) copies.
     if let Some(ri) = lay.parts.iter().position(|p| {
         p.role == Role::Data
             && (p.type_name.starts_with("root-") || p.type_name.starts_with("usr-"))
+            && spec.partitions[p.spec].slots == 2
     }) {
         let short = short_type(&lay.parts[ri].type_name);
         let p = lay.parts[ri].clone();

@@ -3,6 +3,7 @@
 //! name them). Errors are `thiserror` enums whose messages name the offset or path at fault.
 
 pub mod fstree;
+pub mod io;
 pub mod sink;
 
 pub mod cpio;

@@ -2,7 +2,7 @@
 //! chunk-based and full-index LZ4 compressed), xattrs. Every offset read from the image is
 //! bounds-checked; a corrupt image gives [`Error::Corrupt`] naming the offset, never a panic.
 
-use std::io::{self, Write};
+use std::io::Write;
 
 use zerocopy::FromBytes;
 
@@ -10,45 +10,7 @@ use super::layout::*;
 use super::Error;
 use crate::fstree::Timestamp;
 
-/// Random-access bytes an image is read from.
-pub trait ReadAt: Sync {
-    /// Fills `buf` from byte `offset`; short images are an error.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-}
-
-impl ReadAt for [u8] {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let s = usize::try_from(offset)
-            .ok()
-            .and_then(|o| self.get(o..o.checked_add(buf.len())?))
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("read of {} bytes at {offset} past the image end", buf.len()),
-                )
-            })?;
-        buf.copy_from_slice(s);
-        Ok(())
-    }
-}
-
-impl<T: ReadAt + ?Sized> ReadAt for &T {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_at(offset, buf)
-    }
-}
-
-impl ReadAt for Vec<u8> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.as_slice().read_at(offset, buf)
-    }
-}
-
-impl ReadAt for std::fs::File {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-    }
-}
+pub use crate::io::ReadAt;
 
 /// An xattr as (full name with its prefix, value).
 pub type XattrPair = (Vec<u8>, Vec<u8>);

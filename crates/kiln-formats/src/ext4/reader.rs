@@ -4,7 +4,6 @@
 //! Every offset and length read from the image is checked; malformed images give
 //! [`Error::Corrupt`] naming the byte offset, never a panic.
 
-use std::io;
 
 use zerocopy::FromBytes;
 
@@ -18,56 +17,7 @@ use super::xattr;
 use super::{Error, Result};
 use crate::fstree::Timestamp;
 
-/// Positional reads from an image.
-pub trait ReadAt: Sync {
-    /// Fills `buf` from byte `offset`.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-}
-
-impl ReadAt for [u8] {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|o| self.get(o..o.checked_add(buf.len())?));
-        match src {
-            Some(s) => {
-                buf.copy_from_slice(s);
-                Ok(())
-            }
-            None => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "read past the end of the image",
-            )),
-        }
-    }
-}
-
-impl ReadAt for Vec<u8> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.as_slice().read_at(offset, buf)
-    }
-}
-
-impl ReadAt for std::fs::File {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-    }
-}
-
-impl<T: ReadAt + ?Sized> ReadAt for &T {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_at(offset, buf)
-    }
-}
-
-/// Reads through a [`crate::sink::Sink`] (an image just written).
-pub struct SinkReader<'a>(pub &'a dyn crate::sink::Sink);
-
-impl ReadAt for SinkReader<'_> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_at(offset, buf)
-    }
-}
+pub use crate::io::{ReadAt, SinkReader};
 
 /// A directory entry as read back.
 #[derive(Clone, Debug, PartialEq, Eq)]
