@@ -10,3 +10,4 @@ pub mod prepare;
 pub mod qemu;
 pub mod spec;
 pub mod sysupdate;
+pub mod update;

@@ -14,7 +14,9 @@ pub trait ReadAt: Sync {
 
 impl ReadAt for [u8] {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let src = usize::try_from(offset).ok().and_then(|o| self.get(o..o.checked_add(buf.len())?));
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.get(o..o.checked_add(buf.len())?));
         match src {
             Some(s) => {
                 buf.copy_from_slice(s);
@@ -22,7 +24,11 @@ impl ReadAt for [u8] {
             }
             None => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("read of {} bytes at {offset} past the end of the {}-byte image", buf.len(), self.len()),
+                format!(
+                    "read of {} bytes at {offset} past the end of the {}-byte image",
+                    buf.len(),
+                    self.len()
+                ),
             )),
         }
     }
@@ -36,8 +42,12 @@ impl ReadAt for Vec<u8> {
 
 impl ReadAt for std::fs::File {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-            .map_err(|e| io::Error::new(e.kind(), format!("read of {} bytes at offset {offset}: {e}", buf.len())))
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("read of {} bytes at offset {offset}: {e}", buf.len()),
+            )
+        })
     }
 }
 

@@ -560,9 +560,17 @@ fn auto_sized_ext4_stays_minimized_when_alignment_leaves_no_room() {
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();
     for i in 0..63 {
-        fs::write(src.join(format!("f{i:02}")), kiln_testkit::pseudo_random(i, (1 << 20) - 4096)).unwrap();
+        fs::write(
+            src.join(format!("f{i:02}")),
+            kiln_testkit::pseudo_random(i, (1 << 20) - 4096),
+        )
+        .unwrap();
     }
-    let r = build(d.path(), "[image]\nname = \"m\"\nversion = \"1\"\n[[partition]]\ntype = \"root\"\nfs = \"ext4\"\n", &src);
+    let r = build(
+        d.path(),
+        "[image]\nname = \"m\"\nversion = \"1\"\n[[partition]]\ntype = \"root\"\nfs = \"ext4\"\n",
+        &src,
+    );
     let disk = disk_of(d.path(), &r);
     let p = &r["partitions"][0];
     assert!(p["fs_size"].as_u64().unwrap() <= p["size"].as_u64().unwrap());

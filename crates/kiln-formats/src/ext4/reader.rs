@@ -4,7 +4,6 @@
 //! Every offset and length read from the image is checked; malformed images give
 //! [`Error::Corrupt`] naming the byte offset, never a panic.
 
-
 use zerocopy::FromBytes;
 
 use super::alloc::desc_block_in_group;
