@@ -443,8 +443,16 @@ fn tampered_root_is_an_io_error_and_not_blessed() {
     assert!(
         m.iter().any(|l| l
             .starts_with("APPLIANCE-HEALTH-FAIL: read /usr/share/appliance/payload.bin")
-            && l.contains("I/O error")),
+            && l.contains("Input/output error")),
         "{m:?}\n{}",
+        o.console
+    );
+    // The kernel names the block: dm-verity, not some other failure, refused it.
+    let block = data_at / 4096;
+    assert!(
+        o.console
+            .contains(&format!("data block {block} is corrupted")),
+        "no dm-verity report for block {block}:\n{}",
         o.console
     );
     assert!(
