@@ -49,7 +49,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::fat::{FatOptions, FatReader, FatWriter};
-use kiln_formats::fstree::{self, Meta, NodeKind, Timestamp, Tree};
+use kiln_formats::fstree::{self, Meta, Timestamp, Tree};
 use kiln_formats::gpt::{self, Gpt};
 use kiln_formats::repart;
 use kiln_formats::sink::MemSink;
@@ -585,9 +585,6 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
             crate::boot::file(Arc::from(bytes), e.mtime),
             &meta,
         )?;
-        if let Some(n) = tree.resolve(path.as_bytes()) {
-            tree.node_mut(n).meta = meta;
-        }
     }
     let linux_dir = entries
         .iter()
@@ -603,9 +600,6 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
             ..Meta::default()
         },
     )?;
-    debug_assert!(tree
-        .resolve(installed.as_bytes())
-        .is_some_and(|n| matches!(tree.node(n).kind, NodeKind::File(_))));
     let label = Some(reader.label.clone()).filter(|l| !l.is_empty() && l != "NO NAME");
     let fat_opts = FatOptions {
         size: esp_len,
