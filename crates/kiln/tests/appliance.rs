@@ -366,6 +366,31 @@ fn boots_blesses_updates_and_rolls_back() {
     );
     assert_eq!(esp_ukis(&disk), ["appliance_1.efi", "appliance_2.efi"]);
 
+    // A slot filled by systemd-sysupdate has the version as its name but keeps the partition
+    // UUIDs it had: kiln-init finds it by kiln.label= and dm-verity still checks it.
+    let sysupdated = dir.join("sysupdated.img");
+    fs::copy(&disk, &sysupdated).unwrap();
+    {
+        let f = fs::File::open(&sysupdated).unwrap();
+        let gpt = Gpt::read(&f).unwrap();
+        let mut c = Command::new(require_tool("sgdisk"));
+        for (i, p) in gpt.partitions.iter().enumerate() {
+            if p.name == "appliance_2" {
+                c.arg(format!("--partition-guid={}:R", gpt.number(i)));
+            }
+        }
+        c.arg(&sysupdated);
+        run_ok(&mut c);
+    }
+    let o = boot(&sysupdated, "APPLIANCE-DONE", "v2 slot with other UUIDs");
+    assert!(
+        o.console.contains("(found by name \"appliance_2\")"),
+        "{}",
+        o.console
+    );
+    assert!(markers(&o).contains(&"APPLIANCE-HEALTHY version=2"));
+    fs::remove_file(&sysupdated).unwrap();
+
     // A broken v3 replaces v1 (v2 is the newest blessed version and stays).
     let out = update(&disk, &dir.join("v3/appliance.json"));
     assert!(
