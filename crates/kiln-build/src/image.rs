@@ -444,7 +444,9 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                     compression: match p.compression {
                         Compression::None => erofs::Compression::None,
                         Compression::Lz4 => erofs::Compression::Lz4,
-                        Compression::Lz4hc => erofs::Compression::Lz4hc { level: 9 },
+                        Compression::Lz4hc => erofs::Compression::Lz4hc {
+                            level: erofs::LZ4HC_DEFAULT_LEVEL,
+                        },
                     },
                     uuid: fs_uuid,
                     timestamp: epoch.map(Timestamp::from_secs),

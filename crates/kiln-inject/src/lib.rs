@@ -10,12 +10,14 @@
 //!   streams), both walking the same [`Segment`] list;
 //! - [`slots`]: the slot table, stored in the image at [`slots::TABLE_OFFSET`] and as a JSON
 //!   sidecar;
-//! - [`plan`]: payloads → regions, dispatched per filesystem kind;
+//! - [`plan`]: payloads → regions, dispatched per filesystem kind (ext4, FAT, EROFS, ISO 9660
+//!   and raw byte ranges), each checked against the base before it is patched;
 //! - [`chunks`]: per-chunk sha256 tables and chunked digests, composed in O(patched chunks);
 //! - [`output`]: writing a composed image in place, to a new file, or to a stream.
 
 pub mod chunks;
 pub mod compose;
+mod kinds;
 pub mod output;
 pub mod plan;
 pub mod region;
@@ -93,9 +95,15 @@ pub enum Error {
         len: u64,
         data_len: u64,
     },
-    /// The slot's filesystem kind has no planner in this build.
-    #[error("slot {slot:?}: injection into {kind} slots is not available in this build")]
-    Unsupported { slot: String, kind: FsKind },
+    /// The base does not hold what the slot table says about a slot's filesystem (a stale or
+    /// wrong table, a damaged filesystem), or the filesystem cannot take the new size.
+    #[error("slot {slot:?} ({kind} filesystem at byte {fs_offset}): {msg}")]
+    Base {
+        slot: String,
+        kind: FsKind,
+        fs_offset: u64,
+        msg: String,
+    },
     /// A chunk table (sidecar) is truncated, corrupt or does not match the image.
     #[error("chunk table {place} at offset {offset}: {msg}")]
     Chunks {

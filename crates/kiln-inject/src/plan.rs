@@ -4,11 +4,14 @@
 //! kind-specific metadata patches.
 //!
 //! Filesystem kinds plug in at [`metadata_regions`]: one `match` arm per [`SlotMeta`] variant
-//! that calls the format's "rewrite metadata for a new size" function (reading whatever base
-//! bytes it needs through [`ReadAt`]) and returns the patched byte ranges.
+//! that calls the format's "rewrite metadata for a new size" function (see [`crate::kinds`]),
+//! after checking that the base still holds what the table says. Metadata patches of all
+//! slots are planned over one overlay, so slots sharing a structure (several FAT slots in one
+//! filesystem patch the same FAT sectors and FSInfo sector) compose into one region each.
 
 use bytes::Bytes;
 
+use crate::kinds::{self, Overlay};
 use crate::region::{PatchPlan, Region};
 use crate::slots::{RawMeta, Slot, SlotMeta, SlotTable};
 use crate::source::ReadAt;
@@ -35,14 +38,15 @@ impl Payload {
 
 /// The patches that put `payloads` into `base` according to `table`. Slots without a payload
 /// keep their base contents. Errors: unknown slot, slot given twice, payload over capacity,
-/// base of the wrong size, a kind this build cannot rewrite.
+/// base of the wrong size, a base whose filesystem no longer matches the table.
 pub fn plan_injection(
     table: &SlotTable,
-    base: &dyn ReadAt,
+    base: &(dyn ReadAt + Sync),
     payloads: &[Payload],
 ) -> Result<PatchPlan> {
     table.check_image_len(base.len(), "base image")?;
     let mut regions = Vec::new();
+    let mut overlay = Overlay::new(base);
     for (i, p) in payloads.iter().enumerate() {
         if payloads[..i].iter().any(|q| q.slot == p.slot) {
             return Err(Error::DuplicateSlot(p.slot.clone()));
@@ -60,8 +64,15 @@ pub fn plan_injection(
             });
         }
         regions.extend(data_regions(slot, &p.data));
-        regions.extend(metadata_regions(slot, base, len)?);
+        for (offset, bytes) in metadata_patches(slot, &overlay, len)? {
+            overlay.add(offset, &bytes);
+        }
     }
+    regions.extend(
+        overlay
+            .into_patches()
+            .map(|(offset, bytes)| Region::bytes(offset, bytes)),
+    );
     PatchPlan::new(table.image_len, regions)
 }
 
@@ -82,38 +93,35 @@ pub fn data_regions(slot: &Slot, payload: &Bytes) -> Vec<Region> {
         .collect()
 }
 
-/// The metadata patches for `slot` holding a payload of `len` bytes. This is where each
-/// filesystem kind's rewrite function is wired in.
-pub fn metadata_regions(slot: &Slot, base: &dyn ReadAt, len: u64) -> Result<Vec<Region>> {
-    let _ = base; // raw slots need no base bytes; the filesystem kinds read inodes, FATs, records
+/// The metadata patches for `slot` alone holding a payload of `len` bytes, read from `base`
+/// (which is checked against the table first).
+pub fn metadata_regions(slot: &Slot, base: &(dyn ReadAt + Sync), len: u64) -> Result<Vec<Region>> {
+    let overlay = Overlay::new(base);
+    Ok(metadata_patches(slot, &overlay, len)?
+        .into_iter()
+        .map(|(offset, bytes)| Region::bytes(offset, bytes))
+        .collect())
+}
+
+/// One arm per filesystem kind.
+fn metadata_patches(slot: &Slot, src: &Overlay, len: u64) -> Result<kinds::Patches> {
     match &slot.meta {
         SlotMeta::Raw(m) => Ok(raw_size_fields(m, len)),
-        // To wire a filesystem kind: call its format-level rewrite with the base bytes it
-        // needs (read via `base.read_exact_at`) and map the result to absolute Regions, e.g.
-        //   SlotMeta::Ext4(m) => ext4_regions(m, base, len),
-        // where ext4_regions reads the 256-byte inode at m.inode_offset and the superblock at
-        // m.fs_offset + 1024 (checksum seed), calls kiln_formats::ext4::slot::rewrite_inode and
-        // returns Region::bytes(m.inode_offset, new_inode).
-        SlotMeta::Ext4(_) | SlotMeta::Fat(_) | SlotMeta::Erofs(_) | SlotMeta::Iso9660(_) => {
-            Err(Error::Unsupported {
-                slot: slot.name.clone(),
-                kind: slot.kind(),
-            })
-        }
+        SlotMeta::Ext4(m) => kinds::ext4(slot, m, src, len),
+        SlotMeta::Fat(m) => kinds::fat(slot, m, src, len),
+        SlotMeta::Erofs(m) => kinds::erofs(slot, m, src, len),
+        SlotMeta::Iso9660(m) => kinds::iso9660(slot, m, src, len),
     }
 }
 
 /// Each size field gets `len` in little-endian, truncated to its width (the table validation
 /// guarantees the capacity, hence `len`, fits).
-fn raw_size_fields(m: &RawMeta, len: u64) -> Vec<Region> {
+fn raw_size_fields(m: &RawMeta, len: u64) -> kinds::Patches {
     m.size_fields
         .iter()
         .map(|f| {
             let bytes = len.to_le_bytes();
-            Region::bytes(
-                f.offset,
-                Bytes::copy_from_slice(&bytes[..usize::from(f.width).min(8)]),
-            )
+            (f.offset, bytes[..usize::from(f.width).min(8)].to_vec())
         })
         .collect()
 }
@@ -258,6 +266,6 @@ mod tests {
         let e = plan_injection(&t2, &base, &[Payload::new("b", vec![])])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("ext4 slots is not available"), "{e}");
+        assert!(e.contains("slot \"b\" (ext4 filesystem at byte 0)"), "{e}");
     }
 }

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kiln_formats::erofs::Image;
-use kiln_testkit::{generate_corpus, is_root, require_tool, run, run_ok, CorpusOptions};
+use kiln_testkit::{
+    generate_corpus, is_root, require_tool, run, run_ok, scratch_dir, CorpusOptions,
+};
 use sha2::Digest;
 
 fn kiln() -> Command {
@@ -26,10 +28,7 @@ struct Corpus {
 
 impl Corpus {
     fn new(opts: CorpusOptions) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-erofs-corpus")
-            .tempdir()
-            .unwrap();
+        let dir = scratch_dir("kiln-erofs-corpus");
         let root = dir.path().join("root");
         fs::create_dir(&root).unwrap();
         generate_corpus(&root, opts);
@@ -334,7 +333,7 @@ impl std::io::Write for HashWriter<'_> {
 
 /// Full round trip for one compression mode.
 fn round_trip(src: &Path, source: &Scan, z: &str) {
-    let t = tempfile::tempdir().unwrap();
+    let t = scratch_dir("kiln-erofs-round-trip");
     let img = t.path().join(format!("{z}.img"));
     let j = mkfs(src, &img, z);
     assert_eq!(

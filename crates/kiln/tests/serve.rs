@@ -504,3 +504,104 @@ fn example_config_serves() {
         assert!(page.contains("kiln demo image"));
     });
 }
+
+/// A base made by `kiln build` with an ext4 slot (in-image slot table, the build's chunk
+/// sidecar): downloads equal `kiln inject` output, and the filesystem in a download passes
+/// e2fsck and holds the piece.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_ext4_base_is_served_byte_identical() {
+    kiln_testkit::require_tool("e2fsck");
+    kiln_testkit::require_tool("debugfs");
+    let mut fx = Fixture::new();
+    let spec_dir = fx.dir.path().join("spec");
+    fs::create_dir_all(spec_dir.join("src")).unwrap();
+    fs::write(spec_dir.join("loading.html"), b"<p>loading</p>\n").unwrap();
+    fs::write(
+        spec_dir.join("kiln.toml"),
+        r#"
+[image]
+name = "served"
+version = "1"
+seed = "00112233445566778899aabbccddeeff"
+source_date_epoch = 1700000000
+
+[[partition]]
+type = "linux-generic"
+label = "page"
+fs = "ext4"
+size = "4M"
+slot = { name = "piece", path = "/index.html", capacity = "256K", default = "loading.html" }
+"#,
+    )
+    .unwrap();
+    let out = spec_dir.join("out");
+    let st = Command::new(kiln_bin())
+        .args(["build", spec_dir.to_str().unwrap(), "-q", "-o"])
+        .arg(&out)
+        .arg("--source")
+        .arg(spec_dir.join("src"))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    // The built disk (and its chunk sidecar) replaces the fixture's raw-slot base.
+    fs::copy(out.join("served_1.img"), &fx.base).unwrap();
+    fs::copy(
+        out.join("served_1.img.chunks"),
+        fx.base.with_extension("img.chunks"),
+    )
+    .unwrap();
+    fx.base_sha_before = fx.base_sha();
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("served.json")).unwrap()).unwrap();
+    let part = &report["partitions"][0];
+    let (off, size) = (
+        part["offset"].as_u64().unwrap() as usize,
+        part["size"].as_u64().unwrap() as usize,
+    );
+
+    fs::write(fx.pieces.join("hello.html"), PIECE_SMALL).unwrap();
+    let full: Vec<u8> = (0..256 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    fs::write(fx.pieces.join("full.html"), &full).unwrap();
+    fs::write(fx.pieces.join("empty.html"), b"").unwrap();
+    let cfg = fx.config("");
+    let srv = KilnServer::start(&cfg);
+    let c = reqwest::Client::new();
+    for (piece, content) in [
+        ("hello", PIECE_SMALL.as_bytes()),
+        ("full", &full[..]),
+        ("empty", b""),
+    ] {
+        let (want, digest) = fx.expected(&fx.pieces.join(format!("{piece}.html")));
+        check_identity(&srv.url, "demo", piece, &want, &digest).await;
+        let body = get(&c, &format!("{}/os/demo/{piece}.img", srv.url), &[])
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        let p = fx.dir.path().join(format!("{piece}.ext4"));
+        fs::write(&p, &body[off..off + size]).unwrap();
+        let fsck = Command::new("e2fsck").arg("-fn").arg(&p).output().unwrap();
+        assert!(
+            fsck.status.success(),
+            "{piece}: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let cat = Command::new("debugfs")
+            .args(["-R", "cat /index.html"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(cat.stdout == content, "{piece}: debugfs cat differs");
+    }
+    let cat: serde_json::Value = get(&c, &format!("{}/api/catalog", srv.url), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cat["images"][0]["slots"][0]["kind"], "ext4");
+    assert_eq!(fx.base_sha(), fx.base_sha_before, "base modified");
+}

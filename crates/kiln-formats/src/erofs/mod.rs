@@ -32,7 +32,7 @@ mod tests;
 pub use reader::{Image, InodeInfo};
 pub use writer::{
     plan, rewrite_slot_size, Compression, Options, Plan, SizeEstimate, SlotLocation, StreamWriter,
-    Summary,
+    Summary, LZ4HC_DEFAULT_LEVEL,
 };
 
 use std::io;

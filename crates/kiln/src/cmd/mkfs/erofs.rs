@@ -23,7 +23,7 @@ pub enum Algo {
     None,
     /// LZ4, fast.
     Lz4,
-    /// LZ4, high compression (level 9 unless --level).
+    /// LZ4, high compression (level 6 unless --level).
     Lz4hc,
 }
 
@@ -38,7 +38,7 @@ pub struct ErofsArgs {
     #[arg(short = 'z', long = "compress", value_enum, default_value = "none")]
     pub compress: Algo,
     /// LZ4HC level, 1..=12.
-    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u8).range(1..=12))]
+    #[arg(long, default_value_t = kiln_formats::erofs::LZ4HC_DEFAULT_LEVEL, value_parser = clap::value_parser!(u8).range(1..=12))]
     pub level: u8,
     /// Physical cluster size in 4 KiB blocks (1..=256) for compressed data.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
