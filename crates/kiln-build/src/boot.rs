@@ -101,7 +101,12 @@ pub fn prepare(
     };
     let (stub, stub_from) = match &boot.stub {
         Some(p) => (
-            std::fs::read(p).with_context(|| format!("[boot] stub {}", p.display()))?,
+            std::fs::read(p).with_context(|| {
+                format!(
+                    "[boot] stub {}: cannot read the UKI stub (systemd's linuxx64.efi.stub)",
+                    p.display()
+                )
+            })?,
             p.display().to_string(),
         ),
         None => tree_or_host(

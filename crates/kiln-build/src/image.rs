@@ -48,6 +48,9 @@ pub struct BuildOptions {
     pub source: Option<PathBuf>,
     /// Overrides the spec's seed.
     pub seed: Option<Uuid>,
+    /// Overrides the spec's `[image] version` (release pipelines build each version from one
+    /// spec).
+    pub version: Option<String>,
     /// Sign the outputs with this minisign secret key.
     pub sign_key: Option<PathBuf>,
     /// No stage lines on stderr.
@@ -235,6 +238,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let mut spec = Spec::load(&opts.spec).map_err(|e| anyhow!("{e}"))?;
     if let Some(seed) = opts.seed {
         spec.seed = seed;
+    }
+    if let Some(v) = &opts.version {
+        spec::check_version(v).map_err(|e| anyhow!("--version: {e}"))?;
+        spec.version = v.clone();
     }
     let epoch = match spec.source_date_epoch {
         Some(e) => Some(e),
@@ -1280,6 +1287,11 @@ fn cmdline(spec: &Spec, lay: Option<&Layout>, root_hash: &[u8; 32]) -> String {
         }
         if spec.partitions[ri].verity {
             c.push_str(&format!("roothash={}", hex32(root_hash)));
+            if spec.partitions[ri].slots == 2 {
+                // kiln update gives the slot the root hash halves as UUIDs; systemd-sysupdate
+                // cannot, but names the slot NAME_VERSION, which kiln-init falls back to.
+                c.push_str(&format!(" kiln.label={}_{}", spec.name, spec.version));
+            }
         } else {
             // The UUID is known before anything is written, so the placeholder has its length.
             let uuid = lay

@@ -12,3 +12,4 @@ pub mod prepare;
 pub mod qemu;
 pub mod spec;
 pub mod sysupdate;
+pub mod update;

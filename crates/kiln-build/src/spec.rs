@@ -557,6 +557,16 @@ impl Ctx<'_> {
     }
 }
 
+/// Checks an image version: letters, digits and `.-~^+`, no `_` (it separates name and version
+/// in artifact names and sysupdate patterns).
+pub fn check_version(version: &str) -> Result<(), String> {
+    if valid_ident(version, ".-~^+") {
+        Ok(())
+    } else {
+        Err(format!("version {version:?}: use letters, digits and .-~^+ (no '_', it separates name and version)"))
+    }
+}
+
 fn valid_ident(s: &str, allow: &str) -> bool {
     !s.is_empty()
         && s.chars()
@@ -611,8 +621,8 @@ impl Spec {
             );
         }
         let version = img.version.get_ref().clone();
-        if !valid_ident(&version, ".-~^+") {
-            return cx.err(img.version.span(), format!("version {version:?}: use letters, digits and .-~^+ (no '_', it separates name and version)"));
+        if let Err(e) = check_version(&version) {
+            return cx.err(img.version.span(), e);
         }
         let seed = match &img.seed {
             Some(s) => match repart::parse_uuid(s.get_ref()) {

@@ -22,6 +22,7 @@
 //! | command line | meaning |
 //! |---|---|
 //! | `roothash=HEX` | dm-verity root hash (64 hex digits for sha256); the data and hash partitions are the ones whose GPT partition UUIDs are its first and last 16 bytes |
+//! | `kiln.label=NAME` | with `roothash=`: when no partitions carry the root hash halves as UUIDs, take the root (root/usr x86-64) and verity partitions whose GPT names are `NAME` on one disk — how systemd-sysupdate marks a slot it filled (it cannot set UUIDs). dm-verity still checks the root hash, so a wrong pair cannot mount |
 //! | `root=PARTUUID=U` / `root=/dev/X` | unprotected root by partition UUID or device name (without `roothash=`; default: the first root-x86-64 partition by DPS type) |
 //! | `rootfstype=T` | filesystem of the root (default: detected by magic: ext4, erofs, squashfs, iso9660) |
 //! | `init=PATH` | program to run in the new root (default `/sbin/init`) |
@@ -87,6 +88,9 @@ pub enum RootSpec {
     Verity {
         /// The root hash bytes (32 for sha256).
         roothash: Vec<u8>,
+        /// GPT partition name of the data and hash partitions, used when no partitions carry
+        /// the root hash halves as UUIDs (`kiln.label=`).
+        label: Option<String>,
     },
     /// A partition by its GPT partition UUID (RFC byte order).
     PartUuid([u8; 16]),
@@ -384,6 +388,7 @@ impl Plan {
     pub fn new(config: &Config, cmdline: &str) -> Result<Self, String> {
         let mut roothash = None;
         let mut root_arg = None;
+        let mut label = None;
         let mut plan = Plan {
             modules: config.modules.clone(),
             root: RootSpec::DpsType,
@@ -447,12 +452,26 @@ impl Plan {
                     let label = live.take().map(|(l, _)| l).unwrap_or_default();
                     live = Some((label, v.to_string()));
                 }
+                "kiln.label" => {
+                    let v = val(k)?;
+                    if v.is_empty() || v == "_empty" || v.encode_utf16().count() > 36 {
+                        return Err(format!(
+                            "kiln.label={v:?}: expected a GPT partition name (1 to 36 characters)"
+                        ));
+                    }
+                    label = Some(v.to_string());
+                }
                 "kiln.debug" => plan.debug = true,
                 _ if k.starts_with("kiln.") => {
                     return Err(format!("unknown option {k:?} on the kernel command line"))
                 }
                 _ => {}
             }
+        }
+        if label.is_some() && (roothash.is_none() || live.is_some()) {
+            return Err(
+                "kiln.label= needs roothash= (it names a dm-verity slot on the disk)".into(),
+            );
         }
         plan.root = match (roothash, root_arg, live) {
             (roothash, _, Some((medium, image))) => {
@@ -465,7 +484,7 @@ impl Plan {
                     roothash,
                 }
             }
-            (Some(roothash), _, None) => RootSpec::Verity { roothash },
+            (Some(roothash), _, None) => RootSpec::Verity { roothash, label },
             (None, Some(r), None) => {
                 if let Some(u) = r.strip_prefix("PARTUUID=") {
                     RootSpec::PartUuid(
@@ -558,7 +577,8 @@ mod tests {
         assert_eq!(p.overlays, ["/etc"]);
         assert_eq!(p.init, "/sbin/init");
         match &p.root {
-            RootSpec::Verity { roothash } => {
+            RootSpec::Verity { roothash, label } => {
+                assert_eq!(label, &None);
                 assert_eq!(roothash.len(), 32);
                 assert_eq!(roothash[0], 0x01);
                 assert_eq!(roothash[31], 0xff);
@@ -617,10 +637,31 @@ mod tests {
             ("kiln.overlay=etc", "not an absolute path"),
             ("kiln.live.image=/x", "without kiln.live"),
             ("roothash", "roothash needs a value"),
+            ("kiln.label=os_2", "kiln.label= needs roothash="),
         ] {
             let e = Plan::new(&c, bad).unwrap_err();
             assert!(e.contains(want), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn label_fallback_for_sysupdate_slots() {
+        let p = Plan::new(
+            &Config::default(),
+            &format!("roothash={HASH} kiln.label=appliance_2"),
+        )
+        .unwrap();
+        assert!(matches!(
+            p.root,
+            RootSpec::Verity { ref roothash, label: Some(ref l) } if l == "appliance_2" && roothash.len() == 32
+        ));
+        let long = "x".repeat(37);
+        let e = Plan::new(
+            &Config::default(),
+            &format!("roothash={HASH} kiln.label={long}"),
+        )
+        .unwrap_err();
+        assert!(e.contains("1 to 36 characters"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,18 @@ use kiln_formats::gpt::{Gpt, Partition};
 pub const ROOT_X86_64: [u8; 16] = [
     0x4f, 0x68, 0xbc, 0xe3, 0xe8, 0xcd, 0x4d, 0xb1, 0x96, 0xe7, 0xfb, 0xca, 0xf9, 0x84, 0xb7, 0x09,
 ];
+/// DPS type of the x86-64 /usr partition, RFC byte order.
+pub const USR_X86_64: [u8; 16] = [
+    0x84, 0x84, 0x68, 0x0c, 0x95, 0x21, 0x48, 0xc6, 0x9c, 0x11, 0xb0, 0x72, 0x06, 0x56, 0xf6, 0x9e,
+];
+/// DPS type of the x86-64 root verity (hash tree) partition, RFC byte order.
+pub const ROOT_X86_64_VERITY: [u8; 16] = [
+    0x2c, 0x73, 0x57, 0xed, 0xeb, 0xd2, 0x46, 0xd9, 0xae, 0xc1, 0x23, 0xd4, 0x37, 0xec, 0x2b, 0xf5,
+];
+/// DPS type of the x86-64 /usr verity partition, RFC byte order.
+pub const USR_X86_64_VERITY: [u8; 16] = [
+    0x77, 0xff, 0x5f, 0x63, 0xe7, 0xb6, 0x46, 0x33, 0xac, 0xf4, 0x15, 0x65, 0xb8, 0x64, 0xc0, 0xe6,
+];
 /// DPS type of /var, RFC byte order.
 pub const VAR: [u8; 16] = [
     0x4d, 0x21, 0xb0, 0x16, 0xb5, 0x34, 0x45, 0xc2, 0xa9, 0xfb, 0x5c, 0x16, 0xe0, 0x91, 0xfd, 0x2d,
@@ -150,6 +162,23 @@ pub fn gpt_partitions(devs: &[BlockDev]) -> Vec<Found> {
     out
 }
 
+/// The dm-verity slot named `name`: a root (or /usr) data partition and its verity partition of
+/// the matching type, both with GPT name `name`, on the same disk. systemd-sysupdate names the
+/// partitions of a slot it fills after the version it wrote (`NAME_VERSION`).
+pub fn verity_pair_by_name(parts: &[Found], name: &str) -> Option<(Found, Found)> {
+    parts.iter().filter(|d| d.entry.name == name).find_map(|d| {
+        let hash_type = match d.entry.type_guid {
+            ROOT_X86_64 => ROOT_X86_64_VERITY,
+            USR_X86_64 => USR_X86_64_VERITY,
+            _ => return None,
+        };
+        parts
+            .iter()
+            .find(|h| h.disk == d.disk && h.entry.type_guid == hash_type && h.entry.name == name)
+            .map(|h| (d.clone(), h.clone()))
+    })
+}
+
 /// One line per device for "not found" messages.
 pub fn describe(devs: &[BlockDev], parts: &[Found]) -> String {
     if devs.is_empty() {
@@ -173,4 +202,53 @@ pub fn describe(devs: &[BlockDev], parts: &[Found]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn found(disk: &str, n: u32, type_guid: [u8; 16], name: &str) -> Found {
+        Found {
+            dev: BlockDev {
+                name: format!("{disk}{n}"),
+                major: 254,
+                minor: n,
+                parent: Some((disk.into(), u64::from(n) * 2048)),
+                sectors: 2048,
+            },
+            disk: disk.into(),
+            entry: Partition {
+                type_guid,
+                part_guid: [n as u8; 16],
+                first_lba: u64::from(n) * 2048,
+                last_lba: u64::from(n) * 2048 + 2047,
+                attributes: 0,
+                name: name.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn pair_by_name_matches_types_and_disk() {
+        let parts = vec![
+            found("vda", 2, ROOT_X86_64, "os_1"),
+            found("vda", 3, ROOT_X86_64_VERITY, "os_1"),
+            found("vda", 4, ROOT_X86_64, "os_2"),
+            // The hash partition named os_2 lives on another disk: not a pair.
+            found("vdb", 1, ROOT_X86_64_VERITY, "os_2"),
+            found("vda", 5, USR_X86_64, "usr_3"),
+            found("vda", 6, USR_X86_64_VERITY, "usr_3"),
+            found("vda", 7, VAR, "var_4"),
+            found("vda", 8, ROOT_X86_64_VERITY, "var_4"),
+        ];
+        let (d, h) = verity_pair_by_name(&parts, "os_1").unwrap();
+        assert_eq!((d.dev.name.as_str(), h.dev.name.as_str()), ("vda2", "vda3"));
+        assert!(verity_pair_by_name(&parts, "os_2").is_none());
+        let (d, h) = verity_pair_by_name(&parts, "usr_3").unwrap();
+        assert_eq!((d.dev.name.as_str(), h.dev.name.as_str()), ("vda5", "vda6"));
+        assert!(verity_pair_by_name(&parts, "var_4").is_none());
+        assert!(verity_pair_by_name(&parts, "_empty").is_none());
+    }
 }

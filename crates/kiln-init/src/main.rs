@@ -131,10 +131,14 @@ mod linux {
 
     fn describe_root(r: &RootSpec) -> String {
         match r {
-            RootSpec::Verity { roothash } => format!(
-                "dm-verity, data {} hash {}",
+            RootSpec::Verity { roothash, label } => format!(
+                "dm-verity, data {} hash {}{}",
                 format_uuid(&half(roothash, false)),
-                format_uuid(&half(roothash, true))
+                format_uuid(&half(roothash, true)),
+                match label {
+                    Some(l) => format!(" (or the pair named {l:?})"),
+                    None => String::new(),
+                }
             ),
             RootSpec::PartUuid(u) => format!("PARTUUID={}", format_uuid(u)),
             RootSpec::Device(d) => d.clone(),
@@ -257,23 +261,36 @@ mod linux {
     /// Finds, sets up and mounts the root from a disk; returns the disk's name.
     fn mount_disk_root(plan: &Plan) -> Result<String, String> {
         let (disk, fs_dev): (String, String) = match &plan.root {
-            RootSpec::Verity { roothash } => {
+            RootSpec::Verity { roothash, label } => {
                 let (data_u, hash_u) = (half(roothash, false), half(roothash, true));
-                let (data, hash) = wait_for(
+                let (data, hash, by_label) = wait_for(
                     plan.timeout,
                     "the dm-verity data and hash partitions",
                     || {
                         let parts = disk::gpt_partitions(&disk::list());
                         let d = parts.iter().find(|p| p.entry.part_guid == data_u);
                         let h = parts.iter().find(|p| p.entry.part_guid == hash_u);
-                        Ok(match (d, h) {
-                            (Some(d), Some(h)) => Some((d.clone(), h.clone())),
-                            _ => None,
-                        })
+                        if let (Some(d), Some(h)) = (d, h) {
+                            return Ok(Some((d.clone(), h.clone(), false)));
+                        }
+                        // A slot filled by systemd-sysupdate keeps its old partition UUIDs but
+                        // carries the version in its name; verity still checks the contents.
+                        Ok(label.as_deref().and_then(|l| {
+                            disk::verity_pair_by_name(&parts, l).map(|(d, h)| (d, h, true))
+                        }))
                     },
                     explain,
                 )?;
-                say!("root data {} hash {}", data.dev.path(), hash.dev.path());
+                say!(
+                    "root data {} hash {}{}",
+                    data.dev.path(),
+                    hash.dev.path(),
+                    if by_label {
+                        format!(" (found by name {:?})", data.entry.name)
+                    } else {
+                        String::new()
+                    }
+                );
                 let head = disk::read_head(&hash.dev, 4096)?;
                 let sb = probe::parse_verity_superblock(&head)
                     .map_err(|e| format!("{}: {e}", hash.dev.path()))?;

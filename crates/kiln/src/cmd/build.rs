@@ -24,6 +24,9 @@ pub struct BuildArgs {
     /// Seed (32 hex digits or a UUID) overriding the spec's: every UUID and salt derives from it.
     #[arg(long, value_name = "HEX32")]
     pub seed: Option<String>,
+    /// Image version overriding the spec's `[image] version`.
+    #[arg(long, value_name = "VERSION")]
+    pub version: Option<String>,
     /// Sign the disk, split artifacts and report with this minisign secret key.
     #[arg(long, value_name = "KEY")]
     pub sign: Option<PathBuf>,
@@ -48,6 +51,7 @@ pub fn run(a: BuildArgs) -> Outcome {
         outdir: a.outdir.clone(),
         source: a.source,
         seed,
+        version: a.version,
         sign_key: a.sign,
         quiet: a.quiet,
     })?;

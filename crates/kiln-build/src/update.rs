@@ -1,0 +1,735 @@
+//! `kiln update IMAGE --with NEW`: installs a newer build of the same image into the inactive
+//! A/B slot of a disk (an image file or a block device), the way systemd-sysupdate would on a
+//! running system, but from outside and with the partition UUIDs kiln's UKIs look for.
+//!
+//! NEW is a `kiln build` output directory (or its `NAME.json` report) holding the split
+//! artifacts `NAME_VERSION.root.raw`, `NAME_VERSION.root-verity.raw` and `NAME_VERSION.efi`
+//! (`usr` instead of `root` for /usr images).
+//!
+//! ## Which slot is overwritten
+//!
+//! The image has two root (or /usr) data partitions of NEW's type and two verity partitions;
+//! the k-th data partition on the disk pairs with the k-th verity partition (the order
+//! `kiln build` and systemd-repart lay them out in). A slot's version is its GPT name
+//! `NAME_VERSION`; `_empty` marks a slot never filled.
+//!
+//! 1. A slot named `_empty` is the target.
+//! 2. Otherwise one slot is kept: the one holding the newest version that has a *blessed* UKI
+//!    on the ESP (`EFI/Linux/NAME_VERSION.efi`, no boot counter: a boot of it was good); when
+//!    no UKI is blessed, the newest version whose UKI still has tries left; when no UKI names
+//!    either slot, the newest version. The other slot is the target. Versions compare like
+//!    systemd's version comparison (digit runs numerically).
+//! 3. NEW's version must not be the kept slot's (nothing to do, and overwriting the other slot
+//!    would lose the fallback).
+//!
+//! ## What is written, in order
+//!
+//! 1. NEW's data and hash images into the target pair, every byte (the rest of a partition
+//!    larger than its image is zeroed), then a flush.
+//! 2. The GPT, both copies: the target pair gets the root hash halves as partition UUIDs and
+//!    `NAME_VERSION` as names. Then a flush.
+//! 3. The ESP, rewritten from scratch (same size, FAT type, volume id and label) with every file
+//!    it had, minus the UKIs of the version just overwritten (and any older copy of NEW's),
+//!    plus NEW's UKI as `EFI/Linux/NAME_VERSION+TRIES.efi`. Then a flush.
+//!
+//! Guarantees: nothing is written before every check has passed and the new ESP has been
+//! assembled in memory (so a UKI that does not fit fails early). Steps 1 and 2 never touch the
+//! kept slot, its UKI or the ESP, so an interruption there leaves the kept version bootable:
+//! a half-written target fails dm-verity, and its old UKI (if any) can only boot a root whose
+//! hash no longer matches. Step 3 is the one window that is not crash-safe: the ESP is a single
+//! FAT rewritten in place, and an interruption while its few MiB are written can leave it
+//! unreadable. A crash-safe ESP update would need a second ESP or in-place FAT editing.
+
+use std::cmp::Ordering;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use kiln_formats::fat::{FatOptions, FatReader, FatWriter};
+use kiln_formats::fstree::{self, Meta, Timestamp, Tree};
+use kiln_formats::gpt::{self, Gpt};
+use kiln_formats::repart;
+use kiln_formats::sink::MemSink;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::layout::EMPTY_LABEL;
+
+/// What `kiln update` was asked to do.
+#[derive(Clone, Debug)]
+pub struct UpdateOptions {
+    /// The disk image file or block device to update in place.
+    pub image: PathBuf,
+    /// A `kiln build` output directory or its `NAME.json` report.
+    pub with: PathBuf,
+}
+
+/// What was done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdateReport {
+    /// Image name.
+    pub name: String,
+    /// The version installed.
+    pub version: String,
+    /// 1-based GPT entry numbers of the data and hash partitions written.
+    pub data_partition: u32,
+    /// See `data_partition`.
+    pub hash_partition: u32,
+    /// What the target slot was named before (`_empty` or `NAME_VERSION`).
+    pub replaced: String,
+    /// The version that was kept, if any.
+    pub kept: Option<String>,
+    /// ESP path of the UKI installed.
+    pub installed_uki: String,
+    /// ESP paths of the UKIs removed.
+    pub removed_ukis: Vec<String>,
+}
+
+/// The parts of a build report `kiln update` reads.
+#[derive(Debug, Deserialize)]
+struct NewReport {
+    name: String,
+    version: String,
+    disk_uuid: String,
+    root_hash: Option<String>,
+    source_date_epoch: Option<i64>,
+    boot: Option<NewBoot>,
+    partitions: Vec<NewPartition>,
+    artifacts: Vec<NewArtifact>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NewBoot {
+    uki: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct NewPartition {
+    #[serde(rename = "type")]
+    type_name: String,
+    type_uuid: String,
+    label: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct NewArtifact {
+    file: String,
+    size: u64,
+    sha256: String,
+}
+
+/// A UKI under `EFI/Linux/` named after the image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Uki {
+    /// File name.
+    file: String,
+    /// Its version.
+    version: String,
+    /// Boot counter: tries left and tries done, `None` when blessed (or never counted).
+    counter: Option<(u32, u32)>,
+}
+
+/// Parses `NAME_VERSION.efi`, `NAME_VERSION+LEFT.efi` or `NAME_VERSION+LEFT-DONE.efi`.
+fn parse_uki(name: &str, file: &str) -> Option<Uki> {
+    let stem = file
+        .strip_suffix(".efi")
+        .or_else(|| file.strip_suffix(".EFI"))?;
+    let rest = stem.strip_prefix(name)?.strip_prefix('_')?;
+    let (version, counter) = match rest.rsplit_once('+') {
+        None => (rest, None),
+        Some((v, c)) => {
+            let (left, done) = match c.split_once('-') {
+                Some((l, d)) => (l.parse().ok()?, d.parse().ok()?),
+                None => (c.parse().ok()?, 0),
+            };
+            (v, Some((left, done)))
+        }
+    };
+    (!version.is_empty()).then(|| Uki {
+        file: file.to_string(),
+        version: version.to_string(),
+        counter,
+    })
+}
+
+/// Version order as systemd compares versions, simplified: runs of digits compare as numbers,
+/// other characters by byte, `~` sorts before anything (a pre-release).
+pub fn version_cmp(a: &str, b: &str) -> Ordering {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (a.get(i), b.get(j)) {
+            (None, None) => return Ordering::Equal,
+            (Some(b'~'), Some(b'~')) => {
+                i += 1;
+                j += 1;
+            }
+            (Some(b'~'), _) => return Ordering::Less,
+            (_, Some(b'~')) => return Ordering::Greater,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let run = |s: &[u8], mut k: usize| {
+                    while s.get(k) == Some(&b'0') {
+                        k += 1;
+                    }
+                    let start = k;
+                    while s.get(k).is_some_and(u8::is_ascii_digit) {
+                        k += 1;
+                    }
+                    (start, k)
+                };
+                let (sa, ea) = run(a, i);
+                let (sb, eb) = run(b, j);
+                let o = (ea - sa)
+                    .cmp(&(eb - sb))
+                    .then_with(|| a[sa..ea].cmp(&b[sb..eb]));
+                if o != Ordering::Equal {
+                    return o;
+                }
+                i = ea;
+                j = eb;
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+}
+
+/// Finds and parses NEW's report; returns it with the directory its artifacts are in.
+fn load_new(with: &Path) -> Result<(NewReport, PathBuf)> {
+    let read = |p: &Path| -> Result<Option<NewReport>> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))?;
+        if v.get("format").and_then(|f| f.as_str()) != Some("kiln-build-report") {
+            return Ok(None);
+        }
+        let r: NewReport = serde_json::from_value(v)
+            .with_context(|| format!("{}: not a kiln build report", p.display()))?;
+        Ok(Some(r))
+    };
+    if with.is_dir() {
+        let mut found = Vec::new();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(with)
+            .with_context(|| format!("listing {}", with.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        names.sort();
+        for p in names {
+            // Other JSON files (SBOM, provenance, slot sidecar) are not reports: skip them.
+            if let Ok(Some(r)) = read(&p) {
+                found.push((r, p));
+            }
+        }
+        match found.len() {
+            1 => {
+                let (r, _) = found.remove(0);
+                Ok((r, with.to_path_buf()))
+            }
+            0 => bail!(
+                "{}: no kiln build report (NAME.json) in this directory",
+                with.display()
+            ),
+            _ => bail!(
+                "{}: {} build reports ({}); give the one to install",
+                with.display(),
+                found.len(),
+                found
+                    .iter()
+                    .map(|(_, p)| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    } else {
+        let r =
+            read(with)?.ok_or_else(|| anyhow!("{}: not a kiln build report", with.display()))?;
+        let dir = with
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok((r, dir))
+    }
+}
+
+/// Reads a split artifact of NEW, checking its size and sha256 against the report.
+fn read_artifact(r: &NewReport, dir: &Path, file: &str) -> Result<Vec<u8>> {
+    let a = r
+        .artifacts
+        .iter()
+        .find(|a| a.file == file)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: the report lists no {file}; was it built from an A/B spec (slots = 2) with [boot]?",
+                dir.display()
+            )
+        })?;
+    let p = dir.join(file);
+    let mut bytes = Vec::new();
+    File::open(&p)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .with_context(|| format!("reading {}", p.display()))?;
+    if bytes.len() as u64 != a.size {
+        bail!(
+            "{}: {} bytes, but the report says {}",
+            p.display(),
+            bytes.len(),
+            a.size
+        );
+    }
+    let sha = hex::encode(Sha256::digest(&bytes));
+    if sha != a.sha256 {
+        bail!(
+            "{}: sha256 {sha} does not match the report's {}",
+            p.display(),
+            a.sha256
+        );
+    }
+    Ok(bytes)
+}
+
+/// One A/B slot on the disk: indexes into `Gpt::partitions`.
+#[derive(Clone, Debug)]
+struct Slot {
+    data: usize,
+    hash: usize,
+    label: String,
+}
+
+/// Writes `bytes` at `off` and zeroes the rest of the `len`-byte range (plain writes: the
+/// range holds an older filesystem, so nothing may be skipped).
+fn write_range(f: &File, what: &str, off: u64, len: u64, bytes: &[u8]) -> Result<()> {
+    if bytes.len() as u64 > len {
+        bail!("{what}: {} bytes do not fit its {len}", bytes.len());
+    }
+    f.write_all_at(bytes, off)
+        .with_context(|| format!("{what}: writing {} bytes at offset {off}", bytes.len()))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = bytes.len() as u64;
+    while pos < len {
+        let n = (len - pos).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], off + pos)
+            .with_context(|| format!("{what}: zeroing at offset {}", off + pos))?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+fn flush(f: &File, image: &Path) -> Result<()> {
+    f.sync_all()
+        .with_context(|| format!("{}: flushing", image.display()))
+}
+
+/// Installs NEW into the inactive slot of `opts.image`.
+pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
+    let (new, dir) = load_new(&opts.with)?;
+    let nv = format!("{}_{}", new.name, new.version);
+    let src = opts.with.display();
+
+    // NEW's root pair: the data and verity partitions named NAME_VERSION.
+    let is_root = |t: &str| t.starts_with("root-") || t.starts_with("usr-");
+    let data_p = new
+        .partitions
+        .iter()
+        .find(|p| p.label == nv && is_root(&p.type_name) && !p.type_name.ends_with("-verity"))
+        .ok_or_else(|| anyhow!("{src}: no root or usr partition named {nv} in the report"))?;
+    let hash_p = new
+        .partitions
+        .iter()
+        .find(|p| p.label == nv && is_root(&p.type_name) && p.type_name.ends_with("-verity"))
+        .ok_or_else(|| {
+            anyhow!(
+                "{src}: {nv} has no verity partition; kiln update installs dm-verity roots only"
+            )
+        })?;
+    let data_type = repart::parse_uuid(&data_p.type_uuid)
+        .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", data_p.type_uuid))?;
+    let hash_type = repart::parse_uuid(&hash_p.type_uuid)
+        .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", hash_p.type_uuid))?;
+    let root_hash: [u8; 32] = new
+        .root_hash
+        .as_deref()
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| anyhow!("{src}: the report has no 32-byte root hash"))?;
+    let uki_name = new
+        .boot
+        .as_ref()
+        .map(|b| b.uki.clone())
+        .ok_or_else(|| anyhow!("{src}: {nv} has no [boot] section, so no UKI to install"))?;
+    let short = if data_p.type_name.starts_with("usr-") {
+        "usr"
+    } else {
+        "root"
+    };
+    let new_disk = repart::parse_uuid(&new.disk_uuid)
+        .ok_or_else(|| anyhow!("{src}: bad disk UUID {:?}", new.disk_uuid))?;
+
+    // The image.
+    let img = &opts.image;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .with_context(|| format!("opening {} for writing", img.display()))?;
+    let disk_len = (&f)
+        .seek(SeekFrom::End(0))
+        .with_context(|| format!("{}: finding its size", img.display()))?;
+    let mut table = Gpt::read(&f).with_context(|| format!("{}: reading the GPT", img.display()))?;
+    if let Some(why) = &table.primary_error {
+        bail!(
+            "{}: the primary GPT is damaged ({why}); repair it (sgdisk -e / gdisk) before updating",
+            img.display()
+        );
+    }
+    if table.disk_guid != new_disk {
+        bail!(
+            "{}: disk GUID {} differs from {src}'s {}: that build comes from another seed (another image family); refusing to install it",
+            img.display(),
+            repart::format_uuid(&table.disk_guid),
+            new.disk_uuid
+        );
+    }
+
+    // The A/B slots.
+    let datas: Vec<usize> = (0..table.partitions.len())
+        .filter(|&i| table.partitions[i].type_guid == data_type)
+        .collect();
+    let hashes: Vec<usize> = (0..table.partitions.len())
+        .filter(|&i| table.partitions[i].type_guid == hash_type)
+        .collect();
+    if datas.len() != 2 || hashes.len() != 2 {
+        bail!(
+            "{}: {} {} and {} {} partitions; an A/B image has two of each",
+            img.display(),
+            datas.len(),
+            data_p.type_name,
+            hashes.len(),
+            hash_p.type_name
+        );
+    }
+    let slots: Vec<Slot> = datas
+        .iter()
+        .zip(&hashes)
+        .map(|(&d, &h)| Slot {
+            data: d,
+            hash: h,
+            label: table.partitions[d].name.clone(),
+        })
+        .collect();
+    let prefix = format!("{}_", new.name);
+    for s in &slots {
+        if s.label != EMPTY_LABEL && !s.label.starts_with(&prefix) {
+            bail!(
+                "{}: partition {} is named {:?}, not {}VERSION: this disk is not an image of {:?}",
+                img.display(),
+                table.number(s.data),
+                s.label,
+                prefix,
+                new.name
+            );
+        }
+    }
+    let version_of = |s: &Slot| s.label.strip_prefix(&prefix).map(str::to_string);
+
+    // The ESP and the UKIs on it.
+    let esp_type = gpt::type_by_name("esp")
+        .map(|t| t.guid)
+        .ok_or_else(|| anyhow!("internal: no ESP type"))?;
+    let esp_i = (0..table.partitions.len())
+        .find(|&i| table.partitions[i].type_guid == esp_type)
+        .ok_or_else(|| anyhow!("{}: no EFI system partition", img.display()))?;
+    let esp = table.partitions[esp_i].clone();
+    let (esp_off, esp_len) = (esp.offset(), esp.size());
+    if esp_off + esp_len > disk_len {
+        bail!(
+            "{}: the ESP ends at {} past the disk's end {disk_len}",
+            img.display(),
+            esp_off + esp_len
+        );
+    }
+    let esp_where = format!("{}: ESP (partition {})", img.display(), table.number(esp_i));
+    let reader = FatReader::open(|off: u64, buf: &mut [u8]| {
+        if off + buf.len() as u64 > esp_len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("read at {off} past the end of the {esp_len}-byte ESP"),
+            ));
+        }
+        f.read_exact_at(buf, esp_off + off)
+    })
+    .with_context(|| esp_where.clone())?;
+    let entries = reader.walk().with_context(|| esp_where.clone())?;
+    let ukis: Vec<Uki> = entries
+        .iter()
+        .filter(|(p, e)| !e.is_dir() && p.to_ascii_lowercase().starts_with("/efi/linux/"))
+        .filter_map(|(_, e)| parse_uki(&new.name, &e.name))
+        .collect();
+
+    // Pick the target (see the module documentation).
+    let (target, kept) = match slots.iter().position(|s| s.label == EMPTY_LABEL) {
+        Some(t) => {
+            let other = &slots[1 - t];
+            (t, version_of(other))
+        }
+        None => {
+            let newest = |pred: &dyn Fn(&Uki) -> bool| -> Option<usize> {
+                let mut best: Option<(usize, String)> = None;
+                for (k, s) in slots.iter().enumerate() {
+                    let Some(v) = version_of(s) else { continue };
+                    if !ukis.iter().any(|u| u.version == v && pred(u)) {
+                        continue;
+                    }
+                    if best
+                        .as_ref()
+                        .is_none_or(|(_, b)| version_cmp(&v, b) == Ordering::Greater)
+                    {
+                        best = Some((k, v));
+                    }
+                }
+                best.map(|(k, _)| k)
+            };
+            let keep = newest(&|u| u.counter.is_none())
+                .or_else(|| newest(&|u| u.counter.is_some_and(|(l, _)| l > 0)))
+                .or_else(|| newest(&|_| true))
+                .unwrap_or_else(|| match (version_of(&slots[0]), version_of(&slots[1])) {
+                    (Some(a), Some(b)) if version_cmp(&b, &a) == Ordering::Greater => 1,
+                    _ => 0,
+                });
+            (1 - keep, version_of(&slots[keep]))
+        }
+    };
+    if kept.as_deref() == Some(new.version.as_str()) {
+        bail!(
+            "{}: version {} is already installed (partition {}) and is the one kept; nothing to do",
+            img.display(),
+            new.version,
+            table.number(slots[1 - target].data)
+        );
+    }
+    let slot = slots[target].clone();
+    let (d, h) = (
+        table.partitions[slot.data].clone(),
+        table.partitions[slot.hash].clone(),
+    );
+
+    // NEW's bytes, checked against its report, and that they fit.
+    let data = read_artifact(&new, &dir, &format!("{nv}.{short}.raw"))?;
+    let hash = read_artifact(&new, &dir, &format!("{nv}.{short}-verity.raw"))?;
+    let uki = read_artifact(&new, &dir, &format!("{nv}.efi"))?;
+    for (what, bytes, p, i) in [
+        ("data", &data, &d, slot.data),
+        ("verity", &hash, &h, slot.hash),
+    ] {
+        if bytes.len() as u64 > p.size() {
+            bail!(
+                "{}: {nv}'s {what} image is {} bytes but partition {} holds only {}; rebuild with the same partition sizes",
+                img.display(),
+                bytes.len(),
+                table.number(i),
+                p.size()
+            );
+        }
+        if p.offset() + p.size() > disk_len {
+            bail!(
+                "{}: partition {} ends past the disk",
+                img.display(),
+                table.number(i)
+            );
+        }
+    }
+
+    // The new ESP, assembled in memory before anything is written.
+    let replaced_version = version_of(&slot);
+    let mut removed = Vec::new();
+    let mtime = new.source_date_epoch.unwrap_or(0);
+    let mut tree = Tree::new(Meta {
+        mtime: Timestamp::from_secs(mtime),
+        ..Meta::default()
+    });
+    for (path, e) in &entries {
+        let meta = Meta {
+            perm: if e.is_dir() { 0o755 } else { 0o644 },
+            mtime: Timestamp::from_secs(e.mtime),
+            ..Meta::default()
+        };
+        if e.is_dir() {
+            tree.mkdir_p(path.as_bytes(), &meta)?;
+            continue;
+        }
+        let in_linux = path.to_ascii_lowercase().starts_with("/efi/linux/");
+        if in_linux {
+            if let Some(u) = parse_uki(&new.name, &e.name) {
+                if Some(&u.version) == replaced_version.as_ref() || u.version == new.version {
+                    removed.push(path.clone());
+                    continue;
+                }
+            }
+        }
+        let bytes = reader
+            .read_entry(e)
+            .with_context(|| format!("{esp_where}: reading {path}"))?;
+        tree.insert(
+            path.as_bytes(),
+            crate::boot::file(Arc::from(bytes), e.mtime),
+            &meta,
+        )?;
+    }
+    let linux_dir = entries
+        .iter()
+        .find(|(p, e)| e.is_dir() && p.eq_ignore_ascii_case("/efi/linux"))
+        .map(|(p, _)| p.clone())
+        .unwrap_or_else(|| "/EFI/Linux".into());
+    let installed = format!("{linux_dir}/{uki_name}");
+    tree.insert(
+        installed.as_bytes(),
+        crate::boot::file(Arc::from(uki), mtime),
+        &Meta {
+            mtime: Timestamp::from_secs(mtime),
+            ..Meta::default()
+        },
+    )?;
+    let label = Some(reader.label.clone()).filter(|l| !l.is_empty() && l != "NO NAME");
+    let fat_opts = FatOptions {
+        size: esp_len,
+        fat_type: Some(reader.geometry.fat_type),
+        volume_id: reader.volume_id,
+        label,
+    };
+    let esp_len_usize = usize::try_from(esp_len)
+        .map_err(|_| anyhow!("{esp_where}: {esp_len} bytes is too large to rebuild in memory"))?;
+    let esp_sink = MemSink::new(esp_len_usize);
+    FatWriter::new(&tree, fat_opts)
+        .and_then(|w| w.write(&fstree::HostContents, &esp_sink))
+        .with_context(|| {
+            format!("{esp_where}: the ESP with {uki_name} does not fit or cannot be written")
+        })?;
+    let esp_bytes = esp_sink.into_inner();
+
+    // 1. The slot's contents.
+    write_range(
+        &f,
+        &format!("{}: partition {}", img.display(), table.number(slot.data)),
+        d.offset(),
+        d.size(),
+        &data,
+    )?;
+    write_range(
+        &f,
+        &format!("{}: partition {}", img.display(), table.number(slot.hash)),
+        h.offset(),
+        h.size(),
+        &hash,
+    )?;
+    flush(&f, img)?;
+
+    // 2. The GPT: the root hash halves, raw, as UUIDs (what the UKI's roothash= looks for, as
+    //    kiln build sets them) and the version as names (what systemd-sysupdate and kiln.label= look for).
+    let mut a = [0u8; 16];
+    let mut b = [0u8; 16];
+    a.copy_from_slice(&root_hash[..16]);
+    b.copy_from_slice(&root_hash[16..]);
+    let dups =
+        table.partitions.iter().enumerate().any(|(i, p)| {
+            i != slot.data && i != slot.hash && (p.part_guid == a || p.part_guid == b)
+        });
+    if dups {
+        bail!(
+            "{}: another partition already has the root hash of {nv} as its UUID",
+            img.display()
+        );
+    }
+    table.partitions[slot.data].part_guid = a;
+    table.partitions[slot.hash].part_guid = b;
+    table.partitions[slot.data].name = nv.clone();
+    table.partitions[slot.hash].name = nv.clone();
+    table
+        .validate()
+        .map_err(|e| anyhow!("{}: the updated GPT: {e}", img.display()))?;
+    if table.disk_size() != disk_len - disk_len % 512 {
+        bail!(
+            "{}: the GPT describes {} bytes but the disk has {disk_len}",
+            img.display(),
+            table.disk_size()
+        );
+    }
+    for (off, bytes) in table
+        .regions()
+        .map_err(|e| anyhow!("{}: GPT: {e}", img.display()))?
+    {
+        f.write_all_at(&bytes, off)
+            .with_context(|| format!("{}: writing the GPT at offset {off}", img.display()))?;
+    }
+    flush(&f, img)?;
+
+    // 3. The ESP.
+    f.write_all_at(&esp_bytes, esp_off)
+        .with_context(|| format!("{esp_where}: writing"))?;
+    flush(&f, img)?;
+
+    Ok(UpdateReport {
+        name: new.name.clone(),
+        version: new.version.clone(),
+        data_partition: table.number(slot.data),
+        hash_partition: table.number(slot.hash),
+        replaced: slot.label,
+        kept,
+        installed_uki: installed,
+        removed_ukis: removed,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uki_names() {
+        assert_eq!(
+            parse_uki("app", "app_2+3.efi"),
+            Some(Uki {
+                file: "app_2+3.efi".into(),
+                version: "2".into(),
+                counter: Some((3, 0))
+            })
+        );
+        assert_eq!(
+            parse_uki("app", "app_2.1+0-3.efi").unwrap().counter,
+            Some((0, 3))
+        );
+        assert_eq!(parse_uki("app", "app_1.efi").unwrap().counter, None);
+        assert_eq!(parse_uki("app", "app_1.efi").unwrap().version, "1");
+        assert!(parse_uki("app", "other_1.efi").is_none());
+        assert!(parse_uki("app", "app_.efi").is_none());
+        assert!(parse_uki("app", "app_1+x.efi").is_none());
+        assert!(parse_uki("app", "apple_1.efi").is_none());
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        use Ordering::*;
+        for (a, b, o) in [
+            ("2", "10", Less),
+            ("1.10", "1.9", Greater),
+            ("1.0", "1.0", Equal),
+            ("1.0~rc1", "1.0", Less),
+            ("1.0", "1.0a", Less),
+            ("007", "7", Equal),
+            ("2026.1", "2025.12", Greater),
+        ] {
+            assert_eq!(version_cmp(a, b), o, "{a} vs {b}");
+        }
+    }
+}
