@@ -393,7 +393,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let mut trees = prepare::split(&spec, &tree)?;
     for (p, t) in spec.partitions.iter().zip(trees.iter_mut()) {
         if let Some(t) = t {
-            prepare::place_slots(p, t, &contents)?;
+            prepare::place_slots(p, t, &contents, mtime)?;
         }
     }
 

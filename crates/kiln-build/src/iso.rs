@@ -280,15 +280,10 @@ fn iso_tree(
     };
     for (p, pt) in spec.partitions.iter().zip(partition_trees) {
         for s in &p.slot {
-            let mut src = pt
+            let src = pt
                 .as_ref()
                 .and_then(|pt| pt.resolve(s.path.as_bytes()).map(|id| pt.node(id).clone()))
                 .ok_or_else(|| anyhow!("internal: slot {} has no file in its tree", s.name))?;
-            // A default payload from outside the tree has no time of its own: date it like
-            // the rest of the medium rather than 1970.
-            if src.meta.mtime == Timestamp::default() {
-                src.meta.mtime = Timestamp::from_secs(mtime);
-            }
             if t.resolve(s.path.as_bytes()).is_some()
                 || s.path == "/live"
                 || s.path.starts_with("/live/")
@@ -378,7 +373,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
     let mut part_trees = prepare::split(spec, inp.tree)?;
     for (p, t) in spec.partitions.iter().zip(part_trees.iter_mut()) {
         if let Some(t) = t {
-            prepare::place_slots(p, t, inp.contents)?;
+            prepare::place_slots(p, t, inp.contents, inp.epoch.unwrap_or(0))?;
         }
     }
     let esp_index = spec.partitions.iter().position(|p| p.type_name == "esp");

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use kiln_formats::fstree::{
-    Contents, DataRef, FileData, Meta, Node, NodeId, NodeKind, SlotReservation, Tree, ROOT,
+    Contents, DataRef, FileData, Meta, Node, NodeId, NodeKind, SlotReservation, Timestamp, Tree,
+    ROOT,
 };
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -101,7 +102,19 @@ pub fn split(spec: &Spec, src: &Tree) -> Result<Vec<Option<Tree>>> {
 
 /// Places each slot file of partition `p` in its tree, with its reservation and default
 /// payload: the spec's `default` file, else the tree's file at that path, else empty.
-pub fn place_slots(p: &spec::Partition, tree: &mut Tree, contents: &dyn Contents) -> Result<()> {
+pub fn place_slots(
+    p: &spec::Partition,
+    tree: &mut Tree,
+    contents: &dyn Contents,
+    mtime: i64,
+) -> Result<()> {
+    // A slot file that is not in the tree (a default payload from the host, or none) is dated
+    // like everything else the build makes, not 1970.
+    let new_meta = Meta {
+        perm: 0o644,
+        mtime: Timestamp::from_secs(mtime),
+        ..Meta::default()
+    };
     for s in &p.slot {
         let existing = tree.resolve(s.path.as_bytes());
         let (data, meta) = match (&s.default, existing) {
@@ -109,10 +122,9 @@ pub fn place_slots(p: &spec::Partition, tree: &mut Tree, contents: &dyn Contents
                 let md = std::fs::metadata(path).with_context(|| {
                     format!("slot {} default payload {}", s.name, path.display())
                 })?;
-                let meta = existing.map(|e| tree.node(e).meta.clone()).unwrap_or(Meta {
-                    perm: 0o644,
-                    ..Meta::default()
-                });
+                let meta = existing
+                    .map(|e| tree.node(e).meta.clone())
+                    .unwrap_or_else(|| new_meta.clone());
                 (
                     FileData::dense(md.len(), DataRef::Host(Arc::from(path.as_path()))),
                     meta,
@@ -145,13 +157,7 @@ pub fn place_slots(p: &spec::Partition, tree: &mut Tree, contents: &dyn Contents
                     k.name()
                 ),
             },
-            (None, None) => (
-                FileData::dense(0, DataRef::Empty),
-                Meta {
-                    perm: 0o644,
-                    ..Meta::default()
-                },
-            ),
+            (None, None) => (FileData::dense(0, DataRef::Empty), new_meta.clone()),
         };
         if data.size > s.capacity {
             bail!(
@@ -172,7 +178,7 @@ pub fn place_slots(p: &spec::Partition, tree: &mut Tree, contents: &dyn Contents
         };
         let parent_meta = Meta {
             perm: 0o755,
-            ..Meta::default()
+            ..new_meta.clone()
         };
         tree.insert(s.path.as_bytes(), node, &parent_meta)
             .with_context(|| format!("slot {} (line {})", s.name, s.at.line))?;

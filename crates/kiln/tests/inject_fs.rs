@@ -195,6 +195,19 @@ fn filesystem_slots_of_a_built_image() {
     let base_sha = sha(&base);
     // The defaults as built: the spec's default page, empty files where none is given.
     check_filesystems(&base, &r, dir, DEFAULT_PAGE, DEFAULT_PAGE, b"", b"");
+    // Slot files the build adds are dated SOURCE_DATE_EPOCH like the rest, not 1970.
+    let p0 = part(&base, &r, 0, &dir.join("p0-stat.ext4"));
+    let stat = check(
+        Command::new("debugfs")
+            .args(["-R", "stat /index.html"])
+            .arg(&p0),
+        "debugfs",
+    );
+    let stat = String::from_utf8_lossy(&stat);
+    assert!(
+        stat.contains("mtime: 0x6553f100"),
+        "slot file mtime is not 1700000000:\n{stat}"
+    );
 
     // One copy injected in place again and again: each step must equal injecting the base.
     let inplace = dir.join("inplace.img");
