@@ -588,7 +588,10 @@ fn kiln_boot_fails_on_timeout() {
         .arg(&fx.initrd)
         .args([
             "--append",
-            "console=ttyS0 panic=-1 kiln.var=off",
+            // A root that never appears, waited for far longer than the timeout: the guest
+            // stays busy however fast the machine is.
+            "console=ttyS0 panic=-1 kiln.var=off kiln.timeout=300 \
+             root=PARTUUID=0badc0de-0000-4000-8000-000000000000",
             "--expect",
             "NEVER-PRINTED",
             "--timeout",
