@@ -246,11 +246,27 @@ fn boots_blesses_updates_and_rolls_back() {
         .as_str()
         .unwrap()
         .contains("kiln.label=appliance_1"));
+    // The machine's disk is v1 personalised with `kiln inject`: its own kiosk page in the
+    // piece slot (the built image itself stays as it was).
     let disk = dir.join("disk.img");
-    fs::copy(dir.join("v1/appliance_1.img"), &disk).unwrap();
+    let base = dir.join("v1/appliance_1.img");
+    let base_sha = sha(&base);
+    let page = "<html><body><h1>Injected kiosk page</h1>\n<p>for machine 0451</p></body></html>\n";
+    let page_file = dir.join("mine.html");
+    fs::write(&page_file, page).unwrap();
+    run_ok(
+        kiln()
+            .arg("inject")
+            .arg(&base)
+            .arg("--slot")
+            .arg(format!("piece={}", page_file.display()))
+            .arg("-o")
+            .arg(&disk),
+    );
+    assert_eq!(sha(&base), base_sha, "kiln inject changed the base image");
     assert_eq!(esp_ukis(&disk), ["appliance_1+3.efi"]);
 
-    // v1: marker with the version, the page from the piece partition, blessed.
+    // v1: marker with the version, the injected page from the piece partition, blessed.
     let o = boot(&disk, "APPLIANCE-DONE", "v1");
     assert!(
         o.console.contains("dm-verity active"),
@@ -262,7 +278,6 @@ fn boots_blesses_updates_and_rolls_back() {
         m.contains(&"APPLIANCE-BOOT image=appliance version=1"),
         "{m:?}"
     );
-    let page = fs::read_to_string(spec.join("piece.html")).unwrap();
     let between = o
         .console
         .split("APPLIANCE-PAGE-BEGIN")
