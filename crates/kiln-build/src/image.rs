@@ -406,9 +406,11 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         None => None,
         Some(b) => {
             let root_fs = root_index.map(|i| spec.partitions[i].fs.name());
-            let mut cfg = kiln_init::config::Config::default();
-            cfg.overlays = b.overlays.clone();
-            cfg.rootfstype = root_fs.map(str::to_string);
+            let cfg = kiln_init::config::Config {
+                overlays: b.overlays.clone(),
+                rootfstype: root_fs.map(str::to_string),
+                ..Default::default()
+            };
             let parts = boot::prepare(
                 b,
                 &tree,
@@ -853,7 +855,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         slot_table.write_into(file, &disk_path.display().to_string())?;
         let side = AtomicFile::create(&islots::sidecar_path(&disk_path))?;
         let json = slot_table.to_sidecar_json()?;
-        (&*side.file()).write_all(json.as_bytes())?;
+        side.file().write_all(json.as_bytes())?;
         artifacts.push(artifact_of_bytes(&side, json.as_bytes()));
         pending.push(side);
         stages.done(format_args!(
@@ -874,7 +876,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         .ok_or_else(|| anyhow!("internal: no plain sha256 from the chunk table"))?;
     let chunk_file = AtomicFile::create(&kiln_inject::chunks::sidecar_path(&disk_path))?;
     let cbytes = chunks.to_bytes();
-    (&*chunk_file.file()).write_all(&cbytes)?;
+    chunk_file.file().write_all(&cbytes)?;
     artifacts.push(artifact_of_bytes(&chunk_file, &cbytes));
     pending.push(chunk_file);
     let part_shas: Vec<[u8; 32]> = lay
@@ -950,7 +952,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     }
     if let Some(uki) = &uki_bytes {
         let f = AtomicFile::create(&opts.outdir.join(format!("{name_version}.efi")))?;
-        (&*f.file()).write_all(uki)?;
+        f.file().write_all(uki)?;
         artifacts.push(artifact_of_bytes(&f, uki));
         pending.push(f);
     }
@@ -959,7 +961,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         std::fs::create_dir_all(&dir)?;
         for t in ts {
             let f = AtomicFile::create(&dir.join(&t.file))?;
-            (&*f.file()).write_all(t.text.as_bytes())?;
+            f.file().write_all(t.text.as_bytes())?;
             let mut a = artifact_of_bytes(&f, t.text.as_bytes());
             a.file = format!("sysupdate.d/{}", t.file);
             artifacts.push(a);
@@ -1048,7 +1050,7 @@ fn finish(
     let sbom = kiln_ship::sbom::spdx_for_tree(f.tree, f.contents, &spec.name, Some(&first))?;
     let sbom_text = serde_json::to_string_pretty(&sbom)? + "\n";
     let sf = AtomicFile::create(&opts.outdir.join(format!("{name_version}.spdx.json")))?;
-    (&*sf.file()).write_all(sbom_text.as_bytes())?;
+    sf.file().write_all(sbom_text.as_bytes())?;
     report
         .artifacts
         .push(artifact_of_bytes(&sf, sbom_text.as_bytes()));
@@ -1090,12 +1092,13 @@ fn finish(
         serde_json::to_string_pretty(&kiln_ship::provenance::statement(&subjects, &def, &run))?
             + "\n";
     let pf = AtomicFile::create(&opts.outdir.join(format!("{name_version}.provenance.json")))?;
-    (&*pf.file()).write_all(prov.as_bytes())?;
+    pf.file().write_all(prov.as_bytes())?;
     pending.push(pf);
 
     let report_path = opts.outdir.join(format!("{}.json", spec.name));
     let rf = AtomicFile::create(&report_path)?;
-    (&*rf.file()).write_all((serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+    rf.file()
+        .write_all((serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
 
     // Commit: everything else first, the images, then the report that describes them.
     for p in pending {

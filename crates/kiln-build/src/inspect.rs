@@ -98,7 +98,7 @@ fn text(b: &[u8]) -> Option<String> {
 
 /// Recognises what starts at `off` in `f`.
 pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
-    let mut head = vec![0u8; 4096.min(len as usize).max(0)];
+    let mut head = vec![0u8; 4096.min(usize::try_from(len).unwrap_or(usize::MAX))];
     if head.len() < 1024 || f.read_exact_at(&mut head, off).is_err() {
         return None;
     }

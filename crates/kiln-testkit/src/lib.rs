@@ -369,6 +369,31 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// A temp dir for trees of many small files: on a RAM filesystem when the machine has one with
+/// room to spare (creating and deleting 100k-entry directories several times on a disk
+/// filesystem costs minutes in inode-allocation scans), else in the default temp dir.
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let roomy = free_bytes(shm).is_some_and(|free| free >= 8 << 30);
+    let mut b = tempfile::Builder::new();
+    b.prefix(prefix);
+    if roomy {
+        if let Ok(d) = b.tempdir_in(shm) {
+            return d;
+        }
+    }
+    b.tempdir().unwrap()
+}
+
+/// Free bytes of the filesystem holding `p`, or None when it cannot be asked.
+fn free_bytes(p: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    (r == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,29 +421,4 @@ mod tests {
         );
         fs::remove_dir_all(&a).unwrap();
     }
-}
-
-/// A temp dir for trees of many small files: on a RAM filesystem when the machine has one with
-/// room to spare (creating and deleting 100k-entry directories several times on a disk
-/// filesystem costs minutes in inode-allocation scans), else in the default temp dir.
-pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    let roomy = free_bytes(shm).is_some_and(|free| free >= 8 << 30);
-    let mut b = tempfile::Builder::new();
-    b.prefix(prefix);
-    if roomy {
-        if let Ok(d) = b.tempdir_in(shm) {
-            return d;
-        }
-    }
-    b.tempdir().unwrap()
-}
-
-/// Free bytes of the filesystem holding `p`, or None when it cannot be asked.
-fn free_bytes(p: &Path) -> Option<u64> {
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
-    (r == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
 }

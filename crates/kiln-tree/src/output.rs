@@ -103,7 +103,7 @@ mod tests {
         let dest = d.path().join("out.img");
         {
             let a = AtomicFile::create(&dest).unwrap();
-            (&*a.file()).write_all(b"partial").unwrap();
+            a.file().write_all(b"partial").unwrap();
         }
         assert_eq!(
             fs::read_dir(d.path()).unwrap().count(),
@@ -111,7 +111,7 @@ mod tests {
             "dropped output leaves nothing"
         );
         let a = AtomicFile::create(&dest).unwrap();
-        (&*a.file()).write_all(b"done").unwrap();
+        a.file().write_all(b"done").unwrap();
         a.commit().unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"done");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);

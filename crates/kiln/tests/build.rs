@@ -1,5 +1,6 @@
 //! `kiln build` against the reference tools: sgdisk, e2fsck, fsck.erofs, fsck.fat, veritysetup,
 //! systemd-repart and systemd-dissect; reproducibility; spec and budget errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! from the environment and from a docker config file, and the Bearer token flow (challenge,
 //! token endpoint with Basic credentials, retry with the token) against a small scripted
 //! registry, since running the distribution registry's token auth needs a signing CA.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod ship_support;
 

@@ -1,5 +1,6 @@
 //! Signatures checked by the `minisign` CLI, SBOMs checked by `pyspdxtools` and against
 //! `dpkg-query` / `rpm -qa`, and the content policy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod ship_support;
 

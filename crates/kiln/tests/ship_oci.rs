@@ -1,5 +1,6 @@
 //! `kiln push` / `kiln pull` against the CNCF distribution registry on loopback, with the ORAS
 //! reference client (oras-py) on the other side.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod ship_support;
 

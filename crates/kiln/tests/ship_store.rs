@@ -1,5 +1,6 @@
 //! Object storage, manifests and cache sync against `s3s-fs` on loopback (a real S3 server
 //! that checks SigV4 and honours If-Match / If-None-Match on PutObject).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod ship_support;
 

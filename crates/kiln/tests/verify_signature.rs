@@ -1,4 +1,5 @@
 //! `kiln verify FILE --pub KEY`: kiln's own signatures verify, tampered files and wrong keys fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 

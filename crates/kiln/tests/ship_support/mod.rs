@@ -2,7 +2,7 @@
 //! by the test itself: the CNCF distribution registry (`docker-registry`), `s3s-fs`, and a
 //! cutting proxy for interrupted downloads. A missing tool fails the test loudly: CI installs
 //! every one of them.
-
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
