@@ -706,19 +706,7 @@ impl Gpt {
     /// Reads the GPT of an in-memory disk image.
     pub fn from_bytes(disk: &[u8]) -> Result<Gpt, GptError> {
         Self::read_with(disk.len() as u64, |off, buf| {
-            let src = usize::try_from(off)
-                .ok()
-                .and_then(|o| disk.get(o..o.checked_add(buf.len())?));
-            match src {
-                Some(s) => {
-                    buf.copy_from_slice(s);
-                    Ok(())
-                }
-                None => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "read past the end of the image",
-                )),
-            }
+            crate::io::ReadAt::read_at(disk, off, buf)
         })
     }
 
