@@ -19,6 +19,7 @@ use kiln_build::initrd::{self, Compression, InitrdOptions};
 use kiln_build::qemu::{self, BootOptions, DirectKernel, Ending, Firmware};
 use kiln_formats::fstree::{DataRef, FileData, HostContents, Meta, Node, NodeKind, Tree};
 use kiln_formats::pe;
+use kiln_testkit::{require_tool as tool, run_ok};
 
 const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 const ROOT_TYPE: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
@@ -48,27 +49,9 @@ struct Fixture {
     roothash: String,
 }
 
-fn tool(name: &str) -> PathBuf {
-    for d in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-    {
-        let p = d.join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("{name} not found; install it (CI's .ci/run does)");
-}
-
+/// Runs a command that must succeed; its stdout.
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
 }
 
 fn uuid_of(hex: &str) -> String {

@@ -15,9 +15,10 @@ mod common;
 use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
+use kiln_testkit::{require_tool as tool, run_ok as run};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -67,29 +68,6 @@ fs = "ext4"
 size = "4M"
 slot = { name = "piece", path = "/piece.html", capacity = "64K", default = "piece.html" }
 "#;
-
-fn tool(name: &str) -> PathBuf {
-    for d in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-    {
-        let p = d.join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("{name} not found; install it (CI's .ci/run does)");
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
