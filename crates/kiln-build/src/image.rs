@@ -773,61 +773,59 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         for s in &sp.slot {
             let default = default_payload(t, &contents, &s.path)?;
             let fs = part.offset;
+            // Only one arm runs, so the closure may take `default` by value.
+            let slot_of = move |data: ByteRange, meta: SlotMeta| islots::Slot {
+                name: s.name.clone(),
+                path: s.path.clone(),
+                capacity: s.capacity,
+                data: vec![data],
+                meta,
+                default,
+            };
             let slot = match w {
                 Written::Ext4(r) => {
                     let l = r.slots.iter().find(|l| l.name == s.name).ok_or_else(|| {
                         anyhow!("slot {}: not reported by the ext4 writer", s.name)
                     })?;
-                    islots::Slot {
-                        name: s.name.clone(),
-                        path: s.path.clone(),
-                        capacity: s.capacity,
-                        data: vec![ByteRange {
+                    slot_of(
+                        ByteRange {
                             offset: fs + l.data_offset,
                             len: align_up(l.capacity, 4096),
-                        }],
-                        meta: SlotMeta::Ext4(islots::Ext4Meta {
+                        },
+                        SlotMeta::Ext4(islots::Ext4Meta {
                             fs_offset: fs,
                             inode: l.inode,
                             inode_offset: fs + l.inode_offset,
                         }),
-                        default,
-                    }
+                    )
                 }
                 Written::Erofs(sum) => {
                     let l = sum.slots.iter().find(|l| l.name == s.name).ok_or_else(|| {
                         anyhow!("slot {}: not reported by the EROFS writer", s.name)
                     })?;
-                    islots::Slot {
-                        name: s.name.clone(),
-                        path: s.path.clone(),
-                        capacity: s.capacity,
-                        data: vec![ByteRange {
+                    slot_of(
+                        ByteRange {
                             offset: fs + l.data_offset,
                             len: align_up(l.capacity, 4096),
-                        }],
-                        meta: SlotMeta::Erofs(islots::ErofsMeta {
+                        },
+                        SlotMeta::Erofs(islots::ErofsMeta {
                             fs_offset: fs,
                             nid: l.nid,
                             inode_offset: fs + l.inode_offset,
                             extended: l.extended,
                         }),
-                        default,
-                    }
+                    )
                 }
                 Written::Fat(r) => {
                     let l = r.slots.iter().find(|l| l.name == s.name).ok_or_else(|| {
                         anyhow!("slot {}: not reported by the FAT writer", s.name)
                     })?;
-                    islots::Slot {
-                        name: s.name.clone(),
-                        path: s.path.clone(),
-                        capacity: s.capacity,
-                        data: vec![ByteRange {
+                    slot_of(
+                        ByteRange {
                             offset: fs + l.data_offset,
                             len: u64::from(l.cluster_count) * u64::from(l.cluster_size),
-                        }],
-                        meta: SlotMeta::Fat(islots::FatMeta {
+                        },
+                        SlotMeta::Fat(islots::FatMeta {
                             fs_offset: fs,
                             dirent_offset: fs + l.dirent_offset,
                             first_cluster: l.first_cluster,
@@ -837,8 +835,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                             cluster_size: l.cluster_size,
                             fat_bits: fat_bits(l.fat_type),
                         }),
-                        default,
-                    }
+                    )
                 }
             };
             slot_list.push(slot);
