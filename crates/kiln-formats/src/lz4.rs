@@ -106,16 +106,15 @@ fn push_len(out: &mut Vec<u8>, mut n: usize) {
     out.push(n as u8);
 }
 
+// One bounds check per read; the conversions cannot fail on a slice of exactly that length.
 #[inline]
 fn read_u32(s: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]])
+    s[i..i + 4].try_into().map_or(0, u32::from_le_bytes)
 }
 
 #[inline]
 fn read_u64(s: &[u8], i: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&s[i..i + 8]);
-    u64::from_le_bytes(b)
+    s[i..i + 8].try_into().map_or(0, u64::from_le_bytes)
 }
 
 /// Length of the common prefix of `s[a..]` and `s[b..]` (a < b), not reading past `limit`.
@@ -206,16 +205,28 @@ impl Emitter<'_> {
     }
 }
 
+/// Both parsers step `1 + misses >> SKIP_SHIFT` positions after `misses` failed searches.
+const SKIP_SHIFT: u32 = 6;
+
 /// Positions after a match start that lazy evaluation tries.
 const LAZY_STEPS: usize = 1;
 
-const FAST_HASH_LOG: u32 = 14;
-const HC_HASH_LOG: u32 = 15;
+/// Hash table size (log2) of both modes: 16K entries of 4 bytes stay within a core's L1/L2
+/// (the table is read once per input position, so its misses dominate the high mode).
+const HASH_LOG: u32 = 14;
+const HASH_SIZE: usize = 1 << HASH_LOG;
+/// Chain table: one 16-bit back distance per position modulo 64 KiB, which is exactly the
+/// match window (a distance of `u16::MAX` ends the chain).
 const CHAIN_SIZE: usize = 1 << 16;
+/// Absolute positions start here, so a zeroed or older entry is always more than a window away.
+const FIRST_BASE: u32 = 1 << 17;
+/// Matches start within the first this-many bytes of a block (positions are 32-bit); the
+/// rest of a larger block is stored as literals. EROFS units are far smaller.
+const MAX_SEARCH: usize = 1 << 30;
 
 #[inline]
-fn hash4(v: u32, log: u32) -> usize {
-    (v.wrapping_mul(2_654_435_761) >> (32 - log)) as usize
+fn hash4(v: u32) -> usize {
+    (v.wrapping_mul(2_654_435_761) >> (32 - HASH_LOG)) as usize
 }
 
 /// A reusable compressor. Its tables are kept between calls (positions are stored with a
@@ -223,9 +234,14 @@ fn hash4(v: u32, log: u32) -> usize {
 /// many small EROFS clusters.
 pub struct Compressor {
     level: Level,
-    head: Vec<u32>,
-    chain: Vec<u16>,
+    /// Latest absolute position (`base + offset`) of each hash.
+    head: Box<[u32; HASH_SIZE]>,
+    /// Distance to the previous position with the same hash (high mode only).
+    chain: Box<[u16; CHAIN_SIZE]>,
+    /// Absolute position of the current block's first byte.
     base: u32,
+    /// One past the absolute positions the current block may store.
+    end: u32,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -239,27 +255,26 @@ impl std::fmt::Debug for Compressor {
 impl Compressor {
     /// A compressor for `level`.
     pub fn new(level: Level) -> Self {
-        let (hlog, chain) = match level {
-            Level::Fast => (FAST_HASH_LOG, 0),
-            Level::High(_) => (HC_HASH_LOG, CHAIN_SIZE),
-        };
         Self {
             level,
-            head: vec![u32::MAX; 1 << hlog],
-            chain: vec![0; chain],
-            base: 0,
+            head: Box::new([0; HASH_SIZE]),
+            chain: Box::new([u16::MAX; CHAIN_SIZE]),
+            base: FIRST_BASE,
+            end: FIRST_BASE,
         }
     }
 
-    /// Starts a new block of `len` bytes: moves the base past every stored position so old
-    /// entries read as out of window.
+    /// Starts a new block of `len` bytes: moves the base more than a window past every
+    /// position the previous blocks stored, so their entries read as out of reach.
     fn reset(&mut self, len: usize) {
-        let need = len as u64 + MAX_DISTANCE as u64 + 2;
-        if u64::from(self.base) + 2 * need >= u64::from(u32::MAX) {
-            self.head.fill(u32::MAX);
-            self.base = 0;
+        let len = len.min(MAX_SEARCH) as u64;
+        let mut next = u64::from(self.end) + MAX_DISTANCE as u64 + 2;
+        if next + len >= u64::from(u32::MAX) {
+            self.head.fill(0);
+            next = u64::from(FIRST_BASE) + MAX_DISTANCE as u64 + 2;
         }
-        self.base += need as u32;
+        self.base = next as u32;
+        self.end = (next + len) as u32;
     }
 
     /// Compresses all of `src` as one block, appending to `out`.
@@ -293,25 +308,22 @@ impl Compressor {
     /// Greedy parse; returns the anchor of the final literal run.
     fn fast(&mut self, src: &[u8], em: &mut Emitter<'_>) -> usize {
         let base = self.base;
-        let match_limit = src.len() - MFLIMIT; // matches start before this
+        let match_limit = (src.len() - MFLIMIT).min(MAX_SEARCH); // matches start before this
         let end = src.len() - LASTLITERALS; // and end at or before this
         let mut anchor = 0usize;
         let mut ip = 0usize;
         let mut misses = 0usize;
         while ip < match_limit {
             let seq = read_u32(src, ip);
-            let h = hash4(seq, FAST_HASH_LOG);
+            let h = hash4(seq);
             let stored = self.head[h];
             self.head[h] = base + ip as u32;
-            let cand = stored.wrapping_sub(base) as usize;
-            if stored == u32::MAX
-                || stored < base
-                || cand >= ip
-                || ip - cand > MAX_DISTANCE
-                || read_u32(src, cand) != seq
-            {
+            // Older blocks and empty entries are more than a window behind.
+            let dist = (base + ip as u32).wrapping_sub(stored) as usize;
+            let cand = ip.wrapping_sub(dist);
+            if dist > MAX_DISTANCE || dist == 0 || read_u32(src, cand) != seq {
                 misses += 1;
-                ip += 1 + (misses >> 6);
+                ip += 1 + (misses >> SKIP_SHIFT);
                 continue;
             }
             misses = 0;
@@ -330,7 +342,7 @@ impl Compressor {
             // Seed the table inside the match for the next search.
             if ip - 2 < match_limit {
                 let p = ip - 2;
-                self.head[hash4(read_u32(src, p), FAST_HASH_LOG)] = base + p as u32;
+                self.head[hash4(read_u32(src, p))] = base + p as u32;
             }
         }
         anchor
@@ -341,15 +353,13 @@ impl Compressor {
     fn insert(&mut self, src: &[u8], from: usize, to: usize) {
         let base = self.base;
         for p in from..to {
-            let h = hash4(read_u32(src, p), HC_HASH_LOG);
-            let prev = self.head[h];
-            let delta = if prev == u32::MAX || prev < base {
-                u16::MAX
-            } else {
-                (base + p as u32 - prev).min(u32::from(u16::MAX)) as u16
-            };
+            let h = hash4(read_u32(src, p));
+            let abs = base + p as u32;
+            // Empty and older-block entries are more than a window back and saturate to the
+            // end-of-chain distance.
+            let delta = abs.wrapping_sub(self.head[h]).min(u32::from(u16::MAX)) as u16;
             self.chain[p & (CHAIN_SIZE - 1)] = delta;
-            self.head[h] = base + p as u32;
+            self.head[h] = abs;
         }
     }
 
@@ -364,7 +374,6 @@ impl Compressor {
         min_len: usize,
         mut attempts: usize,
     ) -> (usize, usize) {
-        let base = self.base;
         let nice = self.level.nice();
         let mut best = (min_len, 0usize);
         let seq = read_u32(src, ip);
@@ -396,7 +405,6 @@ impl Compressor {
                 }
             }
         }
-        let _ = base;
         if best.1 == 0 {
             (0, 0)
         } else {
@@ -407,21 +415,29 @@ impl Compressor {
     /// Hash-chain parse with two-step lazy matching; returns the anchor of the final literal
     /// run.
     fn high(&mut self, src: &[u8], em: &mut Emitter<'_>) -> usize {
-        let match_limit = src.len() - MFLIMIT;
+        let match_limit = (src.len() - MFLIMIT).min(MAX_SEARCH);
         let end = src.len() - LASTLITERALS;
         let mut anchor = 0usize;
         let mut ip = 0usize;
         let mut inserted = 0usize;
+        let mut misses = 0usize;
         while ip < match_limit {
+            // Positions skipped over in a run of misses stay out of the chains: that is what
+            // makes the skip cheap.
+            inserted = inserted.max(ip);
             self.insert(src, inserted, ip + 1);
             inserted = ip + 1;
             let attempts = self.level.attempts();
             let nice = self.level.nice();
             let (mut mlen, mut off) = self.longest(src, ip, end, MINMATCH - 1, attempts);
             if mlen == 0 {
-                ip += 1;
+                // Incompressible stretches: after 64 misses in a row, step over more and more
+                // positions (+0.04 % output on /usr, a third less time).
+                misses += 1;
+                ip += 1 + (misses >> SKIP_SHIFT);
                 continue;
             }
+            misses = 0;
             let mut mstart = ip;
             // Lazy evaluation: a longer match one or two bytes later wins over this one.
             while mlen < nice {
@@ -674,6 +690,43 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    /// A reused compressor must encode every block exactly as a fresh one does: EROFS units
+    /// go to whichever worker thread is free, so any trace of an earlier block in the tables
+    /// would make images depend on scheduling. Long blocks followed by shorter ones are the
+    /// case where old positions land just inside the next block's window if the base does not
+    /// advance far enough.
+    #[test]
+    fn reused_compressor_matches_a_fresh_one() {
+        let blocks: Vec<Vec<u8>> = vec![
+            vec![0; 1 << 20],
+            text(20_000),
+            text(100_000),
+            text(20_000),
+            text(300_000),
+            text(200_000),
+            [vec![b'a'; 600_000], text(400_000)].concat(),
+            text(3000),
+            kiln_random(3, 90_000),
+            [text(70_000), vec![0; 200_000]].concat(),
+            text(100),
+        ];
+        for level in [Level::Fast, Level::High(6), Level::High(12)] {
+            let mut reused = Compressor::new(level);
+            for cap in [usize::MAX, 65536, 4096] {
+                for (i, b) in blocks.iter().enumerate() {
+                    {
+                        let mut a = Vec::new();
+                        let na = reused.compress_dest(b, cap, &mut a);
+                        let mut f = Vec::new();
+                        let nf = Compressor::new(level).compress_dest(b, cap, &mut f);
+                        assert_eq!((na, &a), (nf, &f), "{level:?} block {i} cap {cap}");
+                        assert_eq!(decompress(&a, na).unwrap(), &b[..na]);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

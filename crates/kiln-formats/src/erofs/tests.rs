@@ -469,7 +469,7 @@ fn pinned_digests() {
     let want = [
         "ee075236c57684518eaeb0d711c899f0f15bc4cf589e182bc78508147d46739c",
         "6654fd0a59fcafc6eda15a75b7a0b0ab4e8c183a64ccbb457d2ce6078b917099",
-        "0fbbca6697ad957202a1793e74641eb910f0dc74e00d0903d45ff59ae93194ae",
+        "6419073cc6ced57d1143c7274878de7bfc9457e7b1e9ea228d68bb0ac20355d6",
     ];
     assert_eq!(got, want);
 }
