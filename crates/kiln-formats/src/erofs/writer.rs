@@ -51,12 +51,12 @@ const BATCH_BYTES: u64 = 64 << 20;
 /// Copy buffer for uncompressed data.
 const COPY_CHUNK: usize = 1 << 20;
 
-/// Data compression.
-/// kiln's default LZ4HC level. Measured with `scripts/bench-erofs`-style runs on /usr/share
-/// (667 MB) with 64 KiB physical clusters: level 9 (lz4hc's own default) is 0.7 % smaller than
-/// level 6 for 50 % more CPU, and level 6 is still 8 % smaller than `mkfs.erofs -zlz4hc`.
-pub const LZ4HC_DEFAULT_LEVEL: u8 = 6;
+/// kiln's default LZ4HC level, chosen with `scripts/bench-erofs` (3.65 GB from /usr, 64 KiB
+/// physical clusters, 2 cores): level 5 is 0.7 % larger than level 6 for 15 % less CPU, and
+/// still 9 % smaller than `mkfs.erofs -zlz4hc` at under half its wall time.
+pub const LZ4HC_DEFAULT_LEVEL: u8 = 5;
 
+/// Data compression.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Compression {
     /// Store data as is.
@@ -369,7 +369,60 @@ struct Job {
     data: JobData,
 }
 
-/// Writes file data into the data region, in order, compressing in parallel batches.
+/// A unit's raw bytes and, when the job compresses, its extents.
+type UnitOut = (Vec<u8>, Option<Vec<Ext>>);
+
+/// A compressed batch waiting to be placed: its jobs and their units' results, in order.
+struct Batch {
+    jobs: Vec<Job>,
+    units: Vec<Result<UnitOut, Error>>,
+}
+
+/// Reads and compresses every unit of `jobs` in parallel (output order is input order, so
+/// the image does not depend on scheduling).
+fn compress_batch(
+    jobs: Vec<Job>,
+    contents: &dyn Contents,
+    level: lz4::Level,
+    pcluster: usize,
+) -> Batch {
+    let mut units = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        let mut off = 0;
+        while off < job.len {
+            let l = (job.len - off).min(UNIT);
+            units.push((j, off, l));
+            off += l;
+        }
+    }
+    let units = units
+        .par_iter()
+        .map_init(
+            || lz4::Compressor::new(level),
+            |c, &(j, off, l)| {
+                let job = &jobs[j];
+                let raw = match &job.data {
+                    JobData::Mem(v) => v
+                        .get(off as usize..(off + l) as usize)
+                        .map(<[u8]>::to_vec)
+                        .ok_or_else(|| Error::corrupt(off, "stream piece shorter than its size"))?,
+                    JobData::Source(f) => {
+                        let mut b = vec![0u8; l as usize];
+                        read_source(contents, f, job.start + off, &mut b)?;
+                        b
+                    }
+                };
+                let exts = job.compress.then(|| compress_unit(c, &raw, pcluster));
+                Ok((raw, exts))
+            },
+        )
+        .collect();
+    Batch { jobs, units }
+}
+
+/// Writes file data into the data region, in order, compressing in parallel batches. While
+/// one batch is compressed, the previous one is placed (written and indexed), so the cores
+/// stay busy.
 struct DataCore<'s> {
     sink: &'s dyn Sink,
     level: Option<lz4::Level>,
@@ -377,6 +430,8 @@ struct DataCore<'s> {
     next_block: u64,
     pending: Vec<Job>,
     pending_bytes: u64,
+    /// Compressed, not yet placed.
+    ready: Option<Batch>,
     stores: Vec<Option<Store>>,
     building: BTreeMap<usize, Vec<ZExt>>,
     compressed_files: u64,
@@ -407,6 +462,7 @@ impl<'s> DataCore<'s> {
             next_block: 1,
             pending: Vec::new(),
             pending_bytes: 0,
+            ready: None,
             stores: Vec::new(),
             building: BTreeMap::new(),
             compressed_files: 0,
@@ -478,56 +534,42 @@ impl<'s> DataCore<'s> {
         self.pending_bytes += job.len.max(BLOCK);
         self.pending.push(job);
         if self.pending_bytes >= BATCH_BYTES {
-            self.flush(contents)?;
+            self.advance(contents)?;
         }
+        Ok(())
+    }
+
+    /// Compresses the pending jobs while the previously compressed batch is placed.
+    fn advance(&mut self, contents: &dyn Contents) -> Result<(), Error> {
+        let jobs = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let prev = self.ready.take();
+        let level = self.level.unwrap_or(lz4::Level::Fast);
+        let pcluster = self.pcluster;
+        let (placed, next) = rayon::join(
+            || prev.map_or(Ok(()), |b| self.place_batch(b)),
+            || (!jobs.is_empty()).then(|| compress_batch(jobs, contents, level, pcluster)),
+        );
+        placed?;
+        self.ready = next;
         Ok(())
     }
 
     /// Compresses and writes every pending job, in order.
     fn flush(&mut self, contents: &dyn Contents) -> Result<(), Error> {
-        let jobs = std::mem::take(&mut self.pending);
-        self.pending_bytes = 0;
-        if jobs.is_empty() {
-            return Ok(());
+        if !self.pending.is_empty() {
+            self.advance(contents)?;
         }
-        let level = self.level.unwrap_or(lz4::Level::Fast);
-        let pcluster = self.pcluster;
-        let mut units = Vec::new();
-        for (j, job) in jobs.iter().enumerate() {
-            let mut off = 0;
-            while off < job.len {
-                let l = (job.len - off).min(UNIT);
-                units.push((j, off, l));
-                off += l;
-            }
+        match self.ready.take() {
+            Some(b) => self.place_batch(b),
+            None => Ok(()),
         }
-        type UnitOut = (Vec<u8>, Option<Vec<Ext>>);
-        let results: Vec<Result<UnitOut, Error>> = units
-            .par_iter()
-            .map_init(
-                || lz4::Compressor::new(level),
-                |c, &(j, off, l)| {
-                    let job = &jobs[j];
-                    let raw = match &job.data {
-                        JobData::Mem(v) => v
-                            .get(off as usize..(off + l) as usize)
-                            .map(<[u8]>::to_vec)
-                            .ok_or_else(|| {
-                                Error::corrupt(off, "stream piece shorter than its size")
-                            })?,
-                        JobData::Source(f) => {
-                            let mut b = vec![0u8; l as usize];
-                            read_source(contents, f, job.start + off, &mut b)?;
-                            b
-                        }
-                    };
-                    let exts = job.compress.then(|| compress_unit(c, &raw, pcluster));
-                    Ok((raw, exts))
-                },
-            )
-            .collect();
-        let mut results = results.into_iter();
-        for job in jobs {
+    }
+
+    /// Writes a compressed batch's jobs in order.
+    fn place_batch(&mut self, batch: Batch) -> Result<(), Error> {
+        let mut results = batch.units.into_iter();
+        for job in batch.jobs {
             let nunits = job.len.div_ceil(UNIT) as usize;
             let mut outs = Vec::with_capacity(nunits);
             for _ in 0..nunits {

@@ -23,7 +23,7 @@ pub enum Algo {
     None,
     /// LZ4, fast.
     Lz4,
-    /// LZ4, high compression (level 6 unless --level).
+    /// LZ4, high compression (level 5 unless --level).
     Lz4hc,
 }
 
