@@ -2,33 +2,19 @@
 //! the base is untouched, bad input fails cleanly without output, digests verify.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use kiln_inject::slots::{ByteRange, PayloadInfo, RawMeta, SizeField, Slot, SlotMeta, SlotTable};
-use sha2::{Digest, Sha256};
+
+use common::{entries, kiln, ok, s, sha};
 
 const IMAGE_LEN: u64 = 9 << 20;
 const DATA: u64 = 1 << 20;
 const CAPACITY: u64 = 300_000;
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("run kiln")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let o = kiln(args);
-    assert!(
-        o.status.success(),
-        "kiln {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 fn fails(args: &[&str], want: &str) {
     let o = kiln(args);
@@ -72,14 +58,6 @@ fn make_base(dir: &Path) -> PathBuf {
     let f = fs::File::options().write(true).open(&p).unwrap();
     table().write_into(&f, "base").unwrap();
     p
-}
-
-fn sha(p: &Path) -> String {
-    hex::encode(Sha256::digest(fs::read(p).unwrap()))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -148,15 +126,6 @@ fn three_outputs_are_identical_for_many_sizes_and_base_is_untouched() {
         assert_eq!(fs::read(&again).unwrap(), want);
     }
     assert_eq!(sha(&base), base_sha, "base modified");
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

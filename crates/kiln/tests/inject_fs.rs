@@ -4,13 +4,16 @@
 //! image equals injecting the base; bad bases and payloads fail cleanly without output.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use kiln_testkit::{require_tool, run};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+
+use common::{entries, kiln, ok, s, sha};
 
 const SPEC: &str = r#"
 [image]
@@ -45,23 +48,6 @@ const CAP: usize = 65_536;
 const CAP_FB: usize = 20_000;
 const DEFAULT_PAGE: &[u8] = b"<p>default page</p>\n";
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("run kiln")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let o = kiln(args);
-    assert!(
-        o.status.success(),
-        "kiln {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
 fn fails(args: &[&str], want: &[&str]) {
     let o = kiln(args);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -73,14 +59,6 @@ fn fails(args: &[&str], want: &[&str]) {
             "kiln {args:?}: {err:?} does not mention {w:?}"
         );
     }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn sha(p: &Path) -> String {
-    hex::encode(Sha256::digest(fs::read(p).unwrap()))
 }
 
 /// Builds the spec into DIR/out; returns the disk and the build report.
@@ -279,15 +257,6 @@ fn filesystem_slots_of_a_built_image() {
         &last(13),
     );
     assert_eq!(sha(&base), base_sha, "base modified");
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// A copy of `base` with `bytes` written at `offset`.

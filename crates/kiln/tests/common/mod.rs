@@ -1,4 +1,4 @@
-//! Shared fixtures for the server tests: a raw-slot base image, `kiln serve` and `s3s-fs`
+//! Shared fixtures for the CLI tests: running kiln, a raw-slot base image, `kiln serve` and `s3s-fs`
 //! processes on loopback, a misbehaving upstream, minisign keys.
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -7,7 +7,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,45 @@ pub const UPSTREAM_FINE: &str = "<!doctype html><title>from upstream</title><p>f
 
 pub fn kiln_bin() -> &'static str {
     env!("CARGO_BIN_EXE_kiln")
+}
+
+/// Runs the kiln binary with `args`.
+pub fn kiln(args: &[&str]) -> Output {
+    Command::new(kiln_bin())
+        .args(args)
+        .output()
+        .expect("run kiln")
+}
+
+/// Runs kiln and asserts it succeeded.
+pub fn ok(args: &[&str]) -> Output {
+    let o = kiln(args);
+    assert!(
+        o.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Hex SHA-256 of a file.
+pub fn sha(p: &Path) -> String {
+    hex::encode(Sha256::digest(fs::read(p).unwrap()))
+}
+
+/// The sorted names in a directory (to show a failed run left no file behind).
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A path as a `&str` argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 /// Writes a base of `len` bytes (deterministic filler) with one raw slot "piece" of
