@@ -369,6 +369,25 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// The newest kernel version in /boot that has its modules installed (boot tests build
+/// initrds and UKIs from it); panics with what to install otherwise.
+pub fn host_kernel_version() -> String {
+    let mut v: Vec<String> = fs::read_dir("/boot")
+        .expect("/boot")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("vmlinuz-")
+                .map(str::to_string)
+        })
+        .filter(|v| Path::new(&format!("/usr/lib/modules/{v}/modules.dep")).is_file())
+        .collect();
+    v.sort();
+    v.pop()
+        .expect("a kernel in /boot with modules (install linux-image-cloud-amd64; CI does)")
+}
+
 /// A temp dir for trees of many small files: on a RAM filesystem when the machine has one with
 /// room to spare (creating and deleting 100k-entry directories several times on a disk
 /// filesystem costs minutes in inode-allocation scans), else in the default temp dir.

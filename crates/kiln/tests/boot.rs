@@ -19,7 +19,7 @@ use kiln_build::initrd::{self, Compression, InitrdOptions};
 use kiln_build::qemu::{self, BootOptions, DirectKernel, Ending, Firmware};
 use kiln_formats::fstree::{DataRef, FileData, HostContents, Meta, Node, NodeKind, Tree};
 use kiln_formats::pe;
-use kiln_testkit::{require_tool as tool, run_ok};
+use kiln_testkit::{host_kernel_version as kernel_version, require_tool as tool, run_ok};
 
 const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 const ROOT_TYPE: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
@@ -63,23 +63,6 @@ fn uuid_of(hex: &str) -> String {
         &hex[16..20],
         &hex[20..32]
     )
-}
-
-fn kernel_version() -> String {
-    let mut v: Vec<String> = std::fs::read_dir("/boot")
-        .expect("/boot")
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_prefix("vmlinuz-")
-                .map(str::to_string)
-        })
-        .filter(|v| Path::new(&format!("/usr/lib/modules/{v}/modules.dep")).is_file())
-        .collect();
-    v.sort();
-    v.pop()
-        .expect("a kernel in /boot with modules (install linux-image-cloud-amd64; CI does)")
 }
 
 /// A tree holding the machine's kernel and modules, referenced by host path.

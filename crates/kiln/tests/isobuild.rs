@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
-use kiln_testkit::{require_tool as tool, run_ok as run};
+use kiln_testkit::{host_kernel_version as kernel_version, require_tool as tool, run_ok as run};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -78,23 +78,6 @@ fn sha256_file(p: &Path) -> String {
     let mut f = fs::File::open(p).unwrap();
     std::io::copy(&mut f, &mut h).unwrap();
     hex::encode(h.finalize())
-}
-
-fn kernel_version() -> String {
-    let mut v: Vec<String> = fs::read_dir("/boot")
-        .expect("/boot")
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_prefix("vmlinuz-")
-                .map(str::to_string)
-        })
-        .filter(|v| Path::new(&format!("/usr/lib/modules/{v}/modules.dep")).is_file())
-        .collect();
-    v.sort();
-    v.pop()
-        .expect("a kernel in /boot with modules (install linux-image-cloud-amd64; CI does)")
 }
 
 /// Copies the regular files and directories below `from` to `to` (symlinks such as
