@@ -189,6 +189,34 @@ pub struct Report {
     pub iso: Option<crate::iso::IsoReport>,
 }
 
+impl Report {
+    /// The fields every build reports (what was built, from what), with no outputs yet.
+    fn describing(spec: &Spec, source: &Path, epoch: Option<i64>, input_digest: &[u8; 32]) -> Self {
+        Self {
+            format: "kiln-build-report",
+            schema: 1,
+            kiln_version: env!("CARGO_PKG_VERSION"),
+            name: spec.name.clone(),
+            version: spec.version.clone(),
+            seed: hex32(&spec.seed),
+            source_date_epoch: epoch,
+            spec_sha256: hex32(&spec.digest),
+            source: source.display().to_string(),
+            input_digest: format!("sha256:{}", hex32(input_digest)),
+            disk: None,
+            disk_uuid: None,
+            chunked_digest: None,
+            partitions: Vec::new(),
+            root_hash: None,
+            verity: Vec::new(),
+            boot: None,
+            slots: Vec::new(),
+            artifacts: Vec::new(),
+            iso: None,
+        }
+    }
+}
+
 /// Prints one line per finished stage.
 pub(crate) struct Stages {
     quiet: bool,
@@ -364,28 +392,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         std::fs::create_dir_all(&opts.outdir)
             .with_context(|| format!("creating {}", opts.outdir.display()))?;
         let iso = crate::iso::build(&iso_inputs, &stages)?;
-        let report = Report {
-            format: "kiln-build-report",
-            schema: 1,
-            kiln_version: env!("CARGO_PKG_VERSION"),
-            name: spec.name.clone(),
-            version: spec.version.clone(),
-            seed: hex32(&spec.seed),
-            source_date_epoch: epoch,
-            spec_sha256: hex32(&spec.digest),
-            source: source.display().to_string(),
-            input_digest: format!("sha256:{}", hex32(&input_digest)),
-            disk: None,
-            disk_uuid: None,
-            chunked_digest: None,
-            partitions: Vec::new(),
-            root_hash: None,
-            verity: Vec::new(),
-            boot: None,
-            slots: Vec::new(),
-            artifacts: Vec::new(),
-            iso: None,
-        };
+        let report = Report::describing(&spec, &source, epoch, &input_digest);
         return finish(&finish_with, report, Vec::new(), None, Some(iso));
     }
 
@@ -974,16 +981,6 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     };
 
     let report = Report {
-        format: "kiln-build-report",
-        schema: 1,
-        kiln_version: env!("CARGO_PKG_VERSION"),
-        name: spec.name.clone(),
-        version: spec.version.clone(),
-        seed: hex32(&spec.seed),
-        source_date_epoch: epoch,
-        spec_sha256: hex32(&spec.digest),
-        source: source.display().to_string(),
-        input_digest: format!("sha256:{}", hex32(&input_digest)),
         disk: Some(Artifact {
             file: disk_name.clone(),
             size: disk_size,
@@ -997,7 +994,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         boot: boot_report,
         slots: slot_list,
         artifacts,
-        iso: None,
+        ..Report::describing(&spec, &source, epoch, &input_digest)
     };
     finish(&finish_with, report, pending, Some(out), iso)
 }
