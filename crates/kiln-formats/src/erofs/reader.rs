@@ -359,7 +359,16 @@ impl<R: ReadAt> Image<R> {
         }
     }
 
-    /// Decodes the extents of a full-index compressed inode.
+    /// Decodes the extents of a full-index compressed inode, and checks them the way the
+    /// kernel maps them (`z_erofs_do_map_blocks`, fs/erofs/zmap.c), so that an image this
+    /// reader accepts is one the kernel can read:
+    /// - an offset in a logical cluster with no head after it maps to an extent that ends at
+    ///   the end of that logical cluster, not at `i_size`; for a PLAIN head that length must fit
+    ///   its one block (the kernel returns EFSCORRUPTED otherwise);
+    /// - every NONHEAD's lookback distance leads to the head of its extent;
+    /// - with big pclusters, a HEAD1's block count is in the NONHEAD right after it, and a head
+    ///   right after it means one block;
+    /// - a head at or past `i_size` may only mark the end of file in the last logical cluster.
     pub fn extents(&self, ino: &InodeInfo) -> Result<Vec<ZExtent>, Error> {
         let hdr_at = round_up(ino.payload(), 8);
         let h = MapHeader::read_from_bytes(&self.read_vec(hdr_at, 8)?[..])
@@ -372,55 +381,143 @@ impl<R: ReadAt> Image<R> {
         if n > 1 << 28 {
             return Err(Error::corrupt(ino.offset, "implausible compressed size"));
         }
-        let raw = self.read_vec(hdr_at + FULL_INDEX_HEADER, 8 * n)?;
-        let mut exts: Vec<ZExtent> = Vec::new();
-        for j in 0..n as usize {
-            let x = LclusterIndex::read_from_bytes(&raw[8 * j..8 * j + 8])
-                .map_err(|_| Error::corrupt(hdr_at, "short index"))?;
+        let first = hdr_at + FULL_INDEX_HEADER;
+        let raw = self.read_vec(first, 8 * n)?;
+        let at = |j: usize| first + 8 * j as u64;
+        let mut lcs = Vec::with_capacity(n as usize);
+        for (j, b) in raw.chunks_exact(8).enumerate() {
+            let x = LclusterIndex::read_from_bytes(b)
+                .map_err(|_| Error::corrupt(at(j), "short index"))?;
             let t = x.di_advise.get() & 3;
-            match t {
-                lcluster::PLAIN | lcluster::HEAD1 => {
-                    let la = j as u64 * BLOCK + u64::from(x.di_clusterofs.get());
-                    if let Some(p) = exts.last_mut() {
-                        p.llen = la.checked_sub(p.la).ok_or_else(|| {
-                            Error::corrupt(hdr_at + 16 + 8 * j as u64, "extent heads out of order")
-                        })?;
-                    }
-                    exts.push(ZExtent {
-                        la,
-                        llen: 0,
-                        pa: u64::from(x.di_u.get()) * BLOCK,
-                        plen: BLOCK,
-                        plain: t == lcluster::PLAIN,
-                    });
-                }
-                lcluster::NONHEAD => {
-                    let d0 = x.di_u.get() as u16;
-                    if d0 & D0_CBLKCNT != 0 {
-                        if !big {
-                            return Err(Error::corrupt(
-                                hdr_at,
-                                "block count without big pclusters",
-                            ));
-                        }
-                        if let Some(p) = exts.last_mut() {
-                            p.plen = u64::from(d0 & !D0_CBLKCNT) * BLOCK;
-                        }
-                    }
-                }
-                _ => {
-                    return Err(Error::corrupt(
-                        hdr_at + 16 + 8 * j as u64,
-                        "reserved lcluster type",
-                    ))
-                }
+            if t == 3 {
+                return Err(Error::corrupt(at(j), "reserved lcluster type"));
+            }
+            if t != lcluster::NONHEAD && u64::from(x.di_clusterofs.get()) >= BLOCK {
+                return Err(Error::corrupt(
+                    at(j),
+                    "cluster offset past its logical cluster",
+                ));
+            }
+            lcs.push(x);
+        }
+        let is_head = |x: &LclusterIndex| x.di_advise.get() & 3 != lcluster::NONHEAD;
+        // Heads in order; a head at or past the end of file only terminates the last extent.
+        let mut heads = Vec::new();
+        for (j, x) in lcs.iter().enumerate() {
+            if !is_head(x) {
+                continue;
+            }
+            let la = j as u64 * BLOCK + u64::from(x.di_clusterofs.get());
+            if la >= ino.size && j as u64 + 1 != n {
+                return Err(Error::corrupt(at(j), "extent head past the end of file"));
+            }
+            if la < ino.size {
+                heads.push(j);
             }
         }
-        if let Some(p) = exts.last_mut() {
-            p.llen = ino.size - p.la;
+        if heads.first() != Some(&0) || lcs[0].di_clusterofs.get() != 0 {
+            return Err(Error::corrupt(first, "first extent does not start at 0"));
         }
-        if exts.first().is_some_and(|e| e.la != 0) {
-            return Err(Error::corrupt(hdr_at, "first extent does not start at 0"));
+        // Every NONHEAD must look back to the head before it (the kernel follows delta[0]).
+        let mut owner = 0usize;
+        for (j, x) in lcs.iter().enumerate() {
+            if is_head(x) {
+                owner = j;
+                continue;
+            }
+            let d0 = x.di_u.get() as u16;
+            let back = if d0 & D0_CBLKCNT != 0 {
+                if !big {
+                    return Err(Error::corrupt(at(j), "block count without big pclusters"));
+                }
+                if j != owner + 1 {
+                    return Err(Error::corrupt(at(j), "block count away from its head"));
+                }
+                1
+            } else {
+                usize::from(d0)
+            };
+            let mut k = j;
+            let mut back = back;
+            loop {
+                k = k.checked_sub(back).filter(|_| back > 0).ok_or_else(|| {
+                    Error::corrupt(at(j), "lookback distance leads before the file")
+                })?;
+                let y = &lcs[k];
+                if is_head(y) {
+                    break;
+                }
+                let d = y.di_u.get() as u16;
+                back = if d & D0_CBLKCNT != 0 {
+                    1
+                } else {
+                    usize::from(d)
+                };
+            }
+            if k != owner {
+                return Err(Error::corrupt(at(j), "lookback distance misses its head"));
+            }
+        }
+        let mut exts = Vec::with_capacity(heads.len());
+        for (i, &j) in heads.iter().enumerate() {
+            let x = &lcs[j];
+            let la = j as u64 * BLOCK + u64::from(x.di_clusterofs.get());
+            let next = heads.get(i + 1).copied().or_else(|| {
+                // The end-of-file terminator, if there is one.
+                let last = n as usize - 1;
+                (last > j && is_head(&lcs[last])).then_some(last)
+            });
+            let end = next.map_or(ino.size, |k| {
+                k as u64 * BLOCK + u64::from(lcs[k].di_clusterofs.get())
+            });
+            let end = end.min(ino.size);
+            let plain = x.di_advise.get() & 3 == lcluster::PLAIN;
+            let plen = if plain || !big {
+                BLOCK
+            } else {
+                match lcs.get(j + 1) {
+                    None => {
+                        return Err(Error::corrupt(
+                            at(j),
+                            "compressed extent in the last logical cluster: its block count \
+                             would be read past the index array",
+                        ))
+                    }
+                    Some(y) if is_head(y) => BLOCK,
+                    Some(y) if y.di_u.get() as u16 & D0_CBLKCNT != 0 => {
+                        u64::from(y.di_u.get() as u16 & !D0_CBLKCNT) * BLOCK
+                    }
+                    Some(_) => {
+                        return Err(Error::corrupt(at(j + 1), "no block count after a head"))
+                    }
+                }
+            };
+            if plain {
+                // The kernel's m_llen for the extent's last logical cluster: up to the next
+                // head when that head sits in the same logical cluster, else to its end.
+                let last_lc = (end - 1) / BLOCK;
+                let kernel_end = match next {
+                    Some(k) if k as u64 == last_lc => end,
+                    _ => (last_lc + 1) * BLOCK,
+                };
+                if kernel_end - la > plen {
+                    return Err(Error::corrupt(
+                        at(j),
+                        format!(
+                            "plain extent at {la} maps to {} bytes in the kernel, more than \
+                             its {plen}-byte block",
+                            kernel_end - la
+                        ),
+                    ));
+                }
+            }
+            exts.push(ZExtent {
+                la,
+                llen: end - la,
+                pa: u64::from(x.di_u.get()) * BLOCK,
+                plen,
+                plain,
+            });
         }
         Ok(exts)
     }

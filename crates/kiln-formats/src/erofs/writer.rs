@@ -314,9 +314,28 @@ struct ZExt {
 }
 
 /// Builds the full index array of a compressed file from its extents.
+///
+/// The file's end is marked with a head of its own. The kernel finds where an extent ends
+/// from the head that follows it (`z_erofs_do_map_blocks` in fs/erofs/zmap.c): an offset in a
+/// NONHEAD logical cluster with no later head maps to an extent that ends at the *end of that
+/// logical cluster*, not at `i_size` (only ztailpacking inodes are clamped to `i_size`). For a
+/// PLAIN head the kernel then requires `m_llen <= m_plen` (one block) and fails the read with
+/// EFSCORRUPTED otherwise. So a last extent stored plain that starts at `clusterofs > 0` and
+/// runs into the next logical cluster (e.g. 3,553 incompressible bytes at 125,399 of a
+/// 128,952-byte file) was unreadable past its first logical cluster, although every byte
+/// was on disk. When the file ends inside a logical cluster that its last extent did not start
+/// in, that logical cluster gets a PLAIN index whose `clusterofs` is the end of file: the
+/// kernel then ends the last extent exactly at `i_size` (`EROFS_MAP_FULL_MAPPED`), and no
+/// offset at or past it is ever mapped (reads past `i_size` are unmapped before any lookup).
+/// erofs-utils writes the same terminating index (`z_erofs_fini_full_indexes`).
 fn build_indexes(size: u64, exts: &[ZExt]) -> Vec<LclusterIndex> {
     let n = size.div_ceil(BLOCK);
     let mut idx: Vec<LclusterIndex> = (0..n).map(|_| LclusterIndex::default()).collect();
+    // The logical cluster holding the end of file, when it needs the terminating head.
+    let eof_head = exts
+        .last()
+        .filter(|last| size % BLOCK != 0 && last.start / BLOCK < size / BLOCK)
+        .map(|_| size / BLOCK);
     for e in exts {
         let h = e.start / BLOCK;
         let Some(head) = idx.get_mut(h as usize) else {
@@ -330,7 +349,11 @@ fn build_indexes(size: u64, exts: &[ZExt]) -> Vec<LclusterIndex> {
         head.di_clusterofs.set((e.start % BLOCK) as u16);
         head.di_u.set(e.blkaddr);
         let end = e.start + e.len;
-        let next_head = if end >= size { n } else { end / BLOCK };
+        let next_head = if end >= size {
+            eof_head.unwrap_or(n)
+        } else {
+            end / BLOCK
+        };
         for j in h + 1..next_head {
             let d0 = if j == h + 1 && !e.plain {
                 D0_CBLKCNT | e.blocks as u16
@@ -344,6 +367,11 @@ fn build_indexes(size: u64, exts: &[ZExt]) -> Vec<LclusterIndex> {
                 x.di_u.set(u32::from(d0) | (u32::from(d1) << 16));
             }
         }
+    }
+    if let Some(t) = eof_head.and_then(|t| idx.get_mut(t as usize)) {
+        t.di_advise.set(lcluster::PLAIN);
+        t.di_clusterofs.set((size % BLOCK) as u16);
+        t.di_u.set(0);
     }
     idx
 }
