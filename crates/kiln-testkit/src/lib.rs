@@ -388,6 +388,31 @@ pub fn host_kernel_version() -> String {
         .expect("a kernel in /boot with modules (install linux-image-cloud-amd64; CI does)")
 }
 
+/// A real distribution tree made by `scripts/debian-tree NAME` (a tar in the cache directory
+/// the script fills). `None` when it has not been built; with `KILN_REQUIRE_DEBIAN_TREES=1`
+/// (set by `scripts/test`, so in CI) a missing tree is a test failure instead of a skip.
+pub fn debian_tree(name: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("KILN_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kiln")))
+        .unwrap_or_else(|| PathBuf::from(".cache/kiln"));
+    let p = cache.join("debian").join(format!("{name}.tar"));
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var_os("KILN_REQUIRE_DEBIAN_TREES").is_some_and(|v| v == "1") {
+        panic!(
+            "{} is missing: run scripts/debian-tree {name} (scripts/test does)",
+            p.display()
+        );
+    }
+    eprintln!(
+        "skipped: {} is missing (scripts/debian-tree {name} makes it)",
+        p.display()
+    );
+    None
+}
+
 /// A temp dir for trees of many small files: on a RAM filesystem when the machine has one with
 /// room to spare (creating and deleting 100k-entry directories several times on a disk
 /// filesystem costs minutes in inode-allocation scans), else in the default temp dir.
