@@ -525,8 +525,8 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             }
             (FsKind::Vfat, Some(t)) => {
                 let fat_label = fat_label(&label);
-                let size = match p.size {
-                    PartSize::Fixed(s) => align_up(s.0, ALIGN),
+                let (size, fat_type) = match p.size {
+                    PartSize::Fixed(s) => (align_up(s.0, ALIGN), None),
                     PartSize::Auto => {
                         fat::auto_size(t, None, fat_label.clone(), p.extra.max(64 << 10))
                             .map_err(|e| part_error(p, &e.to_string(), t))?
@@ -534,7 +534,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 };
                 let o = fat::FatOptions {
                     size,
-                    fat_type: None,
+                    fat_type,
                     volume_id: fat_volume_id(&fs_uuid),
                     label: fat_label,
                 };

@@ -397,11 +397,11 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         .and_then(|i| spec.partitions[i].label.as_deref())
         .and_then(image::fat_label)
         .or_else(|| Some("ESP".to_string()));
-    let esp_size = fat::auto_size(&esp_tree, None, esp_label.clone(), 64 << 10)
+    let (esp_size, fat_type) = fat::auto_size(&esp_tree, None, esp_label.clone(), 64 << 10)
         .map_err(|e| anyhow!("the ISO's ESP: {e}"))?;
     let fat_opts = fat::FatOptions {
         size: esp_size,
-        fat_type: None,
+        fat_type,
         volume_id: image::fat_volume_id(&esp_fs_uuid),
         label: esp_label,
     };

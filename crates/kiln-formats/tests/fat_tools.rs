@@ -417,7 +417,8 @@ fn opts(size: u64) -> FatOptions {
 #[test]
 fn auto_size_is_small_and_fits() {
     let t = shapes_tree(100, 2 << 20);
-    let size = fat::auto_size(&t, None, None, 0).unwrap();
+    let (size, fat_type) = fat::auto_size(&t, None, None, 0).unwrap();
+    assert_eq!(fat_type, None);
     assert_eq!(size % (64 << 10), 0);
     let b = build(&t, size, None, None);
     check_round_trip(&t, &b);
@@ -425,17 +426,44 @@ fn auto_size_is_small_and_fits() {
     assert!(FatWriter::new(&t, opts(size - (64 << 10))).is_err());
     // An empty tree gets a tiny but valid filesystem.
     let empty = Tree::default();
-    let small = fat::auto_size(&empty, None, Some("EMPTY".into()), 0).unwrap();
+    let (small, _) = fat::auto_size(&empty, None, Some("EMPTY".into()), 0).unwrap();
     assert!(small <= 128 << 10, "{small}");
     let b = build(&empty, small, None, Some("EMPTY"));
     fsck_clean(&b.img);
     // Slack is honoured.
-    let with_slack = fat::auto_size(&t, None, None, 1 << 20).unwrap();
+    let (with_slack, _) = fat::auto_size(&t, None, None, 1 << 20).unwrap();
     let w = FatWriter::new(&t, opts(with_slack)).unwrap();
     let g = w.geometry();
     assert!(
         u64::from(g.cluster_count - w.clusters_used()) * u64::from(g.cluster_size()) >= 1 << 20
     );
+}
+
+/// A root directory too big for the fixed FAT16 root gets FAT32 at a small size, not the
+/// 512 MiB at which mkfs.fat's size rule would switch to FAT32 by itself.
+#[test]
+fn auto_size_picks_fat32_for_a_crowded_root() {
+    let mut t = Tree::new(meta(1_650_000_000));
+    for i in 0..600 {
+        add_file(
+            &mut t,
+            &format!("a-long-file-name-{i:04}.txt"),
+            vec![b'x'; 100],
+            1_700_000_000,
+        );
+    }
+    let (size, fat_type) = fat::auto_size(&t, None, None, 0).unwrap();
+    assert_eq!(fat_type, Some(FatType::Fat32));
+    assert!(size <= 40 << 20, "{size}");
+    let w = FatWriter::new(
+        &t,
+        FatOptions {
+            fat_type,
+            ..opts(size)
+        },
+    )
+    .unwrap();
+    assert_eq!(w.geometry().fat_type, FatType::Fat32);
 }
 
 fn slot_tree(capacity: u64) -> Tree {

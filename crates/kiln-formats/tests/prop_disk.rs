@@ -108,10 +108,10 @@ proptest! {
     #[test]
     fn fat_random_trees_round_trip(s in spec(), check_tools in 0u8..6) {
         let (tree, want) = build_tree(&s);
-        let size = fat::auto_size(&tree, None, None, 4096).unwrap();
+        let (size, fat_type) = fat::auto_size(&tree, None, None, 4096).unwrap();
         let w = FatWriter::new(&tree, FatOptions {
             size,
-            fat_type: None,
+            fat_type,
             volume_id: [9, 9, 9, 9],
             label: None,
         }).unwrap();

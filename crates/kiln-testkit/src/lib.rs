@@ -4,6 +4,8 @@
 //! Test-only code: it panics on failure, which is what a test wants.
 #![allow(clippy::unwrap_used)]
 
+pub mod oracle;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -316,6 +318,138 @@ pub fn generate_corpus(root: &Path, opts: CorpusOptions) {
         set_times(path, sec, (i as i64 * 7919) % 1_000_000_000);
     }
     set_times(root, 1_600_000_000, 123_456_789);
+}
+
+/// Content shapes for [`boundary_corpus`]: what a compressor does with each differs, so each
+/// shape produces different extent kinds and tails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Incompressible bytes.
+    Random,
+    /// Word salad: compresses about 3:1.
+    Text,
+    /// All zero (a run-length compressor's best case; a hole candidate).
+    Zeros,
+    /// A compressible head and an incompressible last 3/8.
+    TextThenRandom,
+    /// An incompressible head and a compressible last 3/8.
+    RandomThenText,
+    /// 4 KiB blocks alternating between text and random bytes.
+    Alternating,
+}
+
+/// Every [`Shape`].
+pub const SHAPES: [Shape; 6] = [
+    Shape::Random,
+    Shape::Text,
+    Shape::Zeros,
+    Shape::TextThenRandom,
+    Shape::RandomThenText,
+    Shape::Alternating,
+];
+
+/// Deterministic word salad (compresses about 3:1 with LZ4).
+pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&str; 12] = [
+        "kiln ",
+        "erofs ",
+        "ext4 ",
+        "block ",
+        "cluster\n",
+        "the ",
+        "a ",
+        "page ",
+        "tail ",
+        "verity ",
+        "image ",
+        "0123 ",
+    ];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 16);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(WORDS[(x % 12) as usize].as_bytes());
+        if x % 7 == 0 {
+            v.extend_from_slice(&x.to_le_bytes()[..3]);
+        }
+    }
+    v.truncate(len);
+    v
+}
+
+/// `len` bytes of `shape`, deterministic in `seed`.
+pub fn shaped_bytes(shape: Shape, seed: u64, len: usize) -> Vec<u8> {
+    let split = len - len * 3 / 8;
+    match shape {
+        Shape::Random => pseudo_random(seed, len),
+        Shape::Text => text_bytes(seed, len),
+        Shape::Zeros => vec![0; len],
+        Shape::TextThenRandom => {
+            let mut v = text_bytes(seed, split);
+            v.extend(pseudo_random(seed + 1, len - split));
+            v
+        }
+        Shape::RandomThenText => {
+            let mut v = pseudo_random(seed, split);
+            v.extend(text_bytes(seed + 1, len - split));
+            v
+        }
+        Shape::Alternating => {
+            let mut v = Vec::with_capacity(len);
+            let mut i = 0u64;
+            while v.len() < len {
+                let n = (len - v.len()).min(4096);
+                if i % 2 == 0 {
+                    v.extend(text_bytes(seed + i, n));
+                } else {
+                    v.extend(pseudo_random(seed + i, n));
+                }
+                i += 1;
+            }
+            v
+        }
+    }
+}
+
+/// File sizes at and around every boundary a filesystem writer decides on: ext4 inline data
+/// (60 bytes), EROFS inline tails (4064 = block - 32), 4 KiB blocks and logical clusters, 2 KiB
+/// ISO sectors, physical clusters (16 and 64 KiB), 1 MiB compression units, the 16 MiB
+/// whole-file compression limit (with `big`), and a few odd sizes between them.
+pub fn boundary_sizes(big: bool) -> Vec<u64> {
+    let mut edges: Vec<u64> = vec![60, 2048, 4064, 4096, 8192, 12288, 65536, 1 << 20, 2 << 20];
+    if big {
+        edges.push(16 << 20);
+    }
+    let mut sizes = std::collections::BTreeSet::from([0u64, 1, 100, 3000, 5000, 70_000, 777_777]);
+    for e in edges {
+        for d in [-4097i64, -4096, -4095, -1, 0, 1, 4095, 4096, 4097] {
+            if let Some(s) = e.checked_add_signed(d) {
+                sizes.insert(s);
+            }
+        }
+    }
+    sizes.into_iter().collect()
+}
+
+/// Writes one file per (size, shape) from [`boundary_sizes`] and [`SHAPES`] under `root/dir`,
+/// named `SIZE-SHAPE`. Files of 2 MiB and more get only the mixed shapes, to keep the corpus
+/// small (about 110 MB with `big`, 60 MB without).
+pub fn boundary_corpus(root: &Path, dir: &str, big: bool) {
+    let d = root.join(dir);
+    fs::create_dir_all(&d).unwrap();
+    for (i, size) in boundary_sizes(big).into_iter().enumerate() {
+        for (j, shape) in SHAPES.into_iter().enumerate() {
+            let mixed = matches!(shape, Shape::TextThenRandom | Shape::Alternating);
+            if size >= 2 << 20 && !mixed {
+                continue;
+            }
+            let seed = (i * 16 + j) as u64 + 1;
+            let name = format!("{size}-{shape:?}").to_lowercase();
+            fs::write(d.join(name), shaped_bytes(shape, seed, size as usize)).unwrap();
+        }
+    }
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {

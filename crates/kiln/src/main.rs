@@ -15,7 +15,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Make a filesystem image (ext4, EROFS) from a directory or a tar stream.
+    /// Make a filesystem image (ext4, EROFS, FAT, ISO 9660) from a directory or a tar stream.
     #[command(subcommand)]
     Mkfs(cmd::mkfs::MkfsCommand),
     /// Build disk images from a kiln.toml spec.

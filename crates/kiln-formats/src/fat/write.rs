@@ -751,15 +751,18 @@ impl<'t> FatWriter<'t> {
 }
 
 /// The smallest size (a multiple of 64 KiB) whose mkfs.fat layout holds `tree` with at least
-/// `slack` bytes of free clusters, for embedding an ESP image (e.g. in an ISO).
+/// `slack` bytes of free clusters, for embedding an ESP image (e.g. in an ISO), and the FAT type
+/// to force at that size: `fat_type` as given, or FAT32 when the tree's root directory does not
+/// fit the fixed FAT12/16 root that mkfs.fat's choice for the size would have.
 pub fn auto_size(
     tree: &Tree,
     fat_type: Option<FatType>,
     label: Option<String>,
     slack: u64,
-) -> Result<u64, FatError> {
+) -> Result<(u64, Option<FatType>), FatError> {
     const STEP: u64 = 64 << 10;
     let mut size = STEP;
+    let mut fat_type = fat_type;
     for _ in 0..200 {
         let opts = FatOptions {
             size,
@@ -772,7 +775,7 @@ pub fn auto_size(
                 let free = u64::from(w.geom.cluster_count - w.clusters_used())
                     * u64::from(w.geom.cluster_size());
                 if free >= slack {
-                    return Ok(size);
+                    return Ok((size, fat_type));
                 }
                 slack - free
             }
@@ -785,9 +788,16 @@ pub fn auto_size(
             // Too small for any layout of this type, or a fixed root directory that is too
             // small: grow and retry.
             Err(FatError::BadOptions(_)) => size,
+            // FAT12/16 have a fixed root directory. When the tree's root does not fit it, FAT32
+            // (whose root is a cluster chain) holds it at any size from ~32 MiB; growing until
+            // mkfs.fat's size rule picks FAT32 by itself would mean 512 MiB.
             Err(FatError::Unsupported { reason, .. })
                 if reason.contains("root directory holds") =>
             {
+                if fat_type.is_none() {
+                    fat_type = Some(FatType::Fat32);
+                    continue;
+                }
                 size
             }
             Err(e) => return Err(e),

@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 use super::Outcome;
 
 mod erofs;
+mod fat;
+mod iso;
 
 #[derive(Subcommand)]
 pub enum MkfsCommand {
@@ -24,6 +26,10 @@ pub enum MkfsCommand {
     Ext4(Ext4Args),
     /// An EROFS image (read-only, optionally LZ4-compressed).
     Erofs(erofs::ErofsArgs),
+    /// A FAT12/16/32 image (names, sizes, data and mtimes; no owners or modes).
+    Vfat(fat::FatArgs),
+    /// An ISO 9660 image with Rock Ridge and Joliet.
+    Iso9660(iso::IsoArgs),
 }
 
 /// Make an ext4 image from a directory or a tar stream.
@@ -91,7 +97,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn parse_seed(s: &str) -> Result<repart::Uuid, String> {
+pub(crate) fn parse_seed(s: &str) -> Result<repart::Uuid, String> {
     repart::parse_uuid(s).ok_or_else(|| format!("{s:?} is not 32 hex digits or a UUID"))
 }
 
@@ -99,6 +105,8 @@ pub fn run(cmd: MkfsCommand) -> Outcome {
     match cmd {
         MkfsCommand::Ext4(a) => ext4_cmd(a),
         MkfsCommand::Erofs(a) => erofs::run(a),
+        MkfsCommand::Vfat(a) => fat::run(a),
+        MkfsCommand::Iso9660(a) => iso::run(a),
     }
 }
 
