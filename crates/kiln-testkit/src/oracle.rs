@@ -434,6 +434,21 @@ pub fn kernel_read(img: &Path, fs: Fs) -> Manifest {
     }
 }
 
+/// Compares `img` as the host kernel reads it with `src`. Without root or the filesystem in
+/// the host kernel the check is skipped with a message, except in CI
+/// (`KILN_REQUIRE_DEBIAN_TREES=1`, set by scripts/test), where it fails.
+pub fn check_on_host(what: &str, src: &Manifest, img: &Path, fs: Fs) {
+    if !host_can_mount(fs) {
+        assert!(
+            std::env::var_os("KILN_REQUIRE_DEBIAN_TREES").is_none_or(|v| v != "1"),
+            "{what}: the kernel oracle needs root and a host kernel with {fs:?} (CI has both)"
+        );
+        eprintln!("skipped: {what}: a kernel mount needs root and {fs:?} in the host kernel");
+        return;
+    }
+    assert_same(what, src, &host_read(img, fs), fs);
+}
+
 /// Loop-mounts `img` read-only on the host, scans it, unmounts.
 pub fn host_read(img: &Path, fs: Fs) -> Manifest {
     let mnt = tempfile::Builder::new()

@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kiln_formats::erofs::Image;
-use kiln_testkit::{
-    generate_corpus, is_root, require_tool, run, run_ok, scratch_dir, CorpusOptions,
-};
+use kiln_testkit::oracle::{self, Fs};
+use kiln_testkit::{generate_corpus, require_tool, run, run_ok, scratch_dir, CorpusOptions};
 use sha2::Digest;
 
 fn kiln() -> Command {
@@ -332,7 +331,7 @@ impl std::io::Write for HashWriter<'_> {
 }
 
 /// Full round trip for one compression mode.
-fn round_trip(src: &Path, source: &Scan, z: &str) {
+fn round_trip(src: &Path, source: &Scan, kernel_src: &oracle::Manifest, z: &str) {
     let t = scratch_dir("kiln-erofs-round-trip");
     let img = t.path().join(format!("{z}.img"));
     let j = mkfs(src, &img, z);
@@ -401,58 +400,16 @@ fn round_trip(src: &Path, source: &Scan, z: &str) {
         },
     );
     compare_with_reader(src, &img, &source.0);
-    kernel_mount(source, &img, z);
-}
-
-/// Mounts the image read-only through a loop device and compares, when root.
-fn kernel_mount(source: &Scan, img: &Path, z: &str) {
-    if !is_root() {
-        eprintln!("skipped: kernel mount of the {z} image needs root and loop devices");
-        return;
-    }
-    let m = tempfile::tempdir().unwrap();
-    let o = run(Command::new("mount")
-        .args(["-t", "erofs", "-o", "ro,loop"])
-        .arg(img)
-        .arg(m.path()));
-    if !o.status.success() {
-        eprintln!(
-            "skipped: kernel mount of the {z} image failed to start ({}); no loop devices?",
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-        assert!(
-            !String::from_utf8_lossy(&o.stderr).contains("wrong fs type"),
-            "kernel rejected the image"
-        );
-        return;
-    }
-    let (a, ga) = (source.0.clone(), source.1.clone());
-    let (b, gb) = scan(m.path());
-    run_ok(Command::new("umount").arg(m.path()));
-    compare(&format!("kernel mount ({z})"), &a, &b, |e| {
-        let mut e = e.clone();
-        e.sparse = false;
-        if e.kind == "dir" {
-            e.size = 0;
-        }
-        e
-    });
-    let norm = |mut g: Vec<Vec<Vec<u8>>>| {
-        for x in &mut g {
-            x.sort();
-        }
-        g.sort();
-        g
-    };
-    assert_eq!(norm(ga), norm(gb), "hardlink groups through the kernel");
+    oracle::check_on_host(&format!("kernel mount ({z})"), kernel_src, &img, Fs::Erofs);
 }
 
 #[test]
 fn corpus_round_trips_in_every_mode() {
     let c = Corpus::new(CorpusOptions::default());
     let source = scan(&c.root);
+    let kernel_src = oracle::scan(&c.root);
     for z in ["none", "lz4", "lz4hc"] {
-        round_trip(&c.root, &source, z);
+        round_trip(&c.root, &source, &kernel_src, z);
     }
 }
 
@@ -613,195 +570,6 @@ fn usr_subset_round_trips() {
     }
 }
 
-/// Boots the Debian 6.1 cloud kernel (the one kiln's images boot with, LZ4 only) under QEMU
-/// with an initrd of busybox and the erofs module, mounts one image per compression mode from
-/// virtio disks and lists every entry's mode, owner, size, mtime and file hash on the serial
-/// console; the listing must match the source tree.
-#[test]
-fn debian_kernel_mounts_every_mode() {
-    let qemu = require_tool("qemu-system-x86_64");
-    let busybox = require_tool("busybox");
-    let cpio = require_tool("cpio");
-    let kernel = fs::read_dir("/boot")
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("vmlinuz-6.1")
-        })
-        .expect("linux-image-cloud-amd64 (6.1) not installed; .ci/run installs it");
-    let version = kernel.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
-    let moddir = PathBuf::from("/usr/lib/modules").join(&version);
-    let t = tempfile::tempdir().unwrap();
-    let src = t.path().join("src");
-    fs::create_dir(&src).unwrap();
-    generate_corpus(
-        &src,
-        CorpusOptions {
-            huge_dir: false,
-            huge_sparse: false,
-        },
-    );
-    let modes = ["none", "lz4", "lz4hc"];
-    let mut drives = Vec::new();
-    for z in modes {
-        let img = t.path().join(format!("{z}.img"));
-        mkfs(&src, &img, z);
-        drives.push(img);
-    }
-
-    // initrd: busybox, the modules in load order, and an init script.
-    let root = t.path().join("initrd");
-    fs::create_dir_all(root.join("bin")).unwrap();
-    fs::create_dir_all(root.join("lib")).unwrap();
-    fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    // Load order from modules.dep: each line lists a module's dependencies, the one to load
-    // last first.
-    let dep = fs::read_to_string(moddir.join("modules.dep")).unwrap();
-    let deps: BTreeMap<&str, Vec<&str>> = dep
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(m, d)| (m, d.split_whitespace().collect()))
-        .collect();
-    let mut mods: Vec<&str> = Vec::new();
-    for want in [
-        "kernel/drivers/virtio/virtio_pci.ko",
-        "kernel/drivers/block/virtio_blk.ko",
-        "kernel/fs/erofs/erofs.ko",
-    ] {
-        let list = deps
-            .get(want)
-            .unwrap_or_else(|| panic!("{want} not in modules.dep"));
-        for m in list.iter().rev().chain(std::iter::once(&want)) {
-            if !mods.contains(m) {
-                mods.push(m);
-            }
-        }
-    }
-    let mut insmods = String::new();
-    for m in mods {
-        let name = Path::new(m).file_name().unwrap();
-        fs::copy(moddir.join(m), root.join("lib").join(name)).unwrap();
-        insmods.push_str(&format!("$B insmod /lib/{}\n", name.to_string_lossy()));
-    }
-    let disks = ["vda", "vdb", "vdc"];
-    let init = format!(
-        "#!/bin/busybox sh\nB=/bin/busybox\n$B mkdir -p /proc /dev /mnt\n$B mount -t proc proc /proc\n\
-         $B mount -t devtmpfs dev /dev\n{insmods}$B sleep 1\n\
-         for d in {disks}; do\n  echo \"=== BEGIN $d\"\n  if $B mount -t erofs -o ro /dev/$d /mnt; then\n\
-         cd /mnt\n    $B find . -exec $B stat -c '%a %u %g %s %Y %n' {{}} \\;\n\
-         $B find . -type f -exec $B sha256sum {{}} \\;\n    cd /\n    $B umount /mnt\n  \
-         else echo \"MOUNT FAILED $d\"; fi\n  echo \"=== END $d\"\ndone\n\
-         echo '=== DONE'\n$B poweroff -f\n",
-        disks = disks.join(" ")
-    );
-    fs::write(root.join("init"), init).unwrap();
-    fs::set_permissions(
-        root.join("init"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let initrd = t.path().join("initrd.cpio");
-    let o = run(Command::new("sh").arg("-c").arg(format!(
-        "cd '{}' && find . | '{}' -o -H newc > '{}'",
-        root.display(),
-        cpio.display(),
-        initrd.display()
-    )));
-    assert!(
-        o.status.success(),
-        "cpio: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-
-    let mut cmd = Command::new(&qemu);
-    cmd.args(["-m", "512", "-nographic", "-no-reboot", "-kernel"])
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=0"]);
-    for d in &drives {
-        cmd.arg("-drive").arg(format!(
-            "file={},format=raw,if=virtio,readonly=on",
-            d.display()
-        ));
-    }
-    let o = run(Command::new("timeout")
-        .arg("600")
-        .arg(&qemu)
-        .args(cmd.get_args()));
-    let out = String::from_utf8_lossy(&o.stdout).replace('\r', "");
-    assert!(out.contains("=== DONE"), "guest did not finish:\n{out}");
-
-    // Expected listing from the source tree.
-    let (want, _) = scan(&src);
-    let mut want_lines = Vec::new();
-    for (p, e) in &want {
-        let name = if p.is_empty() {
-            ".".to_string()
-        } else {
-            format!("./{}", String::from_utf8_lossy(p))
-        };
-        let size = if e.kind == "dir" { 0 } else { e.size };
-        want_lines.push(format!(
-            "{:o} {} {} {} {} {}",
-            e.perm, e.uid, e.gid, size, e.mtime.0, name
-        ));
-        if e.kind == "file" {
-            want_lines.push(format!("{}  {}", e.content, name));
-        }
-    }
-    want_lines.sort();
-    for (z, d) in modes.iter().zip(disks) {
-        let begin = format!("=== BEGIN {d}\n");
-        let start = out
-            .find(&begin)
-            .unwrap_or_else(|| panic!("{z}: no output for {d}:\n{out}"))
-            + begin.len();
-        let end = start + out[start..].find(&format!("=== END {d}")).unwrap();
-        let mut got: Vec<String> = out[start..end]
-            .lines()
-            .map(|l| {
-                // Directory sizes differ between filesystems: compare them as 0.
-                let f: Vec<&str> = l.splitn(6, ' ').collect();
-                if f.len() == 6
-                    && want
-                        .get(f[5].trim_start_matches("./").as_bytes())
-                        .is_some_and(|e| e.kind == "dir")
-                    || (f.len() == 6 && f[5] == ".")
-                {
-                    format!("{} {} {} 0 {} {}", f[0], f[1], f[2], f[4], f[5])
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect();
-        got.sort();
-        assert!(
-            !out[start..end].contains("MOUNT FAILED"),
-            "{z}: the 6.1 kernel refused the image:\n{out}"
-        );
-        let missing: Vec<_> = want_lines
-            .iter()
-            .filter(|l| !got.contains(l))
-            .take(10)
-            .collect();
-        let extra: Vec<_> = got
-            .iter()
-            .filter(|l| !want_lines.contains(l))
-            .take(10)
-            .collect();
-        assert!(
-            missing.is_empty() && extra.is_empty(),
-            "{z}: 6.1 kernel listing differs\nmissing: {missing:#?}\nextra: {extra:#?}"
-        );
-    }
-}
-
-/// A directory, its `tar --sort=name` as a file (indexed) and the same tar compressed with
-/// zstd on stdin (streamed through the placer) give byte-identical images in every mode.
 #[test]
 fn directory_tar_and_stream_give_the_same_image() {
     let c = Corpus::new(CorpusOptions {

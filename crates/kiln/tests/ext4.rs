@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kiln_testkit::oracle::{self, Fs};
 use kiln_testkit::{
     generate_corpus, is_root, require_tool, run, run_ok, scratch_dir, set_times, CorpusOptions,
 };
@@ -295,101 +296,10 @@ fn compare_stats(img: &Path, src: &Path, paths: &[PathBuf]) {
     );
 }
 
-/// A read-only kernel mount compared with the source (root only).
+/// A read-only kernel mount compared with the source (kiln_testkit::oracle).
 fn compare_mount(img: &Path, src: &Path) {
-    if !is_root() {
-        eprintln!("SKIPPED: kernel mount comparison needs root and loop devices");
-        return;
-    }
-    let mnt = scratch();
-    let out = run(Command::new("mount")
-        .args(["-o", "ro,loop"])
-        .arg(img)
-        .arg(mnt.path()));
-    if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stderr);
-        if msg.contains("loop") && (msg.contains("not found") || msg.contains("No such device")) {
-            eprintln!("SKIPPED: kernel mount comparison: no loop devices ({msg})");
-            return;
-        }
-        panic!("mount failed: {msg}");
-    }
-    let result = std::panic::catch_unwind(|| {
-        let want = walk(src);
-        let mut got = walk(mnt.path());
-        got.retain(|p| !p.starts_with("lost+found"));
-        assert_eq!(want, got);
-        let mut ino_map: BTreeMap<(u64, u64), u64> = BTreeMap::new();
-        // Names inside the tree only: the host may link a file from elsewhere too.
-        let mut names_in_tree: BTreeMap<(u64, u64), u64> = BTreeMap::new();
-        for p in &want {
-            let md = fs::symlink_metadata(src.join(p)).unwrap();
-            *names_in_tree.entry((md.dev(), md.ino())).or_default() += 1;
-        }
-        for p in &want {
-            let (a, b) = (src.join(p), mnt.path().join(p));
-            let (ma, mb) = (
-                fs::symlink_metadata(&a).unwrap(),
-                fs::symlink_metadata(&b).unwrap(),
-            );
-            let ctx = p.display();
-            assert_eq!(ma.mode(), mb.mode(), "{ctx}: mode");
-            assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "{ctx}: owner");
-            assert_eq!(
-                (ma.mtime(), ma.mtime_nsec()),
-                (mb.mtime(), mb.mtime_nsec()),
-                "{ctx}: mtime"
-            );
-            assert_eq!(ma.rdev(), mb.rdev(), "{ctx}: rdev");
-            assert_eq!(
-                kiln_tree::dir::xattrs(&a).unwrap(),
-                kiln_tree::dir::xattrs(&b).unwrap(),
-                "{ctx}: xattrs"
-            );
-            if !ma.is_dir() {
-                assert_eq!(
-                    names_in_tree[&(ma.dev(), ma.ino())],
-                    mb.nlink(),
-                    "{ctx}: nlink"
-                );
-                assert_eq!(ma.len(), mb.len(), "{ctx}: size");
-                let prev = ino_map.insert((ma.dev(), ma.ino()), mb.ino());
-                assert!(
-                    prev.is_none_or(|i| i == mb.ino()),
-                    "{ctx}: hardlink identity"
-                );
-            }
-            if ma.file_type().is_symlink() {
-                assert_eq!(
-                    fs::read_link(&a).unwrap(),
-                    fs::read_link(&b).unwrap(),
-                    "{ctx}"
-                );
-            } else if ma.is_file() {
-                if ma.len() <= 1 << 30 {
-                    assert!(same_bytes(&a, &b), "{ctx}: bytes");
-                } else {
-                    // Large sparse files: compare the data runs the source has and a few probes.
-                    let (fa, fb) = (fs::File::open(&a).unwrap(), fs::File::open(&b).unwrap());
-                    for off in [0, 4096, (4 << 30) + 12288, ma.len() - 4096]
-                        .into_iter()
-                        .filter(|&o| o < ma.len())
-                    {
-                        let mut x = vec![0u8; 8192];
-                        let mut y = vec![0u8; 8192];
-                        let n = ((ma.len() - off) as usize).min(8192);
-                        fa.read_exact_at(&mut x[..n], off).unwrap();
-                        fb.read_exact_at(&mut y[..n], off).unwrap();
-                        assert_eq!(x, y, "{ctx}: bytes at {off}");
-                    }
-                }
-            }
-        }
-    });
-    let _ = run(Command::new("umount").arg(mnt.path()));
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
+    let want = oracle::scan(src);
+    oracle::check_on_host("ext4 kernel mount", &want, img, Fs::Ext4);
 }
 
 /// The full corpus (every entry kind, 100k-entry directory, 5 GiB sparse file, xattrs):
