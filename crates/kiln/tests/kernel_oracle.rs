@@ -116,7 +116,8 @@ fn erofs_reads_back_exactly_in_every_mode() {
 }
 
 /// FAT and ISO 9660 through the Debian kernel in a guest (the host kernel here has neither),
-/// with EROFS lz4 and lz4hc in the same boot: the 6.1 kernel is the one kiln's images run.
+/// with EROFS (lz4, lz4hc, uncompressed) in the same boot: the 6.1 kernel is the one kiln's
+/// images run.
 #[test]
 fn guest_kernel_reads_fat_iso_and_erofs() {
     let t = scratch_dir("kiln-oracle-guest");
@@ -160,12 +161,15 @@ fn guest_kernel_reads_fat_iso_and_erofs() {
     ]);
     let lz4hc = t.path().join("lz4hc.img");
     kiln(&["mkfs", "erofs", "-z", "lz4hc", s(&rich), "-o", s(&lz4hc)]);
+    let plain_erofs = t.path().join("none.img");
+    kiln(&["mkfs", "erofs", s(&rich), "-o", s(&plain_erofs)]);
 
     let got = oracle::guest_read(&[
         (&fat, Fs::Vfat),
         (&iso, Fs::Iso9660),
         (&lz4, Fs::Erofs),
         (&lz4hc, Fs::Erofs),
+        (&plain_erofs, Fs::Erofs),
     ]);
     oracle::assert_same("vfat (6.1)", &plain_m, &got[0], Fs::Vfat);
     // Rock Ridge names of 255 bytes show truncated by isofs (see oracle::expected); the rest
@@ -174,6 +178,7 @@ fn guest_kernel_reads_fat_iso_and_erofs() {
     // The guest has no xattr tool: diff compares xattrs only where both sides have them.
     oracle::assert_same("erofs lz4 (6.1)", &rich_m, &got[2], Fs::Erofs);
     oracle::assert_same("erofs lz4hc (6.1)", &rich_m, &got[3], Fs::Erofs);
+    oracle::assert_same("erofs uncompressed (6.1)", &rich_m, &got[4], Fs::Erofs);
 }
 
 /// A seeded random search: each case draws files whose sizes cluster around the boundaries
