@@ -97,15 +97,6 @@ fn seq_cost(lit: usize, mlen: usize) -> usize {
     1 + ext_len(lit) + lit + 2 + ext_len(mlen - MINMATCH)
 }
 
-#[inline]
-fn push_len(out: &mut Vec<u8>, mut n: usize) {
-    while n >= 255 {
-        out.push(255);
-        n -= 255;
-    }
-    out.push(n as u8);
-}
-
 // One bounds check per read; the conversions cannot fail on a slice of exactly that length.
 #[inline]
 fn read_u32(s: &[u8], i: usize) -> u32 {
@@ -118,37 +109,68 @@ fn read_u64(s: &[u8], i: usize) -> u64 {
 }
 
 /// Length of the common prefix of `s[a..]` and `s[b..]` (a < b), not reading past `limit`.
-#[inline]
+#[inline(always)]
 fn common(s: &[u8], a: usize, b: usize, limit: usize) -> usize {
-    let mut n = 0;
     let max = limit - b;
-    while n + 8 <= max {
-        let x = read_u64(s, a + n) ^ read_u64(s, b + n);
-        if x != 0 {
-            return n + (x.trailing_zeros() / 8) as usize;
+    // Two equal-length views: the loop below then needs no bounds checks.
+    let (x, y) = (&s[a..a + max], &s[b..b + max]);
+    let mut n = 0;
+    for (cx, cy) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
+        let (Ok(cx), Ok(cy)) = (<[u8; 8]>::try_from(cx), <[u8; 8]>::try_from(cy)) else {
+            break;
+        };
+        let d = u64::from_le_bytes(cx) ^ u64::from_le_bytes(cy);
+        if d != 0 {
+            return n + (d.trailing_zeros() / 8) as usize;
         }
         n += 8;
     }
-    while n < max && s[a + n] == s[b + n] {
-        n += 1;
-    }
-    n
+    n + x[n..]
+        .iter()
+        .zip(&y[n..])
+        .take_while(|(p, q)| p == q)
+        .count()
 }
 
-/// The sequence writer: tracks the output budget for fill-the-destination mode.
+/// Bytes a literal copy may write past its end: short runs are copied 16 bytes at a time and
+/// the excess is overwritten by what follows.
+const WILD: usize = 16;
+
+/// The sequence writer: writes into a scratch buffer with [`WILD`] bytes of slack past `cap`
+/// (indexing instead of growing a `Vec`: the fast mode emits a sequence every few bytes), and
+/// tracks the output budget for fill-the-destination mode.
 struct Emitter<'a> {
-    out: &'a mut Vec<u8>,
-    start: usize,
+    buf: &'a mut [u8],
+    o: usize,
     cap: usize,
 }
 
 impl Emitter<'_> {
-    fn used(&self) -> usize {
-        self.out.len() - self.start
+    #[inline]
+    fn len(&mut self, mut n: usize) {
+        while n >= 255 {
+            self.buf[self.o] = 255;
+            self.o += 1;
+            n -= 255;
+        }
+        self.buf[self.o] = n as u8;
+        self.o += 1;
+    }
+
+    #[inline]
+    fn literals(&mut self, src: &[u8], from: usize, to: usize) {
+        let n = to - from;
+        if n <= WILD && from + WILD <= src.len() {
+            self.buf[self.o..self.o + WILD].copy_from_slice(&src[from..from + WILD]);
+        } else {
+            self.buf[self.o..self.o + n].copy_from_slice(&src[from..to]);
+        }
+        self.o += n;
     }
 
     /// Emits literals `src[anchor..mstart]` and a match, if it fits with room for the final
     /// literal run it forces. Returns false (and writes nothing) otherwise.
+    #[inline(always)]
     fn sequence(
         &mut self,
         src: &[u8],
@@ -162,26 +184,27 @@ impl Emitter<'_> {
         // Shortest final run allowed after this match: the block must end >= 5 bytes after the
         // match and >= 13 bytes after its start.
         let min_final = LASTLITERALS.max(MIN_INPUT_FOR_MATCH.saturating_sub(mlen));
-        if self.used() + cost + 1 + min_final > self.cap {
+        if self.o + cost + 1 + min_final > self.cap {
             return false;
         }
         let ml = mlen - MINMATCH;
-        let token = ((lit.min(15) as u8) << 4) | ml.min(15) as u8;
-        self.out.push(token);
+        self.buf[self.o] = ((lit.min(15) as u8) << 4) | ml.min(15) as u8;
+        self.o += 1;
         if lit >= 15 {
-            push_len(self.out, lit - 15);
+            self.len(lit - 15);
         }
-        self.out.extend_from_slice(&src[anchor..mstart]);
-        self.out.extend_from_slice(&(off as u16).to_le_bytes());
+        self.literals(src, anchor, mstart);
+        self.buf[self.o..self.o + 2].copy_from_slice(&(off as u16).to_le_bytes());
+        self.o += 2;
         if ml >= 15 {
-            push_len(self.out, ml - 15);
+            self.len(ml - 15);
         }
         true
     }
 
     /// Emits the final literal run from `anchor`, as long as fits; returns the input consumed.
     fn finish(&mut self, src: &[u8], anchor: usize) -> usize {
-        let avail = self.cap - self.used();
+        let avail = self.cap - self.o;
         let mut lit = src.len() - anchor;
         if 1 + ext_len(lit) + lit > avail {
             lit = avail.saturating_sub(1);
@@ -192,15 +215,18 @@ impl Emitter<'_> {
         if lit == 0 && anchor == 0 {
             // An empty block is a single empty token; in fill mode nothing fit.
             if src.is_empty() && avail >= 1 {
-                self.out.push(0);
+                self.buf[self.o] = 0;
+                self.o += 1;
             }
             return 0;
         }
-        self.out.push((lit.min(15) as u8) << 4);
+        self.buf[self.o] = (lit.min(15) as u8) << 4;
+        self.o += 1;
         if lit >= 15 {
-            push_len(self.out, lit - 15);
+            self.len(lit - 15);
         }
-        self.out.extend_from_slice(&src[anchor..anchor + lit]);
+        self.buf[self.o..self.o + lit].copy_from_slice(&src[anchor..anchor + lit]);
+        self.o += lit;
         anchor + lit
     }
 }
@@ -224,6 +250,16 @@ const FIRST_BASE: u32 = 1 << 17;
 /// rest of a larger block is stored as literals. EROFS units are far smaller.
 const MAX_SEARCH: usize = 1 << 30;
 
+/// The fast mode's table: the first 4K entries of the shared one (16 KiB, L1-resident).
+const FAST_HASH_LOG: u32 = 12;
+const FAST_HASH_SIZE: usize = 1 << FAST_HASH_LOG;
+
+/// Hash of the low 5 bytes of `v` (the fast mode's; little-endian reads).
+#[inline]
+fn hash5(v: u64) -> usize {
+    ((v << 24).wrapping_mul(889_523_592_379) >> (64 - FAST_HASH_LOG)) as usize
+}
+
 #[inline]
 fn hash4(v: u32) -> usize {
     (v.wrapping_mul(2_654_435_761) >> (32 - HASH_LOG)) as usize
@@ -242,6 +278,8 @@ pub struct Compressor {
     base: u32,
     /// One past the absolute positions the current block may store.
     end: u32,
+    /// The emitter's output buffer, kept between calls.
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -261,6 +299,7 @@ impl Compressor {
             chain: Box::new([u16::MAX; CHAIN_SIZE]),
             base: FIRST_BASE,
             end: FIRST_BASE,
+            scratch: Vec::new(),
         }
     }
 
@@ -289,60 +328,109 @@ impl Compressor {
     }
 
     fn compress_into(&mut self, src: &[u8], cap: usize, out: &mut Vec<u8>) -> usize {
+        // Never more than the worst case for the whole input.
+        let cap = cap.min(compress_bound(src.len()));
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if scratch.len() < cap + WILD {
+            scratch.resize(cap + WILD, 0);
+        }
         let mut em = Emitter {
-            start: out.len(),
-            out,
+            buf: &mut scratch,
+            o: 0,
             cap,
         };
-        if src.len() < MIN_INPUT_FOR_MATCH {
-            return em.finish(src, 0);
-        }
-        self.reset(src.len());
-        let anchor = match self.level {
-            Level::Fast => self.fast(src, &mut em),
-            Level::High(_) => self.high(src, &mut em),
+        let consumed = if src.len() < MIN_INPUT_FOR_MATCH {
+            em.finish(src, 0)
+        } else {
+            self.reset(src.len());
+            let anchor = match self.level {
+                Level::Fast => self.fast(src, &mut em),
+                Level::High(_) => self.high(src, &mut em),
+            };
+            em.finish(src, anchor)
         };
-        em.finish(src, anchor)
+        let written = em.o;
+        out.extend_from_slice(&scratch[..written]);
+        self.scratch = scratch;
+        consumed
     }
 
     /// Greedy parse; returns the anchor of the final literal run.
+    ///
+    /// Shaped like the reference encoder's fast loop, because the loop is bound by memory
+    /// latency (the table entry, then the candidate's bytes), not by arithmetic: the next
+    /// position's hash is computed while the current candidate is checked, the table is 16 KiB
+    /// (it stays in L1), and the hash covers 5 bytes, so 4-byte coincidences that would make
+    /// poor matches are not probed at all.
     fn fast(&mut self, src: &[u8], em: &mut Emitter<'_>) -> usize {
         let base = self.base;
         let match_limit = (src.len() - MFLIMIT).min(MAX_SEARCH); // matches start before this
         let end = src.len() - LASTLITERALS; // and end at or before this
+                                            // A fixed-size view: hash5's range is the array's, so indexing needs no bounds check.
+        let head: &mut [u32; FAST_HASH_SIZE] = match (&mut self.head[..FAST_HASH_SIZE]).try_into() {
+            Ok(h) => h,
+            Err(_) => return 0,
+        };
         let mut anchor = 0usize;
         let mut ip = 0usize;
-        let mut misses = 0usize;
-        while ip < match_limit {
-            let seq = read_u32(src, ip);
-            let h = hash4(seq);
-            let stored = self.head[h];
-            self.head[h] = base + ip as u32;
-            // Older blocks and empty entries are more than a window behind.
-            let dist = (base + ip as u32).wrapping_sub(stored) as usize;
-            let cand = ip.wrapping_sub(dist);
-            if dist > MAX_DISTANCE || dist == 0 || read_u32(src, cand) != seq {
-                misses += 1;
-                ip += 1 + (misses >> SKIP_SHIFT);
-                continue;
-            }
-            misses = 0;
-            // Extend backwards over pending literals, then forwards.
-            let (mut s, mut c) = (ip, cand);
-            while s > anchor && c > 0 && src[s - 1] == src[c - 1] {
-                s -= 1;
-                c -= 1;
-            }
-            let mlen = (ip - s) + MINMATCH + common(src, cand + MINMATCH, ip + MINMATCH, end);
-            if !em.sequence(src, anchor, s, ip - cand, mlen) {
-                return anchor;
-            }
-            anchor = s + mlen;
-            ip = anchor;
-            // Seed the table inside the match for the next search.
-            if ip - 2 < match_limit {
+        'block: loop {
+            // Find a match at or after `ip`: step 1 for the first 64 misses, then wider.
+            let mut next = ip;
+            let mut h = hash5(read_u64(src, next));
+            let mut searches = 1usize << SKIP_SHIFT;
+            let (mut cur, mut cand) = loop {
+                let cur = next;
+                let hcur = h;
+                next += searches >> SKIP_SHIFT;
+                searches += 1;
+                if next > match_limit {
+                    break 'block;
+                }
+                let stored = head[hcur];
+                h = hash5(read_u64(src, next));
+                head[hcur] = base + cur as u32;
+                let dist = (base + cur as u32).wrapping_sub(stored) as usize;
+                // Older blocks and empty entries are more than a window behind.
+                if dist <= MAX_DISTANCE
+                    && dist != 0
+                    && read_u32(src, cur - dist) == read_u32(src, cur)
+                {
+                    break (cur, cur - dist);
+                }
+            };
+            loop {
+                // Extend backwards over pending literals, then forwards.
+                while cur > anchor && cand > 0 && src[cur - 1] == src[cand - 1] {
+                    cur -= 1;
+                    cand -= 1;
+                }
+                let mlen = MINMATCH + common(src, cand + MINMATCH, cur + MINMATCH, end);
+                if !em.sequence(src, anchor, cur, cur - cand, mlen) {
+                    return anchor;
+                }
+                anchor = cur + mlen;
+                ip = anchor;
+                if ip >= match_limit {
+                    break 'block;
+                }
+                // Seed the table inside the match, then try the position right after it
+                // before going back to stepping.
                 let p = ip - 2;
-                self.head[hash4(read_u32(src, p))] = base + p as u32;
+                head[hash5(read_u64(src, p))] = base + p as u32;
+                let hh = hash5(read_u64(src, ip));
+                let stored = head[hh];
+                head[hh] = base + ip as u32;
+                let dist = (base + ip as u32).wrapping_sub(stored) as usize;
+                if dist <= MAX_DISTANCE
+                    && dist != 0
+                    && read_u32(src, ip - dist) == read_u32(src, ip)
+                {
+                    cur = ip;
+                    cand = ip - dist;
+                    continue;
+                }
+                ip += 1;
+                continue 'block;
             }
         }
         anchor

@@ -518,7 +518,7 @@ fn pinned_digests() {
         .collect();
     let want = [
         "ee075236c57684518eaeb0d711c899f0f15bc4cf589e182bc78508147d46739c",
-        "8f2327552e1ee59d9949daf690302f4d4d3014105819967a69cc5cc75cb425cb",
+        "8bb68cfac0fa4a58fbb5f09b2baebf4bea668c0ad868f0c0d42eb384209bee60",
         "9ded9d1d09a139d894daf6bdf56e2a9c102e2405434392fcdd1a9ef3dbe45302",
     ];
     assert_eq!(got, want);
