@@ -234,12 +234,9 @@ impl Emitter<'_> {
 /// Both parsers step `1 + misses >> SKIP_SHIFT` positions after `misses` failed searches.
 const SKIP_SHIFT: u32 = 6;
 
-/// Positions after a match start that lazy evaluation tries.
-const LAZY_STEPS: usize = 1;
-
 /// Hash table size (log2) of both modes: 16K entries of 4 bytes stay within a core's L1/L2
 /// (the table is read once per input position, so its misses dominate the high mode).
-const HASH_LOG: u32 = 14;
+const HASH_LOG: u32 = 15;
 const HASH_SIZE: usize = 1 << HASH_LOG;
 /// Chain table: one 16-bit back distance per position modulo 64 KiB, which is exactly the
 /// match window (a distance of `u16::MAX` ends the chain).
@@ -451,122 +448,248 @@ impl Compressor {
         }
     }
 
-    /// Longest match for position `ip` (which must already be inserted), at least `min_len + 1`
-    /// long to count; returns (length, offset) or (0, 0).
+    /// The longest match found from position `ip` (which must already be inserted) that may
+    /// also extend backwards, down to `low`, and is longer than `min_len`; it ends at or
+    /// before `end`. Searches at most `attempts` chain entries.
     #[inline]
-    fn longest(
+    fn wider(
         &self,
         src: &[u8],
         ip: usize,
+        low: usize,
         end: usize,
         min_len: usize,
         mut attempts: usize,
-    ) -> (usize, usize) {
+    ) -> Option<Match> {
         let nice = self.level.nice();
-        let mut best = (min_len, 0usize);
+        let mut best: Option<Match> = None;
+        let mut best_len = min_len;
         let seq = read_u32(src, ip);
         let lowest = ip.saturating_sub(MAX_DISTANCE);
         let mut cand = ip;
-        loop {
+        while attempts > 0 {
+            attempts -= 1;
             let d = self.chain[cand & (CHAIN_SIZE - 1)] as usize;
             if d == u16::MAX as usize || d == 0 || cand < lowest + d {
                 break;
             }
             cand -= d;
-            if attempts == 0 {
-                break;
-            }
-            attempts -= 1;
-            let bl = best.0;
-            // Cheap reject: the byte that would make this match longer than the best so far.
-            if ip + bl < end && src[cand + bl] != src[ip + bl] {
+            // Cheap reject: the byte that would make this match longer than the best so far
+            // (counting forwards from ip; a backward extension only adds to it).
+            let ahead = best_len.saturating_sub(ip - low).max(MINMATCH - 1);
+            if ip + ahead < end && src[cand + ahead] != src[ip + ahead] {
                 continue;
             }
             if read_u32(src, cand) != seq {
                 continue;
             }
-            let len = MINMATCH + common(src, cand + MINMATCH, ip + MINMATCH, end);
-            if len > best.0 {
-                best = (len, ip - cand);
-                if ip + len >= end || len >= nice {
+            let fwd = MINMATCH + common(src, cand + MINMATCH, ip + MINMATCH, end);
+            let mut back = 0;
+            while ip - back > low && cand - back > 0 && src[ip - back - 1] == src[cand - back - 1] {
+                back += 1;
+            }
+            let len = fwd + back;
+            if len > best_len {
+                best_len = len;
+                best = Some(Match {
+                    start: ip - back,
+                    len,
+                    off: ip - cand,
+                });
+                if ip + fwd >= end || len >= nice {
                     break;
                 }
             }
         }
-        if best.1 == 0 {
-            (0, 0)
-        } else {
-            best
+        best
+    }
+
+    /// Inserts positions up to and including `p` (when `p` is searchable).
+    #[inline]
+    fn insert_to(&mut self, src: &[u8], inserted: &mut usize, p: usize) {
+        if p + 1 > *inserted {
+            self.insert(src, *inserted, p + 1);
+            *inserted = p + 1;
         }
     }
 
-    /// Hash-chain parse with two-step lazy matching; returns the anchor of the final literal
-    /// run.
+    /// Hash-chain parse that weighs up to three overlapping matches before committing the
+    /// first: after a match, the position two bytes before its end is searched for a longer
+    /// one that may start earlier; when one is found, the first is shortened to make room
+    /// (or dropped when fewer than 3 bytes of it would be left) and a third is looked for the
+    /// same way, so that where each match ends is chosen with the next one in view. Returns
+    /// the anchor of the final literal run.
     fn high(&mut self, src: &[u8], em: &mut Emitter<'_>) -> usize {
         let match_limit = (src.len() - MFLIMIT).min(MAX_SEARCH);
         let end = src.len() - LASTLITERALS;
+        let attempts = self.level.attempts();
         let mut anchor = 0usize;
         let mut ip = 0usize;
         let mut inserted = 0usize;
         let mut misses = 0usize;
-        while ip < match_limit {
+        'parse: while ip < match_limit {
             // Positions skipped over in a run of misses stay out of the chains: that is what
             // makes the skip cheap.
             inserted = inserted.max(ip);
-            self.insert(src, inserted, ip + 1);
-            inserted = ip + 1;
-            let attempts = self.level.attempts();
-            let nice = self.level.nice();
-            let (mut mlen, mut off) = self.longest(src, ip, end, MINMATCH - 1, attempts);
-            if mlen == 0 {
+            self.insert_to(src, &mut inserted, ip);
+            let Some(first) = self.wider(src, ip, anchor, end, MINMATCH - 1, attempts) else {
                 // Incompressible stretches: after 64 misses in a row, step over more and more
                 // positions (+0.04 % output on /usr, a third less time).
                 misses += 1;
                 ip += 1 + (misses >> SKIP_SHIFT);
                 continue;
-            }
+            };
             misses = 0;
-            let mut mstart = ip;
-            // Lazy evaluation: a longer match one or two bytes later wins over this one.
-            while mlen < nice {
-                let mut improved = false;
-                for step in 1..=LAZY_STEPS {
-                    let p = mstart + step;
-                    if p >= match_limit {
-                        break;
+            let mut m1 = first;
+            // The first match as found, in case a later choice skips too much of it.
+            let mut m0 = first;
+            'search2: loop {
+                let probe = m1.end() - 2;
+                let m2 = if probe < match_limit && m1.end() <= match_limit {
+                    self.insert_to(src, &mut inserted, probe);
+                    self.wider(src, probe, m1.start, end, m1.len, attempts)
+                } else {
+                    None
+                };
+                let Some(mut m2) = m2 else {
+                    match emit(em, src, anchor, m1, match_limit) {
+                        Emit::Full => return anchor,
+                        Emit::Done(a) => anchor = a,
                     }
-                    self.insert(src, inserted, p + 1);
-                    inserted = inserted.max(p + 1);
-                    let (l2, o2) = self.longest(src, p, end, mlen + step, attempts / 4);
-                    if l2 > mlen + step {
-                        mlen = l2;
-                        off = o2;
-                        mstart = p;
-                        improved = true;
-                        break;
+                    ip = anchor.max(m1.start + 1);
+                    continue 'parse;
+                };
+                if m0.start < m1.start && m2.start < m0.end() {
+                    // The first match was moved past bytes the second one does not cover.
+                    m1 = m0;
+                }
+                if m2.start - m1.start < 3 {
+                    // Too little of the first match would be left: the second replaces it.
+                    m1 = m2;
+                    continue 'search2;
+                }
+                loop {
+                    // Let the second match start where a short first one would end.
+                    if m2.start - m1.start < OPTIMAL_ML {
+                        let mut len = m1.len.min(OPTIMAL_ML);
+                        if m1.start + len > m2.end() - MINMATCH {
+                            len = m2.start - m1.start + m2.len - MINMATCH;
+                        }
+                        let shift = (m1.start + len).saturating_sub(m2.start);
+                        if shift > 0 {
+                            m2.start += shift;
+                            m2.len -= shift;
+                        }
                     }
+                    let probe = m2.end() - 3;
+                    let m3 = if probe < match_limit && m2.end() <= match_limit {
+                        self.insert_to(src, &mut inserted, probe);
+                        self.wider(src, probe, m2.start, end, m2.len, attempts)
+                    } else {
+                        None
+                    };
+                    let Some(m3) = m3 else {
+                        // Two matches: the first ends where the second starts.
+                        m1.len = m1.len.min(m2.start - m1.start);
+                        for m in [m1, m2] {
+                            match emit(em, src, anchor, m, match_limit) {
+                                Emit::Full => return anchor,
+                                Emit::Done(a) => anchor = a,
+                            }
+                        }
+                        ip = anchor.max(m2.start + 1);
+                        continue 'parse;
+                    };
+                    if m3.start < m1.end() + 3 {
+                        if m3.start >= m1.end() {
+                            // The second is squeezed out: write the first, the third becomes
+                            // the first, the second its fallback.
+                            if m2.start < m1.end() {
+                                let cut = m1.end() - m2.start;
+                                m2.start += cut;
+                                m2.len = m2.len.saturating_sub(cut);
+                                if m2.len < MINMATCH {
+                                    m2 = m3;
+                                }
+                            }
+                            match emit(em, src, anchor, m1, match_limit) {
+                                Emit::Full => return anchor,
+                                Emit::Done(a) => anchor = a,
+                            }
+                            m1 = m3;
+                            m0 = m2;
+                            continue 'search2;
+                        }
+                        m2 = m3;
+                        continue;
+                    }
+                    // Three ascending matches: fix where the first ends and write it.
+                    if m2.start < m1.end() {
+                        if m2.start - m1.start < OPTIMAL_ML {
+                            let mut len = m1.len.min(OPTIMAL_ML);
+                            if m1.start + len > m2.end() - MINMATCH {
+                                len = m2.start - m1.start + m2.len - MINMATCH;
+                            }
+                            let shift = (m1.start + len).saturating_sub(m2.start);
+                            if shift > 0 {
+                                m2.start += shift;
+                                m2.len -= shift;
+                            }
+                            m1.len = len;
+                        } else {
+                            m1.len = m2.start - m1.start;
+                        }
+                    }
+                    match emit(em, src, anchor, m1, match_limit) {
+                        Emit::Full => return anchor,
+                        Emit::Done(a) => anchor = a,
+                    }
+                    m1 = m2;
+                    m2 = m3;
                 }
-                if !improved {
-                    break;
-                }
-            }
-            // Extend backwards over pending literals.
-            while mstart > anchor && mstart > off && src[mstart - 1] == src[mstart - 1 - off] {
-                mstart -= 1;
-                mlen += 1;
-            }
-            if !em.sequence(src, anchor, mstart, off, mlen) {
-                return anchor;
-            }
-            anchor = mstart + mlen;
-            ip = anchor;
-            let upto = ip.min(match_limit);
-            if inserted < upto {
-                self.insert(src, inserted, upto);
-                inserted = upto;
             }
         }
         anchor
+    }
+}
+
+/// A match: `len` bytes at `start` equal the bytes `off` back.
+#[derive(Clone, Copy, Debug)]
+struct Match {
+    start: usize,
+    len: usize,
+    off: usize,
+}
+
+impl Match {
+    fn end(&self) -> usize {
+        self.start + self.len
+    }
+}
+
+/// A match shorter than this is not worth making the next one start earlier for (one token
+/// byte covers 15 + 4 bytes of match; beyond that, each byte of match costs nothing).
+const OPTIMAL_ML: usize = 18;
+
+/// What [`emit`] did.
+enum Emit {
+    /// The destination is full: stop, the final literal run starts at the current anchor.
+    Full,
+    /// The new anchor (unchanged when the match was not usable).
+    Done(usize),
+}
+
+/// Writes `m` as a sequence after the literals from `anchor`. A match that the overlap
+/// resolution left too short, that starts before the anchor or too close to the end of the
+/// block is not written (its bytes stay literals).
+fn emit(em: &mut Emitter<'_>, src: &[u8], anchor: usize, m: Match, match_limit: usize) -> Emit {
+    if m.len < MINMATCH || m.start < anchor || m.start >= match_limit || m.off == 0 {
+        return Emit::Done(anchor);
+    }
+    if em.sequence(src, anchor, m.start, m.off, m.len) {
+        Emit::Done(m.end())
+    } else {
+        Emit::Full
     }
 }
 

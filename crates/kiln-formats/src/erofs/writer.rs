@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 
 use rayon::prelude::*;
+use sha2::Digest;
 use zerocopy::IntoBytes;
 
 use super::layout::*;
@@ -95,6 +96,11 @@ pub struct Options {
     pub timestamp: Option<Timestamp>,
     /// Volume label (at most 16 bytes).
     pub volume_name: Vec<u8>,
+    /// Compressed modes: regular files with the same bytes share one copy of their compressed
+    /// data (their inodes point at the same physical clusters). Read-only filesystems allow
+    /// it; it costs nothing at read time. Sameness is decided by SHA-256, so it is the same
+    /// for every source (directory, tar, stream).
+    pub dedupe: bool,
 }
 
 impl Default for Options {
@@ -105,6 +111,7 @@ impl Default for Options {
             uuid: [0; 16],
             timestamp: None,
             volume_name: Vec::new(),
+            dedupe: true,
         }
     }
 }
@@ -160,6 +167,10 @@ pub struct Summary {
     pub meta_blocks: u64,
     /// Regular files stored compressed.
     pub compressed_files: u64,
+    /// Of those, files whose data is shared with an earlier file of the same content.
+    pub shared_files: u64,
+    /// Bytes of compressed data the shared files did not store again.
+    pub shared_bytes: u64,
     /// Slot locations.
     pub slots: Vec<SlotLocation>,
     /// nid of the root directory.
@@ -394,11 +405,14 @@ struct Job {
     whole: bool,
     /// Compress at all (false: small files written flat, in order).
     compress: bool,
+    /// Hash the bytes for whole-file dedupe.
+    digest: bool,
     data: JobData,
 }
 
-/// A unit's raw bytes and, when the job compresses, its extents.
-type UnitOut = (Vec<u8>, Option<Vec<Ext>>);
+/// A unit's raw bytes, its extents when the job compresses, its SHA-256 when the job is
+/// hashed.
+type UnitOut = (Vec<u8>, Option<Vec<Ext>>, Option<[u8; 32]>);
 
 /// A compressed batch waiting to be placed: its jobs and their units' results, in order.
 struct Batch {
@@ -441,7 +455,8 @@ fn compress_batch(
                     }
                 };
                 let exts = job.compress.then(|| compress_unit(c, &raw, pcluster));
-                Ok((raw, exts))
+                let digest = job.digest.then(|| sha2::Sha256::digest(&raw).into());
+                Ok((raw, exts, digest))
             },
         )
         .collect();
@@ -463,6 +478,21 @@ struct DataCore<'s> {
     stores: Vec<Option<Store>>,
     building: BTreeMap<usize, Vec<ZExt>>,
     compressed_files: u64,
+    /// Whole-file dedupe, when enabled.
+    dedupe: Option<Dedupe>,
+}
+
+/// Whole-file dedupe state: which files to hash, and the compressed files placed so far by
+/// content.
+struct Dedupe {
+    /// Hash only files of these sizes (an indexed source knows every size up front and can
+    /// skip files whose size is unique); `None` hashes every file (streams).
+    sizes: Option<std::collections::HashSet<u64>>,
+    /// Content digest (of the unit digests and the size) -> the store of its first copy.
+    seen: std::collections::HashMap<[u8; 32], Store>,
+    /// Files that share an earlier copy, and the bytes they did not store again.
+    shared: u64,
+    saved_bytes: u64,
 }
 
 fn read_source(
@@ -494,7 +524,45 @@ impl<'s> DataCore<'s> {
             stores: Vec::new(),
             building: BTreeMap::new(),
             compressed_files: 0,
+            dedupe: (opts.dedupe && opts.compression != Compression::None).then(|| Dedupe {
+                sizes: None,
+                seen: Default::default(),
+                shared: 0,
+                saved_bytes: 0,
+            }),
         }
+    }
+
+    /// Limits hashing to files whose size occurs more than once among `sizes` (only a file
+    /// with a twin of the same size can share its data).
+    fn dedupe_sizes(&mut self, sizes: impl Iterator<Item = u64>) {
+        if let Some(d) = &mut self.dedupe {
+            let mut count: std::collections::HashMap<u64, u32> = Default::default();
+            for s in sizes {
+                *count.entry(s).or_default() += 1;
+            }
+            d.sizes = Some(
+                count
+                    .into_iter()
+                    .filter(|&(_, n)| n > 1)
+                    .map(|(s, _)| s)
+                    .collect(),
+            );
+        }
+    }
+
+    /// Files sharing an earlier copy, and the compressed bytes they did not store again.
+    fn shared(&self) -> (u64, u64) {
+        self.dedupe
+            .as_ref()
+            .map_or((0, 0), |d| (d.shared, d.saved_bytes))
+    }
+
+    /// Whether a whole-file job of `size` bytes is hashed.
+    fn digest_for(&self, size: u64) -> bool {
+        self.dedupe
+            .as_ref()
+            .is_some_and(|d| d.sizes.as_ref().is_none_or(|s| s.contains(&size)))
     }
 
     fn set(&mut self, key: usize, store: Store) {
@@ -532,6 +600,7 @@ impl<'s> DataCore<'s> {
                     len: size,
                     whole: true,
                     compress: size > BLOCK,
+                    digest: size > BLOCK && self.digest_for(size),
                     data: JobData::Source(file.clone()),
                 },
                 contents,
@@ -548,6 +617,7 @@ impl<'s> DataCore<'s> {
                         len,
                         whole: false,
                         compress: true,
+                        digest: false,
                         data: JobData::Source(file.clone()),
                     },
                     contents,
@@ -613,13 +683,38 @@ impl<'s> DataCore<'s> {
         Ok(())
     }
 
-    fn place_job(&mut self, job: Job, outs: Vec<(Vec<u8>, Option<Vec<Ext>>)>) -> Result<(), Error> {
+    fn place_job(&mut self, job: Job, outs: Vec<UnitOut>) -> Result<(), Error> {
+        // The file's content digest: over its units' digests and its size.
+        let digest: Option<[u8; 32]> =
+            outs.iter()
+                .map(|o| o.2)
+                .collect::<Option<Vec<_>>>()
+                .map(|ds| {
+                    let mut h = sha2::Sha256::new();
+                    h.update(job.size.to_le_bytes());
+                    for d in ds {
+                        h.update(d);
+                    }
+                    h.finalize().into()
+                });
+        if let (Some(d), Some(dd)) = (&digest, &mut self.dedupe) {
+            if let Some(st) = dd.seen.get(d) {
+                if let Store::Compressed { blocks, .. } = st {
+                    dd.saved_bytes += blocks * BLOCK;
+                }
+                dd.shared += 1;
+                let st = st.clone();
+                self.compressed_files += 1;
+                self.set(job.key, st);
+                return Ok(());
+            }
+        }
         if job.whole {
             let flat_blocks =
                 job.size / BLOCK + u64::from(job.size % BLOCK != 0 && !tail_inline(job.size));
             let comp_blocks: Option<u64> = outs
                 .iter()
-                .map(|(_, e)| {
+                .map(|(_, e, _)| {
                     e.as_ref().map(|e| {
                         e.iter()
                             .map(|x| x.bytes.as_ref().map_or(1, |b| blocks_of(b.len() as u64)))
@@ -633,7 +728,7 @@ impl<'s> DataCore<'s> {
         }
         let mut base = job.start;
         let mut exts = self.building.remove(&job.key).unwrap_or_default();
-        for (raw, e) in outs {
+        for (raw, e, _) in outs {
             let Some(e) = e else {
                 return Err(Error::corrupt(
                     base,
@@ -680,14 +775,15 @@ impl<'s> DataCore<'s> {
             let blocks = exts.iter().map(|e| u64::from(e.blocks)).sum();
             let indexes = build_indexes(job.size, &exts);
             self.compressed_files += 1;
-            self.set(
-                job.key,
-                Store::Compressed {
-                    size: job.size,
-                    indexes,
-                    blocks,
-                },
-            );
+            let store = Store::Compressed {
+                size: job.size,
+                indexes,
+                blocks,
+            };
+            if let (Some(d), Some(dd)) = (digest, &mut self.dedupe) {
+                dd.seen.insert(d, store.clone());
+            }
+            self.set(job.key, store);
         } else {
             self.building.insert(job.key, exts);
         }
@@ -944,6 +1040,23 @@ impl Plan<'_> {
         }
         let tree = self.tree;
         let mut core = DataCore::new(sink, &self.opts);
+        let sizes: Vec<u64> = self
+            .meta
+            .files
+            .iter()
+            .filter_map(|&id| {
+                let node = tree.node(id);
+                match &node.kind {
+                    NodeKind::File(f)
+                        if f.size <= PIECE && core.batched(f, node.slot.is_some()) =>
+                    {
+                        Some(f.size)
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        core.dedupe_sizes(sizes.into_iter());
         let done = std::sync::atomic::AtomicU64::new(0);
         let mut direct: Vec<(NodeId, Vec<Write>)> = Vec::new();
         for &id in &self.meta.files {
@@ -984,11 +1097,14 @@ impl Plan<'_> {
         })?;
         let data_end = core.next_block;
         let compressed_files = core.compressed_files;
+        let (shared_files, shared_bytes) = core.shared();
         let stores = std::mem::take(&mut core.stores);
         let mut s = self
             .meta
             .write(tree, &stores, data_end, sink, Some(contents), &self.opts)?;
         s.compressed_files = compressed_files;
+        s.shared_files = shared_files;
+        s.shared_bytes = shared_bytes;
         Ok(s)
     }
 }
@@ -1055,6 +1171,7 @@ impl<'s> StreamWriter<'s> {
                         len,
                         whole,
                         compress: !whole || size > BLOCK,
+                        digest: whole && size > BLOCK && self.core.digest_for(size),
                         data: JobData::Mem(v),
                     },
                     &NoContents,
@@ -1149,6 +1266,7 @@ impl<'s> StreamWriter<'s> {
             &self.opts,
         )?;
         s.compressed_files = self.core.compressed_files;
+        (s.shared_files, s.shared_bytes) = self.core.shared();
         Ok(s)
     }
 }
@@ -2032,6 +2150,8 @@ impl MetaPrep {
             data_blocks: data_end - 1,
             meta_blocks: m.total_blocks - m.shared_blkaddr,
             compressed_files: 0,
+            shared_files: 0,
+            shared_bytes: 0,
             slots,
             root_nid: nid_of[ROOT as usize],
         })

@@ -52,6 +52,9 @@ pub struct ErofsArgs {
     /// Make every file owned by root.
     #[arg(long)]
     pub all_root: bool,
+    /// Store every file's compressed data, even when an earlier file has the same bytes.
+    #[arg(long)]
+    pub no_dedupe: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -81,6 +84,7 @@ pub fn run(a: ErofsArgs) -> Outcome {
         uuid: repart::filesystem_uuid(&seed),
         timestamp: None,
         volume_name: label,
+        dedupe: !a.no_dedupe,
     };
     let norm = Normalize::from_env(a.all_root)?;
     let source = SourceArg::parse(&a.source);
@@ -158,6 +162,8 @@ pub fn run(a: ErofsArgs) -> Outcome {
             "data_blocks": summary.data_blocks,
             "meta_blocks": summary.meta_blocks,
             "compressed_files": summary.compressed_files,
+            "shared_files": summary.shared_files,
+            "shared_bytes": summary.shared_bytes,
             "root_nid": summary.root_nid,
             "uuid": repart::format_uuid(&opts.uuid),
             "sha256": sha,
