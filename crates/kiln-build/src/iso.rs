@@ -309,6 +309,9 @@ fn iso_options(spec: &Spec, label: &str, mtime: i64, esp_len: u64) -> IsoOptions
     o.application_id = format!("KILN {}", env!("CARGO_PKG_VERSION"));
     o.publisher_id = String::new();
     o.esp_len = Some(esp_len);
+    // Slot files and the directory records that point at them near the end, as slot
+    // partitions on a disk: kiln serve hashes a personalised ISO from the first of them on.
+    o.slots_last = spec.slots_last;
     o.hybrid = Some(HybridOptions::from_seed(&repart::derive_uuid(
         &spec.seed, "kiln-iso",
     )));

@@ -127,11 +127,8 @@ impl Sha256Resumable {
         debug_assert_eq!(blocks.len() % 64, 0);
         for batch in blocks.chunks(64 * BATCH) {
             self.scratch.clear();
-            self.scratch.extend(
-                batch
-                    .chunks_exact(64)
-                    .map(|b| GenericArray::clone_from_slice(b)),
-            );
+            self.scratch
+                .extend(batch.chunks_exact(64).map(GenericArray::clone_from_slice));
             sha2::compress256(&mut self.state, &self.scratch);
         }
     }
