@@ -49,9 +49,24 @@ pub fn s3(
     // object_store's default 30 s limit covers a whole request including its body, which
     // would cut long downloads to slow clients; requests are bounded per range piece and by
     // an idle timeout instead (see catalog::ObjectBase::stream). A `timeout` option still wins.
-    let mut b = AmazonS3Builder::from_env()
-        .with_bucket_name(bucket)
-        .with_client_options(ClientOptions::new().with_timeout_disabled());
+    //
+    // The client options go in first: `with_client_options` replaces all of them, so applied
+    // after `AmazonS3Builder::from_env()` it would drop AWS_ALLOW_HTTP and friends. The AWS_*
+    // variables are applied next (as from_env does), then the URL's bucket and the config's
+    // options, which win.
+    let mut b =
+        AmazonS3Builder::new().with_client_options(ClientOptions::new().with_timeout_disabled());
+    for (k, v) in std::env::vars_os() {
+        let (Some(k), Some(v)) = (k.to_str(), v.to_str()) else {
+            continue;
+        };
+        if k.starts_with("AWS_") {
+            if let Ok(ck) = AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase()) {
+                b = b.with_config(ck, v);
+            }
+        }
+    }
+    b = b.with_bucket_name(bucket);
     for (k, v) in options {
         let ck = AmazonS3ConfigKey::from_str(k)
             .with_context(|| format!("{url}: unknown store option {k:?}"))?;

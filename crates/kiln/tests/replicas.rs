@@ -26,12 +26,18 @@ const PAGE: &[u8] = b"<!doctype html><title>shared</title><p>uploaded to one rep
 const CLIENTS: usize = 50;
 const GRACE_S: u64 = 8;
 
-fn replica_config(fx: &Fixture, s3: &S3Server, name: &str) -> std::path::PathBuf {
-    let store = format!(
-        "endpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"AKTEST\"\n\
-         secret_access_key = \"SKTEST-secret\"\nallow_http = \"true\"\n",
-        s3.url
-    );
+/// A replica's config. With `env_store`, the store's endpoint and credentials are left to the
+/// AWS_* environment (as in examples/deploy), else they are in the config.
+fn replica_config(fx: &Fixture, s3: &S3Server, name: &str, env_store: bool) -> std::path::PathBuf {
+    let store = if env_store {
+        String::new()
+    } else {
+        format!(
+            "endpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"AKTEST\"\n\
+             secret_access_key = \"SKTEST-secret\"\nallow_http = \"true\"\n",
+            s3.url
+        )
+    };
     let text = format!(
         "listen = \"127.0.0.1:0\"\nuploads = \"s3://kiln/uploads\"\n[store]\n{store}\n\
          [limits]\nrequests_per_second = 10000\nburst = 10000\ndownloads_per_ip = 1000\n\
@@ -175,9 +181,18 @@ async fn client(url: String, pace: Pace, len: u64, tl: Arc<Timeline>) -> Outcome
 async fn two_replicas_share_uploads_and_survive_a_sigterm_during_50_downloads() {
     let fx = Fixture::new();
     let s3 = S3Server::start(fx.dir.path(), &fx.base);
-    let ca = replica_config(&fx, &s3, "a");
-    let cb = replica_config(&fx, &s3, "b");
-    let mut a = KilnServer::start(&ca);
+    let ca = replica_config(&fx, &s3, "a", true);
+    let cb = replica_config(&fx, &s3, "b", false);
+    let mut a = KilnServer::start_with_env(
+        &ca,
+        &[
+            ("AWS_ENDPOINT_URL", &s3.url),
+            ("AWS_ACCESS_KEY_ID", "AKTEST"),
+            ("AWS_SECRET_ACCESS_KEY", "SKTEST-secret"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ALLOW_HTTP", "true"),
+        ],
+    );
     let b = KilnServer::start(&cb);
     let nginx = Nginx::start(
         fx.dir.path(),

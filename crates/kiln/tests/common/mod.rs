@@ -244,8 +244,14 @@ pub struct KilnServer {
 
 impl KilnServer {
     pub fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts a server with extra environment variables (e.g. AWS_* for the object store).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let log = config.with_extension("log");
         let mut child = Command::new(kiln_bin())
+            .envs(env.iter().copied())
             .args([
                 "serve",
                 "--config",
