@@ -585,7 +585,9 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let salt = repart::verity_salt(&spec.seed);
     let vuuid = repart::verity_uuid(&spec.seed);
 
-    for idx in 0..lay.parts.len() {
+    // In disk order: a partition is written after every partition before it on the disk, so
+    // shrinking an auto-sized one moves only partitions not yet written.
+    for idx in lay.order.clone() {
         reflow(&mut lay);
         let part = lay.parts[idx].clone();
         match part.role {
@@ -732,7 +734,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     }
 
     // The disk's size, GPT and budget.
-    let end = lay.parts.last().map(|p| p.offset + p.size).unwrap_or(ALIGN);
+    let end = lay
+        .parts
+        .iter()
+        .map(|p| p.offset + p.size)
+        .max()
+        .unwrap_or(ALIGN);
     let min_disk = end + 33 * SECTOR;
     let disk_size = match spec.disk_size {
         Some(s) if s < min_disk => bail!(
@@ -872,9 +879,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         ));
     }
 
-    // Digests: the chunk table (with the plain sha256) and every partition.
+    // Digests: the chunk table (with the plain sha256 and the SHA-256 midstates at each slot's
+    // first patchable byte, for `kiln serve`) and every partition.
     let src = kiln_inject::FileSource::from_file(file.try_clone()?, out.tmp_path())?;
-    let chunks = kiln_inject::ChunkTable::compute(&src, true)?;
+    let chunks = kiln_inject::ChunkTable::compute_resumable(&src, &slot_table.resume_points())?;
     let disk_sha = chunks
         .sha256
         .ok_or_else(|| anyhow!("internal: no plain sha256 from the chunk table"))?;
@@ -1260,11 +1268,7 @@ fn reflow(lay: &mut Layout) {
             Role::Data => {}
         }
     }
-    let mut off = ALIGN;
-    for p in &mut lay.parts {
-        p.offset = off;
-        off += p.size;
-    }
+    lay.place();
 }
 
 /// The UKI command line: the spec's, then how kiln-init finds the root.

@@ -309,6 +309,9 @@ fn iso_options(spec: &Spec, label: &str, mtime: i64, esp_len: u64) -> IsoOptions
     o.application_id = format!("KILN {}", env!("CARGO_PKG_VERSION"));
     o.publisher_id = String::new();
     o.esp_len = Some(esp_len);
+    // Slot files and the directory records that point at them near the end, as slot
+    // partitions on a disk: kiln serve hashes a personalised ISO from the first of them on.
+    o.slots_last = spec.slots_last;
     o.hybrid = Some(HybridOptions::from_seed(&repart::derive_uuid(
         &spec.seed, "kiln-iso",
     )));
@@ -584,11 +587,11 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         }
     }
     let mut sidecars = Vec::new();
+    let table = islots::SlotTable {
+        image_len: size,
+        slots: slots.clone(),
+    };
     if !slots.is_empty() {
-        let table = islots::SlotTable {
-            image_len: size,
-            slots: slots.clone(),
-        };
         table.validate()?;
         table.write_into(file, &iso_path.display().to_string())?;
         let side = AtomicFile::create(&islots::sidecar_path(&iso_path))?;
@@ -608,7 +611,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
 
     // Digests.
     let src = kiln_inject::FileSource::from_file(file.try_clone()?, out.tmp_path())?;
-    let chunks = kiln_inject::ChunkTable::compute(&src, true)?;
+    let chunks = kiln_inject::ChunkTable::compute_resumable(&src, &table.resume_points())?;
     let sha = chunks
         .sha256
         .ok_or_else(|| anyhow!("internal: no plain sha256 from the chunk table"))?;

@@ -64,6 +64,8 @@ pub struct Layout {
     pub disk_uuid: Uuid,
     /// Partitions in GPT order.
     pub parts: Vec<Part>,
+    /// The order they lie on the disk, as indices into `parts` (see [`placement_order`]).
+    pub order: Vec<usize>,
     /// Total disk size in bytes.
     pub disk_size: u64,
 }
@@ -263,11 +265,8 @@ pub fn layout(
         });
     }
 
-    let mut off = ALIGN;
-    for p in &mut parts {
-        p.offset = off;
-        off += p.size;
-    }
+    let order = placement_order(spec, &parts);
+    let off = place(&mut parts, &order);
     // Room for the backup GPT (33 sectors), keeping the disk size a multiple of the alignment.
     let min_disk = off + 33 * SECTOR;
     let disk_size = match spec.disk_size {
@@ -299,8 +298,48 @@ pub fn layout(
     Ok(Layout {
         disk_uuid: repart::disk_uuid(seed),
         parts,
+        order,
         disk_size,
     })
+}
+
+/// The order partitions are placed on the disk, as indices into `parts` (which stay in spec
+/// order in the GPT, so partition numbers, labels and systemd-repart's UUIDs do not change).
+///
+/// With `slots_last` (the default), partitions holding slots go after the others: the bytes
+/// from a slot's first patchable byte to the end of the disk are all `kiln serve` has to hash
+/// for a personalised image's plain sha256 (the base's SHA-256 state before them is stored),
+/// so that tail should be a few MiB, not the root and its A/B twin. A partition with the
+/// grow-fs flag stays last all the same, because it can only grow into the end of the disk.
+///
+/// A spec partition moves with everything it expands to (verity partner, A/B twins), so a
+/// hash partition still follows its data, which the build writes first.
+pub fn placement_order(spec: &Spec, parts: &[Part]) -> Vec<usize> {
+    let rank = |p: &Part| -> u8 {
+        let sp = &spec.partitions[p.spec];
+        if !spec.slots_last {
+            0
+        } else if sp.flags & spec::attr::GROW_FS != 0 {
+            2
+        } else if !sp.slot.is_empty() {
+            1
+        } else {
+            0
+        }
+    };
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by_key(|&i| rank(&parts[i]));
+    order
+}
+
+/// Gives `parts` contiguous offsets from [`ALIGN`] on, in `order`; returns the end.
+fn place(parts: &mut [Part], order: &[usize]) -> u64 {
+    let mut off = ALIGN;
+    for &i in order {
+        parts[i].offset = off;
+        off += parts[i].size;
+    }
+    off
 }
 
 /// The verity hash partition type for a data partition type.
@@ -314,6 +353,11 @@ fn verity_type_of(type_name: &str) -> (String, Uuid) {
 }
 
 impl Layout {
+    /// Recomputes the offsets from the sizes, in disk order.
+    pub fn place(&mut self) {
+        place(&mut self.parts, &self.order);
+    }
+
     /// Sets the UUIDs of a verity pair from its root hash (data = first 16 bytes, hash = last
     /// 16, raw — SPECS.md), the way systemd finds them.
     pub fn set_root_hash(&mut self, data_index: usize, root_hash: &[u8; 32]) {
@@ -461,6 +505,92 @@ size = "32M"
         )
         .unwrap_err();
         assert!(e.msg.contains("budget"), "{e}");
+    }
+
+    const SLOT_FIRST: &str = r#"
+[image]
+name = "kiosk"
+version = "1"
+seed = "0123456789abcdef0123456789abcdef"
+[[partition]]
+type = "esp"
+size = "64M"
+[[partition]]
+type = "linux-generic"
+label = "piece"
+fs = "ext4"
+size = "8M"
+slot = { name = "piece", path = "/piece.html", capacity = "1M" }
+[[partition]]
+type = "root"
+fs = "erofs"
+verity = true
+slots = 2
+[[partition]]
+type = "var"
+size = "32M"
+flags = ["grow-fs"]
+"#;
+
+    #[test]
+    fn slot_partitions_are_placed_after_the_others_but_before_grow_fs() {
+        let sizes = [
+            FsSize { bytes: 1 << 20 },
+            FsSize { bytes: 1 << 20 },
+            FsSize { bytes: 300 << 20 },
+            FsSize { bytes: 0 },
+        ];
+        let s = spec(SLOT_FIRST);
+        let l = layout(&s, &sizes, None).unwrap();
+        // The GPT keeps the spec's order (and with it the labels and UUIDs) ...
+        let labels: Vec<_> = l.parts.iter().map(|p| p.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["esp", "piece", "kiosk_1", "kiosk_1", "_empty", "_empty", "var"]
+        );
+        // ... while on disk the slot partition follows the root pair and precedes grow-fs /var.
+        let mut by_offset: Vec<_> = l.parts.iter().collect();
+        by_offset.sort_by_key(|p| p.offset);
+        let placed: Vec<_> = by_offset
+            .iter()
+            .map(|p| (p.type_name.as_str(), p.label.as_str()))
+            .collect();
+        assert_eq!(
+            placed,
+            [
+                ("esp", "esp"),
+                ("root-x86-64", "kiosk_1"),
+                ("root-x86-64-verity", "kiosk_1"),
+                ("root-x86-64", "_empty"),
+                ("root-x86-64-verity", "_empty"),
+                ("linux-generic", "piece"),
+                ("var", "var"),
+            ]
+        );
+        for w in by_offset.windows(2) {
+            assert_eq!(w[0].offset + w[0].size, w[1].offset, "contiguous, aligned");
+        }
+        let piece = &l.parts[1];
+        let tail = l.disk_size - piece.offset;
+        assert_eq!(
+            tail,
+            piece.size + (32 << 20) + ALIGN,
+            "slot + /var + GPT room"
+        );
+        let same_ids = layout(
+            &spec(&SLOT_FIRST.replace("version = \"1\"", "version = \"1\"\nslots_last = false")),
+            &sizes,
+            None,
+        )
+        .unwrap();
+        // Opting out gives the spec order on disk; identities do not depend on placement.
+        assert_eq!(
+            same_ids.parts[1].offset,
+            l.parts[0].offset + l.parts[0].size
+        );
+        for (a, b) in l.parts.iter().zip(&same_ids.parts) {
+            assert_eq!((a.uuid, &a.label, a.size), (b.uuid, &b.label, b.size));
+        }
     }
 
     #[test]

@@ -187,6 +187,9 @@ pub struct ImageSection {
     /// What to emit: `disk` (default) and/or `iso`.
     #[serde(default)]
     pub output: Option<Spanned<Vec<String>>>,
+    /// Place partitions holding slots after the others on disk (default true); see
+    /// [`crate::layout::layout`].
+    pub slots_last: Option<bool>,
 }
 
 /// `[source]`.
@@ -478,6 +481,8 @@ pub struct Spec {
     pub budget: Option<u64>,
     /// Fixed disk size.
     pub disk_size: Option<u64>,
+    /// Lay slot partitions out after the others (`[image] slots_last`, default true).
+    pub slots_last: bool,
     /// Emit a disk image.
     pub disk: bool,
     /// Emit a hybrid ISO.
@@ -1016,6 +1021,7 @@ impl Spec {
             source_date_epoch: img.source_date_epoch,
             budget: img.budget.as_ref().map(|b| b.get_ref().0),
             disk_size: img.size.as_ref().map(|s| s.get_ref().0),
+            slots_last: img.slots_last.unwrap_or(true),
             disk,
             iso,
             source,

@@ -588,13 +588,37 @@ fn slot_tree(capacity: u64, initial: &[u8]) -> Tree {
 
 #[test]
 fn slot_rewrites_change_only_size_fields_and_data() {
+    for slots_last in [false, true] {
+        slot_rewrites(slots_last);
+    }
+}
+
+fn slot_rewrites(slots_last: bool) {
     let dir = tempdir();
     let capacity = 3 * 2048 + 100;
     let tree = slot_tree(capacity, b"<p>default</p>\n");
     let iso = dir.path().join("slot.iso");
-    let plan = build(&tree, &options(None, false), None, &iso);
+    let mut opts = options(None, false);
+    opts.slots_last = slots_last;
+    let plan = build(&tree, &opts, None, &iso);
     let base = fs::read(&iso).unwrap();
     let s = &plan.slots()[0];
+    // With slots_last, every byte an injection rewrites lies after all other file data.
+    let other_end = plan
+        .extents()
+        .iter()
+        .filter(|e| e.lba != s.extent_lba)
+        .map(|e| e.offset() + u64::from(e.sectors) * 2048)
+        .max()
+        .unwrap();
+    let first_patch = s.record_offsets.iter().copied().min().unwrap();
+    assert_eq!(
+        first_patch > other_end && s.data_offset > first_patch,
+        slots_last,
+        "records at {:?}, slot at {}, other data ends at {other_end}",
+        s.record_offsets,
+        s.data_offset
+    );
     assert_eq!(s.name, "piece");
     // ISO 9660 and Joliet records for both names.
     assert_eq!(s.record_offsets.len(), 4);

@@ -69,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     table.write_into(&f, &out.display().to_string())?;
     f.sync_all()?;
     drop(f);
-    let chunks = ChunkTable::compute(&FileSource::open(&out)?, true)?;
+    let chunks = ChunkTable::compute_resumable(&FileSource::open(&out)?, &table.resume_points())?;
     let mut side = out.as_os_str().to_owned();
     side.push(".chunks");
     File::create(PathBuf::from(side))?.write_all(&chunks.to_bytes())?;

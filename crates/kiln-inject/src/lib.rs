@@ -12,7 +12,8 @@
 //!   sidecar;
 //! - [`plan`]: payloads → regions, dispatched per filesystem kind (ext4, FAT, EROFS, ISO 9660
 //!   and raw byte ranges), each checked against the base before it is patched;
-//! - [`chunks`]: per-chunk sha256 tables and chunked digests, composed in O(patched chunks);
+//! - [`chunks`]: per-chunk sha256 tables and chunked digests, composed in O(patched chunks),
+//!   and the plain sha256 of a composed image from a stored [`sha256::Midstate`] in O(tail);
 //! - [`output`]: writing a composed image in place, to a new file, or to a stream.
 
 pub mod chunks;
@@ -21,6 +22,7 @@ mod kinds;
 pub mod output;
 pub mod plan;
 pub mod region;
+pub mod sha256;
 pub mod slots;
 pub mod source;
 

@@ -271,6 +271,28 @@ impl Slot {
     pub fn reserved(&self) -> u64 {
         self.data.iter().map(|r| r.len).fold(0, u64::saturating_add)
     }
+
+    /// The first image byte an injection into this slot can change: its data, or the
+    /// metadata its kind rewrites (size fields; the ext4 or EROFS inode; the FAT directory
+    /// entry, FAT copies and FSInfo sector; the ISO 9660 directory records). Every byte before
+    /// it is the base's whatever the payload, so the base's SHA-256 state there can be reused.
+    pub fn first_patchable(&self) -> u64 {
+        let data = self.data.iter().map(|r| r.offset);
+        let meta: Vec<u64> = match &self.meta {
+            SlotMeta::Raw(m) => m.size_fields.iter().map(|f| f.offset).collect(),
+            SlotMeta::Ext4(m) => vec![m.inode_offset],
+            SlotMeta::Fat(m) => m
+                .fat_offsets
+                .iter()
+                .copied()
+                .chain([m.dirent_offset])
+                .chain(m.fsinfo_offset)
+                .collect(),
+            SlotMeta::Erofs(m) => vec![m.inode_offset],
+            SlotMeta::Iso9660(m) => m.record_offsets.clone(),
+        };
+        data.chain(meta).min().unwrap_or(0)
+    }
 }
 
 /// All slots of an image.
@@ -298,6 +320,15 @@ fn valid_name(n: &str) -> bool {
 }
 
 impl SlotTable {
+    /// Where SHA-256 midstates of the base are worth keeping: each slot's
+    /// [`Slot::first_patchable`] byte, ascending (rounded down to a block by the chunk table).
+    pub fn resume_points(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.slots.iter().map(Slot::first_patchable).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// The slot called `name`.
     pub fn get(&self, name: &str) -> Option<&Slot> {
         self.slots.iter().find(|s| s.name == name)

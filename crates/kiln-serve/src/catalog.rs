@@ -5,19 +5,18 @@
 use std::io;
 use std::ops::Range;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use kiln_inject::chunks::{ChunkTable, ChunkedDigest, CHUNK_SIZE};
+use kiln_inject::sha256::{self, Sha256Resumable};
 use kiln_inject::slots::{self, SlotTable};
 use kiln_inject::source::AsyncFileSource;
 use kiln_inject::{AsyncRangeSource, FileSource, ReadAt};
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjPath;
-use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore};
+use object_store::{GetOptions, GetRange, ObjectStore};
 use sha2::{Digest, Sha256};
 
 use crate::config::ImageConfig;
@@ -44,6 +43,8 @@ pub struct Image {
     pub chunks: ChunkTable,
     /// Its chunked digest.
     pub digest: ChunkedDigest,
+    /// The version shown and used in download names.
+    pub version: Option<String>,
 }
 
 impl Image {
@@ -62,13 +63,61 @@ impl Image {
         self.table.get(&self.config.slot)
     }
 
-    /// The download file name for `piece`.
-    pub fn filename(&self, piece: &str) -> String {
-        match &self.config.filename {
-            Some(t) => t.replace("{piece}", piece),
-            None => format!("{}-{piece}.{}", self.config.name, self.config.extension),
-        }
+    /// The download file name for `piece`: the configured template, by default
+    /// `NAME-VERSION-PIECE.EXT`. `label` (see [`piece_label`]) stands for the piece when given;
+    /// an upload id without one is shortened to its first 8 hex digits.
+    pub fn filename(&self, piece: &str, label: Option<&str>) -> String {
+        let short;
+        let piece = match label {
+            Some(l) => l,
+            None if crate::pieces::is_upload_id(piece) => {
+                short = piece[..10].to_string();
+                &short
+            }
+            None => piece,
+        };
+        let version = self.version.as_deref().unwrap_or("");
+        let template = match (&self.config.filename, &self.version) {
+            (Some(t), _) => t.as_str(),
+            (None, Some(_)) => "{name}-{version}-{piece}.{ext}",
+            (None, None) => "{name}-{piece}.{ext}",
+        };
+        template
+            .replace("{name}", &self.config.name)
+            .replace("{version}", version)
+            .replace("{piece}", piece)
+            .replace("{ext}", &self.config.extension)
     }
+
+    /// The title shown for the image.
+    pub fn title(&self) -> &str {
+        self.config.title.as_deref().unwrap_or(&self.config.name)
+    }
+}
+
+/// A download-name label from user text (an uploaded file's name): letters, digits, `.`,
+/// `_` and `-` kept, spaces become `-`, the rest dropped, at most 40 characters, starting with
+/// a letter or digit. `None` when nothing is left.
+pub fn piece_label(text: &str) -> Option<String> {
+    let stem = text
+        .rsplit(['/', '\\'])
+        .next()
+        .unwrap_or(text)
+        .trim_end_matches(".html")
+        .trim_end_matches(".htm")
+        .trim_end_matches(".txt");
+    let kept: String = stem
+        .chars()
+        .filter_map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '_' | '-' => Some(c),
+            ' ' => Some('-'),
+            _ => None,
+        })
+        .skip_while(|c| !c.is_ascii_alphanumeric())
+        .take(40)
+        .collect();
+    let kept = kept.trim_end_matches(['.', '-', '_']).replace("..", ".");
+    (!kept.is_empty()).then_some(kept)
 }
 
 /// Bytes per ranged GET when streaming from an object store.
@@ -184,25 +233,50 @@ async fn get_optional(store: &dyn ObjectStore, path: &ObjPath) -> anyhow::Result
     }
 }
 
-/// Streams an object once to hash its chunks (when it has no `.chunks` sidecar).
-async fn compute_chunks_streaming(base: &dyn AsyncRangeSource) -> anyhow::Result<ChunkTable> {
+/// Streams an object once to hash its chunks, its plain sha256 and the SHA-256 midstates at
+/// `points` (when it has no usable `.chunks` sidecar).
+async fn compute_chunks_streaming(
+    base: &dyn AsyncRangeSource,
+    points: &[u64],
+) -> anyhow::Result<ChunkTable> {
     let len = base.len();
+    let mut points: Vec<u64> = points
+        .iter()
+        .map(|p| p / sha256::BLOCK * sha256::BLOCK)
+        .filter(|&p| p <= len)
+        .collect();
+    points.sort_unstable();
+    points.dedup();
+    let mut points = points.into_iter().peekable();
+    let mut midstates = Vec::new();
     let mut digests = Vec::new();
     let mut h = Sha256::new();
-    let mut whole = Sha256::new();
+    let mut whole = Sha256Resumable::new();
     let mut in_chunk = 0u64;
     let mut s = base.stream(0..len);
-    while let Some(b) = s.next().await {
+    loop {
+        while points.peek() == Some(&whole.position()) {
+            midstates.extend(whole.midstate());
+            points.next();
+        }
+        let Some(b) = s.next().await else { break };
         let mut b = b?;
-        whole.update(&b);
         while !b.is_empty() {
-            let take = ((CHUNK_SIZE - in_chunk) as usize).min(b.len());
+            let mut take = ((CHUNK_SIZE - in_chunk) as usize).min(b.len());
+            if let Some(&p) = points.peek() {
+                take = take.min((p - whole.position()) as usize);
+            }
+            whole.update(&b[..take]);
             h.update(&b[..take]);
             in_chunk += take as u64;
             b = b.slice(take..);
             if in_chunk == CHUNK_SIZE {
                 digests.push(h.finalize_reset().into());
                 in_chunk = 0;
+            }
+            while points.peek() == Some(&whole.position()) {
+                midstates.extend(whole.midstate());
+                points.next();
             }
         }
     }
@@ -213,7 +287,8 @@ async fn compute_chunks_streaming(base: &dyn AsyncRangeSource) -> anyhow::Result
         chunk_size: CHUNK_SIZE,
         image_len: len,
         digests,
-        sha256: Some(whole.finalize().into()),
+        sha256: Some(whole.finalize()),
+        midstates,
     })
 }
 
@@ -241,6 +316,7 @@ pub async fn open(config: &ImageConfig) -> anyhow::Result<Image> {
         table,
         chunks,
         digest,
+        version: config.version(),
     })
 }
 
@@ -249,13 +325,24 @@ async fn open_local(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, Ch
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let src = FileSource::open(&path)?;
         let (table, _) = slots::find_table(&path, src.file(), None)?;
-        let chunks = match ChunkTable::load_sidecar(&path, src.len())? {
+        let points = table.resume_points();
+        let place = kiln_inject::chunks::sidecar_path(&path)
+            .display()
+            .to_string();
+        let mut chunks = match ChunkTable::load_sidecar(&path, src.len())? {
             Some(c) => c,
             None => {
                 tracing::warn!(base = %path.display(), "no chunk table sidecar; hashing the base");
-                ChunkTable::compute(&src, false)?
+                ChunkTable::compute_resumable(&src, &points)?
             }
         };
+        if !chunks.has_midstates_at(&points) {
+            tracing::warn!(base = %place,
+                "the chunk table has no SHA-256 midstates for the slots (made by an older kiln?); \
+                 hashing the base once; `kiln verify --write-chunks` stores them");
+            chunks.add_midstates(&src, &points, &place)?;
+        }
+        chunks.verify_midstates(&src, &place)?;
         let stream = AsyncFileSource::new(src);
         let sync = stream.sync().clone();
         Ok((
@@ -272,31 +359,9 @@ async fn open_local(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, Ch
 
 async fn open_object(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, ChunkTable)> {
     let url = &config.base;
-    let Some(rest) = url.strip_prefix("s3://") else {
-        bail!(
-            "image {:?}: base {url:?}: only s3:// object URLs are supported",
-            config.name
-        );
-    };
-    let Some((bucket, key)) = rest.split_once('/') else {
-        bail!(
-            "image {:?}: base {url:?}: expected s3://bucket/key",
-            config.name
-        );
-    };
-    // object_store's default 30 s limit covers a whole request including its body, which
-    // would cut long downloads to slow clients; requests are bounded per range piece and by
-    // an idle timeout instead (see ObjectBase::stream). A `timeout` store option still wins.
-    let mut b = AmazonS3Builder::from_env()
-        .with_bucket_name(bucket)
-        .with_client_options(ClientOptions::new().with_timeout_disabled());
-    for (k, v) in &config.store {
-        let key = AmazonS3ConfigKey::from_str(k)
-            .with_context(|| format!("image {:?}: unknown store option {k:?}", config.name))?;
-        b = b.with_config(key, v);
-    }
-    let store: Arc<dyn ObjectStore> = Arc::new(b.build().with_context(|| url.to_string())?);
-    let path = ObjPath::from(key);
+    let (store, key) =
+        crate::store::s3(url, &config.store).with_context(|| format!("image {:?}", config.name))?;
+    let path = ObjPath::from(key.as_str());
     let meta = store.head(&path).await.with_context(|| url.to_string())?;
     let len = meta.size;
     let ob = Arc::new(ObjectBase {
@@ -332,21 +397,32 @@ async fn open_object(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, C
         t.check_image_len(len, url)?;
         t
     };
-    let chunks = match get_optional(store.as_ref(), &ObjPath::from(format!("{key}.chunks"))).await?
-    {
-        Some(b) => {
-            let t = ChunkTable::from_bytes(&b, &format!("{url}.chunks"))?;
-            if t.image_len != len {
-                bail!(
-                    "{url}.chunks describes {} bytes, the object is {len}",
-                    t.image_len
-                );
+    let points = table.resume_points();
+    let sidecar =
+        match get_optional(store.as_ref(), &ObjPath::from(format!("{key}.chunks"))).await? {
+            Some(b) => {
+                let t = ChunkTable::from_bytes(&b, &format!("{url}.chunks"))?;
+                if t.image_len != len {
+                    bail!(
+                        "{url}.chunks describes {} bytes, the object is {len}",
+                        t.image_len
+                    );
+                }
+                Some(t)
             }
-            t
+            None => None,
+        };
+    let chunks = match sidecar {
+        Some(t) if t.has_midstates_at(&points) => {
+            let (ob, place) = (ob.clone(), format!("{url}.chunks"));
+            // The check reads the tail with blocking ranged GETs.
+            tokio::task::spawn_blocking(move || t.verify_midstates(ob.as_ref(), &place).map(|_| t))
+                .await??
         }
-        None => {
-            tracing::warn!(base = %url, "no .chunks sidecar object; streaming the base once to hash it");
-            compute_chunks_streaming(ob.as_ref()).await?
+        other => {
+            tracing::warn!(base = %url, found = other.is_some(),
+                "no .chunks sidecar object with SHA-256 midstates; streaming the base once to hash it");
+            compute_chunks_streaming(ob.as_ref(), &points).await?
         }
     };
     Ok((
@@ -408,12 +484,19 @@ mod tests {
         .unwrap();
         assert_eq!(got, &data[1500..4000]);
         // Streaming chunk hashing equals the positional computation.
-        let streamed = compute_chunks_streaming(ob.as_ref()).await.unwrap();
-        let ob3 = ob.clone();
-        let direct = tokio::task::spawn_blocking(move || ChunkTable::compute(ob3.as_ref(), true))
+        let points = [0, 999, 1000, 4096, 9_999, 10_000];
+        let streamed = compute_chunks_streaming(ob.as_ref(), &points)
             .await
-            .unwrap()
             .unwrap();
+        let ob3 = ob.clone();
+        let direct = tokio::task::spawn_blocking(move || {
+            ChunkTable::compute_resumable(ob3.as_ref(), &points)
+        })
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(streamed, direct);
+        let at: Vec<u64> = streamed.midstates.iter().map(|m| m.offset).collect();
+        assert_eq!(at, [0, 960, 4096, 9984]);
     }
 }

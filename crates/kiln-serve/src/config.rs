@@ -16,8 +16,17 @@ pub struct Config {
     /// Address to listen on (`--listen` overrides).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Directory for uploaded payloads (content-addressed). Without it, uploads are refused.
-    pub uploads: Option<PathBuf>,
+    /// Where uploaded payloads (content-addressed) and, in an object store, prepared-payload
+    /// records live: a directory, or `s3://bucket/prefix` shared by every replica. Without it,
+    /// uploads are refused.
+    pub uploads: Option<String>,
+    /// Options for the object store behind `uploads = "s3://…"` (as for `[image.store]`).
+    #[serde(default)]
+    pub store: BTreeMap<String, String>,
+    /// Load balancers in front: for requests from these addresses the client address (for
+    /// rate limits and download caps) is taken from `X-Forwarded-For`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Limits and timeouts.
     #[serde(default)]
     pub limits: Limits,
@@ -109,6 +118,12 @@ pub struct Limits {
     pub cache_bytes: Size,
     /// How long a fetched piece is reused before it is fetched again.
     pub cache_ttl: Dur,
+    /// On SIGTERM: how long running downloads may take to finish after the server stops
+    /// accepting connections.
+    pub shutdown_grace: Dur,
+    /// On SIGTERM: how long to keep accepting, with `/readyz` answering 503, before closing
+    /// the listener, for load balancers that probe `/readyz` (0 for nginx's passive checks).
+    pub shutdown_delay: Dur,
 }
 
 impl Default for Limits {
@@ -125,6 +140,8 @@ impl Default for Limits {
             header_timeout: Dur(Duration::from_secs(10)),
             cache_bytes: Size(256 << 20),
             cache_ttl: Dur(Duration::from_secs(300)),
+            shutdown_grace: Dur(Duration::from_secs(30)),
+            shutdown_delay: Dur(Duration::ZERO),
         }
     }
 }
@@ -149,6 +166,9 @@ pub struct ImageConfig {
     pub name: String,
     /// Shown on the page.
     pub title: Option<String>,
+    /// Shown on the page and put in download names; by default the `VERSION` of a base named
+    /// like `kiln build`'s output, `NAME_VERSION.img` (or `.iso`).
+    pub version: Option<String>,
     /// A local path (relative to the config file) or an object-store URL (`s3://bucket/key`).
     pub base: String,
     /// Options for the object store (e.g. `endpoint`, `region`, `access_key_id`,
@@ -160,8 +180,24 @@ pub struct ImageConfig {
     /// Download extension: `img` or `iso`.
     #[serde(default = "default_ext")]
     pub extension: String,
-    /// Download file name; `{piece}` is replaced.
+    /// Download file name; `{name}`, `{version}`, `{piece}` and `{ext}` are replaced. By
+    /// default `{name}-{version}-{piece}.{ext}` (`{name}-{piece}.{ext}` without a version).
     pub filename: Option<String>,
+}
+
+impl ImageConfig {
+    /// The configured version, else the one in a `NAME_VERSION.ext` base name.
+    pub fn version(&self) -> Option<String> {
+        if let Some(v) = &self.version {
+            return Some(v.clone());
+        }
+        let file = self.base.rsplit('/').next()?;
+        let stem = file
+            .strip_suffix(".img")
+            .or_else(|| file.strip_suffix(".iso"))?;
+        let (_, v) = stem.rsplit_once('_')?;
+        valid_name(v).then(|| v.to_string())
+    }
 }
 
 fn default_ext() -> String {
@@ -233,7 +269,13 @@ impl Config {
             }
         };
         if let Some(u) = &mut self.uploads {
-            abs(u);
+            if !u.contains("://") {
+                let mut p = PathBuf::from(&*u);
+                abs(&mut p);
+                *u = p.display().to_string();
+            } else if !u.starts_with("s3://") {
+                bail!("uploads = {u:?}: a directory or an s3://bucket/prefix URL");
+            }
         }
         if let Some(s) = &mut self.signing {
             abs(&mut s.secret_key);
@@ -250,6 +292,14 @@ impl Config {
             }
             if !matches!(im.extension.as_str(), "img" | "iso") {
                 bail!("[[image]] {:?}: extension must be img or iso", im.name);
+            }
+            if let Some(v) = &im.version {
+                if !valid_name(v) {
+                    bail!(
+                        "[[image]] {:?}: version {v:?} must be 1-64 of A-Z a-z 0-9 . _ -",
+                        im.name
+                    );
+                }
             }
             if !im.base.contains("://") {
                 let mut p = PathBuf::from(&im.base);
@@ -308,10 +358,44 @@ mod tests {
     }
 
     #[test]
-    fn example_parses() {
+    fn versions_come_from_the_config_or_a_built_base_name() {
+        let im = |base: &str, version: Option<&str>| ImageConfig {
+            name: "kiosk".into(),
+            title: None,
+            version: version.map(str::to_string),
+            base: base.into(),
+            store: BTreeMap::new(),
+            slot: "piece".into(),
+            extension: "img".into(),
+            filename: None,
+        };
+        let cases = [
+            ("/srv/kiosk_2026.11.22.img", None, Some("2026.11.22")),
+            ("s3://images/os/kiosk_1.0.iso", None, Some("1.0")),
+            ("/srv/kiosk_1.0.img", Some("2.0"), Some("2.0")),
+            ("/srv/base.img", None, None),
+            ("/srv/kiosk_.img", None, None),
+            ("/srv/kiosk_1.0.raw", None, None),
+        ];
+        for (base, v, want) in cases {
+            assert_eq!(im(base, v).version().as_deref(), want, "{base}");
+        }
+    }
+
+    #[test]
+    fn examples_parse() {
         let text = include_str!("../../../examples/serve.toml");
         let mut c: Config = toml::from_str(text).unwrap();
         c.resolve(Path::new("/x")).unwrap();
         assert!(!c.images.is_empty());
+        let text = include_str!("../../../examples/deploy/serve.toml");
+        let mut c: Config = toml::from_str(text).unwrap();
+        c.resolve(Path::new("/x")).unwrap();
+        assert_eq!(c.uploads.as_deref(), Some("s3://kiln/uploads"));
+        assert_eq!(
+            c.trusted_proxies,
+            ["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(c.images[0].version().as_deref(), Some("1.0"));
     }
 }

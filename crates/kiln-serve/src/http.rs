@@ -2,20 +2,37 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /` | HTML page: images, piece name or upload, SSE progress, download |
+//! | `GET /` | HTML page: images, piece name or upload, SSE progress, download, sha256 |
+//! | `GET /get?image=I&piece=P` | the page's form without JavaScript: 303 to `/os/I/P` |
+//! | `GET /os/{image}/{piece}` | HTML page of one piece: facts, sha256, download link |
 //! | `GET\|HEAD /os/{image}/{piece}.{img\|iso}` | the personalised image |
+//! | `GET /os/{image}/{piece}.{img\|iso}.sha256` (`.sha256.minisig`) | `sha256sum` line, signed |
 //! | `GET /os/{image}/{piece}.manifest` (`.manifest.minisig`) | signed manifest |
 //! | `POST /os/{image}` | upload a piece → content-addressed id |
-//! | `GET /api/prepare/{image}/{piece}` | SSE: fetching → preparing → ready |
+//! | `GET /api/prepare/{image}/{piece}` | SSE: fetching → preparing → ready (with the sha256) |
 //! | `GET /api/catalog` | JSON catalog |
-//! | `GET /api/minisign.pub` | the manifest signing key |
-//! | `GET /healthz`, `GET /metrics` | health, Prometheus text |
+//! | `GET /api/minisign.pub` | the signing key |
+//! | `GET /assets/{file}` | the page's stylesheet and script (content-hashed names) |
+//! | `GET /healthz`, `GET /readyz`, `GET /metrics` | alive; accepting work; Prometheus text |
+//!
+//! Downloads and checksum files take `?name=LABEL`, a friendlier name for the piece in the file
+//! name (the page passes an uploaded file's name); it changes only `Content-Disposition`.
 //!
 //! Ranges: one `bytes=` range per request (first-last, first-, -suffix) → 206; a range that
 //! starts past the end → 416 with `Content-Range: bytes */LEN`; a syntactically broken byte
 //! range → 416 as well; **several ranges are not served as multipart: the request gets the
 //! whole image (200)**, which RFC 9110 §14.2 permits; another range unit is ignored (200).
 //! `If-Range` with the current strong ETag keeps the range, anything else gets 200.
+//!
+//! Digests: every image response carries `Repr-Digest: sha-256=:…:` (RFC 9530: the digest of
+//! the whole image, also on a 206) and the older `Digest: SHA-256=…` (RFC 3230). The sha256 is
+//! resumed from the base's stored midstate, so it costs the bytes after the first patch only.
+//!
+//! Caching (for a CDN in front): an image, checksum or manifest of an upload id is
+//! content-addressed and served `immutable` for a year; one of a named piece (whose source may
+//! change) `no-cache`, so caches revalidate with the ETag; assets are immutable (their names
+//! carry their hash); everything else, errors included, `no-store`. Immutability assumes a base
+//! is never replaced under the same image name: publish a new base as a new `[[image]]`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,7 +40,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -31,10 +48,12 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::catalog::piece_label;
+use crate::config::valid_name;
 use crate::error::ApiError;
 use crate::limits::Refused;
 use crate::pieces::upload_id;
@@ -48,6 +67,7 @@ pub struct ClientAddr(pub SocketAddr);
 pub fn router(state: Arc<AppState>) -> Router {
     let limited = Router::new()
         .route("/", get(page))
+        .route("/get", get(form_get))
         .route("/os/{image}/{file}", get(download))
         .route("/os/{image}", axum::routing::post(upload))
         .route("/api/prepare/{image}/{piece}", get(prepare_events))
@@ -56,22 +76,113 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/assets/{file}", get(asset))
         .merge(limited)
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn(default_cache_control))
         .layer(middleware::from_fn_with_state(state.clone(), count_status))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
-fn client_ip(req: &Request) -> std::net::IpAddr {
-    req.extensions()
+/// `Cache-Control` for an image (or its checksum, signature or manifest) of `piece`: upload
+/// ids are content-addressed, so their responses never change; a named piece's source may.
+fn cache_control(piece: &str) -> HeaderValue {
+    if crate::pieces::is_upload_id(piece) {
+        HeaderValue::from_static("public, max-age=31536000, immutable")
+    } else {
+        HeaderValue::from_static("public, no-cache")
+    }
+}
+
+/// Responses that chose no caching policy (errors, APIs, probes) are not to be stored.
+async fn default_cache_control(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    r.headers_mut()
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    if st.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    }
+}
+
+async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
+    let (ctype, body) =
+        crate::page::asset(&file).ok_or_else(|| ApiError::not_found("no such asset"))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, ctype),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// An HTML page with the page policy headers.
+fn html(status: StatusCode, body: String) -> Response {
+    let mut r = (status, Html(body)).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(crate::page::CSP),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    r
+}
+
+/// The client's address: the peer, or, when the peer is one of `trusted_proxies` (a load
+/// balancer in front), the rightmost address in `X-Forwarded-For` that is not itself a trusted
+/// proxy. Entries left of it are whatever the client claimed and are never used.
+fn client_ip(st: &AppState, req: &Request) -> std::net::IpAddr {
+    let peer = req
+        .extensions()
         .get::<ClientAddr>()
-        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    forwarded_client(peer, &st.trusted_proxies, req.headers())
+}
+
+/// See [`client_ip`].
+pub fn forwarded_client(
+    peer: std::net::IpAddr,
+    trusted: &[std::net::IpAddr],
+    headers: &HeaderMap,
+) -> std::net::IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for v in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(v) = v.to_str() else { return client };
+        for part in v.rsplit(',') {
+            match part.trim().parse::<std::net::IpAddr>() {
+                Ok(ip) if trusted.contains(&ip) => client = ip,
+                Ok(ip) => return ip,
+                Err(_) => return client,
+            }
+        }
+    }
+    client
 }
 
 async fn rate_limit(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    match st.rate.check(client_ip(&req)) {
+    match st.rate.check(client_ip(&st, &req)) {
         Ok(()) => next.run(req).await,
         Err(wait) => {
             st.metrics.limited.fetch_add(1, Relaxed);
@@ -98,13 +209,51 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn page(State(st): State<Arc<AppState>>) -> Html<String> {
-    Html(crate::page::render(&st))
+async fn page(State(st): State<Arc<AppState>>) -> Response {
+    html(StatusCode::OK, crate::page::index(&st))
+}
+
+#[derive(Deserialize)]
+struct FormQuery {
+    image: Option<String>,
+    piece: Option<String>,
+}
+
+/// The page's form submitted without JavaScript.
+async fn form_get(State(st): State<Arc<AppState>>, Query(q): Query<FormQuery>) -> Response {
+    let image = q.image.unwrap_or_default();
+    let piece = q.piece.unwrap_or_default();
+    let piece = piece.trim();
+    if let Err(e) = st.image(&image) {
+        return html(e.status, crate::page::error_page(&e.message));
+    }
+    if piece.is_empty() {
+        return html(
+            StatusCode::BAD_REQUEST,
+            crate::page::error_page("Name a piece to put into the image."),
+        );
+    }
+    if !valid_name(piece) {
+        return html(
+            StatusCode::BAD_REQUEST,
+            crate::page::error_page(&format!(
+                "{piece:?} is not a piece name: use letters, digits, '.', '_' and '-'."
+            )),
+        );
+    }
+    axum::response::Redirect::to(&format!("/os/{image}/{piece}")).into_response()
+}
+
+#[derive(Deserialize)]
+struct NameQuery {
+    name: Option<String>,
 }
 
 #[derive(Serialize)]
 struct CatalogImage {
     name: String,
+    title: String,
+    version: Option<String>,
     extension: String,
     size: u64,
     base_digest: String,
@@ -128,6 +277,8 @@ async fn catalog(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
         .values()
         .map(|im| CatalogImage {
             name: im.config.name.clone(),
+            title: im.title().to_string(),
+            version: im.version.clone(),
             extension: im.config.extension.clone(),
             size: im.len(),
             base_digest: im.digest.to_string(),
@@ -219,23 +370,38 @@ fn hv(s: &str) -> HeaderValue {
 }
 
 fn common_headers(p: &Prepared, h: &mut HeaderMap) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(p.sha256);
     h.insert(header::ETAG, hv(&p.etag));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(header::CACHE_CONTROL, cache_control(&p.piece));
+    // RFC 9530 §3: the digest of the selected representation (the whole image, on 206 too).
+    h.insert("repr-digest", hv(&format!("sha-256=:{b64}:")));
+    // RFC 3230 §4.3.2, for clients that predate RFC 9530.
+    h.insert("digest", hv(&format!("SHA-256={b64}")));
     h.insert("kiln-chunked-digest", hv(&p.digest.to_string()));
     h.insert("kiln-base-digest", hv(&p.image.digest.to_string()));
     h.insert("kiln-payload-sha256", hv(&p.payload.sha256));
 }
 
+/// The `sha256sum` line of a prepared download.
+pub fn sha256_line(p: &Prepared, filename: &str) -> String {
+    format!("{}  {filename}\n", hex::encode(p.sha256))
+}
+
 async fn download(
     State(st): State<Arc<AppState>>,
     Path((image, file)): Path<(String, String)>,
+    Query(q): Query<NameQuery>,
     method: Method,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let ip = client_ip(&req);
+    let ip = client_ip(&st, &req);
     let headers = req.headers().clone();
     let im = st.image(&image)?;
+    let label = q.name.as_deref().and_then(piece_label);
+    let label = label.as_deref();
+    let ext = format!(".{}", im.config.extension);
     if let Some(piece) = file.strip_suffix(".manifest.minisig") {
         let p = st.prepare(&image, piece, None).await?;
         return signature(&st, &p);
@@ -244,11 +410,24 @@ async fn download(
         let p = st.prepare(&image, piece, None).await?;
         return Ok(manifest_response(&p));
     }
-    let Some(piece) = file.strip_suffix(&format!(".{}", im.config.extension)) else {
-        return Err(ApiError::not_found(format!(
-            "{file:?}: expected PIECE.{} or PIECE.manifest",
-            im.config.extension
-        )));
+    if let Some(piece) = file.strip_suffix(&format!("{ext}.sha256.minisig")) {
+        let p = st.prepare(&image, piece, None).await?;
+        return sha256_signature(&st, &p, label);
+    }
+    if let Some(piece) = file.strip_suffix(&format!("{ext}.sha256")) {
+        let p = st.prepare(&image, piece, None).await?;
+        let line = sha256_line(&p, &im.filename(piece, label));
+        let mut r = ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], line).into_response();
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, cache_control(piece));
+        return Ok(r);
+    }
+    let Some(piece) = file.strip_suffix(&ext) else {
+        // A bare piece name: its page, for browsers without JavaScript and for sharing.
+        return Ok(match st.prepare(&image, &file, None).await {
+            Ok(p) => html(StatusCode::OK, crate::page::piece_page(&st, &p, label)),
+            Err(e) => html(e.status, crate::page::error_page(&e.message)),
+        });
     };
     let p = st.prepare(&image, piece, None).await?;
     let len = p.composed.len();
@@ -305,7 +484,10 @@ async fn download(
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
     h.insert(
         header::CONTENT_DISPOSITION,
-        hv(&format!("attachment; filename=\"{}\"", im.filename(piece))),
+        hv(&format!(
+            "attachment; filename=\"{}\"",
+            im.filename(piece, label)
+        )),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
 
@@ -361,6 +543,7 @@ struct Manifest<'a> {
     patches: Vec<ManifestPatch>,
     chunk_size: u64,
     chunked_digest: String,
+    sha256: String,
     chunks: Vec<String>,
 }
 
@@ -413,7 +596,7 @@ pub fn manifest_bytes(p: &Prepared) -> Vec<u8> {
         kiln_manifest: 1,
         image: &p.image.config.name,
         piece: &p.piece,
-        file: p.image.filename(&p.piece),
+        file: p.image.filename(&p.piece, None),
         size: p.composed.len(),
         base: ManifestBase {
             chunked_digest: p.image.digest.to_string(),
@@ -431,6 +614,7 @@ pub fn manifest_bytes(p: &Prepared) -> Vec<u8> {
         patches,
         chunk_size: p.chunks.chunk_size,
         chunked_digest: p.digest.to_string(),
+        sha256: format!("sha256:{}", hex::encode(p.sha256)),
         chunks: p.chunks.digests.iter().map(hex::encode).collect(),
     };
     let mut v = serde_json::to_vec_pretty(&m).unwrap_or_default();
@@ -445,6 +629,8 @@ fn manifest_response(p: &Prepared) -> Response {
     )
         .into_response();
     r.headers_mut().insert(header::ETAG, hv(&p.etag));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, cache_control(&p.piece));
     r
 }
 
@@ -472,6 +658,42 @@ fn signature(st: &AppState, p: &Prepared) -> Result<Response, ApiError> {
         .into_response())
 }
 
+/// The minisign signature of the `.sha256` file: `minisign -Vm FILE.sha256` then
+/// `sha256sum -c FILE.sha256` verifies the image. (Signing the image itself would mean
+/// hashing all of it with BLAKE2b for every download, which the sha256 midstate avoids.)
+fn sha256_signature(
+    st: &AppState,
+    p: &Prepared,
+    label: Option<&str>,
+) -> Result<Response, ApiError> {
+    let Some(s) = &st.signer else {
+        return Err(ApiError::not_found("signing is not configured"));
+    };
+    let filename = p.image.filename(&p.piece, label);
+    let line = sha256_line(p, &filename);
+    let trusted = format!(
+        "file:{filename}\tsha256:{}\timage:{}",
+        hex::encode(p.sha256),
+        p.image.config.name
+    );
+    let sig = minisign::sign(
+        s.pk.as_ref(),
+        &s.sk,
+        std::io::Cursor::new(line.as_bytes()),
+        Some(&trusted),
+        Some("signature from kiln serve"),
+    )
+    .map_err(|e| ApiError::internal(format!("signing: {e}")))?;
+    let mut r = (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        sig.to_string(),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, cache_control(&p.piece));
+    Ok(r)
+}
+
 #[derive(Serialize)]
 struct Uploaded {
     id: String,
@@ -486,7 +708,7 @@ async fn upload(
     req: Request,
 ) -> Result<Response, ApiError> {
     let im = st.image(&image)?;
-    let Some(dir) = st.sources.uploads().map(|p| p.to_path_buf()) else {
+    let Some(store) = st.sources.uploads().cloned() else {
         return Err(ApiError::forbidden("uploads are disabled on this server"));
     };
     let limit = st
@@ -538,21 +760,9 @@ async fn upload(
         ));
     }
     let id = upload_id(&body);
-    let dest = dir.join(&id);
     let len = body.len() as u64;
     let sha = hex::encode(Sha256::digest(&body));
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        if dest.exists() {
-            return Ok(());
-        }
-        std::fs::create_dir_all(&dir)?;
-        let f = kiln_tree::output::AtomicFile::create(&dest)?;
-        std::io::Write::write_all(&mut f.file(), &body)?;
-        f.commit()
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e| ApiError::internal(format!("storing the upload: {e}")))?;
+    store.put_upload(&id, body).await?;
     st.metrics.uploads.fetch_add(1, Relaxed);
     let url = format!("/os/{image}/{id}.{}", im.config.extension);
     tracing::info!(%image, %id, len, "upload stored");
@@ -571,7 +781,9 @@ async fn upload(
 async fn prepare_events(
     State(st): State<Arc<AppState>>,
     Path((image, piece)): Path<(String, String)>,
+    Query(q): Query<NameQuery>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let label = q.name.as_deref().and_then(piece_label);
     let (tx, rx) = mpsc::channel::<Step>(4);
     let (etx, erx) = mpsc::channel::<Event>(8);
     tokio::spawn(async move {
@@ -596,13 +808,23 @@ async fn prepare_events(
         drop(tx);
         let _ = fwd.await;
         let data = match res {
-            Ok(p) => serde_json::json!({
-                "step": "ready",
-                "url": format!("/os/{image}/{piece}.{}", p.image.config.extension),
-                "size": p.composed.len(),
-                "chunked_digest": p.digest.to_string(),
-                "payload_sha256": p.payload.sha256,
-            }),
+            Ok(p) => {
+                let l = crate::page::links(&st, &p, label.as_deref());
+                serde_json::json!({
+                    "step": "ready",
+                    "url": l.url,
+                    "filename": l.filename,
+                    "sha256_url": l.sha256_url,
+                    "minisig_url": l.minisig_url,
+                    "title": p.image.title(),
+                    "version": p.image.version,
+                    "size": p.composed.len(),
+                    "size_text": crate::page::human_size(p.composed.len()),
+                    "sha256": hex::encode(p.sha256),
+                    "chunked_digest": p.digest.to_string(),
+                    "payload_sha256": p.payload.sha256,
+                })
+            }
             Err(e) => serde_json::json!({
                 "step": "error",
                 "status": e.status.as_u16(),
@@ -626,6 +848,39 @@ fn tokio_stream_from<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_clients_only_through_trusted_proxies() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let trusted = [ip("127.0.0.1"), ip("10.0.0.2")];
+        let hdrs = |vals: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        let cases = [
+            ("203.0.113.9", &["1.2.3.4"][..], "203.0.113.9"), // untrusted peer: header ignored
+            ("127.0.0.1", &[][..], "127.0.0.1"),
+            ("127.0.0.1", &["198.51.100.7"][..], "198.51.100.7"),
+            ("127.0.0.1", &["6.6.6.6, 198.51.100.7"][..], "198.51.100.7"), // spoofed left part
+            ("127.0.0.1", &["198.51.100.7, 10.0.0.2"][..], "198.51.100.7"), // two proxies
+            (
+                "127.0.0.1",
+                &["6.6.6.6", "198.51.100.7"][..],
+                "198.51.100.7",
+            ),
+            ("127.0.0.1", &["garbage"][..], "127.0.0.1"),
+        ];
+        for (peer, xff, want) in cases {
+            assert_eq!(
+                forwarded_client(ip(peer), &trusted, &hdrs(xff)),
+                ip(want),
+                "{peer} {xff:?}"
+            );
+        }
+    }
 
     #[test]
     fn ranges() {

@@ -15,6 +15,7 @@ pub mod page;
 pub mod pieces;
 pub mod server;
 pub mod state;
+pub mod store;
 
 use std::net::SocketAddr;
 
@@ -22,13 +23,41 @@ pub use config::Config;
 pub use server::Running;
 pub use state::AppState;
 
+/// A started server and the state its handlers share.
+pub struct Server {
+    /// The accept loop.
+    pub running: Running,
+    /// The shared state.
+    pub state: std::sync::Arc<AppState>,
+}
+
+impl Server {
+    /// Graceful shutdown (see [`Running::shutdown`]) with the configured grace period;
+    /// `/readyz` answers 503 from the start. Returns the number of connections dropped.
+    pub async fn shutdown(self) -> u32 {
+        self.state
+            .ready
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let delay = self.state.limits.shutdown_delay.0;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "not ready; still accepting while load balancers notice"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        let grace = self.state.limits.shutdown_grace.0;
+        self.running.shutdown(grace).await
+    }
+}
+
 /// Loads the catalog and starts serving on `listen` (or the config's address).
-pub async fn start(config: &Config, listen: Option<SocketAddr>) -> anyhow::Result<Running> {
+pub async fn start(config: &Config, listen: Option<SocketAddr>) -> anyhow::Result<Server> {
     let state = AppState::new(config).await?;
     let l = &config.limits;
     let addr = listen.unwrap_or(config.listen);
     let running = server::serve(
-        http::router(state),
+        http::router(state.clone()),
         addr,
         l.connections,
         l.header_timeout.0,
@@ -36,5 +65,5 @@ pub async fn start(config: &Config, listen: Option<SocketAddr>) -> anyhow::Resul
     )
     .await
     .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
-    Ok(running)
+    Ok(Server { running, state })
 }

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub stream_errors: AtomicU64,
     /// Uploads accepted.
     pub uploads: AtomicU64,
+    /// Bytes hashed to give personalised images their plain sha256 (from a midstate on).
+    pub sha256_bytes: AtomicU64,
+    /// Plain sha256s computed.
+    pub sha256_count: AtomicU64,
     hist: Mutex<([u64; BUCKETS.len()], u64, f64)>,
 }
 
@@ -108,6 +112,23 @@ impl Metrics {
         let _ = writeln!(o, "# HELP kiln_uploads_total Uploads accepted.");
         let _ = writeln!(o, "# TYPE kiln_uploads_total counter");
         let _ = writeln!(o, "kiln_uploads_total {}", self.uploads.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "# HELP kiln_sha256_hashed_bytes_total Bytes hashed for plain sha256s of personalised \
+             images (from the base's midstate before the first patch to the end)."
+        );
+        let _ = writeln!(o, "# TYPE kiln_sha256_hashed_bytes_total counter");
+        let _ = writeln!(
+            o,
+            "kiln_sha256_hashed_bytes_total {}",
+            self.sha256_bytes.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP kiln_sha256_total Plain sha256s computed for personalised images."
+        );
+        let _ = writeln!(o, "# TYPE kiln_sha256_total counter");
+        let _ = writeln!(o, "kiln_sha256_total {}", self.sha256_count.load(Relaxed));
         let _ = writeln!(
             o,
             "# HELP kiln_injection_seconds Time to fetch a piece and plan its injection."

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{valid_name, SourceConfig};
 use crate::error::ApiError;
+use crate::store::SharedStore;
 
 /// A resolved piece.
 #[derive(Clone, Debug)]
@@ -30,7 +31,8 @@ pub fn upload_id(data: &[u8]) -> String {
     format!("u-{}", hex::encode(&Sha256::digest(data)[..16]))
 }
 
-fn is_upload_id(p: &str) -> bool {
+/// True for an upload id (`u-` and 32 lowercase hex digits).
+pub fn is_upload_id(p: &str) -> bool {
     p.len() == 34
         && p.starts_with("u-")
         && p[2..]
@@ -89,15 +91,15 @@ pub struct Upstream {
     allow_private: bool,
 }
 
-/// The piece sources plus the uploads directory.
+/// The piece sources plus the uploads store.
 pub struct Sources {
     sources: Vec<Source>,
-    uploads: Option<PathBuf>,
+    uploads: Option<Arc<SharedStore>>,
 }
 
 impl Sources {
     /// From the config.
-    pub fn new(cfg: &[SourceConfig], uploads: Option<PathBuf>) -> Self {
+    pub fn new(cfg: &[SourceConfig], uploads: Option<Arc<SharedStore>>) -> Self {
         let sources = cfg
             .iter()
             .map(|s| match s {
@@ -123,9 +125,9 @@ impl Sources {
         Self { sources, uploads }
     }
 
-    /// The uploads directory.
-    pub fn uploads(&self) -> Option<&Path> {
-        self.uploads.as_deref()
+    /// The uploads store.
+    pub fn uploads(&self) -> Option<&Arc<SharedStore>> {
+        self.uploads.as_ref()
     }
 
     /// Names of pieces available in directory sources (for the catalog), sorted.
@@ -158,12 +160,17 @@ impl Sources {
             )));
         }
         if is_upload_id(piece) {
-            let Some(dir) = &self.uploads else {
+            let Some(store) = &self.uploads else {
                 return Err(ApiError::not_found(format!("no piece {piece:?}")));
             };
-            return read_limited(&dir.join(piece), limit)
+            let data = store
+                .get_upload(piece, limit)
                 .await?
-                .ok_or_else(|| ApiError::not_found(format!("no uploaded piece {piece:?}")));
+                .ok_or_else(|| ApiError::not_found(format!("no uploaded piece {piece:?}")))?;
+            return Ok(Piece {
+                data,
+                origin: format!("upload {piece}"),
+            });
         }
         for s in &self.sources {
             match s {

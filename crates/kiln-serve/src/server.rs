@@ -114,19 +114,58 @@ pub struct Running {
     /// The bound address.
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
+    kill: watch::Sender<bool>,
+    conns: Arc<Semaphore>,
+    limit: u32,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    /// Stops accepting and waits for the accept loop to end (open connections are dropped).
+    /// Stops accepting and drops every open connection at once.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
+        let _ = self.kill.send(true);
         let _ = self.task.await;
+    }
+
+    /// Graceful shutdown: stops accepting (the listening socket closes, so a load balancer
+    /// sends new requests elsewhere), lets idle keep-alive connections close and running
+    /// responses finish, and after `grace` drops whatever is still open. A client cut off
+    /// then can resume with a Range request on another replica: the ETag is the same there.
+    /// Returns the number of connections that had to be dropped.
+    pub async fn shutdown(self, grace: Duration) -> u32 {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        let all = self.conns.clone().acquire_many_owned(self.limit);
+        match tokio::time::timeout(grace, all).await {
+            Ok(_) => 0,
+            Err(_) => {
+                let open = self.limit - self.conns.available_permits() as u32;
+                tracing::warn!(
+                    open,
+                    ?grace,
+                    "shutdown grace over; dropping open connections"
+                );
+                let _ = self.kill.send(true);
+                // Each connection task ends on the kill signal and returns its permit.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    self.conns.clone().acquire_many_owned(self.limit),
+                )
+                .await;
+                open
+            }
+        }
     }
 
     /// Waits until the accept loop ends (it ends only on `stop` or a fatal listener error).
     pub async fn wait(self) {
-        let _ = self.task.await;
+        // The senders stay alive while waiting: dropping them reads as a stop signal.
+        let Running {
+            task, stop, kill, ..
+        } = self;
+        let _ = task.await;
+        drop((stop, kill));
     }
 }
 
@@ -141,7 +180,10 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (stop, mut stopped) = watch::channel(false);
-    let sem = Arc::new(Semaphore::new(connections.max(1) as usize));
+    let (kill, killed) = watch::channel(false);
+    let limit = connections.max(1);
+    let sem = Arc::new(Semaphore::new(limit as usize));
+    let conns = sem.clone();
     let task = tokio::spawn(async move {
         loop {
             let permit = tokio::select! {
@@ -168,6 +210,7 @@ pub async fn serve(
                 router.clone().oneshot(req.map(axum::body::Body::new))
             });
             let mut stopped2 = stopped.clone();
+            let mut killed2 = killed.clone();
             tokio::spawn(async move {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -178,17 +221,34 @@ pub async fn serve(
                     .max_buf_size(256 * 1024)
                     .serve_connection(io, svc);
                 tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(%peer, "connection: {e}");
+                let mut draining = false;
+                loop {
+                    tokio::select! {
+                        r = conn.as_mut() => {
+                            if let Err(e) = r {
+                                tracing::debug!(%peer, "connection: {e}");
+                            }
+                            break;
                         }
+                        // Shutdown: finish the response in flight, then close (no keep-alive).
+                        _ = stopped2.changed(), if !draining => {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        _ = killed2.changed() => break,
                     }
-                    _ = stopped2.changed() => {}
                 }
                 drop(permit);
             });
         }
+        // The listener is dropped here: new connections are refused from now on.
     });
-    Ok(Running { addr, stop, task })
+    Ok(Running {
+        addr,
+        stop,
+        kill,
+        conns,
+        limit,
+        task,
+    })
 }

@@ -3,13 +3,15 @@
 //! strong ETag. Preparations are cached per (image, piece) with one fetch in flight per key.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
 use kiln_inject::slots::PayloadInfo;
 use kiln_inject::{
-    plan_injection, AsyncComposed, ChunkTable, ChunkedDigest, ComposedImage, Payload,
+    plan_injection, AsyncComposed, ChunkTable, ChunkedDigest, ComposedImage, PatchPlan, Payload,
+    ReadAt,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, OnceCell};
@@ -20,6 +22,7 @@ use crate::error::ApiError;
 use crate::limits::{DownloadSlots, RateLimiter};
 use crate::metrics::Metrics;
 use crate::pieces::Sources;
+use crate::store::{now_secs, PreparedRecord, SharedStore};
 
 /// A loaded minisign key.
 pub struct Signer {
@@ -66,6 +69,39 @@ pub fn load_secret_key(
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// The plain sha256 of a personalised image: resumed from the base's midstate before the
+/// first patched byte, so only the tail is read. Without such a midstate (it cannot happen for
+/// a slot the catalog prepared midstates for) the whole image is hashed, loudly.
+fn plain_sha256(
+    im: &Image,
+    composed: &(dyn ReadAt + Sync),
+    plan: &PatchPlan,
+    metrics: &crate::metrics::Metrics,
+) -> Result<[u8; 32], ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let t0 = Instant::now();
+    let read_err = |e: kiln_inject::Error| ApiError::bad_gateway(format!("reading the base: {e}"));
+    let (sha, hashed) = match im
+        .chunks
+        .composed_sha256(composed, plan)
+        .map_err(read_err)?
+    {
+        Some(x) => x,
+        None => {
+            tracing::warn!(image = %im.config.name,
+                "no SHA-256 midstate before the first patched byte; hashing the whole image");
+            let sha = kiln_inject::chunks::plain_sha256(composed)
+                .map_err(|e| ApiError::bad_gateway(format!("reading the base: {e}")))?;
+            (sha, composed.len())
+        }
+    };
+    metrics.sha256_bytes.fetch_add(hashed, Relaxed);
+    metrics.sha256_count.fetch_add(1, Relaxed);
+    tracing::debug!(image = %im.config.name, hashed, ms = t0.elapsed().as_secs_f64() * 1e3,
+        "plain sha256");
+    Ok(sha)
+}
+
 /// Everything the handlers share.
 pub struct AppState {
     /// Catalog by name.
@@ -82,6 +118,10 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Manifest signing.
     pub signer: Option<Signer>,
+    /// False once shutdown began (`/readyz` answers 503).
+    pub ready: AtomicBool,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     cache: Mutex<HashMap<(String, String), CacheEntry>>,
 }
 
@@ -104,6 +144,8 @@ pub struct Prepared {
     pub chunks: ChunkTable,
     /// Its chunked digest.
     pub digest: ChunkedDigest,
+    /// Its plain sha256.
+    pub sha256: [u8; 32],
     /// Strong ETag (with quotes).
     pub etag: String,
 }
@@ -147,10 +189,16 @@ impl AppState {
             }
             None => None,
         };
+        let shared = match &config.uploads {
+            Some(u) => Some(Arc::new(SharedStore::open(u, &config.store)?)),
+            None => None,
+        };
         let l = &config.limits;
         Ok(Arc::new(Self {
             images,
-            sources: Sources::new(&config.sources, config.uploads.clone()),
+            sources: Sources::new(&config.sources, shared),
+            ready: AtomicBool::new(true),
+            trusted_proxies: config.trusted_proxies.clone(),
             limits: l.clone(),
             rate: RateLimiter::new(l.requests_per_second, l.burst),
             slots: DownloadSlots::new(l.downloads_per_ip, l.downloads_total),
@@ -244,7 +292,9 @@ impl AppState {
         if let Some(tx) = &progress {
             let _ = tx.send(Step::Fetching).await;
         }
-        let fetched = self.sources.fetch(&piece, slot.capacity).await?;
+        let fetched = self
+            .fetch_shared(&im.config.name, &piece, slot.capacity)
+            .await?;
         tracing::info!(image = %im.config.name, %piece, origin = %fetched.origin,
             len = fetched.data.len(), "piece fetched");
         if let Some(tx) = &progress {
@@ -253,10 +303,11 @@ impl AppState {
         let payload = PayloadInfo::of(&fetched.data);
         let data: Bytes = fetched.data;
         let im2 = im.clone();
+        let st = self.clone();
         let slot_name = slot.name.clone();
         // Planning may read base bytes (format kinds) and hashing the patched chunks reads
         // them: both block, so they run on the blocking pool.
-        let (plan, chunks) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let (plan, chunks, sha256) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
             let plan = plan_injection(&im2.table, &im2.base.sync, &[Payload::new(slot_name, data)])
                 .map_err(|e| match e {
                     kiln_inject::Error::TooLarge { .. } => ApiError::too_large(e.to_string()),
@@ -269,7 +320,8 @@ impl AppState {
                 .chunks
                 .compose(&composed, &plan)
                 .map_err(|e| ApiError::bad_gateway(format!("reading the base: {e}")))?;
-            Ok((plan, chunks))
+            let sha256 = plain_sha256(&im2, &composed, &plan, &st.metrics)?;
+            Ok((plan, chunks, sha256))
         })
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
@@ -290,8 +342,62 @@ impl AppState {
             composed,
             chunks,
             digest,
+            sha256,
             etag,
         }))
+    }
+
+    /// Fetches `piece`, through the shared prepared-payload records when the uploads live in
+    /// an object store (see [`crate::store`]): a fresh record's payload is used as is, so every
+    /// replica serves the same bytes; otherwise the piece is fetched and recorded.
+    async fn fetch_shared(
+        &self,
+        image: &str,
+        piece: &str,
+        limit: u64,
+    ) -> Result<crate::pieces::Piece, ApiError> {
+        let shared = self
+            .sources
+            .uploads()
+            .filter(|s| s.shares_prepared() && !crate::pieces::is_upload_id(piece));
+        let Some(shared) = shared else {
+            return self.sources.fetch(piece, limit).await;
+        };
+        let ttl = self.limits.cache_ttl.0.as_secs();
+        let now = now_secs();
+        match shared.get_prepared(image, piece).await {
+            Ok(Some(rec)) if now.saturating_sub(rec.created) < ttl => {
+                match shared.get_payload(&rec.payload_sha256, limit).await {
+                    Ok(Some(data)) => {
+                        return Ok(crate::pieces::Piece {
+                            data,
+                            origin: format!("{} (recorded by a replica)", rec.origin),
+                        })
+                    }
+                    Ok(None) => {
+                        tracing::warn!(%image, %piece, "prepared record without its payload")
+                    }
+                    Err(e) => tracing::warn!(%image, %piece, "prepared payload: {}", e.message),
+                }
+            }
+            Ok(_) => {}
+            // The store being down must not stop pieces from being served.
+            Err(e) => tracing::warn!(%image, %piece, "reading the prepared record: {}", e.message),
+        }
+        let fetched = self.sources.fetch(piece, limit).await?;
+        let rec = PreparedRecord {
+            payload_sha256: hex::encode(Sha256::digest(&fetched.data)),
+            len: fetched.data.len() as u64,
+            origin: fetched.origin.clone(),
+            created: now,
+        };
+        if let Err(e) = shared
+            .put_prepared(image, piece, &rec, fetched.data.clone())
+            .await
+        {
+            tracing::warn!(%image, %piece, "recording the prepared payload: {}", e.message);
+        }
+        Ok(fetched)
     }
 
     /// Drops the oldest preparations while their payloads exceed the cache budget.

@@ -506,6 +506,16 @@ fn injection_patches_only_the_slot_and_its_records() {
         .map(|v| v.as_u64().unwrap())
         .collect();
     assert_eq!(records.len(), 2, "an ISO 9660 and a Joliet record: {slot}");
+    // The records and the slot's extent come after the root image and its verity tree, so a
+    // personalised ISO's sha256 resumes from the base's midstate before them.
+    let iso = &fx.report["iso"];
+    for big in [&iso["root"], &iso["verity"]["file"]] {
+        let end = big["offset"].as_u64().unwrap() + big["size"].as_u64().unwrap();
+        assert!(
+            records.iter().all(|&r| r > end) && d_off > end,
+            "slot records {records:?} / data {d_off} before a big file ending at {end}"
+        );
+    }
     let base = fs::read(&fx.iso).unwrap();
     let new = fs::read(&a).unwrap();
     assert_eq!(base.len(), new.len());

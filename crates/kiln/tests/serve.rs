@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use reqwest::header;
+use sha2::{Digest, Sha256};
 
 const PIECE_SMALL: &str = "<!doctype html><title>small</title><p>hello</p>\n";
 
@@ -26,14 +27,30 @@ async fn get(c: &reqwest::Client, url: &str, hdrs: &[(&str, &str)]) -> reqwest::
     r.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
+/// The RFC 9530 / RFC 3230 header values for a body.
+fn digest_headers(body: &[u8]) -> (String, String) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body));
+    (format!("sha-256=:{b64}:"), format!("SHA-256={b64}"))
+}
+
 /// Checks one personalised download against the bytes `kiln inject` produced.
 async fn check_identity(base: &str, image: &str, piece: &str, want: &[u8], digest: &str) {
     let c = reqwest::Client::new();
     let url = format!("{base}/os/{image}/{piece}.img");
     let len = want.len() as u64;
+    let (repr, legacy) = digest_headers(want);
+    let cache = if piece.starts_with("u-") {
+        "public, max-age=31536000, immutable"
+    } else {
+        "public, no-cache"
+    };
 
     let r = get(&c, &url, &[]).await;
     assert_eq!(r.status(), 200, "{url}");
+    assert_eq!(r.headers()["repr-digest"], repr.as_str(), "{url}");
+    assert_eq!(r.headers()["digest"], legacy.as_str(), "{url}");
+    assert_eq!(r.headers()[header::CACHE_CONTROL], cache, "{url}");
     let etag = r.headers()[header::ETAG].to_str().unwrap().to_string();
     assert!(
         etag.starts_with('"') && !etag.starts_with("W/"),
@@ -48,12 +65,51 @@ async fn check_identity(base: &str, image: &str, piece: &str, want: &[u8], diges
         .to_str()
         .unwrap()
         .to_string();
-    assert!(cd.contains("attachment") && cd.contains(piece), "{cd}");
+    let short = if piece.starts_with("u-") {
+        &piece[..10]
+    } else {
+        piece
+    };
+    let filename = format!("{image}-{short}.img");
+    assert_eq!(cd, format!("attachment; filename=\"{filename}\""));
     let body = r.bytes().await.unwrap();
     assert!(
         body.as_ref() == want,
         "full download differs from kiln inject"
     );
+
+    // The checksum file, in sha256sum's format, checks the download under its name.
+    let r = get(&c, &format!("{url}.sha256"), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()[header::CACHE_CONTROL], cache);
+    let line = r.text().await.unwrap();
+    assert_eq!(
+        line,
+        format!("{}  {filename}\n", hex::encode(Sha256::digest(want)))
+    );
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join(&filename), &body).unwrap();
+    fs::write(d.path().join("SUM"), &line).unwrap();
+    let ck = Command::new("sha256sum")
+        .args(["-c", "SUM"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(ck.status.success(), "sha256sum -c: {ck:?}");
+    fs::write(d.path().join(&filename), &body[1..]).unwrap();
+    let ck = Command::new("sha256sum")
+        .args(["-c", "SUM"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(!ck.status.success(), "sha256sum -c accepted a damaged file");
+    // A friendlier name only changes the file name.
+    let r = get(&c, &format!("{url}?name=My%20page.html"), &[]).await;
+    assert_eq!(
+        r.headers()[header::CONTENT_DISPOSITION],
+        format!("attachment; filename=\"{image}-My-page.img\"").as_str()
+    );
+    drop(r);
 
     let r = c.head(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -77,6 +133,8 @@ async fn check_identity(base: &str, image: &str, piece: &str, want: &[u8], diges
         r.headers()[header::CONTENT_RANGE],
         format!("bytes {cut}-{}/{len}", len - 1).as_str()
     );
+    // RFC 9530: Repr-Digest describes the whole image, also on a partial response.
+    assert_eq!(r.headers()["repr-digest"], repr.as_str());
     assert!(
         r.bytes().await.unwrap().as_ref() == &want[cut as usize..],
         "resumed tail differs"
@@ -202,9 +260,54 @@ async fn local_base_is_served_byte_identical_with_signed_manifests() {
         "minisign -V: {}",
         String::from_utf8_lossy(&v.stderr)
     );
+    // The checksum file's signature: `minisign -V` on it, then `sha256sum -c`, checks the image.
+    let sum = get(&c, &format!("{}/os/demo/hello.img.sha256", srv.url), &[])
+        .await
+        .text()
+        .await
+        .unwrap();
+    let sig = get(
+        &c,
+        &format!("{}/os/demo/hello.img.sha256.minisig", srv.url),
+        &[],
+    )
+    .await;
+    assert_eq!(sig.status(), 200);
+    let sig = sig.text().await.unwrap();
+    let sf = fx.dir.path().join("demo-hello.img.sha256");
+    fs::write(&sf, &sum).unwrap();
+    fs::write(fx.dir.path().join("demo-hello.img.sha256.minisig"), &sig).unwrap();
+    let v = Command::new("minisign")
+        .args(["-V", "-p", pk.to_str().unwrap(), "-m", sf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "minisign -V: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let (hello, _) = fx.expected(&fx.pieces.join("hello.html"));
+    let shown = String::from_utf8_lossy(&v.stdout).to_string();
+    assert!(
+        shown.contains(&format!(
+            "file:demo-hello.img\tsha256:{}",
+            hex::encode(Sha256::digest(&hello))
+        )),
+        "trusted comment: {shown}"
+    );
+    fs::write(&sf, sum.replace('0', "1")).unwrap();
+    let v = Command::new("minisign")
+        .args(["-V", "-p", pk.to_str().unwrap(), "-m", sf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!v.status.success(), "a changed checksum file verified");
     let mj: serde_json::Value = serde_json::from_slice(&m).unwrap();
     let (_, digest) = fx.expected(&fx.pieces.join("hello.html"));
     assert_eq!(mj["chunked_digest"], digest.as_str());
+    assert_eq!(
+        mj["sha256"],
+        format!("sha256:{}", hex::encode(Sha256::digest(&hello))).as_str()
+    );
     assert_eq!(mj["payload"]["len"], PIECE_SMALL.len());
     // A tampered manifest does not verify.
     fs::write(&mf, String::from_utf8_lossy(&m).replace("hello", "hellp")).unwrap();
@@ -531,6 +634,12 @@ label = "page"
 fs = "ext4"
 size = "4M"
 slot = { name = "piece", path = "/index.html", capacity = "256K", default = "loading.html" }
+
+[[partition]]
+type = "linux-generic"
+label = "data"
+fs = "none"
+size = "32M"
 "#,
     )
     .unwrap();
@@ -561,6 +670,20 @@ slot = { name = "piece", path = "/index.html", capacity = "256K", default = "loa
     let (off, size) = (
         part["offset"].as_u64().unwrap() as usize,
         part["size"].as_u64().unwrap() as usize,
+    );
+    // The slot partition is first in the spec (and the GPT) but laid out last, after the big
+    // one, and the chunk table holds the SHA-256 midstate where the slot starts.
+    let data = &report["partitions"][1];
+    assert_eq!(data["label"], "data");
+    assert!(data["offset"].as_u64().unwrap() < off as u64, "{report}");
+    let disk_len = fs::metadata(&fx.base).unwrap().len();
+    let tail = disk_len - off as u64;
+    assert!(tail <= size as u64 + (1 << 20), "tail {tail}");
+    let chunks = fs::read(fx.base.with_extension("img.chunks")).unwrap();
+    assert_eq!(
+        &chunks[8..12],
+        &2u32.to_le_bytes(),
+        "chunk table with midstates"
     );
 
     fs::write(fx.pieces.join("hello.html"), PIECE_SMALL).unwrap();
@@ -603,5 +726,185 @@ slot = { name = "piece", path = "/index.html", capacity = "256K", default = "loa
         .await
         .unwrap();
     assert_eq!(cat["images"][0]["slots"][0]["kind"], "ext4");
+    // Each plain sha256 hashed the tail from the slot on, not the whole disk.
+    let m = get(&c, &format!("{}/metrics", srv.url), &[])
+        .await
+        .text()
+        .await
+        .unwrap();
+    let metric = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing: {m}"))
+            .parse()
+            .unwrap()
+    };
+    let (hashed, count) = (
+        metric("kiln_sha256_hashed_bytes_total"),
+        metric("kiln_sha256_total"),
+    );
+    assert_eq!(count, 3, "one sha256 per prepared piece");
+    assert!(
+        hashed > 0 && hashed <= count * tail,
+        "hashed {hashed} bytes for {count} images; the tail is {tail} of {disk_len}"
+    );
     assert_eq!(fx.base_sha(), fx.base_sha_before, "base modified");
+}
+
+/// The page and its assets: same-origin only under a strict CSP, cache policies for a CDN,
+/// the no-JavaScript path (form → piece page with the sha256 and a link), probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_assets_cache_policies_and_the_no_script_path() {
+    let fx = Fixture::new();
+    fs::write(fx.pieces.join("hello.html"), PIECE_SMALL).unwrap();
+    let srv = KilnServer::start(&fx.config(""));
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let u = |p: &str| format!("{}{p}", srv.url);
+
+    let r = get(&c, &u("/"), &[]).await;
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    assert_eq!(r.headers()[header::CACHE_CONTROL], "no-cache");
+    let page = r.text().await.unwrap();
+    assert!(
+        !page.contains("<script>") && !page.contains("style="),
+        "inline code in the page"
+    );
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "absolute URLs in the page"
+    );
+    for (kind, ctype) in [(".css", "text/css"), (".js", "text/javascript")] {
+        let at = page.find(kind).unwrap();
+        let start = page[..at].rfind("/assets/").unwrap();
+        let path = &page[start..at + kind.len()];
+        let r = get(&c, &u(path), &[]).await;
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with(ctype));
+        assert_eq!(
+            r.headers()[header::CACHE_CONTROL],
+            "public, max-age=31536000, immutable"
+        );
+    }
+    assert_eq!(get(&c, &u("/assets/page.css"), &[]).await.status(), 404);
+
+    // Without JavaScript: the form's GET redirects to the piece's page.
+    let r = get(&c, &u("/get?image=demo&piece=hello"), &[]).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()[header::LOCATION], "/os/demo/hello");
+    let r = get(&c, &u("/os/demo/hello"), &[]).await;
+    assert_eq!(r.status(), 200);
+    let html = r.text().await.unwrap();
+    let (want, _) = fx.expected(&fx.pieces.join("hello.html"));
+    assert!(html.contains(&hex::encode(Sha256::digest(&want))), "{html}");
+    assert!(html.contains("href=\"/os/demo/hello.img\""), "{html}");
+    assert!(
+        html.contains("href=\"/os/demo/hello.img.sha256\""),
+        "{html}"
+    );
+    for (q, status) in [
+        ("/get?image=demo&piece=", 400),
+        ("/get?image=demo&piece=..%2Fx", 400),
+        ("/get?image=nope&piece=hello", 404),
+        ("/os/demo/missing", 404),
+    ] {
+        let r = get(&c, &u(q), &[]).await;
+        assert_eq!(r.status(), status, "{q}");
+        assert!(r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        assert!(r.text().await.unwrap().contains("role=\"alert\""), "{q}");
+    }
+
+    // Errors and APIs are not cached; probes answer.
+    let r = get(&c, &u("/os/demo/missing.img"), &[]).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
+    let r = get(&c, &u("/api/catalog"), &[]).await;
+    assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
+    assert_eq!(get(&c, &u("/readyz"), &[]).await.status(), 200);
+    assert_eq!(get(&c, &u("/healthz"), &[]).await.status(), 200);
+}
+
+/// SIGTERM with a drain delay: `/readyz` turns 503 while the listener still accepts, then the
+/// listener closes, a download in flight still completes, and the process exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_readyz_off_then_lets_running_downloads_finish() {
+    use futures::StreamExt;
+    let fx = Fixture::new();
+    fs::write(fx.pieces.join("hello.html"), PIECE_SMALL).unwrap();
+    let cfg = fx.config_with("", "shutdown_delay = \"2s\"\nshutdown_grace = \"30s\"\n");
+    let mut srv = KilnServer::start(&cfg);
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    let url = format!("{}/os/demo/hello.img", srv.url);
+    let (want, _) = fx.expected(&fx.pieces.join("hello.html"));
+    assert_eq!(
+        get(&fresh(), &format!("{}/readyz", srv.url), &[])
+            .await
+            .status(),
+        200
+    );
+
+    let r = get(&fresh(), &url, &[]).await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut got = body.next().await.unwrap().unwrap().to_vec();
+    let t0 = std::time::Instant::now();
+    srv.sigterm();
+    let mut not_ready = false;
+    while t0.elapsed() < Duration::from_millis(1500) {
+        let r = get(&fresh(), &format!("{}/readyz", srv.url), &[]).await;
+        if r.status() == 503 {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(not_ready, "/readyz still 200 after SIGTERM");
+    assert_eq!(
+        get(&fresh(), &format!("{}/healthz", srv.url), &[])
+            .await
+            .status(),
+        200,
+        "still accepting during the drain delay"
+    );
+    while TcpStream::connect(&srv.addr).is_ok() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "listener never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1900),
+        "closed after {:?}, before the 2 s delay",
+        t0.elapsed()
+    );
+    while let Some(b) = body.next().await {
+        got.extend_from_slice(&b.unwrap());
+    }
+    assert!(got == want, "the download in flight was cut or differs");
+    let st = srv
+        .wait_exit(Duration::from_secs(10))
+        .expect("no exit after the last download");
+    assert!(st.success(), "{st}");
 }

@@ -17,6 +17,8 @@
 //!                one zero sector that every empty extent points at
 //!                file data in the tree's canonical order, each file contiguous; slots get
 //!                ceil(capacity / 2048) sectors
+//!                (with `slots_last`: the directories and continuation areas come after the
+//!                other files' data, and the slot files after them)
 //!   ---- end of the ISO 9660 data (GPT partition 1 ends here)
 //!                the ESP image (GPT partition 2, El Torito's UEFI entry)
 //!                backup GPT (hybrid images); the volume space covers everything

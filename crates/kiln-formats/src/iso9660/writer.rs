@@ -136,6 +136,12 @@ pub struct IsoOptions {
     pub esp_len: Option<u64>,
     /// Write a protective MBR and GPT (hybrid image for USB sticks).
     pub hybrid: Option<HybridOptions>,
+    /// Place the directories (and their Rock Ridge continuation areas) and then the slot files
+    /// after all other file data, so that everything injecting into a slot rewrites — the
+    /// extent and the directory records pointing at it — sits near the end of the ISO 9660
+    /// data. `kiln serve` then hashes only that tail for a personalised image's sha256.
+    /// ECMA-119 puts no order on extents; readers find everything through the descriptors.
+    pub slots_last: bool,
 }
 
 impl IsoOptions {
@@ -150,6 +156,7 @@ impl IsoOptions {
             joliet: true,
             esp_len: None,
             hybrid: None,
+            slots_last: false,
         }
     }
 }
@@ -439,33 +446,40 @@ impl IsoPlan {
         } else {
             (0, 0)
         };
-        for d in dirs.iter_mut() {
-            d.lba = lba as u32;
-            lba += u64::from(d.size) / SECTOR;
-        }
-        if opts.joliet {
-            for &i in &joliet_pt_order {
-                dirs[i].joliet_lba = lba as u32;
-                lba += u64::from(dirs[i].joliet_size) / SECTOR;
+        // Directories (ISO 9660, then Joliet) and the continuation areas: first, or after the
+        // other files' data with `slots_last`.
+        let alloc_dirs = |dirs: &mut Vec<Dir>, lba: &mut u64| {
+            for d in dirs.iter_mut() {
+                d.lba = *lba as u32;
+                *lba += u64::from(d.size) / SECTOR;
             }
-        }
-        // Continuation areas, packed; an area never crosses a sector.
-        let ce_start = lba;
-        let mut ce_pos: u64 = 0;
-        for d in dirs.iter_mut() {
-            for r in d.records.iter_mut() {
-                for a in 0..r.susp.areas.len() {
-                    let len = r.susp.area_len(a) as u64;
-                    if ce_pos % SECTOR + len > SECTOR {
-                        ce_pos = ce_pos.div_ceil(SECTOR) * SECTOR;
-                    }
-                    let abs = ce_start * SECTOR + ce_pos;
-                    r.areas.push(((abs / SECTOR) as u32, (abs % SECTOR) as u32));
-                    ce_pos += len;
+            if opts.joliet {
+                for &i in &joliet_pt_order {
+                    dirs[i].joliet_lba = *lba as u32;
+                    *lba += u64::from(dirs[i].joliet_size) / SECTOR;
                 }
             }
+            // Continuation areas, packed; an area never crosses a sector.
+            let ce_start = *lba;
+            let mut ce_pos: u64 = 0;
+            for d in dirs.iter_mut() {
+                for r in d.records.iter_mut() {
+                    for a in 0..r.susp.areas.len() {
+                        let len = r.susp.area_len(a) as u64;
+                        if ce_pos % SECTOR + len > SECTOR {
+                            ce_pos = ce_pos.div_ceil(SECTOR) * SECTOR;
+                        }
+                        let abs = ce_start * SECTOR + ce_pos;
+                        r.areas.push(((abs / SECTOR) as u32, (abs % SECTOR) as u32));
+                        ce_pos += len;
+                    }
+                }
+            }
+            *lba += sectors_for(ce_pos);
+        };
+        if !opts.slots_last {
+            alloc_dirs(&mut dirs, &mut lba);
         }
-        lba += sectors_for(ce_pos);
 
         // Files in canonical tree order; hardlinks share one extent.
         let mut paths: Vec<Option<String>> = vec![None; tree.nodes.len()];
@@ -485,6 +499,8 @@ impl IsoPlan {
         };
         let mut files: Vec<FileExtent> = Vec::new();
         let mut file_index: Vec<Option<u32>> = vec![None; tree.nodes.len()];
+        // Sectors each file reserves, in walk order; extents are given out below.
+        let mut reserves: Vec<u64> = Vec::new();
         for &id in &walk {
             let n = tree.node(id);
             let NodeKind::File(f) = &n.kind else {
@@ -530,15 +546,31 @@ impl IsoPlan {
                 }
                 None => sectors_for(f.size),
             };
-            let ext_lba = if reserve == 0 { empty_lba } else { lba as u32 };
-            lba += reserve;
             file_index[id as usize] = Some(files.len() as u32);
+            reserves.push(reserve);
             files.push(FileExtent {
                 node: id,
-                lba: ext_lba,
+                lba: empty_lba,
                 sectors: reserve as u32,
                 size: f.size as u32,
             });
+        }
+        // Extents in walk order; with `slots_last`, the other files, the directories, then
+        // the slot files.
+        let is_slot = |f: &FileExtent| tree.node(f.node).slot.is_some();
+        for pass in [false, true] {
+            if pass && opts.slots_last {
+                alloc_dirs(&mut dirs, &mut lba);
+            }
+            for (f, &reserve) in files.iter_mut().zip(&reserves) {
+                if (opts.slots_last && is_slot(f) != pass) || (!opts.slots_last && pass) {
+                    continue;
+                }
+                if reserve > 0 {
+                    f.lba = lba as u32;
+                    lba += reserve;
+                }
+            }
         }
         let data_end = lba;
         let esp = match opts.esp_len {

@@ -38,15 +38,25 @@ pub fn run(args: ServeArgs) -> Outcome {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
-        let running = kiln_serve::start(&config, args.listen).await?;
+        let server = kiln_serve::start(&config, args.listen).await?;
         // Tests and scripts read this line to find the port.
-        println!("listening on http://{}", running.addr);
+        println!("listening on http://{}", server.running.addr);
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate() => {}
         }
-        tracing::info!("shutting down");
-        running.stop().await;
+        let grace = config.limits.shutdown_grace.0;
+        tracing::info!(
+            ?grace,
+            "shutting down: no new connections, running downloads may finish"
+        );
+        // A second signal ends the wait at once.
+        let dropped = tokio::select! {
+            n = server.shutdown() => n,
+            _ = tokio::signal::ctrl_c() => 0,
+            _ = terminate() => 0,
+        };
+        tracing::info!(dropped, "stopped");
         anyhow::Ok(())
     })?;
     Ok(std::process::ExitCode::SUCCESS)

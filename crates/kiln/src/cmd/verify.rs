@@ -128,9 +128,23 @@ pub fn run(args: VerifyArgs) -> Outcome {
     let place = args.image.display().to_string();
 
     // The base's chunk table: from the sidecar when it exists, else by reading everything.
+    // A table written for an image with slots carries the SHA-256 midstates `kiln serve` and
+    // the plain digest below resume from.
+    let points = if args.write_chunks {
+        slot_resume_points(&args.image, &src, args.table.as_deref())?
+    } else {
+        Vec::new()
+    };
     let sidecar = ChunkTable::load_sidecar(&args.image, len)?;
     let base_table = match sidecar {
-        Some(t) if !(want_plain && t.sha256.is_none() && args.slots.is_empty()) => t,
+        Some(t)
+            if !(want_plain && t.sha256.is_none() && args.slots.is_empty())
+                && t.has_midstates_at(&points) =>
+        {
+            t
+        }
+        _ if !points.is_empty() => ChunkTable::compute_resumable(&src, &points)
+            .with_context(|| format!("reading {place}"))?,
         _ => ChunkTable::compute(&src, want_plain && args.slots.is_empty())
             .with_context(|| format!("reading {place}"))?,
     };
@@ -143,6 +157,14 @@ pub fn run(args: VerifyArgs) -> Outcome {
         f.commit().with_context(|| side.display().to_string())?;
     }
     let composed = ComposedImage::new(&src, plan.clone())?;
+    // With a midstate before the first patch, the plain digest reads only the tail.
+    let resumed = if want_plain && !plan.regions().is_empty() {
+        base_table
+            .composed_sha256(&composed, &plan)?
+            .map(|(s, _)| s)
+    } else {
+        None
+    };
     let table = if plan.regions().is_empty() {
         base_table
     } else {
@@ -150,6 +172,7 @@ pub fn run(args: VerifyArgs) -> Outcome {
     };
     let sha = match (&table.sha256, want_plain) {
         (Some(s), _) => Some(*s),
+        (None, true) if resumed.is_some() => resumed,
         (None, true) => {
             let mut c = ComposedImage::new(&src, plan.clone())?;
             Some(plain_sha256(&mut c).with_context(|| format!("reading {place}"))?)
@@ -197,4 +220,25 @@ pub fn run(args: VerifyArgs) -> Outcome {
         }
         None => Ok(std::process::ExitCode::SUCCESS),
     }
+}
+
+/// Each slot's first patchable byte, where `--write-chunks` keeps a SHA-256 midstate; none for
+/// an image without a slot table (in the image, beside it, or named by `--table`).
+fn slot_resume_points(
+    image: &std::path::Path,
+    src: &kiln_inject::FileSource,
+    table: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<u64>> {
+    use kiln_inject::slots;
+    let mut magic = [0u8; 8];
+    let has_magic = src.len() >= slots::TABLE_OFFSET + 8 && {
+        src.read_exact_at(slots::TABLE_OFFSET, &mut magic)
+            .with_context(|| format!("reading {}", image.display()))?;
+        magic == slots::MAGIC
+    };
+    if table.is_none() && !has_magic && !slots::sidecar_path(image).exists() {
+        return Ok(Vec::new());
+    }
+    let (t, _) = slots::find_table(image, src.file(), table)?;
+    Ok(t.resume_points())
 }

@@ -244,8 +244,14 @@ pub struct KilnServer {
 
 impl KilnServer {
     pub fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts a server with extra environment variables (e.g. AWS_* for the object store).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let log = config.with_extension("log");
         let mut child = Command::new(kiln_bin())
+            .envs(env.iter().copied())
             .args([
                 "serve",
                 "--config",
@@ -274,8 +280,114 @@ impl KilnServer {
     }
 }
 
+impl KilnServer {
+    /// Sends SIGTERM (graceful shutdown) to this server.
+    pub fn sigterm(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) with the pid of a child this test started; no memory is passed.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGTERM) },
+            0,
+            "kill -TERM {pid}"
+        );
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, or `None` if still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if t.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The server's log (stderr).
+    pub fn log(&self, config: &Path) -> String {
+        fs::read_to_string(config.with_extension("log")).unwrap_or_default()
+    }
+}
+
 impl Drop for KilnServer {
     fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nginx on loopback with `http_body` inside its `http { }` block (a reverse proxy or a file
+/// server); `{PORT}` in it is replaced by the port it listens on.
+pub struct Nginx {
+    child: Child,
+    pub url: String,
+}
+
+impl Nginx {
+    pub fn start(dir: &Path, http_body: &str) -> Self {
+        let nginx = kiln_testkit::require_tool("nginx");
+        let port = free_port();
+        let root = dir.join("nginx");
+        fs::create_dir_all(root.join("tmp")).unwrap();
+        let conf = root.join("nginx.conf");
+        let t = root.join("tmp");
+        fs::write(
+            &conf,
+            format!(
+                "user root;\nworker_processes 2;\ndaemon off;\npid {pid};\nerror_log {err} info;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{\n  access_log {acc};\n  client_body_temp_path {t};\n  proxy_temp_path {t};\n\
+                 fastcgi_temp_path {t};\n  uwsgi_temp_path {t};\n  scgi_temp_path {t};\n{body}\n}}\n",
+                pid = root.join("nginx.pid").display(),
+                err = root.join("error.log").display(),
+                acc = root.join("access.log").display(),
+                t = t.display(),
+                body = http_body.replace("{PORT}", &port.to_string()),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(nginx)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(root.join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "nginx did not start: {}",
+                fs::read_to_string(root.join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM lets the master stop its workers; SIGKILL would leave them running.
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) on the pid of the nginx master this test started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
