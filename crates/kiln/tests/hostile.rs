@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{entries, kiln, kiln_bin, ok, s, sha};
+use kiln_inject::slots::{ByteRange, PayloadInfo, RawMeta, SizeField, Slot, SlotMeta, SlotTable};
 
 /// Asserts that `o` failed and its stderr mentions every one of `want`.
 fn failed_with(o: &Output, want: &[&str]) -> String {
@@ -164,4 +165,256 @@ fn corrupt_or_trailing_compressed_streams_are_refused() {
     fs::write(&zf, &zs).unwrap();
     failed_with(&mkfs(&zf), &["flipped.tar.zst", "zstd"]);
     assert_eq!(entries(&out), Vec::<String>::new(), "no output, no temp file");
+}
+
+/// Runs kiln with a deadline: returns its output and peak RSS in KiB (from `/usr/bin/time`),
+/// or fails the test if it is still running after `secs` (it is killed first).
+fn bounded(args: &[&str], secs: u64) -> (Output, u64) {
+    let time = kiln_testkit::require_tool("time");
+    let d = tempfile::tempdir().unwrap();
+    let rss = d.path().join("rss");
+    let mut child = Command::new(time)
+        .arg("-f")
+        .arg("%M")
+        .arg("-o")
+        .arg(&rss)
+        .arg(kiln_bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() >= secs {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kiln {args:?} still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    let kib = fs::read_to_string(&rss)
+        .unwrap()
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap();
+    (o, kib)
+}
+
+// 4. `--slot page=/dev/zero` grew without bound (3.2 GB RSS in 4 s): the payload was read
+// whole after a stat that says 0 bytes. Reading stops at capacity + 1 byte.
+#[test]
+fn an_endless_payload_stops_at_capacity_plus_one() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.img");
+    common::write_base(&base, 4 << 20, 1 << 20, 300_000);
+    let before = sha(&base);
+    let out = d.path().join("out.img");
+    for args in [
+        vec!["inject", s(&base), "--slot", "piece=/dev/zero", "-o", s(&out)],
+        vec!["inject", s(&base), "--slot", "piece=/dev/zero", "--in-place"],
+        vec!["verify", s(&base), "--slot", "piece=/dev/zero", "--digest", "sha256:00"],
+    ] {
+        let (o, kib) = bounded(&args, 20);
+        failed_with(&o, &["piece", "capacity of 300000 bytes"]);
+        assert!(kib < 64 << 10, "{args:?}: peak RSS {kib} KiB");
+    }
+    assert_eq!(sha(&base), before, "base untouched");
+    assert_eq!(entries(d.path()), ["base.img"]);
+}
+
+/// A GPT disk of `len` bytes with one partition over 1 MiB..len-1 MiB (deterministic filler
+/// inside it), and no slot table.
+fn gpt_disk(path: &Path, len: u64) {
+    use kiln_formats::gpt::{Gpt, Partition};
+    use kiln_formats::sink::FileSink;
+    let f = fs::File::create(path).unwrap();
+    f.set_len(len).unwrap();
+    let mut g = Gpt::new(len, [7u8; 16]).unwrap();
+    g.partitions.push(Partition {
+        type_guid: kiln_formats::gpt::parse_type("linux-generic").unwrap(),
+        part_guid: [9u8; 16],
+        first_lba: 2048,
+        last_lba: (len >> 9) - 2049,
+        attributes: 0,
+        name: "data".into(),
+    });
+    g.write(&FileSink::new(&f, 0, len)).unwrap();
+}
+
+fn raw_table(len: u64, offset: u64, size_field: Option<u64>) -> SlotTable {
+    SlotTable {
+        image_len: len,
+        slots: vec![Slot {
+            name: "piece".into(),
+            path: String::new(),
+            capacity: 4096,
+            data: vec![ByteRange { offset, len: 4096 }],
+            meta: SlotMeta::Raw(RawMeta {
+                size_fields: size_field
+                    .map(|o| vec![SizeField { offset: o, width: 4 }])
+                    .unwrap_or_default(),
+            }),
+            default: PayloadInfo::of(b""),
+        }],
+    }
+}
+
+// 6. A sidecar or `--table` describing a raw slot at offset 0 let `inject` overwrite the
+// primary GPT (and with --in-place, the base's own). Slots must lie inside a partition, off
+// GPT structures, the slot table and other slots.
+#[test]
+fn slot_tables_cannot_point_at_gpt_structures_or_the_table() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.img");
+    let len = 8u64 << 20;
+    gpt_disk(&disk, len);
+    let before = sha(&disk);
+    let payload = d.path().join("p.html");
+    fs::write(&payload, b"<p>x</p>").unwrap();
+    let cases = [
+        (0u64, None, "outside every GPT partition"),        // protective MBR, primary header
+        (1024, None, "outside every GPT partition"),        // primary entry array
+        (len - 4096, None, "outside every GPT partition"),  // backup entries and header
+        (2 << 20, Some(512u64), "outside every GPT partition"), // size field on the header
+    ];
+    for (i, (offset, field, want)) in cases.into_iter().enumerate() {
+        let t = d.path().join(format!("t{i}.json"));
+        fs::write(&t, raw_table(len, offset, field).to_sidecar_json().unwrap()).unwrap();
+        let out = d.path().join(format!("out{i}.img"));
+        let piece = format!("piece={}", s(&payload));
+        failed_with(
+            &kiln(&["inject", s(&disk), "--table", s(&t), "--slot", &piece, "-o", s(&out)]),
+            &["piece", want],
+        );
+        failed_with(
+            &kiln(&["inject", s(&disk), "--table", s(&t), "--slot", &piece, "--in-place"]),
+            &["piece", want],
+        );
+        assert!(!out.exists());
+        assert_eq!(sha(&disk), before, "case {i}: the base's GPT is untouched");
+    }
+    // Inside the partition it works (the check is not a blanket refusal).
+    let t = d.path().join("good.json");
+    fs::write(&t, raw_table(len, 2 << 20, Some((2 << 20) + 8192)).to_sidecar_json().unwrap())
+        .unwrap();
+    let out = d.path().join("good.img");
+    ok(&["inject", s(&disk), "--table", s(&t), "--slot", &format!("piece={}", s(&payload)), "-o", s(&out)]);
+    assert_eq!(&fs::read(&out).unwrap()[2 << 20..(2 << 20) + 8], b"<p>x</p>");
+
+    // Without a GPT, the in-image slot table area is off limits.
+    let raw = d.path().join("raw.img");
+    common::write_base(&raw, 4 << 20, 1 << 20, 300_000);
+    let raw_before = sha(&raw);
+    let t = d.path().join("over-table.json");
+    fs::write(&t, raw_table(4 << 20, 24576, None).to_sidecar_json().unwrap()).unwrap();
+    failed_with(
+        &kiln(&["inject", s(&raw), "--table", s(&t), "--slot", &format!("piece={}", s(&payload)), "--in-place"]),
+        &["overlaps the slot table"],
+    );
+    assert_eq!(sha(&raw), raw_before);
+}
+
+// 7. `kiln mkfs -o` equal to the input replaced the source tar. 8. `-o` into a missing
+// directory: every command creates it (documented in the README), inject included.
+#[test]
+fn mkfs_refuses_its_own_input_and_outputs_create_missing_directories() {
+    let d = tempfile::tempdir().unwrap();
+    let tar = d.path().join("root.tar");
+    tar_of(&example("hello-rootfs"), &tar);
+    let before = sha(&tar);
+    let link = d.path().join("link.tar");
+    std::os::unix::fs::symlink(&tar, &link).unwrap();
+    let hard = d.path().join("hard.tar");
+    fs::hard_link(&tar, &hard).unwrap();
+    for fs_kind in ["ext4", "erofs"] {
+        for out in [&tar, &link, &hard] {
+            failed_with(
+                &kiln(&["mkfs", fs_kind, s(&tar), "-o", s(out)]),
+                &["is the source"],
+            );
+            assert_eq!(sha(&tar), before, "mkfs {fs_kind} -o {}", out.display());
+        }
+    }
+    let mut names = entries(d.path());
+    names.sort();
+    assert_eq!(names, ["hard.tar", "link.tar", "root.tar"], "no temp file left");
+
+    let nested = d.path().join("a/b/c.img");
+    ok(&["mkfs", "ext4", s(&tar), "-o", s(&nested)]);
+    ok(&["mkfs", "erofs", s(&tar), "-o", s(&d.path().join("e/f/g.img"))]);
+    let base = d.path().join("base.img");
+    common::write_base(&base, 4 << 20, 1 << 20, 300_000);
+    let payload = d.path().join("p");
+    fs::write(&payload, b"hi").unwrap();
+    ok(&[
+        "inject",
+        s(&base),
+        "--slot",
+        &format!("piece={}", s(&payload)),
+        "-o",
+        s(&d.path().join("x/y/out.img")),
+    ]);
+    assert!(d.path().join("x/y/out.img").is_file());
+}
+
+// 10. Messages: `inject` on a directory or /dev/zero blamed a truncated table; a missing file
+// printed "(os error 2)" twice.
+#[test]
+fn messages_name_what_is_wrong() {
+    let d = tempfile::tempdir().unwrap();
+    let payload = d.path().join("p");
+    fs::write(&payload, b"hi").unwrap();
+    let piece = format!("piece={}", s(&payload));
+    let out = d.path().join("o.img");
+    failed_with(
+        &kiln(&["inject", s(d.path()), "--slot", &piece, "-o", s(&out)]),
+        &["is a directory, not an image"],
+    );
+    failed_with(
+        &kiln(&["inject", "/dev/zero", "--slot", &piece, "-o", s(&out)]),
+        &["/dev/zero is a character device, not an image"],
+    );
+    let missing = d.path().join("missing.img");
+    for args in [
+        vec!["inject", s(&missing), "--slot", &piece, "-o", s(&out)],
+        vec!["mkfs", "ext4", s(&missing), "-o", s(&out)],
+        vec!["mkfs", "erofs", s(&missing), "-o", s(&out)],
+        vec!["inspect", s(&missing)],
+    ] {
+        let e = failed_with(&kiln(&args), &["missing.img"]);
+        assert_eq!(e.matches("os error 2").count(), 1, "{args:?}: {e}");
+    }
+    assert!(!out.exists());
+}
+
+// 3. An interrupted mkfs left its temp file: SIGINT and SIGTERM remove unfinished outputs.
+#[test]
+fn a_signal_removes_the_unfinished_output() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("x.img");
+        // A stream that never ends: kiln waits on stdin with its temp file open.
+        let mut child = Command::new(kiln_bin())
+            .args(["mkfs", "ext4", "-", "-o", s(&out)])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3]).unwrap();
+        let start = std::time::Instant::now();
+        while entries(d.path()).is_empty() {
+            assert!(start.elapsed().as_secs() < 20, "no temp file appeared");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(entries(d.path())[0].contains(".kiln-tmp-"));
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait().unwrap();
+        drop(stdin);
+        assert!(!status.success());
+        assert_eq!(entries(d.path()), Vec::<String>::new(), "signal {sig}");
+    }
 }
