@@ -418,3 +418,226 @@ fn a_signal_removes_the_unfinished_output() {
         assert_eq!(entries(d.path()), Vec::<String>::new(), "signal {sig}");
     }
 }
+
+/// What the fake registry answers for a path.
+#[derive(Clone)]
+enum Answer {
+    /// 200 with this body and a Content-Length.
+    Body(&'static str, Vec<u8>),
+    /// 200 without Content-Length: `len` bytes of spaces, then close.
+    Endless(usize),
+}
+
+/// A registry on loopback that answers GETs from a fixed map (404 otherwise). Serves at most
+/// `max_conns` connections, each for at most 30 s, then stops.
+fn fake_registry(map: Vec<(String, Answer)>, max_conns: usize) -> u16 {
+    use std::io::{BufRead, BufReader};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(max_conns) {
+            let Ok(mut c) = conn else { continue };
+            let map = map.clone();
+            std::thread::spawn(move || {
+                c.set_write_timeout(Some(std::time::Duration::from_secs(30)))
+                    .unwrap();
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut first = String::new();
+                if r.read_line(&mut first).is_err() {
+                    return;
+                }
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let path = first.split(' ').nth(1).unwrap_or("").to_string();
+                match map.iter().find(|(p, _)| *p == path).map(|(_, a)| a.clone()) {
+                    Some(Answer::Body(ct, b)) => {
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            b.len()
+                        );
+                        let _ = c.write_all(&b);
+                    }
+                    Some(Answer::Endless(len)) => {
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n"
+                        );
+                        let chunk = vec![b' '; 1 << 16];
+                        for _ in 0..len / chunk.len() {
+                            if c.write_all(&chunk).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    None => {
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// A manifest with one layer: (title, media type, blob, extra annotations).
+fn manifest(layers: &[(&str, &str, &[u8], &[(&str, String)])]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(title, mt, blob, extra)| {
+            let mut ann = serde_json::Map::new();
+            ann.insert("org.opencontainers.image.title".into(), (*title).into());
+            for (k, v) in *extra {
+                ann.insert((*k).into(), v.clone().into());
+            }
+            serde_json::json!({
+                "mediaType": mt,
+                "digest": format!("sha256:{}", sha256_hex(blob)),
+                "size": blob.len(),
+                "annotations": ann,
+            })
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.kiln.test",
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+            "size": 2
+        },
+        "layers": layers,
+    }))
+    .unwrap()
+}
+
+const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+// 4. `kiln pull` buffered a manifest sent without Content-Length past its 4 MiB cap (539 MB
+// RSS), and decompressed a zstd layer without limit although the layer says its size.
+#[test]
+fn pull_bounds_manifests_and_zstd_layers() {
+    let d = tempfile::tempdir().unwrap();
+    let port = fake_registry(
+        vec![("/v2/big/manifests/1".into(), Answer::Endless(256 << 20))],
+        4,
+    );
+    let out = d.path().join("o");
+    let (o, kib) = bounded(
+        &["pull", &format!("oci://127.0.0.1:{port}/big:1"), "-o", s(&out)],
+        60,
+    );
+    failed_with(&o, &["manifest", "larger than 4194304 bytes"]);
+    assert!(kib < 64 << 10, "peak RSS {kib} KiB for an endless manifest");
+
+    // 33 KB of zstd that says 1 MiB but expands to 64 MiB.
+    let raw = vec![0u8; 64 << 20];
+    let blob = zstd::encode_all(&raw[..], 19).unwrap();
+    let m = manifest(&[(
+        "bomb.bin.zst",
+        "application/vnd.kiln.file.v1+zstd",
+        &blob,
+        &[
+            ("dev.kiln.uncompressed.size", (1u64 << 20).to_string()),
+            (
+                "dev.kiln.uncompressed.digest",
+                format!("sha256:{}", sha256_hex(&raw[..1 << 20])),
+            ),
+        ],
+    )]);
+    let port = fake_registry(
+        vec![
+            ("/v2/bomb/manifests/1".into(), Answer::Body(MT_MANIFEST, m)),
+            (
+                format!("/v2/bomb/blobs/sha256:{}", sha256_hex(&blob)),
+                Answer::Body("application/octet-stream", blob.clone()),
+            ),
+        ],
+        8,
+    );
+    let out = d.path().join("bomb");
+    let (o, _) = bounded(
+        &["pull", &format!("oci://127.0.0.1:{port}/bomb:1"), "-o", s(&out)],
+        60,
+    );
+    failed_with(&o, &["bomb.bin", "more than 1048576 bytes"]);
+    assert_eq!(entries(&out), Vec::<String>::new(), "nothing kept");
+}
+
+// 5. `kiln pull -o DIR` followed a symlink already inside DIR and wrote outside it.
+// 11. A size mismatch left `.NAME.DIGEST.kiln-partial` behind.
+#[test]
+fn pull_never_writes_through_links_and_cleans_up_after_a_size_mismatch() {
+    let d = tempfile::tempdir().unwrap();
+    let outside = d.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let blob = b"layer bytes".to_vec();
+    let m = manifest(&[("sub/file", "application/octet-stream", &blob, &[])]);
+    let bdig = format!("/v2/a/blobs/sha256:{}", sha256_hex(&blob));
+    let port = fake_registry(
+        vec![
+            ("/v2/a/manifests/1".into(), Answer::Body(MT_MANIFEST, m)),
+            (bdig.clone(), Answer::Body("application/octet-stream", blob.clone())),
+        ],
+        16,
+    );
+    let out = d.path().join("out");
+    fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink(&outside, out.join("sub")).unwrap();
+    let r = format!("oci://127.0.0.1:{port}/a:1");
+    failed_with(&kiln(&["pull", &r, "-o", s(&out)]), &["sub", "symbolic link"]);
+    assert_eq!(entries(&outside), Vec::<String>::new(), "nothing written outside");
+
+    // The partial file's name is a link to a file outside.
+    fs::remove_file(out.join("sub")).unwrap();
+    fs::create_dir(out.join("sub")).unwrap();
+    let victim = outside.join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    let partial = out
+        .join("sub")
+        .join(format!(".file.{}.kiln-partial", &sha256_hex(&blob)[..16]));
+    std::os::unix::fs::symlink(&victim, &partial).unwrap();
+    failed_with(&kiln(&["pull", &r, "-o", s(&out)]), &["symbolic link"]);
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    fs::remove_file(&partial).unwrap();
+    ok(&["pull", &r, "-o", s(&out)]);
+    assert_eq!(fs::read(out.join("sub/file")).unwrap(), blob);
+
+    // A blob longer than its descriptor says.
+    let short = b"short".to_vec();
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&manifest(&[("f", "application/octet-stream", &short, &[])]))
+            .unwrap();
+    let long = b"short and then some more".to_vec();
+    let dig = m["layers"][0]["digest"].as_str().unwrap().to_string();
+    m["layers"][0]["size"] = 5.into();
+    let port = fake_registry(
+        vec![
+            (
+                "/v2/b/manifests/1".into(),
+                Answer::Body(MT_MANIFEST, serde_json::to_vec(&m).unwrap()),
+            ),
+            (format!("/v2/b/blobs/{dig}"), Answer::Body("application/octet-stream", long)),
+        ],
+        8,
+    );
+    let out = d.path().join("mismatch");
+    failed_with(
+        &kiln(&["pull", &format!("oci://127.0.0.1:{port}/b:1"), "-o", s(&out)]),
+        &["size"],
+    );
+    assert_eq!(entries(&out), Vec::<String>::new(), "no partial file left");
+}
