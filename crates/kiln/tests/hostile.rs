@@ -641,3 +641,31 @@ fn pull_never_writes_through_links_and_cleans_up_after_a_size_mismatch() {
     );
     assert_eq!(entries(&out), Vec::<String>::new(), "no partial file left");
 }
+
+// 9. `kiln inspect` said nothing (rc 0) about a disk with both GPT copies invalid, blocked on a
+// FIFO, and printed "14 B" for an unknown file.
+#[test]
+fn inspect_reports_damaged_unknown_and_special_files() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.img");
+    let len = 4u64 << 20;
+    gpt_disk(&disk, len);
+    ok(&["inspect", s(&disk)]);
+    let mut b = fs::read(&disk).unwrap();
+    b[512 + 16] ^= 0xff; // primary header CRC
+    let last = (len - 512) as usize;
+    b[last + 16] ^= 0xff; // backup header CRC
+    fs::write(&disk, &b).unwrap();
+    let o = kiln(&["inspect", s(&disk)]);
+    failed_with(&o, &["damaged GPT", "backup"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("both headers unusable"));
+
+    let fifo = d.path().join("fifo");
+    kiln_testkit::run_ok(Command::new("mkfifo").arg(&fifo));
+    let (o, _) = bounded(&["inspect", s(&fifo)], 20);
+    failed_with(&o, &["is a FIFO"]);
+
+    let odd = d.path().join("odd.bin");
+    fs::write(&odd, b"fourteen bytes").unwrap();
+    failed_with(&kiln(&["inspect", s(&odd)]), &["odd.bin", "unrecognised format"]);
+}
