@@ -466,7 +466,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     // from the UUID before verity replaces it).
     let provisional = layout::layout(
         &spec,
-        &vec![FsSize { bytes: 0 }; spec.partitions.len()],
+        &vec![FsSize::exact(0); spec.partitions.len()],
         machine_id.as_ref(),
     )
     .map_err(|e| anyhow!("{e}"))?;
@@ -485,6 +485,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             .label
             .clone()
             .unwrap_or_else(|| repart::label(&p.type_name, 0));
+        let mut upper_bound = false;
         let (pl, need) = match (p.fs, t) {
             (FsKind::None, _) | (_, None) => (Planned::None, 0),
             (FsKind::Ext4, Some(t)) => {
@@ -521,6 +522,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 };
                 let plan = erofs::plan(t, &o).map_err(|e| part_error(p, &e.to_string(), t))?;
                 let need = plan.size().bytes;
+                upper_bound = !plan.size().exact;
                 (Planned::Erofs(plan), need)
             }
             (FsKind::Vfat, Some(t)) => {
@@ -542,7 +544,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 (Planned::Fat(o), size)
             }
         };
-        if let (Some(b), Some(t)) = (p.budget, t) {
+        if let (Some(b), Some(t), false) = (p.budget, t, upper_bound) {
             if need > b {
                 bail!(
                     "partition {} (line {}) needs {}, over its budget of {}; the heaviest paths:\n{}",
@@ -555,7 +557,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             }
         }
         planned.push(pl);
-        sizes.push(FsSize { bytes: need });
+        sizes.push(FsSize {
+            bytes: need,
+            upper_bound,
+        });
     }
     let mut lay = layout::layout(&spec, &sizes, machine_id.as_ref()).map_err(|e| match e.spec {
         Some(i) => match &trees[i] {
@@ -627,12 +632,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 if let Some(b) = sp.budget {
                     if used > b {
                         bail!(
-                            "partition {} (line {}) is {}, over its budget of {}; the heaviest paths:\n{}",
+                            "partition {} (line {}) is {}, over its budget of {}; the heaviest paths by their share of it:\n{}",
                             part.label,
                             sp.at.line,
                             spec::human_size(used),
                             spec::human_size(b),
-                            crate::budget::report(t, 20)
+                            crate::budget::report_share(t, 20, used)
                         );
                     }
                 }
@@ -747,10 +752,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     if let Some(b) = spec.budget {
         if disk_size > b {
             bail!(
-                "the disk image is {}, over the image budget of {}; the heaviest paths:\n{}",
+                "the disk image is {}, over the image budget of {}; the heaviest paths by their share of the written filesystems:\n{}",
                 spec::human_size(disk_size),
                 spec::human_size(b),
-                crate::budget::report(&tree, 20)
+                crate::budget::report_share(&tree, 20, fs_sizes.values().sum())
             );
         }
     }

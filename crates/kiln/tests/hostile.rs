@@ -669,3 +669,54 @@ fn inspect_reports_damaged_unknown_and_special_files() {
     fs::write(&odd, b"fourteen bytes").unwrap();
     failed_with(&kiln(&["inspect", s(&odd)]), &["odd.bin", "unrecognised format"]);
 }
+
+// 12. Budgets compared the uncompressed estimate: a disk that built to 836 MiB failed
+// `budget = "900M"` as "2.0 GiB". They judge the written size, and list the heaviest paths
+// by their compressed share.
+#[test]
+fn budgets_judge_the_compressed_size() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("usr/share/doc")).unwrap();
+    // 12 MiB of text that LZ4 shrinks about tenfold.
+    let line = b"kiln bakes bootable images, reproducibly, without root; ";
+    let text: Vec<u8> = line.iter().copied().cycle().take(12 << 20).collect();
+    fs::write(src.join("usr/share/doc/manual.txt"), &text).unwrap();
+    fs::write(src.join("usr/share/doc/small"), b"x").unwrap();
+    let spec = |image_budget: &str| {
+        format!(
+            "[image]\nname = \"b\"\nversion = \"1\"\nbudget = \"{image_budget}\"\n[[partition]]\ntype = \"root\"\nfs = \"erofs\"\ncompression = \"lz4hc\"\nbudget = \"4M\"\n"
+        )
+    };
+    let build = |out: &str| {
+        Command::new(kiln_bin())
+            .args(["build", s(d.path()), "-o", s(&d.path().join(out)), "-q", "--source", s(&src)])
+            .output()
+            .unwrap()
+    };
+    fs::write(d.path().join("kiln.toml"), spec("8M")).unwrap();
+    let o = build("fits");
+    assert!(
+        o.status.success(),
+        "a disk of a few MiB fits 8M though its tree is 12 MiB: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let disk = fs::metadata(d.path().join("fits/b_1.img")).unwrap().len();
+    assert!(disk <= 8 << 20, "{disk}");
+
+    fs::write(d.path().join("kiln.toml"), spec("1M")).unwrap();
+    let e = failed_with(&build("over"), &["over the image budget of 1.0 MiB", "share"]);
+    let usr = e
+        .lines()
+        .find(|l| l.trim_end().ends_with("/usr/share/doc/manual.txt"))
+        .expect("heaviest path listed");
+    assert!(
+        !usr.contains("12.0 MiB"),
+        "listed by compressed share, not raw size: {usr}"
+    );
+    assert_eq!(
+        fs::read_dir(d.path().join("over")).map(|r| r.count()).unwrap_or(0),
+        0,
+        "nothing under a final name"
+    );
+}
