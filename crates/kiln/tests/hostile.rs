@@ -720,3 +720,70 @@ fn budgets_judge_the_compressed_size() {
         "nothing under a final name"
     );
 }
+
+/// Sends `head` and then `body` in small slow pieces (ignoring write errors: the server may
+/// answer early), then reads the whole answer.
+fn slow_post(addr: &str, head: &str, body_len: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    c.write_all(head.as_bytes())?;
+    let piece = vec![b'a'; 16 << 10];
+    let mut sent = 0;
+    while sent < body_len {
+        let n = piece.len().min(body_len - sent);
+        if c.write_all(&piece[..n]).is_err() {
+            break;
+        }
+        sent += n;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer)?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+// 14. An oversized upload reached the client as a reset: kiln serve answered 413 and closed
+// while the client was still sending, so the client often saw a broken connection.
+#[test]
+fn an_oversized_upload_gets_its_413_even_from_a_slow_sender() {
+    let fx = common::Fixture::new();
+    let srv = common::KilnServer::start(&fx.config(""));
+    let len = (common::CAPACITY as usize) * 4;
+    for (i, head) in [
+        format!(
+            "POST /os/demo HTTP/1.1\r\nHost: x\r\nContent-Type: text/html\r\nContent-Length: {len}\r\n\r\n"
+        ),
+        "POST /os/demo HTTP/1.1\r\nHost: x\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_string(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for round in 0..3 {
+            let answer = if i == 0 {
+                slow_post(&srv.addr, head, len)
+            } else {
+                // One chunk header announcing the whole body, then the bytes.
+                let h = format!("{head}{len:x}\r\n");
+                slow_post(&srv.addr, &h, len)
+            };
+            let answer = answer.unwrap_or_else(|e| panic!("round {round}: connection broke: {e}"));
+            assert!(
+                answer.starts_with("HTTP/1.1 413"),
+                "round {round}: {:?}",
+                answer.lines().next()
+            );
+            assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+            assert!(answer.contains("exceeds the limit"), "{answer}");
+        }
+    }
+    // The server still serves.
+    let ok = slow_post(
+        &srv.addr,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        0,
+    )
+    .unwrap();
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+}
