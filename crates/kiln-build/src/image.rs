@@ -1173,38 +1173,12 @@ fn copy_out(src: &File, off: u64, len: u64, dest: &Path) -> Result<(String, Atom
 /// `len` bytes from `src` at `off` to the start of `dst`: copy_file_range (reflinks where the
 /// filesystem can), falling back to read/write; zero blocks are left as holes either way.
 fn copy_file_range(src: &File, off: u64, dst: &File, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let mut done = 0u64;
-    while done < len {
-        let mut from = (off + done) as libc::loff_t;
-        let mut to = done as libc::loff_t;
-        let want = (len - done).min(1 << 30) as usize;
-        // SAFETY: both descriptors are open files we own; the offsets are plain integers.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut from,
-                dst.as_raw_fd(),
-                &mut to,
-                want,
-                0,
-            )
-        };
-        if n > 0 {
-            done += n as u64;
-            continue;
-        }
-        if n == 0 {
-            break; // end of the source: the rest is zeroes (set_len covers it)
-        }
-        let e = std::io::Error::last_os_error();
-        if !matches!(
-            e.raw_os_error(),
-            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-        ) {
-            return Err(e);
-        }
+    match kiln_os::copy_range(src, off, dst, 0, len)? {
+        // The end of the source: the rest is zeroes (set_len covers it).
+        kiln_os::Copied::All | kiln_os::Copied::Short(_) => {}
+        kiln_os::Copied::Unsupported => {
         // A filesystem pair without copy_file_range: copy the rest by hand.
         let mut buf = vec![0u8; 1 << 20];
         while done < len {
@@ -1217,6 +1191,7 @@ fn copy_file_range(src: &File, off: u64, dst: &File, len: u64) -> std::io::Resul
                 dst.write_all_at(&buf[..got], done)?;
             }
             done += got as u64;
+        }
         }
     }
     Ok(())

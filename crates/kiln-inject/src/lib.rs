@@ -15,6 +15,8 @@
 //! - [`chunks`]: per-chunk sha256 tables and chunked digests, composed in O(patched chunks);
 //! - [`output`]: writing a composed image in place, to a new file, or to a stream.
 
+#![forbid(unsafe_code)]
+
 pub mod bounds;
 pub mod chunks;
 pub mod compose;

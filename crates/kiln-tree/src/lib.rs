@@ -6,6 +6,8 @@
 //! an uncompressed tar file's by offset; a stream that cannot be read twice hands each file's
 //! bytes to the writer's [`Placer`] as they go by.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::path::{Path, PathBuf};
 
