@@ -5,7 +5,7 @@
 use std::mem::{offset_of, size_of};
 use std::os::fd::AsRawFd;
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 /// `struct dm_ioctl` (linux/dm-ioctl.h), in the kernel's native byte order: the header of
 /// every device-mapper ioctl buffer.

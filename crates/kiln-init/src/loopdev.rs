@@ -6,7 +6,7 @@ use std::mem::{offset_of, size_of};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 const LOOP_SET_FD: u64 = 0x4C00;
 const LOOP_SET_STATUS64: u64 = 0x4C04;
