@@ -466,7 +466,14 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     // from the UUID before verity replaces it).
     let provisional = layout::layout(
         &spec,
-        &vec![FsSize::exact(0); spec.partitions.len()],
+        // Provisional: no size is known yet, so no budget is judged on it.
+        &vec![
+            FsSize {
+                bytes: 0,
+                upper_bound: true,
+            };
+            spec.partitions.len()
+        ],
         machine_id.as_ref(),
     )
     .map_err(|e| anyhow!("{e}"))?;
