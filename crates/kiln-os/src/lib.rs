@@ -137,7 +137,7 @@ pub fn send_range(src: &File, out: std::os::fd::BorrowedFd<'_>, from: u64, to: u
 pub fn xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     use rustix::io::Errno;
     let names = loop {
-        let n = match rustix::fs::llistxattr(path, &mut [0u8; 0][..]) {
+        let n = match rustix::fs::llistxattr_query(path) {
             Ok(n) => n,
             Err(Errno::NOTSUP) => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),
@@ -160,7 +160,7 @@ pub fn xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let cname = std::ffi::CString::new(name)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "NUL in an xattr name"))?;
         let value = loop {
-            let n = rustix::fs::lgetxattr(path, cname.as_c_str(), &mut [0u8; 0][..])?;
+            let n = rustix::fs::lgetxattr_query(path, cname.as_c_str())?;
             let mut v = vec![0u8; n];
             if n == 0 {
                 break v;
