@@ -14,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let RangeReq::Single(first, last) = parse_range(h, len) {
-        assert!(first <= last && last < len, "{h:?} over {len}: {first}..={last}");
+        assert!(
+            first <= last && last < len,
+            "{h:?} over {len}: {first}..={last}"
+        );
     }
 });

@@ -1186,19 +1186,19 @@ fn copy_file_range(src: &File, off: u64, dst: &File, len: u64) -> std::io::Resul
         // The end of the source: the rest is zeroes (set_len covers it).
         kiln_os::Copied::All | kiln_os::Copied::Short(_) => {}
         kiln_os::Copied::Unsupported => {
-        // A filesystem pair without copy_file_range: copy the rest by hand.
-        let mut buf = vec![0u8; 1 << 20];
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            let got = read_full_at(src, &mut buf[..n], off + done)?;
-            if got == 0 {
-                break;
+            // A filesystem pair without copy_file_range: copy the rest by hand.
+            let mut buf = vec![0u8; 1 << 20];
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                let got = read_full_at(src, &mut buf[..n], off + done)?;
+                if got == 0 {
+                    break;
+                }
+                if buf[..got].iter().any(|&b| b != 0) {
+                    dst.write_all_at(&buf[..got], done)?;
+                }
+                done += got as u64;
             }
-            if buf[..got].iter().any(|&b| b != 0) {
-                dst.write_all_at(&buf[..got], done)?;
-            }
-            done += got as u64;
-        }
         }
     }
     Ok(())

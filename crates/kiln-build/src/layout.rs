@@ -440,11 +440,7 @@ size = "32M"
         let mid = [7u8; 16];
         let l = layout(
             &s,
-            &[
-                FsSize::exact(0),
-                FsSize::exact(1 << 20),
-                FsSize::exact(0),
-            ],
+            &[FsSize::exact(0), FsSize::exact(1 << 20), FsSize::exact(0)],
             Some(&mid),
         )
         .unwrap();
@@ -457,11 +453,7 @@ size = "32M"
         let s = spec(AB);
         let e = layout(
             &s,
-            &[
-                FsSize::exact(65 << 20),
-                FsSize::exact(1),
-                FsSize::exact(0),
-            ],
+            &[FsSize::exact(65 << 20), FsSize::exact(1), FsSize::exact(0)],
             None,
         )
         .unwrap_err();
@@ -469,11 +461,7 @@ size = "32M"
         let s = spec(&AB.replace("version = \"1.0\"", "version = \"1.0\"\nbudget = \"100M\""));
         let e = layout(
             &s,
-            &[
-                FsSize::exact(0),
-                FsSize::exact(200 << 20),
-                FsSize::exact(0),
-            ],
+            &[FsSize::exact(0), FsSize::exact(200 << 20), FsSize::exact(0)],
             None,
         )
         .unwrap_err();

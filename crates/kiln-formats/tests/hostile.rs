@@ -5,9 +5,7 @@
 
 use kiln_formats::erofs;
 use kiln_formats::ext4;
-use kiln_formats::fstree::{
-    DataRef, FileData, HostContents, Meta, Node, NodeKind, Segment, Tree,
-};
+use kiln_formats::fstree::{DataRef, FileData, HostContents, Meta, Node, NodeKind, Segment, Tree};
 use kiln_formats::sink::MemSink;
 
 fn file(data: &[u8]) -> Node {
@@ -90,10 +88,13 @@ fn files_past_a_format_limit_are_refused_before_writing() {
             .unwrap_or_else(|| panic!("EROFS accepted a {size}-byte file"))
             .to_string();
         assert!(e.contains("/dir/huge") && e.contains("limit"), "{e}");
-        let o = ext4::Options::from_seed(None, ext4::Size::Minimize {
-            extra_bytes: 0,
-            extra_inodes: 0,
-        });
+        let o = ext4::Options::from_seed(
+            None,
+            ext4::Size::Minimize {
+                extra_bytes: 0,
+                extra_inodes: 0,
+            },
+        );
         let e = ext4::plan(&t, &o)
             .err()
             .unwrap_or_else(|| panic!("ext4 accepted a {size}-byte file"))
@@ -104,9 +105,12 @@ fn files_past_a_format_limit_are_refused_before_writing() {
     let mut t = Tree::default();
     t.insert(b"/edge", sparse(ext4::MAX_FILE_SIZE), &Meta::default())
         .unwrap();
-    let o = ext4::Options::from_seed(None, ext4::Size::Minimize {
-        extra_bytes: 0,
-        extra_inodes: 0,
-    });
+    let o = ext4::Options::from_seed(
+        None,
+        ext4::Size::Minimize {
+            extra_bytes: 0,
+            extra_inodes: 0,
+        },
+    );
     ext4::plan(&t, &o).unwrap();
 }

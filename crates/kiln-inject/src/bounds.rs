@@ -55,8 +55,7 @@ impl ImageBounds {
                 .collect()
         });
         let mut magic = [0u8; 8];
-        let table_area = (base.read_at(TABLE_OFFSET, &mut magic).ok() == Some(8)
-            && magic == MAGIC)
+        let table_area = (base.read_at(TABLE_OFFSET, &mut magic).ok() == Some(8) && magic == MAGIC)
             .then_some(TABLE_OFFSET..TABLE_OFFSET + TABLE_MAX as u64);
         Self {
             partitions,
@@ -66,12 +65,7 @@ impl ImageBounds {
 
     /// Checks the bytes `slot` would patch: its data ranges and `metadata` (offset, length)
     /// pairs. `table` gives the other slots' data.
-    pub fn check(
-        &self,
-        table: &SlotTable,
-        slot: &Slot,
-        metadata: &[(u64, u64)],
-    ) -> Result<()> {
+    pub fn check(&self, table: &SlotTable, slot: &Slot, metadata: &[(u64, u64)]) -> Result<()> {
         let bad = |msg: String| Err(Error::InvalidTable(format!("slot {:?}: {msg}", slot.name)));
         let spans: Vec<(Range<u64>, &str)> = slot
             .data

@@ -157,11 +157,7 @@ fn copy_range_user(src: &File, dst: &File, from: u64, to: u64) -> io::Result<()>
 
 /// Streams base + plan to `out` (any descriptor: pipe, socket, file, /dev/null). Base bytes
 /// move with `sendfile` where the kernel supports it for `out`, else with read/write.
-pub fn write_stream<W: Write + AsFd>(
-    base: &File,
-    plan: &PatchPlan,
-    out: &mut W,
-) -> io::Result<()> {
+pub fn write_stream<W: Write + AsFd>(base: &File, plan: &PatchPlan, out: &mut W) -> io::Result<()> {
     let mut kernel = true;
     let mut buf: Vec<u8> = Vec::new();
     for seg in plan.segments(0..plan.image_len()) {

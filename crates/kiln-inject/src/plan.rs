@@ -70,10 +70,7 @@ pub fn plan_injection(
         }
         regions.extend(data_regions(slot, &p.data));
         let patches = metadata_patches(slot, &overlay, len)?;
-        let spans: Vec<(u64, u64)> = patches
-            .iter()
-            .map(|(o, b)| (*o, b.len() as u64))
-            .collect();
+        let spans: Vec<(u64, u64)> = patches.iter().map(|(o, b)| (*o, b.len() as u64)).collect();
         bounds.check(table, slot, &spans)?;
         for (offset, bytes) in patches {
             overlay.add(offset, &bytes);

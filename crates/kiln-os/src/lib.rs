@@ -35,7 +35,13 @@ pub enum Copied {
 
 /// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off` with `copy_file_range`
 /// (which shares extents where the filesystem can), in chunks of at most 1 GiB.
-pub fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> io::Result<Copied> {
+pub fn copy_range(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: u64,
+) -> io::Result<Copied> {
     let mut done = 0u64;
     while done < len {
         let mut from = src_off + done;
@@ -107,7 +113,12 @@ pub enum Sent {
 }
 
 /// Sends bytes `from..to` of `src` to `out` with `sendfile`.
-pub fn send_range(src: &File, out: std::os::fd::BorrowedFd<'_>, from: u64, to: u64) -> io::Result<Sent> {
+pub fn send_range(
+    src: &File,
+    out: std::os::fd::BorrowedFd<'_>,
+    from: u64,
+    to: u64,
+) -> io::Result<Sent> {
     use rustix::io::Errno;
     let mut off = from;
     while off < to {
@@ -216,15 +227,28 @@ mod tests {
     fn runs_copies_and_reflinks() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("sparse");
-        let f = File::options().read(true).write(true).create(true).open(&p).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .open(&p)
+            .unwrap();
         f.write_all_at(b"head", 0).unwrap();
         f.write_all_at(b"tail", 1 << 20).unwrap();
         let runs = data_runs(&f, (1 << 20) + 4).unwrap();
         assert_eq!(runs.first().map(|r| r.0), Some(0));
         assert!(runs.iter().map(|r| r.1).sum::<u64>() >= 8);
         let q = d.path().join("copy");
-        let g = File::options().read(true).write(true).create(true).open(&q).unwrap();
-        assert!(matches!(copy_range(&f, 0, &g, 0, 4).unwrap(), Copied::All | Copied::Unsupported));
+        let g = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .open(&q)
+            .unwrap();
+        assert!(matches!(
+            copy_range(&f, 0, &g, 0, 4).unwrap(),
+            Copied::All | Copied::Unsupported
+        ));
         let mut b = [0u8; 4];
         if g.metadata().unwrap().len() == 4 {
             g.read_exact_at(&mut b, 0).unwrap();

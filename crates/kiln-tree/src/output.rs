@@ -67,7 +67,7 @@ impl AtomicFile {
                         file: Some(file),
                         tmp,
                         dest: dest.to_path_buf(),
-                    })
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", tmp.display()))),

@@ -4,9 +4,9 @@
 //! tree must be known before any output can be laid out (a disk image, an SBOM scan), as
 //! opposed to `kiln mkfs`, whose writers place stream data straight into the image.
 
+use kiln_formats::fstree::{DataRef, FileData, NodeKind, Placer, Tree};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use kiln_formats::fstree::{DataRef, FileData, NodeKind, Placer, Tree};
 
 use crate::tar::TarContents;
 

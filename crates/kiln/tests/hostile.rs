@@ -21,7 +21,10 @@ fn failed_with(o: &Output, want: &[&str]) -> String {
     for w in want {
         assert!(err.contains(w), "{err:?} does not mention {w:?}");
     }
-    assert!(!err.contains("panicked"), "a panic is not an error message: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "a panic is not an error message: {err}"
+    );
     err
 }
 
@@ -54,7 +57,11 @@ fn compress(tool: &str, args: &[&str], from: &Path, to: &Path) {
         .stdin(fs::File::open(from).unwrap())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{tool}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{tool}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     fs::write(to, out.stdout).unwrap();
 }
 
@@ -68,7 +75,14 @@ fn build_from_compressed_tars_and_stdin_gives_the_plain_tar_image() {
     let spec = example("hello");
     let build = |source: &Path, stdin: Option<&Path>, out: &str| -> String {
         let mut c = Command::new(kiln_bin());
-        c.args(["build", s(&spec), "-o", s(&d.path().join(out)), "-q", "--source"]);
+        c.args([
+            "build",
+            s(&spec),
+            "-o",
+            s(&d.path().join(out)),
+            "-q",
+            "--source",
+        ]);
         match stdin {
             Some(f) => {
                 c.arg("-").stdin(fs::File::open(f).unwrap());
@@ -127,9 +141,7 @@ fn corrupt_or_trailing_compressed_streams_are_refused() {
     let (gz, at) = stored_gzip_tar(d.path());
     let out = d.path().join("out");
     fs::create_dir_all(&out).unwrap();
-    let mkfs = |input: &Path| {
-        kiln(&["mkfs", "ext4", s(input), "-o", s(&out.join("x.img"))])
-    };
+    let mkfs = |input: &Path| kiln(&["mkfs", "ext4", s(input), "-o", s(&out.join("x.img"))]);
     // The intact stream works.
     let good = d.path().join("good.tar.gz");
     fs::write(&good, &gz).unwrap();
@@ -164,7 +176,11 @@ fn corrupt_or_trailing_compressed_streams_are_refused() {
     let zf = d.path().join("flipped.tar.zst");
     fs::write(&zf, &zs).unwrap();
     failed_with(&mkfs(&zf), &["flipped.tar.zst", "zstd"]);
-    assert_eq!(entries(&out), Vec::<String>::new(), "no output, no temp file");
+    assert_eq!(
+        entries(&out),
+        Vec::<String>::new(),
+        "no output, no temp file"
+    );
 }
 
 /// Runs kiln with a deadline: returns its output and peak RSS in KiB (from `/usr/bin/time`),
@@ -214,9 +230,29 @@ fn an_endless_payload_stops_at_capacity_plus_one() {
     let out = d.path().join("out.img");
     let zero_digest = format!("sha256:{}", "0".repeat(64));
     for args in [
-        vec!["inject", s(&base), "--slot", "piece=/dev/zero", "-o", s(&out)],
-        vec!["inject", s(&base), "--slot", "piece=/dev/zero", "--in-place"],
-        vec!["verify", s(&base), "--slot", "piece=/dev/zero", "--digest", &zero_digest],
+        vec![
+            "inject",
+            s(&base),
+            "--slot",
+            "piece=/dev/zero",
+            "-o",
+            s(&out),
+        ],
+        vec![
+            "inject",
+            s(&base),
+            "--slot",
+            "piece=/dev/zero",
+            "--in-place",
+        ],
+        vec![
+            "verify",
+            s(&base),
+            "--slot",
+            "piece=/dev/zero",
+            "--digest",
+            &zero_digest,
+        ],
     ] {
         let (o, kib) = bounded(&args, 20);
         failed_with(&o, &["piece", "capacity of 300000 bytes"]);
@@ -255,7 +291,12 @@ fn raw_table(len: u64, offset: u64, size_field: Option<u64>) -> SlotTable {
             data: vec![ByteRange { offset, len: 4096 }],
             meta: SlotMeta::Raw(RawMeta {
                 size_fields: size_field
-                    .map(|o| vec![SizeField { offset: o, width: 4 }])
+                    .map(|o| {
+                        vec![SizeField {
+                            offset: o,
+                            width: 4,
+                        }]
+                    })
                     .unwrap_or_default(),
             }),
             default: PayloadInfo::of(b""),
@@ -276,9 +317,9 @@ fn slot_tables_cannot_point_at_gpt_structures_or_the_table() {
     let payload = d.path().join("p.html");
     fs::write(&payload, b"<p>x</p>").unwrap();
     let cases = [
-        (0u64, None, "outside every GPT partition"),        // protective MBR, primary header
-        (1024, None, "outside every GPT partition"),        // primary entry array
-        (len - 4096, None, "outside every GPT partition"),  // backup entries and header
+        (0u64, None, "outside every GPT partition"), // protective MBR, primary header
+        (1024, None, "outside every GPT partition"), // primary entry array
+        (len - 4096, None, "outside every GPT partition"), // backup entries and header
         (2 << 20, Some(512u64), "outside every GPT partition"), // size field on the header
     ];
     for (i, (offset, field, want)) in cases.into_iter().enumerate() {
@@ -287,11 +328,28 @@ fn slot_tables_cannot_point_at_gpt_structures_or_the_table() {
         let out = d.path().join(format!("out{i}.img"));
         let piece = format!("piece={}", s(&payload));
         failed_with(
-            &kiln(&["inject", s(&disk), "--table", s(&t), "--slot", &piece, "-o", s(&out)]),
+            &kiln(&[
+                "inject",
+                s(&disk),
+                "--table",
+                s(&t),
+                "--slot",
+                &piece,
+                "-o",
+                s(&out),
+            ]),
             &["piece", want],
         );
         failed_with(
-            &kiln(&["inject", s(&disk), "--table", s(&t), "--slot", &piece, "--in-place"]),
+            &kiln(&[
+                "inject",
+                s(&disk),
+                "--table",
+                s(&t),
+                "--slot",
+                &piece,
+                "--in-place",
+            ]),
             &["piece", want],
         );
         assert!(!out.exists());
@@ -299,20 +357,49 @@ fn slot_tables_cannot_point_at_gpt_structures_or_the_table() {
     }
     // Inside the partition it works (the check is not a blanket refusal).
     let t = d.path().join("good.json");
-    fs::write(&t, raw_table(len, 2 << 20, Some((2 << 20) + 8192)).to_sidecar_json().unwrap())
-        .unwrap();
+    fs::write(
+        &t,
+        raw_table(len, 2 << 20, Some((2 << 20) + 8192))
+            .to_sidecar_json()
+            .unwrap(),
+    )
+    .unwrap();
     let out = d.path().join("good.img");
-    ok(&["inject", s(&disk), "--table", s(&t), "--slot", &format!("piece={}", s(&payload)), "-o", s(&out)]);
-    assert_eq!(&fs::read(&out).unwrap()[2 << 20..(2 << 20) + 8], b"<p>x</p>");
+    ok(&[
+        "inject",
+        s(&disk),
+        "--table",
+        s(&t),
+        "--slot",
+        &format!("piece={}", s(&payload)),
+        "-o",
+        s(&out),
+    ]);
+    assert_eq!(
+        &fs::read(&out).unwrap()[2 << 20..(2 << 20) + 8],
+        b"<p>x</p>"
+    );
 
     // Without a GPT, the in-image slot table area is off limits.
     let raw = d.path().join("raw.img");
     common::write_base(&raw, 4 << 20, 1 << 20, 300_000);
     let raw_before = sha(&raw);
     let t = d.path().join("over-table.json");
-    fs::write(&t, raw_table(4 << 20, 24576, None).to_sidecar_json().unwrap()).unwrap();
+    fs::write(
+        &t,
+        raw_table(4 << 20, 24576, None).to_sidecar_json().unwrap(),
+    )
+    .unwrap();
     failed_with(
-        &kiln(&["inject", s(&raw), "--table", s(&t), "--slot", &format!("piece={}", s(&payload)), "--in-place"]),
+        &kiln(&[
+            "inject",
+            s(&raw),
+            "--table",
+            s(&t),
+            "--slot",
+            &format!("piece={}", s(&payload)),
+            "--in-place",
+        ]),
         &["overlaps the slot table"],
     );
     assert_eq!(sha(&raw), raw_before);
@@ -341,11 +428,21 @@ fn mkfs_refuses_its_own_input_and_outputs_create_missing_directories() {
     }
     let mut names = entries(d.path());
     names.sort();
-    assert_eq!(names, ["hard.tar", "link.tar", "root.tar"], "no temp file left");
+    assert_eq!(
+        names,
+        ["hard.tar", "link.tar", "root.tar"],
+        "no temp file left"
+    );
 
     let nested = d.path().join("a/b/c.img");
     ok(&["mkfs", "ext4", s(&tar), "-o", s(&nested)]);
-    ok(&["mkfs", "erofs", s(&tar), "-o", s(&d.path().join("e/f/g.img"))]);
+    ok(&[
+        "mkfs",
+        "erofs",
+        s(&tar),
+        "-o",
+        s(&d.path().join("e/f/g.img")),
+    ]);
     let base = d.path().join("base.img");
     common::write_base(&base, 4 << 20, 1 << 20, 300_000);
     let payload = d.path().join("p");
@@ -405,7 +502,9 @@ fn a_signal_removes_the_unfinished_output() {
             .spawn()
             .unwrap();
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3]).unwrap();
+        stdin
+            .write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3])
+            .unwrap();
         let start = std::time::Instant::now();
         while entries(d.path()).is_empty() {
             assert!(start.elapsed().as_secs() < 20, "no temp file appeared");
@@ -538,7 +637,12 @@ fn pull_bounds_manifests_and_zstd_layers() {
     );
     let out = d.path().join("o");
     let (o, kib) = bounded(
-        &["pull", &format!("oci://127.0.0.1:{port}/big:1"), "-o", s(&out)],
+        &[
+            "pull",
+            &format!("oci://127.0.0.1:{port}/big:1"),
+            "-o",
+            s(&out),
+        ],
         60,
     );
     failed_with(&o, &["manifest", "larger than 4194304 bytes"]);
@@ -571,7 +675,12 @@ fn pull_bounds_manifests_and_zstd_layers() {
     );
     let out = d.path().join("bomb");
     let (o, _) = bounded(
-        &["pull", &format!("oci://127.0.0.1:{port}/bomb:1"), "-o", s(&out)],
+        &[
+            "pull",
+            &format!("oci://127.0.0.1:{port}/bomb:1"),
+            "-o",
+            s(&out),
+        ],
         60,
     );
     failed_with(&o, &["bomb.bin", "more than 1048576 bytes"]);
@@ -591,7 +700,10 @@ fn pull_never_writes_through_links_and_cleans_up_after_a_size_mismatch() {
     let port = fake_registry(
         vec![
             ("/v2/a/manifests/1".into(), Answer::Body(MT_MANIFEST, m)),
-            (bdig.clone(), Answer::Body("application/octet-stream", blob.clone())),
+            (
+                bdig.clone(),
+                Answer::Body("application/octet-stream", blob.clone()),
+            ),
         ],
         16,
     );
@@ -599,8 +711,15 @@ fn pull_never_writes_through_links_and_cleans_up_after_a_size_mismatch() {
     fs::create_dir(&out).unwrap();
     std::os::unix::fs::symlink(&outside, out.join("sub")).unwrap();
     let r = format!("oci://127.0.0.1:{port}/a:1");
-    failed_with(&kiln(&["pull", &r, "-o", s(&out)]), &["sub", "symbolic link"]);
-    assert_eq!(entries(&outside), Vec::<String>::new(), "nothing written outside");
+    failed_with(
+        &kiln(&["pull", &r, "-o", s(&out)]),
+        &["sub", "symbolic link"],
+    );
+    assert_eq!(
+        entries(&outside),
+        Vec::<String>::new(),
+        "nothing written outside"
+    );
 
     // The partial file's name is a link to a file outside.
     fs::remove_file(out.join("sub")).unwrap();
@@ -631,13 +750,21 @@ fn pull_never_writes_through_links_and_cleans_up_after_a_size_mismatch() {
                 "/v2/b/manifests/1".into(),
                 Answer::Body(MT_MANIFEST, serde_json::to_vec(&m).unwrap()),
             ),
-            (format!("/v2/b/blobs/{dig}"), Answer::Body("application/octet-stream", long)),
+            (
+                format!("/v2/b/blobs/{dig}"),
+                Answer::Body("application/octet-stream", long),
+            ),
         ],
         8,
     );
     let out = d.path().join("mismatch");
     failed_with(
-        &kiln(&["pull", &format!("oci://127.0.0.1:{port}/b:1"), "-o", s(&out)]),
+        &kiln(&[
+            "pull",
+            &format!("oci://127.0.0.1:{port}/b:1"),
+            "-o",
+            s(&out),
+        ]),
         &["size"],
     );
     assert_eq!(entries(&out), Vec::<String>::new(), "no partial file left");
@@ -668,7 +795,10 @@ fn inspect_reports_damaged_unknown_and_special_files() {
 
     let odd = d.path().join("odd.bin");
     fs::write(&odd, b"fourteen bytes").unwrap();
-    failed_with(&kiln(&["inspect", s(&odd)]), &["odd.bin", "unrecognised format"]);
+    failed_with(
+        &kiln(&["inspect", s(&odd)]),
+        &["odd.bin", "unrecognised format"],
+    );
 }
 
 // 12. Budgets compared the uncompressed estimate: a disk that built to 836 MiB failed
@@ -691,7 +821,15 @@ fn budgets_judge_the_compressed_size() {
     };
     let build = |out: &str| {
         Command::new(kiln_bin())
-            .args(["build", s(d.path()), "-o", s(&d.path().join(out)), "-q", "--source", s(&src)])
+            .args([
+                "build",
+                s(d.path()),
+                "-o",
+                s(&d.path().join(out)),
+                "-q",
+                "--source",
+                s(&src),
+            ])
             .output()
             .unwrap()
     };
@@ -706,7 +844,10 @@ fn budgets_judge_the_compressed_size() {
     assert!(disk <= 8 << 20, "{disk}");
 
     fs::write(d.path().join("kiln.toml"), spec("1M")).unwrap();
-    let e = failed_with(&build("over"), &["over the image budget of 1.0 MiB", "share"]);
+    let e = failed_with(
+        &build("over"),
+        &["over the image budget of 1.0 MiB", "share"],
+    );
     let usr = e
         .lines()
         .find(|l| l.trim_end().ends_with("/usr/share/doc/manual.txt"))
@@ -716,7 +857,9 @@ fn budgets_judge_the_compressed_size() {
         "listed by compressed share, not raw size: {usr}"
     );
     assert_eq!(
-        fs::read_dir(d.path().join("over")).map(|r| r.count()).unwrap_or(0),
+        fs::read_dir(d.path().join("over"))
+            .map(|r| r.count())
+            .unwrap_or(0),
         0,
         "nothing under a final name"
     );

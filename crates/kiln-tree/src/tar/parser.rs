@@ -784,7 +784,9 @@ impl<'t, B: Backend> Parser<'t, B> {
             let at = self.pos;
             let n = self.fill(&mut buf[..want]).map_err(|e| Error::Archive {
                 offset: at,
-                msg: format!("reading to the end of the stream after the end-of-archive marker: {e}"),
+                msg: format!(
+                    "reading to the end of the stream after the end-of-archive marker: {e}"
+                ),
             })?;
             if n == 0 {
                 return Ok(());
