@@ -194,6 +194,12 @@ fn bounded(args: &[&str], secs: u64) -> (Output, u64) {
         .arg("%M")
         .arg("-o")
         .arg(&rss)
+        // timeout(1) ends kiln itself (killing `time` would leave it running); time(1)
+        // reports the peak RSS of the whole reaped process tree.
+        .arg("timeout")
+        .arg("-s")
+        .arg("KILL")
+        .arg(secs.to_string())
         .arg(kiln_bin())
         .args(args)
         .stdout(std::process::Stdio::piped())
