@@ -5,7 +5,8 @@ use kiln_formats::fat::FatReader;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(r) = FatReader::open(data) else {
+    let read = |off: u64, buf: &mut [u8]| kiln_formats::io::ReadAt::read_at(data, off, buf);
+    let Ok(r) = FatReader::open(read) else {
         return;
     };
     if let Ok(all) = r.walk() {

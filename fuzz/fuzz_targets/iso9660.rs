@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(img) = IsoImage::open(&data, len) else {
         return;
     };
-    for kind in [TreeKind::Iso9660, TreeKind::Joliet] {
+    for kind in [TreeKind::Primary, TreeKind::Joliet] {
         if let Ok(entries) = img.entries(&data, kind) {
             for e in entries.iter().take(64) {
                 let _ = img.read_file(&data, e);
