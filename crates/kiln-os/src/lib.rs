@@ -231,6 +231,7 @@ mod tests {
             .read(true)
             .write(true)
             .create(true)
+            .truncate(true)
             .open(&p)
             .unwrap();
         f.write_all_at(b"head", 0).unwrap();
@@ -243,6 +244,7 @@ mod tests {
             .read(true)
             .write(true)
             .create(true)
+            .truncate(true)
             .open(&q)
             .unwrap();
         assert!(matches!(

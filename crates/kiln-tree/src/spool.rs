@@ -84,7 +84,7 @@ impl Placer for Spool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use kiln_formats::fstree::{Contents, Meta, Node, Segment};
+    use kiln_formats::fstree::{Meta, Node, Segment};
 
     fn file_node(fd: FileData) -> Node {
         Node {

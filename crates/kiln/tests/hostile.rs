@@ -598,8 +598,11 @@ fn sha256_hex(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
-/// A manifest with one layer: (title, media type, blob, extra annotations).
-fn manifest(layers: &[(&str, &str, &[u8], &[(&str, String)])]) -> Vec<u8> {
+/// One layer of a test manifest: title, media type, blob, extra annotations.
+type Layer<'a> = (&'a str, &'a str, &'a [u8], &'a [(&'a str, String)]);
+
+/// A manifest with these layers.
+fn manifest(layers: &[Layer<'_>]) -> Vec<u8> {
     let layers: Vec<serde_json::Value> = layers
         .iter()
         .map(|(title, mt, blob, extra)| {
