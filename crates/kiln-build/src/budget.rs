@@ -71,6 +71,24 @@ pub fn report(tree: &Tree, n: usize) -> String {
         .collect()
 }
 
+/// Like [`report`], for a filesystem that was written and took `written` bytes: each path's
+/// weight is scaled by `written / total`, its share of what was written. For a compressed
+/// filesystem this ranks and sizes paths by their compressed share instead of their raw bytes
+/// (a per-partition average: kiln does not attribute compressed clusters to single files).
+pub fn report_share(tree: &Tree, n: usize, written: u64) -> String {
+    let all = total(tree, ROOT).max(1);
+    let share = |w: u64| (u128::from(w) * u128::from(written) / u128::from(all)) as u64;
+    let mut o = format!(
+        "  (shares of the {} written; the tree holds {} uncompressed)\n",
+        human_size(written),
+        human_size(all)
+    );
+    for (p, w) in heaviest(tree, ROOT, n) {
+        o += &format!("  {:>10}  {p}\n", human_size(share(w)));
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +116,10 @@ mod tests {
         assert!(h[0].1 > h[2].1);
         assert_eq!(h[2].1, 102400);
         assert!(report(&t, 20).contains("/etc/conf"));
+        // Written at a quarter of its weight: every share is a quarter.
+        let all = total(&t, ROOT);
+        let r = report_share(&t, 3, all / 4);
+        let usr = r.lines().find(|l| l.ends_with("/usr")).unwrap();
+        assert!(usr.contains(&human_size(h[0].1 / 4)), "{r}");
     }
 }

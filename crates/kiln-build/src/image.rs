@@ -466,7 +466,14 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     // from the UUID before verity replaces it).
     let provisional = layout::layout(
         &spec,
-        &vec![FsSize { bytes: 0 }; spec.partitions.len()],
+        // Provisional: no size is known yet, so no budget is judged on it.
+        &vec![
+            FsSize {
+                bytes: 0,
+                upper_bound: true,
+            };
+            spec.partitions.len()
+        ],
         machine_id.as_ref(),
     )
     .map_err(|e| anyhow!("{e}"))?;
@@ -485,6 +492,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             .label
             .clone()
             .unwrap_or_else(|| repart::label(&p.type_name, 0));
+        let mut upper_bound = false;
         let (pl, need) = match (p.fs, t) {
             (FsKind::None, _) | (_, None) => (Planned::None, 0),
             (FsKind::Ext4, Some(t)) => {
@@ -521,6 +529,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 };
                 let plan = erofs::plan(t, &o).map_err(|e| part_error(p, &e.to_string(), t))?;
                 let need = plan.size().bytes;
+                upper_bound = !plan.size().exact;
                 (Planned::Erofs(plan), need)
             }
             (FsKind::Vfat, Some(t)) => {
@@ -542,7 +551,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 (Planned::Fat(o), size)
             }
         };
-        if let (Some(b), Some(t)) = (p.budget, t) {
+        if let (Some(b), Some(t), false) = (p.budget, t, upper_bound) {
             if need > b {
                 bail!(
                     "partition {} (line {}) needs {}, over its budget of {}; the heaviest paths:\n{}",
@@ -555,7 +564,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             }
         }
         planned.push(pl);
-        sizes.push(FsSize { bytes: need });
+        sizes.push(FsSize {
+            bytes: need,
+            upper_bound,
+        });
     }
     let mut lay = layout::layout(&spec, &sizes, machine_id.as_ref()).map_err(|e| match e.spec {
         Some(i) => match &trees[i] {
@@ -629,12 +641,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 if let Some(b) = sp.budget {
                     if used > b {
                         bail!(
-                            "partition {} (line {}) is {}, over its budget of {}; the heaviest paths:\n{}",
+                            "partition {} (line {}) is {}, over its budget of {}; the heaviest paths by their share of it:\n{}",
                             part.label,
                             sp.at.line,
                             spec::human_size(used),
                             spec::human_size(b),
-                            crate::budget::report(t, 20)
+                            crate::budget::report_share(t, 20, used)
                         );
                     }
                 }
@@ -754,10 +766,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     if let Some(b) = spec.budget {
         if disk_size > b {
             bail!(
-                "the disk image is {}, over the image budget of {}; the heaviest paths:\n{}",
+                "the disk image is {}, over the image budget of {}; the heaviest paths by their share of the written filesystems:\n{}",
                 spec::human_size(disk_size),
                 spec::human_size(b),
-                crate::budget::report(&tree, 20)
+                crate::budget::report_share(&tree, 20, fs_sizes.values().sum())
             );
         }
     }
@@ -1176,50 +1188,25 @@ fn copy_out(src: &File, off: u64, len: u64, dest: &Path) -> Result<(String, Atom
 /// `len` bytes from `src` at `off` to the start of `dst`: copy_file_range (reflinks where the
 /// filesystem can), falling back to read/write; zero blocks are left as holes either way.
 fn copy_file_range(src: &File, off: u64, dst: &File, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let mut done = 0u64;
-    while done < len {
-        let mut from = (off + done) as libc::loff_t;
-        let mut to = done as libc::loff_t;
-        let want = (len - done).min(1 << 30) as usize;
-        // SAFETY: both descriptors are open files we own; the offsets are plain integers.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut from,
-                dst.as_raw_fd(),
-                &mut to,
-                want,
-                0,
-            )
-        };
-        if n > 0 {
-            done += n as u64;
-            continue;
-        }
-        if n == 0 {
-            break; // end of the source: the rest is zeroes (set_len covers it)
-        }
-        let e = std::io::Error::last_os_error();
-        if !matches!(
-            e.raw_os_error(),
-            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-        ) {
-            return Err(e);
-        }
-        // A filesystem pair without copy_file_range: copy the rest by hand.
-        let mut buf = vec![0u8; 1 << 20];
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            let got = read_full_at(src, &mut buf[..n], off + done)?;
-            if got == 0 {
-                break;
+    match kiln_os::copy_range(src, off, dst, 0, len)? {
+        // The end of the source: the rest is zeroes (set_len covers it).
+        kiln_os::Copied::All | kiln_os::Copied::Short(_) => {}
+        kiln_os::Copied::Unsupported => {
+            // A filesystem pair without copy_file_range: copy the rest by hand.
+            let mut buf = vec![0u8; 1 << 20];
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                let got = read_full_at(src, &mut buf[..n], off + done)?;
+                if got == 0 {
+                    break;
+                }
+                if buf[..got].iter().any(|&b| b != 0) {
+                    dst.write_all_at(&buf[..got], done)?;
+                }
+                done += got as u64;
             }
-            if buf[..got].iter().any(|&b| b != 0) {
-                dst.write_all_at(&buf[..got], done)?;
-            }
-            done += got as u64;
         }
     }
     Ok(())

@@ -63,6 +63,9 @@ pub struct Inspection {
     /// Why the primary GPT was not used, if the backup was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpt_warning: Option<String>,
+    /// Why neither GPT header could be used, on a disk that says it has a GPT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpt_error: Option<String>,
     /// GPT partitions.
     pub partitions: Vec<PartInfo>,
     /// What the image itself is when it is not (only) a partitioned disk.
@@ -199,6 +202,9 @@ pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
 
 /// Inspects the image at `path`.
 pub fn inspect(path: &Path) -> Result<Inspection> {
+    // Checked before opening: opening a FIFO blocks until a writer appears.
+    let md = std::fs::metadata(path).with_context(|| format!("inspecting {}", path.display()))?;
+    kiln_inject::source::image_kind(&md, path)?;
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = {
         use std::io::{Seek, SeekFrom};
@@ -210,6 +216,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         size,
         disk_uuid: None,
         gpt_warning: None,
+        gpt_error: None,
         partitions: Vec::new(),
         filesystem: None,
         iso: None,
@@ -241,8 +248,12 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 });
             }
         }
-        Err(_) => {
-            // Not a GPT disk: maybe a bare filesystem.
+        Err(e) => {
+            // Not a GPT disk: maybe a bare filesystem. But a disk whose protective MBR or
+            // either header says GPT, with both copies unusable, is a damaged disk.
+            if claims_gpt(&f, size) {
+                ins.gpt_error = Some(e.to_string());
+            }
             ins.filesystem = detect(&f, 0, size);
         }
     }
@@ -279,6 +290,35 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         }
     }
     Ok(ins)
+}
+
+/// True when the image says it has a GPT: a protective MBR entry (type 0xEE, UEFI 2.10
+/// §5.2.3) or the `EFI PART` signature at LBA 1 or at the last LBA.
+fn claims_gpt(f: &File, size: u64) -> bool {
+    let mut mbr = [0u8; 512];
+    if f.read_exact_at(&mut mbr, 0).is_ok()
+        && mbr[510..512] == [0x55, 0xAA]
+        && (0..4).any(|i| mbr[446 + 16 * i + 4] == 0xEE)
+    {
+        return true;
+    }
+    let mut sig = [0u8; 8];
+    [512, size.saturating_sub(512) & !511]
+        .into_iter()
+        .filter(|&o| o > 0)
+        .any(|o| f.read_exact_at(&mut sig, o).is_ok() && &sig == b"EFI PART")
+}
+
+impl Inspection {
+    /// True when nothing in the image was recognised.
+    pub fn recognised(&self) -> bool {
+        self.disk_uuid.is_some()
+            || self.gpt_error.is_some()
+            || self.filesystem.is_some()
+            || self.iso.is_some()
+            || !self.slots.is_empty()
+            || self.slot_error.is_some()
+    }
 }
 
 /// One line per El Torito entry: platform, where its image lies and, for a hybrid ISO, the
@@ -318,6 +358,9 @@ pub fn format(ins: &Inspection) -> String {
     let mut o = format!("{}: {} ({} bytes)\n", ins.path, human(ins.size), ins.size);
     if let Some(u) = &ins.disk_uuid {
         o += &format!("GPT disk {u}\n");
+    }
+    if let Some(e) = &ins.gpt_error {
+        o += &format!("GPT: both headers unusable: {e}\n");
     }
     if let Some(w) = &ins.gpt_warning {
         o += &format!("  warning: primary GPT unusable ({w}); read the backup\n");

@@ -111,6 +111,20 @@ pub fn verity_hash_size(data_size: u64) -> u64 {
 pub struct FsSize {
     /// Bytes the partition's contents need (0 for empty partitions).
     pub bytes: u64,
+    /// True when `bytes` is an upper bound rather than the size (a compressed EROFS plan
+    /// reserves the uncompressed size). Budgets are not judged on an upper bound: the build
+    /// judges them on the written size instead.
+    pub upper_bound: bool,
+}
+
+impl FsSize {
+    /// A size known exactly.
+    pub fn exact(bytes: u64) -> Self {
+        Self {
+            bytes,
+            upper_bound: false,
+        }
+    }
 }
 
 /// Lays out the disk for `spec` given the planned size of each spec partition's contents.
@@ -165,7 +179,7 @@ pub fn layout(
             }
             PartSize::Auto => align_up(need.max(1), ALIGN),
         };
-        if let Some(b) = p.budget {
+        if let Some(b) = p.budget.filter(|_| !sizes[i].upper_bound) {
             if need > b {
                 return Err(LayoutError {
                     spec: Some(i),
@@ -283,7 +297,10 @@ pub fn layout(
         Some(s) => align_up(s, SECTOR),
         None => align_up(min_disk, ALIGN),
     };
-    if let Some(b) = spec.budget {
+    // With a compressed filesystem the disk size here is an upper bound; the build checks the
+    // image budget again on the written disk.
+    let estimated = sizes.iter().any(|s| s.upper_bound);
+    if let Some(b) = spec.budget.filter(|_| !estimated) {
         if disk_size > b {
             return Err(LayoutError {
                 spec: None,
@@ -421,9 +438,9 @@ size = "32M"
         let l = layout(
             &s,
             &[
-                FsSize { bytes: 1 << 20 },
-                FsSize { bytes: 300 << 20 },
-                FsSize { bytes: 0 },
+                FsSize::exact(1 << 20),
+                FsSize::exact(300 << 20),
+                FsSize::exact(0),
             ],
             None,
         )
@@ -467,11 +484,7 @@ size = "32M"
         let mid = [7u8; 16];
         let l = layout(
             &s,
-            &[
-                FsSize { bytes: 0 },
-                FsSize { bytes: 1 << 20 },
-                FsSize { bytes: 0 },
-            ],
+            &[FsSize::exact(0), FsSize::exact(1 << 20), FsSize::exact(0)],
             Some(&mid),
         )
         .unwrap();
@@ -484,11 +497,7 @@ size = "32M"
         let s = spec(AB);
         let e = layout(
             &s,
-            &[
-                FsSize { bytes: 65 << 20 },
-                FsSize { bytes: 1 },
-                FsSize { bytes: 0 },
-            ],
+            &[FsSize::exact(65 << 20), FsSize::exact(1), FsSize::exact(0)],
             None,
         )
         .unwrap_err();
@@ -496,11 +505,7 @@ size = "32M"
         let s = spec(&AB.replace("version = \"1.0\"", "version = \"1.0\"\nbudget = \"100M\""));
         let e = layout(
             &s,
-            &[
-                FsSize { bytes: 0 },
-                FsSize { bytes: 200 << 20 },
-                FsSize { bytes: 0 },
-            ],
+            &[FsSize::exact(0), FsSize::exact(200 << 20), FsSize::exact(0)],
             None,
         )
         .unwrap_err();

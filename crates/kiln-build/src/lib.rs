@@ -1,6 +1,8 @@
 //! kiln-build: a `kiln.toml` spec and a source tree become a reproducible disk image and/or a
 //! hybrid live ISO.
 
+#![forbid(unsafe_code)]
+
 pub mod boot;
 pub mod budget;
 pub mod image;

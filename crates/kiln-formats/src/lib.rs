@@ -2,6 +2,8 @@
 //! a layout; none of them decides policy (where files come from, where outputs go, what to
 //! name them). Errors are `thiserror` enums whose messages name the offset or path at fault.
 
+#![forbid(unsafe_code)]
+
 pub mod fstree;
 pub mod io;
 pub mod sink;

@@ -61,19 +61,7 @@ pub struct FileSink<'a> {
 /// Bytes written between two writeback requests.
 pub const WRITEBACK_EVERY: u64 = 64 << 20;
 
-/// Starts asynchronous writeback of every dirty page of `file` (a hint: errors surface at the
-/// final `fsync`, so none is reported here).
-#[cfg(target_os = "linux")]
-fn start_writeback(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on a descriptor `file` keeps open; no memory is passed.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File) {}
+use kiln_os::start_writeback;
 
 impl<'a> FileSink<'a> {
     /// A window of `len` bytes starting at byte `base` of `file`. The caller guarantees the

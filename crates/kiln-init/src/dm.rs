@@ -2,12 +2,71 @@
 //! load a one-target table, resume it — what `dmsetup create` and `veritysetup open` do, with
 //! no userspace library.
 
+use std::mem::{offset_of, size_of};
 use std::os::fd::AsRawFd;
 
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
+
+/// `struct dm_ioctl` (linux/dm-ioctl.h), in the kernel's native byte order: the header of
+/// every device-mapper ioctl buffer.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+struct DmIoctl {
+    /// Interface version (major, minor, patch) the caller speaks.
+    version: [u32; 3],
+    /// Total size of the buffer in bytes, header included.
+    data_size: u32,
+    /// Offset of the payload (target specs) from the start of the buffer.
+    data_start: u32,
+    /// Number of target specs in the payload.
+    target_count: u32,
+    /// Out: open count of the device.
+    open_count: i32,
+    /// `DM_*_FLAG` bits.
+    flags: u32,
+    /// Out: event number.
+    event_nr: u32,
+    padding: u32,
+    /// Out: the device number, `huge_encode_dev` encoded.
+    dev: u64,
+    /// Device name, NUL-terminated.
+    name: [u8; 128],
+    /// Device UUID, NUL-terminated.
+    uuid: [u8; 129],
+    /// Start of the payload area inside the header (unused here).
+    data: [u8; 7],
+}
+const _: () = assert!(size_of::<DmIoctl>() == 312);
+const _: () = assert!(offset_of!(DmIoctl, data_size) == 12);
+const _: () = assert!(offset_of!(DmIoctl, flags) == 28);
+const _: () = assert!(offset_of!(DmIoctl, dev) == 40);
+const _: () = assert!(offset_of!(DmIoctl, name) == 48);
+const _: () = assert!(offset_of!(DmIoctl, uuid) == 176);
+
+/// `struct dm_target_spec`: one target of a table, followed by its NUL-terminated parameter
+/// string; `next` is the offset of the following spec from this one's start.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+struct DmTargetSpec {
+    /// First sector (512 bytes) of the device this target maps.
+    sector_start: u64,
+    /// Sectors mapped.
+    length: u64,
+    /// Out: target status.
+    status: i32,
+    /// Offset of the next spec from the start of this one (8-byte aligned).
+    next: u32,
+    /// Target type (`verity`, `linear`), NUL-terminated.
+    target_type: [u8; 16],
+}
+const _: () = assert!(size_of::<DmTargetSpec>() == 40);
+const _: () = assert!(offset_of!(DmTargetSpec, next) == 20);
+const _: () = assert!(offset_of!(DmTargetSpec, target_type) == 24);
+
 /// Size of `struct dm_ioctl`.
-const DM_IOCTL_SIZE: usize = 312;
+const DM_IOCTL_SIZE: usize = size_of::<DmIoctl>();
 /// Size of `struct dm_target_spec` (before its parameter string).
-const DM_TARGET_SPEC_SIZE: usize = 40;
+const DM_TARGET_SPEC_SIZE: usize = size_of::<DmTargetSpec>();
 /// ioctl type byte of device-mapper.
 const DM_IOCTL_TYPE: u64 = 0xfd;
 /// Interface version kiln-init speaks (major 4 is the only one there has been).
@@ -38,25 +97,30 @@ fn buffer(name: &str, flags: u32, target: Option<(u64, &str, &str)>) -> Result<V
         }
         let len = DM_TARGET_SPEC_SIZE + params.len() + 1;
         let padded = len.div_ceil(8) * 8;
+        let mut spec = DmTargetSpec {
+            sector_start: 0,
+            length: sectors,
+            status: 0,
+            next: padded as u32,
+            target_type: [0; 16],
+        };
+        spec.target_type[..ttype.len()].copy_from_slice(ttype.as_bytes());
+        payload.extend_from_slice(spec.as_bytes());
+        payload.extend_from_slice(params.as_bytes());
         payload.resize(padded, 0);
-        payload[0..8].copy_from_slice(&0u64.to_ne_bytes()); // sector_start
-        payload[8..16].copy_from_slice(&sectors.to_ne_bytes()); // length
-        payload[20..24].copy_from_slice(&(padded as u32).to_ne_bytes()); // next
-        payload[24..24 + ttype.len()].copy_from_slice(ttype.as_bytes());
-        payload[40..40 + params.len()].copy_from_slice(params.as_bytes());
         count = 1;
     }
     // Leave room for the kernel to write status back.
     let total = DM_IOCTL_SIZE + payload.len().max(4096);
+    let mut h = DmIoctl::new_zeroed();
+    h.version = DM_VERSION;
+    h.data_size = total as u32;
+    h.data_start = DM_IOCTL_SIZE as u32;
+    h.target_count = count;
+    h.flags = flags;
+    h.name[..name.len()].copy_from_slice(name.as_bytes());
     let mut b = vec![0u8; total];
-    for (i, v) in DM_VERSION.iter().enumerate() {
-        b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
-    }
-    b[12..16].copy_from_slice(&(total as u32).to_ne_bytes()); // data_size
-    b[16..20].copy_from_slice(&(DM_IOCTL_SIZE as u32).to_ne_bytes()); // data_start
-    b[20..24].copy_from_slice(&count.to_ne_bytes()); // target_count
-    b[28..32].copy_from_slice(&flags.to_ne_bytes()); // flags
-    b[48..48 + name.len()].copy_from_slice(name.as_bytes()); // name[128]
+    b[..DM_IOCTL_SIZE].copy_from_slice(h.as_bytes());
     b[DM_IOCTL_SIZE..DM_IOCTL_SIZE + payload.len()].copy_from_slice(&payload);
     Ok(b)
 }
@@ -88,7 +152,10 @@ pub fn create_readonly(
         .map_err(|e| format!("open /dev/mapper/control (is dm-mod loaded?): {e}"))?;
     let mut b = buffer(name, 0, None)?;
     call(&ctl, DM_DEV_CREATE_CMD, &mut b, &format!("create {name}"))?;
-    let dev = u64::from_ne_bytes(b[40..48].try_into().map_err(|_| "short dm reply")?);
+    let dev = DmIoctl::read_from_prefix(&b)
+        .map_err(|_| "short dm reply")?
+        .0
+        .dev;
     // The kernel encodes dev_t as huge_encode_dev: minor low 8 bits, major, minor high bits.
     let major = ((dev >> 8) & 0xfff) as u32;
     let minor = ((dev & 0xff) | ((dev >> 12) & 0xfff00)) as u32;

@@ -2,8 +2,11 @@
 //! LOOP_CONFIGURE (Linux 5.8+) or, on older kernels, LOOP_SET_FD + LOOP_SET_STATUS64. No
 //! autoclear: the device must outlive this process's file descriptor until it is mounted.
 
+use std::mem::{offset_of, size_of};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
+
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 const LOOP_SET_FD: u64 = 0x4C00;
 const LOOP_SET_STATUS64: u64 = 0x4C04;
@@ -11,18 +14,63 @@ const LOOP_CONFIGURE: u64 = 0x4C0A;
 const LOOP_CTL_GET_FREE: u64 = 0x4C82;
 /// lo_flags: read-only.
 const LO_FLAGS_READ_ONLY: u32 = 1;
-/// Size of `struct loop_info64`.
-const LOOP_INFO64_SIZE: usize = 232;
-/// Offset of `lo_flags` in `struct loop_info64`.
-const LO_FLAGS_OFFSET: usize = 52;
-/// Offset of `lo_file_name` in `struct loop_info64`.
-const LO_FILE_NAME_OFFSET: usize = 56;
+/// `struct loop_info64` (linux/loop.h), native byte order.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+struct LoopInfo64 {
+    /// Out: device number of the backing file's filesystem.
+    lo_device: u64,
+    /// Out: inode of the backing file.
+    lo_inode: u64,
+    /// Out: device number of the loop device.
+    lo_rdevice: u64,
+    /// Byte offset into the backing file.
+    lo_offset: u64,
+    /// Bytes of the backing file to use (0: to its end).
+    lo_sizelimit: u64,
+    /// Out: loop device number.
+    lo_number: u32,
+    /// Obsolete encryption type (0).
+    lo_encrypt_type: u32,
+    /// Obsolete key size (0).
+    lo_encrypt_key_size: u32,
+    /// `LO_FLAGS_*` bits.
+    lo_flags: u32,
+    /// Backing file name for humans (`losetup -l`), NUL-terminated, truncated.
+    lo_file_name: [u8; 64],
+    /// Obsolete cipher name.
+    lo_crypt_name: [u8; 64],
+    /// Obsolete key.
+    lo_encrypt_key: [u8; 32],
+    /// Obsolete.
+    lo_init: [u64; 2],
+}
+const _: () = assert!(size_of::<LoopInfo64>() == 232);
+const _: () = assert!(offset_of!(LoopInfo64, lo_flags) == 52);
+const _: () = assert!(offset_of!(LoopInfo64, lo_file_name) == 56);
+const _: () = assert!(offset_of!(LoopInfo64, lo_init) == 216);
 
-fn info64(file: &str) -> [u8; LOOP_INFO64_SIZE] {
-    let mut info = [0u8; LOOP_INFO64_SIZE];
-    info[LO_FLAGS_OFFSET..LO_FLAGS_OFFSET + 4].copy_from_slice(&LO_FLAGS_READ_ONLY.to_ne_bytes());
+/// `struct loop_config` for `LOOP_CONFIGURE`.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+struct LoopConfig {
+    /// The backing file's descriptor.
+    fd: u32,
+    /// Logical block size (0: the default, 512).
+    block_size: u32,
+    /// Status to set, as with `LOOP_SET_STATUS64`.
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+const _: () = assert!(size_of::<LoopConfig>() == 304);
+const _: () = assert!(offset_of!(LoopConfig, info) == 8);
+const _: () = assert!(offset_of!(LoopConfig, reserved) == 240);
+
+fn info64(file: &str) -> LoopInfo64 {
+    let mut info = LoopInfo64::new_zeroed();
+    info.lo_flags = LO_FLAGS_READ_ONLY;
     let n = file.len().min(63);
-    info[LO_FILE_NAME_OFFSET..LO_FILE_NAME_OFFSET + n].copy_from_slice(&file.as_bytes()[..n]);
+    info.lo_file_name[..n].copy_from_slice(&file.as_bytes()[..n]);
     info
 }
 
@@ -53,11 +101,17 @@ pub fn attach_readonly(file: &str) -> Result<(String, (u32, u32)), String> {
             Err(e) => return Err(format!("open {path}: {e}")),
         }
     };
-    let mut cfg = [0u8; 8 + LOOP_INFO64_SIZE + 64];
-    cfg[0..4].copy_from_slice(&(backing.as_raw_fd() as u32).to_ne_bytes());
-    cfg[8..8 + LOOP_INFO64_SIZE].copy_from_slice(&info64(file));
-    // SAFETY: cfg is a struct loop_config; the kernel only reads it.
-    let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE as _, cfg.as_ptr()) };
+    let mut cfg = LoopConfig::new_zeroed();
+    cfg.fd = backing.as_raw_fd() as u32;
+    cfg.info = info64(file);
+    // SAFETY: cfg is a struct loop_config (layout pinned above); the kernel only reads it.
+    let r = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            LOOP_CONFIGURE as _,
+            std::ptr::from_ref(&cfg),
+        )
+    };
     if r != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOTTY) {
@@ -72,8 +126,15 @@ pub fn attach_readonly(file: &str) -> Result<(String, (u32, u32)), String> {
             ));
         }
         let info = info64(file);
-        // SAFETY: info is a struct loop_info64.
-        if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_STATUS64 as _, info.as_ptr()) } != 0 {
+        // SAFETY: info is a struct loop_info64 (layout pinned above); the kernel only reads it.
+        if unsafe {
+            libc::ioctl(
+                dev.as_raw_fd(),
+                LOOP_SET_STATUS64 as _,
+                std::ptr::from_ref(&info),
+            )
+        } != 0
+        {
             return Err(format!(
                 "set {path} read-only: {}",
                 std::io::Error::last_os_error()

@@ -16,6 +16,9 @@
 //!   and the plain sha256 of a composed image from a stored [`sha256::Midstate`] in O(tail);
 //! - [`output`]: writing a composed image in place, to a new file, or to a stream.
 
+#![forbid(unsafe_code)]
+
+pub mod bounds;
 pub mod chunks;
 pub mod compose;
 mod kinds;

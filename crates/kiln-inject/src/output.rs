@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -108,98 +108,39 @@ pub enum CopyMethod {
     ReadWrite,
 }
 
-/// Linux `FICLONE` = `_IOW(0x94, 9, int)`.
-const FICLONE: libc::c_ulong = 0x4004_9409;
-
 fn clone_or_copy(src: &File, dst: &File, len: u64) -> io::Result<CopyMethod> {
-    // SAFETY: both descriptors are open for the duration of the call; FICLONE takes the source
-    // descriptor as its argument and touches no user memory.
-    let r = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
-    if r == 0 {
+    if kiln_os::reflink(src, dst) {
         return Ok(CopyMethod::Reflink);
     }
     dst.set_len(len)?;
     let mut method = CopyMethod::CopyFileRange;
     let mut pos = 0u64;
     while pos < len {
-        let Some(data) = seek_data(src, pos, libc::SEEK_DATA)? else {
+        let Some(data) = kiln_os::next_data(src, pos)? else {
             break;
         };
         if data >= len {
             break;
         }
-        let hole = seek_data(src, data, libc::SEEK_HOLE)?
-            .unwrap_or(len)
-            .min(len);
-        if method == CopyMethod::CopyFileRange && !copy_range_kernel(src, dst, data, hole)? {
-            method = CopyMethod::ReadWrite;
+        let hole = kiln_os::next_hole(src, data)?.unwrap_or(len).min(len);
+        if method == CopyMethod::CopyFileRange {
+            match kiln_os::copy_range(src, data, dst, data, hole - data)? {
+                kiln_os::Copied::All => {}
+                kiln_os::Copied::Unsupported => method = CopyMethod::ReadWrite,
+                kiln_os::Copied::Short(n) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("base ends at offset {} while copying", data + n),
+                    ))
+                }
+            }
         }
         if method == CopyMethod::ReadWrite {
             copy_range_user(src, dst, data, hole)?;
         }
-        pos = hole;
+        pos = hole.max(data + 1);
     }
     Ok(method)
-}
-
-/// `lseek(SEEK_DATA|SEEK_HOLE)`; `None` when there is no more data (ENXIO). Filesystems
-/// without hole reporting treat the whole file as data, which is still correct.
-fn seek_data(f: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let Ok(from) = libc::off_t::try_from(from) else {
-        return Ok(None);
-    };
-    // SAFETY: lseek on an open descriptor; no memory is passed.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), from, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(e);
-    }
-    Ok(Some(r as u64))
-}
-
-/// Copies `[from, to)` with copy_file_range; `Ok(false)` if the kernel or filesystem cannot
-/// (nothing was copied then for this call's first chunk, so the caller falls back).
-fn copy_range_kernel(src: &File, dst: &File, from: u64, to: u64) -> io::Result<bool> {
-    let mut off = from;
-    while off < to {
-        let mut in_off = off as libc::loff_t;
-        let mut out_off = off as libc::loff_t;
-        let want = (to - off).min(1 << 30) as usize;
-        // SAFETY: the offset pointers point at live locals; descriptors are open.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut in_off,
-                dst.as_raw_fd(),
-                &mut out_off,
-                want,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
-                    if off == from =>
-                {
-                    return Ok(false)
-                }
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("base ends at offset {off} while copying"),
-            ));
-        }
-        off += n as u64;
-    }
-    Ok(true)
 }
 
 fn copy_range_user(src: &File, dst: &File, from: u64, to: u64) -> io::Result<()> {
@@ -216,11 +157,7 @@ fn copy_range_user(src: &File, dst: &File, from: u64, to: u64) -> io::Result<()>
 
 /// Streams base + plan to `out` (any descriptor: pipe, socket, file, /dev/null). Base bytes
 /// move with `sendfile` where the kernel supports it for `out`, else with read/write.
-pub fn write_stream<W: Write + AsRawFd>(
-    base: &File,
-    plan: &PatchPlan,
-    out: &mut W,
-) -> io::Result<()> {
+pub fn write_stream<W: Write + AsFd>(base: &File, plan: &PatchPlan, out: &mut W) -> io::Result<()> {
     let mut kernel = true;
     let mut buf: Vec<u8> = Vec::new();
     for seg in plan.segments(0..plan.image_len()) {
@@ -230,9 +167,9 @@ pub fn write_stream<W: Write + AsRawFd>(
                 let end = offset + len;
                 if kernel {
                     out.flush()?;
-                    match sendfile_range(base, out.as_raw_fd(), off, end)? {
-                        Sent::All => continue,
-                        Sent::Unsupported(at) => {
+                    match kiln_os::send_range(base, out.as_fd(), off, end)? {
+                        kiln_os::Sent::All => continue,
+                        kiln_os::Sent::Unsupported(at) => {
                             kernel = false;
                             off = at;
                         }
@@ -259,40 +196,6 @@ pub fn write_stream<W: Write + AsRawFd>(
         }
     }
     out.flush()
-}
-
-enum Sent {
-    All,
-    /// sendfile cannot write to this descriptor; continue from this offset another way.
-    Unsupported(u64),
-}
-
-fn sendfile_range(base: &File, out_fd: libc::c_int, from: u64, to: u64) -> io::Result<Sent> {
-    let mut off = from;
-    while off < to {
-        let mut o = off as libc::off_t;
-        let want = (to - off).min(1 << 30) as usize;
-        // SAFETY: `o` is a live local; both descriptors are open.
-        let n = unsafe { libc::sendfile(out_fd, base.as_raw_fd(), &mut o, want) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR | libc::EAGAIN) => continue,
-                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) if off == from => {
-                    return Ok(Sent::Unsupported(off))
-                }
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("base ends at offset {off} while streaming"),
-            ));
-        }
-        off += n as u64;
-    }
-    Ok(Sent::All)
 }
 
 #[cfg(test)]

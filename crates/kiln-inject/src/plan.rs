@@ -11,6 +11,7 @@
 
 use bytes::Bytes;
 
+use crate::bounds::ImageBounds;
 use crate::kinds::{self, Overlay};
 use crate::region::{PatchPlan, Region};
 use crate::slots::{RawMeta, Slot, SlotMeta, SlotTable};
@@ -45,6 +46,10 @@ pub fn plan_injection(
     payloads: &[Payload],
 ) -> Result<PatchPlan> {
     table.check_image_len(base.len(), "base image")?;
+    let bounds = ImageBounds::read(base);
+    for slot in &table.slots {
+        bounds.check(table, slot, &[])?;
+    }
     let mut regions = Vec::new();
     let mut overlay = Overlay::new(base);
     for (i, p) in payloads.iter().enumerate() {
@@ -64,7 +69,10 @@ pub fn plan_injection(
             });
         }
         regions.extend(data_regions(slot, &p.data));
-        for (offset, bytes) in metadata_patches(slot, &overlay, len)? {
+        let patches = metadata_patches(slot, &overlay, len)?;
+        let spans: Vec<(u64, u64)> = patches.iter().map(|(o, b)| (*o, b.len() as u64)).collect();
+        bounds.check(table, slot, &spans)?;
+        for (offset, bytes) in patches {
             overlay.add(offset, &bytes);
         }
     }

@@ -117,17 +117,30 @@ pub struct FileSource {
 impl FileSource {
     /// Opens `path` read-only.
     pub fn open(path: &Path) -> io::Result<Self> {
+        // Checked before opening: opening a FIFO blocks until a writer appears.
+        let md = std::fs::metadata(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        image_kind(&md, path)?;
         let file = File::open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         Self::from_file(file, path)
     }
 
-    /// Wraps an open file; `path` is only used in messages.
+    /// Wraps an open file; `path` is only used in messages. A regular file or a block device
+    /// (whose size comes from seeking to its end); anything else is not an image.
     pub fn from_file(file: File, path: &Path) -> io::Result<Self> {
-        let len = file
+        let md = file
             .metadata()
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?
-            .len();
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        image_kind(&md, path)?;
+        let len = if md.is_file() {
+            md.len()
+        } else {
+            use std::io::{Seek, SeekFrom};
+            (&file)
+                .seek(SeekFrom::End(0))
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: size: {e}", path.display())))?
+        };
         Ok(Self {
             file,
             len,
@@ -277,6 +290,33 @@ impl AsyncRangeSource for MemorySource {
     fn describe(&self) -> String {
         format!("memory ({} bytes)", self.0.len())
     }
+}
+
+/// Refuses what cannot be an image: a directory, a character device (`/dev/zero`), a FIFO, a
+/// socket. Without this, such a file surfaced as a truncated slot table.
+pub fn image_kind(md: &std::fs::Metadata, path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = md.file_type();
+    let what = if t.is_file() || t.is_block_device() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{} is {what}, not an image (expected a regular file or a block device)",
+            path.display()
+        ),
+    ))
 }
 
 #[cfg(test)]

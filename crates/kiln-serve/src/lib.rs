@@ -5,6 +5,8 @@
 //! Range, ETag and a chunked digest; nothing is copied and nothing is buffered whole. See
 //! [`http`] for the routes and [`config`] for `serve.toml`.
 
+#![forbid(unsafe_code)]
+
 pub mod catalog;
 pub mod config;
 pub mod error;

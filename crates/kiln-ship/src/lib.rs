@@ -14,6 +14,8 @@
 //! failures a caller may want to tell apart are [`Error`] values inside (use
 //! `err.downcast_ref::<kiln_ship::Error>()`).
 
+#![forbid(unsafe_code)]
+
 pub mod digest;
 pub mod manifest;
 pub mod oci;

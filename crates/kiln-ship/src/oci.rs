@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
@@ -407,7 +408,7 @@ impl Client {
                     token: Option<String>,
                     access_token: Option<String>,
                 }
-                let body = resp.bytes().await.context("token response")?;
+                let body = body_capped(resp, MAX_MANIFEST, "token response").await?;
                 let t: Tok = serde_json::from_slice(&body).context("token response is not JSON")?;
                 let tok = t
                     .token
@@ -622,19 +623,7 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        // Manifests are small by spec (registries cap them at 4 MiB); refuse anything bigger
-        // rather than buffer it.
-        const MAX: usize = 4 << 20;
-        if r.content_length().is_some_and(|n| n > MAX as u64) {
-            bail!("GET {url}: manifest larger than 4 MiB");
-        }
-        let body = r
-            .bytes()
-            .await
-            .with_context(|| format!("GET {url}: body"))?;
-        if body.len() > MAX {
-            bail!("GET {url}: manifest larger than 4 MiB");
-        }
+        let body = body_capped(r, MAX_MANIFEST, "manifest").await?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
         if reference.starts_with("sha256:") {
             crate::digest::check(&format!("manifest {reference}"), reference, &digest)?;
@@ -669,6 +658,8 @@ impl Client {
                 .write(true)
                 .create(true)
                 .truncate(false)
+                // Never through a link placed where the partial file goes.
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
                 .open(partial)
                 .with_context(|| format!("{}: open", partial.display()))?;
             let mut have = f
@@ -737,7 +728,10 @@ impl Client {
                     match chunk {
                         Ok(c) => {
                             if have + c.len() as u64 > desc.size {
-                                f.set_len(0)?;
+                                // A blob that is not the size its descriptor says will never
+                                // verify: there is nothing to resume, so nothing is kept.
+                                drop(f);
+                                let _ = std::fs::remove_file(partial);
                                 return Err(crate::Error::SizeMismatch {
                                     what: what.to_string(),
                                     expected: desc.size,
@@ -801,10 +795,7 @@ impl Client {
         h.insert(ACCEPT, HeaderValue::from_static(MT_INDEX));
         let r = self.send(Method::GET, &url, h, &|| Ok(None)).await?;
         if r.status().is_success() {
-            let body = r
-                .bytes()
-                .await
-                .with_context(|| format!("GET {url}: body"))?;
+            let body = body_capped(r, MAX_MANIFEST, "referrers index").await?;
             let idx: Index = serde_json::from_slice(&body)
                 .with_context(|| format!("GET {url}: not an index"))?;
             return Ok(idx.manifests);
@@ -858,8 +849,53 @@ fn with_digest(location: &str, digest: &str) -> String {
 }
 
 async fn text(r: reqwest::Response) -> String {
-    let t = r.text().await.unwrap_or_default();
-    t.chars().take(500).collect()
+    // An error body is only quoted: its first 64 KiB are plenty, the rest is not read.
+    let t = body_capped(r, 64 << 10, "error body")
+        .await
+        .or_else(|e| match e.downcast::<Capped>() {
+            Ok(c) => Ok(c.0),
+            Err(e) => Err(e),
+        })
+        .unwrap_or_default();
+    String::from_utf8_lossy(&t).chars().take(500).collect()
+}
+
+/// Manifests, indexes and token responses are small by spec (registries cap manifests at
+/// 4 MiB); kiln never buffers more of one than this.
+pub const MAX_MANIFEST: usize = 4 << 20;
+
+/// A body cut off at its cap; holds what was read.
+#[derive(Debug)]
+struct Capped(Vec<u8>);
+
+impl std::fmt::Display for Capped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "body larger than {} bytes", self.0.len())
+    }
+}
+
+impl std::error::Error for Capped {}
+
+/// Reads a response body of at most `max` bytes, chunk by chunk, failing as soon as it grows
+/// past `max`. A body without `Content-Length` (chunked, or closed by the server) is never
+/// buffered past the cap, which `Response::bytes` would do.
+async fn body_capped(r: reqwest::Response, max: usize, what: &str) -> anyhow::Result<Vec<u8>> {
+    let url = r.url().to_string();
+    if let Some(n) = r.content_length().filter(|&n| n > max as u64) {
+        bail!("GET {url}: {what} of {n} bytes is larger than {max} bytes");
+    }
+    let mut out = Vec::new();
+    let mut stream = r.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.with_context(|| format!("GET {url}: {what}"))?;
+        if out.len() + chunk.len() > max {
+            out.extend_from_slice(&chunk[..max - out.len()]);
+            return Err(anyhow::Error::new(Capped(out))
+                .context(format!("GET {url}: {what} larger than {max} bytes")));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 fn file_body(path: &Path, offset: u64, len: u64) -> anyhow::Result<reqwest::Body> {
@@ -1263,11 +1299,7 @@ pub async fn pull(
     std::fs::create_dir_all(outdir).with_context(|| format!("{}: create", outdir.display()))?;
     let mut out = Vec::new();
     for (l, name, zstd) in plan {
-        let dest = outdir.join(&name);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("{}: create", parent.display()))?;
-        }
+        let dest = dest_beneath(outdir, &name)?;
         let want_final = if zstd {
             let d = l.annotation(ANN_UNCOMPRESSED_DIGEST).with_context(|| {
                 format!("layer {name:?}: zstd layer without {ANN_UNCOMPRESSED_DIGEST}")
@@ -1290,9 +1322,16 @@ pub async fn pull(
             }
         }
         let partial = partial_path(&dest, &l.digest);
+        refuse_symlink(&partial)?;
         client.download_blob(&l, &partial, &name).await?;
         let done = dest.clone();
         if zstd {
+            let size: u64 = l
+                .annotation(ANN_UNCOMPRESSED_SIZE)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| {
+                    format!("layer {name:?}: zstd layer without a numeric {ANN_UNCOMPRESSED_SIZE}")
+                })?;
             let a = kiln_tree::output::AtomicFile::create(&dest)
                 .with_context(|| format!("{}: create", dest.display()))?;
             let src = std::fs::File::open(&partial)?;
@@ -1300,12 +1339,27 @@ pub async fn pull(
                 inner: a.file(),
                 h: Sha256::new(),
                 n: 0,
+                max: size,
             };
-            zstd::stream::copy_decode(
+            let decoded = zstd::stream::copy_decode(
                 std::io::BufReader::with_capacity(crate::digest::BUF, src),
                 &mut w,
-            )
-            .with_context(|| format!("{name}: zstd decompression"))?;
+            );
+            if let Err(e) = decoded {
+                let _ = std::fs::remove_file(&partial);
+                return Err(anyhow::Error::new(e).context(format!(
+                    "{name}: zstd decompression (the layer says {size} bytes uncompressed)"
+                )));
+            }
+            if w.n != size {
+                let _ = std::fs::remove_file(&partial);
+                return Err(crate::Error::SizeMismatch {
+                    what: format!("{name} (decompressed)"),
+                    expected: size,
+                    actual: w.n,
+                }
+                .into());
+            }
             let got = hex::encode(w.h.finalize());
             let n = w.n;
             crate::digest::check(
@@ -1374,14 +1428,67 @@ fn remove_stale_partials(dest: &Path) {
     }
 }
 
+/// The path `name` (a checked title, possibly with `/`) below `outdir`, with every directory
+/// on the way created and none of them, nor the file itself, a symlink: a link already inside
+/// `outdir` (`outdir/sub -> /etc`) must not carry the pull outside it. `outdir` itself is the
+/// user's choice and may be a link.
+fn dest_beneath(outdir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let mut at = outdir.to_path_buf();
+    let parts: Vec<&str> = name.split('/').filter(|c| !c.is_empty()).collect();
+    for (i, c) in parts.iter().enumerate() {
+        at.push(c);
+        let last = i + 1 == parts.len();
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => bail!(
+                "{}: is a symbolic link; kiln pull writes only below {} and never through a link",
+                at.display(),
+                outdir.display()
+            ),
+            Ok(m) if !last && !m.is_dir() => {
+                bail!("{}: exists and is not a directory", at.display())
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !last {
+                    // create_dir (not _all): it fails rather than follow a link raced in.
+                    std::fs::create_dir(&at)
+                        .with_context(|| format!("{}: create", at.display()))?;
+                }
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("{}", at.display()))),
+        }
+    }
+    Ok(at)
+}
+
+/// Refuses to write through `path` if it is a symbolic link.
+fn refuse_symlink(path: &Path) -> anyhow::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!(
+            "{}: is a symbolic link; kiln pull never writes through a link",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 struct HashWriter<W> {
     inner: W,
     h: Sha256,
     n: u64,
+    /// Refuse to write past this many bytes (a layer's declared size): a few KiB of zstd can
+    /// expand to GiBs.
+    max: u64,
 }
 
 impl<W: Write> Write for HashWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.n + buf.len() as u64 > self.max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!("decompresses to more than {} bytes", self.max),
+            ));
+        }
         let k = self.inner.write(buf)?;
         self.h.update(&buf[..k]);
         self.n += k as u64;

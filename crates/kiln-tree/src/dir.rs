@@ -5,7 +5,6 @@
 //! read later, in parallel, by the writer.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -147,106 +146,30 @@ fn file_data(path: &Path, md: &fs::Metadata) -> Result<FileData, Error> {
 }
 
 fn data_runs(f: &fs::File, size: u64) -> io::Result<Vec<Segment>> {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    let mut runs = Vec::new();
-    let mut pos: i64 = 0;
-    let end = size as i64;
-    while pos < end {
-        // SAFETY: lseek on a file descriptor we own; no memory is passed.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no more data: the rest is a hole
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let hole = hole.min(end);
-        if hole > data {
-            runs.push(Segment {
-                offset: data as u64,
-                len: (hole - data) as u64,
-            });
-        }
-        pos = hole;
-    }
-    Ok(runs)
+    Ok(kiln_os::data_runs(f, size)?
+        .into_iter()
+        .map(|(offset, len)| Segment { offset, len })
+        .collect())
 }
 
 fn major(rdev: u64) -> u32 {
-    libc::major(rdev as libc::dev_t) as u32
+    kiln_os::dev_numbers(rdev).0
 }
 
 fn minor(rdev: u64) -> u32 {
-    libc::minor(rdev as libc::dev_t) as u32
+    kiln_os::dev_numbers(rdev).1
 }
 
 /// All extended attributes of `path` (not following symlinks), sorted by name.
 pub fn xattrs(path: &Path) -> Result<Vec<Xattr>, Error> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Source {
-        path: path.display().to_string(),
-        msg: "NUL in path".into(),
-    })?;
-    let names = loop {
-        // SAFETY: a null buffer with size 0 asks for the required size.
-        let n = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(e.raw_os_error(), Some(libc::ENOTSUP)) {
-                return Ok(Vec::new());
-            }
-            return Err(Error::io(path, e));
-        }
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let mut buf = vec![0u8; n as usize];
-        // SAFETY: buf is valid for buf.len() bytes.
-        let m = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if m >= 0 {
-            buf.truncate(m as usize);
-            break buf;
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ERANGE) {
-            return Err(Error::io(path, e));
-        }
-        // The list grew between the two calls: ask again.
-    };
-    let mut out = Vec::new();
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let cname = CString::new(name).expect("split on NUL");
-        let value = loop {
-            // SAFETY: size query.
-            let n = unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0) };
-            if n < 0 {
-                return Err(Error::io(path, io::Error::last_os_error()));
-            }
-            let mut v = vec![0u8; n as usize];
-            // SAFETY: v is valid for v.len() bytes.
-            let m = unsafe {
-                libc::lgetxattr(c.as_ptr(), cname.as_ptr(), v.as_mut_ptr().cast(), v.len())
-            };
-            if m >= 0 {
-                v.truncate(m as usize);
-                break v;
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ERANGE) {
-                return Err(Error::io(path, e));
-            }
-        };
-        out.push(Xattr {
+    let mut out: Vec<Xattr> = kiln_os::xattrs(path)
+        .map_err(|e| Error::io(path, e))?
+        .into_iter()
+        .map(|(name, value)| Xattr {
             name: name.into(),
             value: value.into(),
-        });
-    }
+        })
+        .collect();
     out.sort();
     Ok(out)
 }

@@ -6,6 +6,8 @@
 //! an uncompressed tar file's by offset; a stream that cannot be read twice hands each file's
 //! bytes to the writer's [`Placer`] as they go by.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -166,8 +168,12 @@ pub fn open_random_access(arg: &SourceArg) -> Result<(Tree, SourceContents), Err
                 path: "temp spool".into(),
                 source: e,
             })?;
-            let t = s.read(&mut spool)?;
-            Ok((t, SourceContents::Spool(spool)))
+            let mut t = s.read(&mut spool)?;
+            let contents = spool.into_contents(&mut t).map_err(|e| Error::Io {
+                path: "temp spool".into(),
+                source: e,
+            })?;
+            Ok((t, SourceContents::Spool(contents)))
         }
     }
 }
@@ -179,8 +185,9 @@ pub enum SourceContents {
     Host,
     /// Offsets into an uncompressed tar file (plus host paths and inline data).
     Tar(tar::TarContents),
-    /// A once-read stream spooled to a temp file (see [`open_random_access`]).
-    Spool(spool::Spool),
+    /// A once-read stream spooled to a temp file (see [`open_random_access`]): its files are
+    /// [`DataRef::Tar`](kiln_formats::fstree::DataRef::Tar) offsets into the spool.
+    Spool(tar::TarContents),
 }
 
 impl Contents for SourceContents {

@@ -2,9 +2,32 @@
 //! when the writer commits. A failed or interrupted run never leaves a partial file under the
 //! final name, and a dropped, uncommitted output removes its temp file.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Temp files of outputs not yet committed or dropped, for [`remove_unfinished`].
+static UNFINISHED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn unfinished() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    // A poisoned lock only means a thread panicked while holding it; the set is still valid.
+    UNFINISHED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes the temp file of every output still being written, and returns how many there
+/// were. A process that is told to stop (SIGINT, SIGTERM) calls this before it exits, since
+/// exiting runs no destructors: without it an interrupted `kiln mkfs` left its multi-GiB
+/// `.NAME.kiln-tmp-*` behind.
+pub fn remove_unfinished() -> usize {
+    let mut set = unfinished();
+    let n = set.len();
+    for p in std::mem::take(&mut *set) {
+        let _ = fs::remove_file(&p);
+    }
+    n
+}
 
 /// A file being written that becomes `dest` on [`AtomicFile::commit`].
 #[derive(Debug)]
@@ -39,11 +62,12 @@ impl AtomicFile {
                 .open(&tmp)
             {
                 Ok(file) => {
+                    unfinished().insert(tmp.clone());
                     return Ok(Self {
                         file: Some(file),
                         tmp,
                         dest: dest.to_path_buf(),
-                    })
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", tmp.display()))),
@@ -79,6 +103,7 @@ impl AtomicFile {
                 format!("{} -> {}: {e}", self.tmp.display(), self.dest.display()),
             )
         })?;
+        unfinished().remove(&self.tmp);
         self.tmp = PathBuf::new();
         Ok(())
     }
@@ -88,6 +113,7 @@ impl Drop for AtomicFile {
     fn drop(&mut self) {
         if !self.tmp.as_os_str().is_empty() {
             let _ = fs::remove_file(&self.tmp);
+            unfinished().remove(&self.tmp);
         }
     }
 }

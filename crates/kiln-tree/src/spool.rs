@@ -4,11 +4,11 @@
 //! tree must be known before any output can be laid out (a disk image, an SBOM scan), as
 //! opposed to `kiln mkfs`, whose writers place stream data straight into the image.
 
+use kiln_formats::fstree::{DataRef, FileData, NodeKind, Placer, Tree};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 
-use kiln_formats::fstree::{DataRef, FileData, Placer};
+use crate::tar::TarContents;
 
 /// A [`Placer`] that appends each file's packed bytes to a temp file.
 #[derive(Debug)]
@@ -39,29 +39,23 @@ impl Spool {
         self.len == 0
     }
 
-    /// Reads `buf.len()` bytes of `file` at logical `offset` (placed files from the spool,
-    /// host and inline data as usual).
-    pub fn read_at(&self, file: &FileData, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let DataRef::Placed(i) = file.data else {
-            return kiln_formats::fstree::read_host_or_inline(file, offset, buf);
-        };
-        let start = *self.starts.get(i as usize).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("spooled file {i} unknown"))
-        })?;
-        // Map the logical offset to the packed position: runs are stored back to back.
-        let mut packed = 0u64;
-        for r in file.runs() {
-            if offset >= r.offset && offset < r.offset + r.len {
-                return self
-                    .file
-                    .read_exact_at(buf, start + packed + (offset - r.offset));
+    /// Turns the spool into a reader of the tree's file bytes: every [`DataRef::Placed`] index
+    /// this spool returned becomes [`DataRef::Tar`] with the file's offset in the spool, whose
+    /// packed runs are laid out exactly as an uncompressed tar stores a file's data. Writers
+    /// then treat a spooled tree like an indexed tar; `Placed` keeps meaning "written by this
+    /// writer's own streaming placer" (the spool's indexes must never reach a writer).
+    pub fn into_contents(self, tree: &mut Tree) -> io::Result<TarContents> {
+        for n in &mut tree.nodes {
+            if let NodeKind::File(f) = &mut n.kind {
+                if let DataRef::Placed(i) = f.data {
+                    let start = *self.starts.get(i as usize).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, format!("spooled file {i} unknown"))
+                    })?;
+                    f.data = DataRef::Tar(start);
+                }
             }
-            packed += r.len;
         }
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("offset {offset} is in a hole"),
-        ))
+        Ok(TarContents::new(self.file))
     }
 }
 
@@ -87,9 +81,18 @@ impl Placer for Spool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use kiln_formats::fstree::Segment;
+    use kiln_formats::fstree::{Meta, Node, Segment};
+
+    fn file_node(fd: FileData) -> Node {
+        Node {
+            kind: NodeKind::File(fd),
+            meta: Meta::default(),
+            slot: None,
+        }
+    }
 
     #[test]
     fn spooled_files_read_back_dense_and_sparse() {
@@ -112,27 +115,38 @@ mod tests {
             ),
         };
         let j = s.place(&sparse, &mut &b"abcWXYZ"[..]).unwrap();
-        let mut buf = [0u8; 5];
-        s.read_at(
-            &FileData {
-                data: DataRef::Placed(i),
-                ..dense.clone()
-            },
-            0,
-            &mut buf,
-        )
-        .unwrap();
-        assert_eq!(&buf, b"hello");
+        let mut tree = Tree::default();
+        let m = Meta::default();
+        let d = FileData {
+            data: DataRef::Placed(i),
+            ..dense.clone()
+        };
         let sp = FileData {
             data: DataRef::Placed(j),
             ..sparse.clone()
         };
+        tree.insert(b"/d", file_node(d), &m).unwrap();
+        tree.insert(b"/s", file_node(sp), &m).unwrap();
+        let c = s.into_contents(&mut tree).unwrap();
+        let get = |p: &[u8]| match &tree.node(tree.resolve(p).unwrap()).kind {
+            NodeKind::File(f) => f.clone(),
+            _ => unreachable!(),
+        };
+        let (d, sp) = (get(b"/d"), get(b"/s"));
+        assert!(
+            matches!(d.data, DataRef::Tar(_)) && matches!(sp.data, DataRef::Tar(_)),
+            "no spool index may reach a writer as Placed: {d:?} {sp:?}"
+        );
+        let mut buf = [0u8; 5];
+        c.read_at(&d, 0, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
         let mut b3 = [0u8; 3];
-        s.read_at(&sp, 101, &mut b3).unwrap();
+        c.read_at(&sp, 101, &mut b3).unwrap();
         assert_eq!(&b3, b"XYZ");
-        s.read_at(&sp, 0, &mut b3).unwrap();
+        c.read_at(&sp, 0, &mut b3).unwrap();
         assert_eq!(&b3, b"abc");
-        assert!(s.read_at(&sp, 50, &mut b3).is_err(), "a hole is not data");
+        c.read_at(&sp, 50, &mut b3).unwrap();
+        assert_eq!(b3, [0; 3], "a hole reads as zeroes");
         // A short stream is an error, not a silently truncated file.
         let mut s2 = Spool::new().unwrap();
         assert!(s2

@@ -53,8 +53,27 @@ enum Command {
     Lint(cmd::ship::LintArgs),
 }
 
+/// On SIGINT or SIGTERM, removes the temp files of unfinished outputs, then dies of the signal
+/// as it would have without a handler. `kiln serve` handles both itself (graceful shutdown).
+fn clean_up_on_signals() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            kiln_tree::output::remove_unfinished();
+            let _ = signal_hook::low_level::emulate_default_handler(sig);
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        clean_up_on_signals();
+    }
     let result = match cli.command {
         Command::Mkfs(c) => cmd::mkfs::run(c),
         Command::Build(a) => cmd::build::run(a),
@@ -77,8 +96,54 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kiln: error: {e:#}");
+            eprintln!("kiln: error: {}", render(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes joined with ": ", like `{:#}`, leaving out a cause whose text the
+/// message already holds. Many library errors put their source's text in their own message
+/// and also expose it as `source()`; printed as a chain, "No such file or directory (os error
+/// 2)" appeared twice.
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct Both {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::new(Both {
+            path: "x.tar".into(),
+            source: io,
+        })
+        .context("reading x.tar");
+        let r = render(&e);
+        assert_eq!(r.matches("os error 2").count(), 1, "{r}");
+        assert!(r.starts_with("reading x.tar: x.tar: "), "{r}");
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(render(&plain), "outer: inner");
     }
 }

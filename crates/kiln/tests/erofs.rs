@@ -506,7 +506,9 @@ fn bad_input_fails_cleanly_without_output() {
         let left: Vec<_> = fs::read_dir(t.path()).unwrap().collect();
         assert!(left.is_empty(), "{args:?} left {left:?}");
     }
-    // An unwritable destination directory.
+    // An unwritable destination: its "directory" is a regular file. (A missing directory is
+    // created, as every -o does.)
+    fs::write(t.path().join("plain-file"), b"x").unwrap();
     let o = run(kiln()
         .args(["mkfs", "erofs"])
         .arg(
@@ -518,9 +520,9 @@ fn bad_input_fails_cleanly_without_output() {
             .clone(),
         )
         .arg("-o")
-        .arg(t.path().join("no/such/dir/out.img")));
+        .arg(t.path().join("plain-file/dir/out.img")));
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no/such/dir"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("plain-file/dir"));
 }
 
 /// A slice of the machine's /usr (a real tree: ELF files, scripts, many small files, links),

@@ -83,3 +83,37 @@ impl Error {
         }
     }
 }
+
+/// Largest logical file size kiln writes: 2^32 blocks of 4 KiB (16 TiB), the reach of EROFS's
+/// 32-bit block addresses. A sparse file's chunk map grows with its logical size, so without
+/// this bound a few KiB of tar claiming a 2^62-byte sparse file made the writer emit chunk maps
+/// without end.
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+
+fn too_big(size: u64) -> String {
+    format!("file size {size} bytes exceeds kiln's EROFS limit of {MAX_FILE_SIZE} bytes per file (2^32 blocks of 4 KiB)")
+}
+
+/// Refuses, before anything is laid out, a tree holding a file over [`MAX_FILE_SIZE`], naming it.
+pub(crate) fn check_file_sizes(tree: &crate::fstree::Tree) -> Result<(), Error> {
+    let mut bad = None;
+    tree.walk_paths(|p, id| {
+        if let crate::fstree::NodeKind::File(f) = &tree.node(id).kind {
+            if f.size > MAX_FILE_SIZE && bad.is_none() {
+                bad = Some(Error::Unsupported {
+                    path: String::from_utf8_lossy(p).into_owned(),
+                    reason: too_big(f.size),
+                });
+            }
+        }
+    });
+    bad.map_or(Ok(()), Err)
+}
+
+/// The same bound for one file of a stream, before its data is placed.
+pub(crate) fn check_file_size(size: u64) -> io::Result<()> {
+    if size > MAX_FILE_SIZE {
+        return Err(io::Error::new(io::ErrorKind::FileTooLarge, too_big(size)));
+    }
+    Ok(())
+}

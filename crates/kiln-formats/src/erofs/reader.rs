@@ -154,9 +154,21 @@ impl<R: ReadAt> Image<R> {
         Ok(v)
     }
 
-    /// Byte offset of inode `nid`.
-    pub fn inode_offset(&self, nid: u64) -> u64 {
-        u64::from(self.sb.meta_blkaddr.get()) * BLOCK + nid * ISLOT
+    /// Byte offset of inode `nid`. A nid comes from a dirent, so it is untrusted: the inode
+    /// must lie inside the filesystem (`blocks` in the super block), as the ext4 reader checks
+    /// an inode number against its inode count.
+    pub fn inode_offset(&self, nid: u64) -> Result<u64, Error> {
+        let meta = u64::from(self.sb.meta_blkaddr.get()) * BLOCK;
+        let end = u64::from(self.sb.blocks.get()) * BLOCK;
+        nid.checked_mul(ISLOT)
+            .and_then(|o| o.checked_add(meta))
+            .filter(|o| o.checked_add(ISLOT).is_some_and(|e| e <= end))
+            .ok_or_else(|| {
+                Error::corrupt(
+                    meta,
+                    format!("nid {nid} out of range: its inode would lie past the {end}-byte filesystem"),
+                )
+            })
     }
 
     /// The root directory's inode.
@@ -166,7 +178,7 @@ impl<R: ReadAt> Image<R> {
 
     /// Decodes inode `nid`.
     pub fn inode(&self, nid: u64) -> Result<InodeInfo, Error> {
-        let offset = self.inode_offset(nid);
+        let offset = self.inode_offset(nid)?;
         let mut b = [0u8; 64];
         self.read(offset, &mut b[..32])?;
         let format = u16::from_le_bytes([b[0], b[1]]);

@@ -986,6 +986,7 @@ impl std::fmt::Debug for Plan<'_> {
 /// and sizes the image.
 pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, Error> {
     opts.check()?;
+    super::check_file_sizes(tree)?;
     let meta = MetaPrep::new(tree, opts)?;
     let estimate = if opts.compression == Compression::None {
         // Lay the data out for real (no bytes needed) to get the exact size.
@@ -1204,6 +1205,7 @@ impl<'s> StreamWriter<'s> {
     /// [`DataRef::Placed`] indexes from this writer). Files with other data references (added
     /// after reading, e.g. by a build) are written now, from `contents`.
     pub fn finish(mut self, tree: &Tree, contents: &dyn Contents) -> Result<Summary, Error> {
+        super::check_file_sizes(tree)?;
         let meta = MetaPrep::new(tree, &self.opts)?;
         self.core.flush(contents)?;
         let placed = std::mem::take(&mut self.core.stores);
@@ -1273,6 +1275,7 @@ impl<'s> StreamWriter<'s> {
 
 impl Placer for StreamWriter<'_> {
     fn place(&mut self, file: &FileData, data: &mut dyn Read) -> io::Result<u32> {
+        super::check_file_size(file.size)?;
         self.place_inner(file, data)
             .map_err(|e| io::Error::other(e.to_string()))
     }

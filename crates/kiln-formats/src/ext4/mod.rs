@@ -33,7 +33,7 @@ mod tests;
 mod write;
 pub mod xattr;
 
-pub use plan::{plan, Plan};
+pub use plan::{plan, Plan, MAX_FILE_SIZE};
 pub use stream::StreamWriter;
 
 use crate::repart::{self, Uuid};

@@ -180,8 +180,19 @@ pub(crate) fn path_of(tree: &Tree, node: NodeId) -> String {
     found.unwrap_or_else(|| format!("<node {node}>"))
 }
 
-/// Logical block runs `(first, count)` holding a file's data runs, merged and sorted.
+/// Largest file ext4 holds with 4 KiB blocks: extents address 32-bit logical blocks, so the
+/// last byte is in block 2^32 - 2 (the kernel's `ext4_max_size` for extent-mapped files).
+pub const MAX_FILE_SIZE: u64 = ((1 << 32) - 1) * BLOCK_SIZE;
+
+/// Logical block runs `(first, count)` holding a file's data runs, merged and sorted. A size
+/// over [`MAX_FILE_SIZE`] is refused here, before any block of the file is allocated or written.
 pub(crate) fn block_runs(fd: &FileData) -> std::result::Result<Vec<(u64, u64)>, String> {
+    if fd.size > MAX_FILE_SIZE {
+        return Err(format!(
+            "file size {} bytes exceeds ext4's limit of {MAX_FILE_SIZE} bytes per file (2^32 - 1 blocks of 4 KiB)",
+            fd.size
+        ));
+    }
     let one;
     let segs: &[Segment] = match &fd.segments {
         Some(s) => s,

@@ -1025,42 +1025,17 @@ fn copy_range(
     out_off: u64,
     len: u64,
 ) -> std::io::Result<bool> {
-    use std::os::fd::AsRawFd;
     let f = std::fs::File::open(src)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", src.display())))?;
-    let (mut off_in, mut off_out) = (src_off as libc::loff_t, out_off as libc::loff_t);
-    let mut left = len as usize;
-    while left > 0 {
-        // SAFETY: both descriptors are open for the duration of the call and the offsets
-        // point at live locals; the kernel writes only through the offset pointers.
-        let n = unsafe {
-            libc::copy_file_range(
-                f.as_raw_fd(),
-                &mut off_in,
-                out.as_raw_fd(),
-                &mut off_out,
-                left,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            let unsupported = matches!(
-                e.raw_os_error(),
-                Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::EBADF)
-            );
-            if unsupported && left == len as usize {
-                return Ok(false);
-            }
-            return Err(e);
-        }
-        if n == 0 {
+    match kiln_os::copy_range(&f, src_off, out, out_off, len)? {
+        kiln_os::Copied::All => {}
+        kiln_os::Copied::Unsupported => return Ok(false),
+        kiln_os::Copied::Short(_) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 format!("{}: ends before byte {}", src.display(), src_off + len),
-            ));
+            ))
         }
-        left -= n as usize;
     }
     Ok(true)
 }

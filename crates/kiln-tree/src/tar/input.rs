@@ -5,6 +5,8 @@
 //! 00`; concatenated streams are read), zstd (RFC 8878, `28 b5 2f fd`; all frames).
 
 use std::io::{self, BufRead, BufReader, Read, Seek};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// How the bytes of a source are compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,15 +44,72 @@ pub fn detect(magic: &[u8]) -> Result<Compression, String> {
     })
 }
 
-/// Wraps `r` in the decoder for `c`.
+/// Wraps `r` in the decoder for `c`. Decoder errors name the format and how many compressed
+/// bytes had been consumed, so a corrupt stream points at where it broke.
 pub fn decoder<R: Read + Send + 'static>(c: Compression, r: R) -> io::Result<Box<dyn Read + Send>> {
-    Ok(match c {
-        Compression::None => Box::new(r),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(r))),
-        Compression::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(r)),
-        // The zstd decoder reads every frame of a multi-frame stream until EOF.
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
-    })
+    let consumed = Arc::new(AtomicU64::new(0));
+    let counted = Counted {
+        inner: r,
+        n: consumed.clone(),
+    };
+    let (inner, what): (Box<dyn Read + Send>, &'static str) = match c {
+        Compression::None => return Ok(Box::new(counted.inner)),
+        Compression::Gzip => (
+            Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(counted))),
+            "gzip",
+        ),
+        Compression::Xz => (
+            Box::new(xz2::read::XzDecoder::new_multi_decoder(counted)),
+            "xz",
+        ),
+        // The zstd decoder reads every frame of a multi-frame stream until EOF and checks
+        // each frame's content checksum when the frame has one.
+        Compression::Zstd => (Box::new(zstd::stream::read::Decoder::new(counted)?), "zstd"),
+    };
+    Ok(Box::new(Decoded {
+        inner,
+        what,
+        consumed,
+    }))
+}
+
+/// Counts the compressed bytes a decoder has read.
+struct Counted<R> {
+    inner: R,
+    n: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n.fetch_add(k as u64, Ordering::Relaxed);
+        Ok(k)
+    }
+}
+
+/// A decoder whose errors say which format failed and where in the compressed input.
+struct Decoded {
+    inner: Box<dyn Read + Send>,
+    what: &'static str,
+    consumed: Arc<AtomicU64>,
+}
+
+impl Read for Decoded {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::Interrupted {
+                return e;
+            }
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{} stream corrupt or truncated (within the first {} compressed bytes): {e}",
+                    self.what,
+                    self.consumed.load(Ordering::Relaxed)
+                ),
+            )
+        })
+    }
 }
 
 /// Reads up to [`MAGIC_LEN`] bytes from the start of `r` (fewer only at end of input).

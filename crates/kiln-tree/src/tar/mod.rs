@@ -193,6 +193,9 @@ impl TarStream {
             };
             b.add(&e, target, data, &mut |i| placer.discard(i))?;
         }
+        // The end-of-archive marker is not the end of the stream: the compressed framing is
+        // verified only by reading on to its end.
+        p.finish_stream()?;
         Ok(b.finish())
     }
 }

@@ -762,7 +762,48 @@ impl<'t, B: Backend> Parser<'t, B> {
     pub fn data_left(&self) -> u64 {
         self.data_left
     }
+
+    /// After the end-of-archive marker of a stream: reads the input to its end, so that the
+    /// decompressor checks its trailer (gzip CRC-32 and ISIZE, xz and zstd checksums) and
+    /// rejects bytes after the last compressed member. What follows the marker must be zero
+    /// (record padding), at most [`MAX_TRAILER`] bytes, and within the caller's limit.
+    pub fn finish_stream(&mut self) -> Result<(), Error> {
+        let start = self.pos;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let room = MAX_TRAILER.saturating_sub(self.pos - start);
+            if room == 0 {
+                return Err(Error::Archive {
+                    offset: start,
+                    msg: format!(
+                        "more than {MAX_TRAILER} bytes follow the end-of-archive marker (not record padding)"
+                    ),
+                });
+            }
+            let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+            let at = self.pos;
+            let n = self.fill(&mut buf[..want]).map_err(|e| Error::Archive {
+                offset: at,
+                msg: format!(
+                    "reading to the end of the stream after the end-of-archive marker: {e}"
+                ),
+            })?;
+            if n == 0 {
+                return Ok(());
+            }
+            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                return Err(Error::Archive {
+                    offset: at + i as u64,
+                    msg: "non-zero data after the end-of-archive marker (concatenated archives are not supported)".into(),
+                });
+            }
+        }
+    }
 }
+
+/// Bytes of zero padding a stream may carry after its end-of-archive marker. GNU tar pads to
+/// its record size (10 KiB by default, up to a few MiB with a large blocking factor).
+pub const MAX_TRAILER: u64 = 16 << 20;
 
 /// A numeric header field, or an error naming it.
 fn field(f: &[u8], what: &str, name: &[u8], off: u64) -> Result<i64, Error> {

@@ -67,11 +67,30 @@ pub(crate) fn load_payloads(table: &SlotTable, args: &[String]) -> anyhow::Resul
                 slot.capacity
             );
         }
-        let data = std::fs::read(file)
+        let data = read_at_most(file, slot.capacity)
             .with_context(|| format!("payload for slot {name:?}: {}", file.display()))?;
+        if data.len() as u64 > slot.capacity {
+            bail!(
+                "payload {} for slot {name:?} is more than the slot's capacity of {} bytes",
+                file.display(),
+                slot.capacity
+            );
+        }
         out.push(Payload::new(name, data));
     }
     Ok(out)
+}
+
+/// Reads at most `capacity + 1` bytes of `file`: enough to tell that a payload is too big
+/// without reading all of it. The size from `stat` is not enough: `/dev/zero`, a FIFO or a
+/// file that grows while it is read all report less than they yield.
+fn read_at_most(file: &Path, capacity: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    File::open(file)?
+        .take(capacity.saturating_add(1))
+        .read_to_end(&mut data)?;
+    Ok(data)
 }
 
 /// Opens an image and finds its slot table.
@@ -175,6 +194,7 @@ pub fn run(args: InjectArgs) -> Outcome {
             );
         }
         chunks = composed_chunks(&plan)?;
+        super::create_parent(dest)?;
         let m = output::write_new_file(src.file(), &args.image, &plan, dest)?;
         copy = Some(format!("{m:?}"));
         dest.display().to_string()

@@ -25,5 +25,15 @@ pub fn run(a: InspectArgs) -> Outcome {
     } else {
         print!("{}", kiln_build::inspect::format(&ins));
     }
+    // What was found is printed either way; a damaged or unknown image still fails.
+    if let Some(e) = &ins.gpt_error {
+        anyhow::bail!("{}: damaged GPT: {e}", a.image.display());
+    }
+    if !ins.recognised() {
+        anyhow::bail!(
+            "{}: unrecognised format (no GPT, ISO 9660, ext4, EROFS, FAT, verity, squashfs or swap signature, no slot table)",
+            a.image.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

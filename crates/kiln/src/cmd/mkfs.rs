@@ -155,10 +155,7 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
     opts.journal = a.journal;
     opts.timestamp = norm.source_date_epoch.unwrap_or(0);
 
-    if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating the output directory {}", parent.display()))?;
-    }
+    super::refuse_same_file(&a.source, &a.output, "source")?;
     let source = SourceArg::parse(&a.source);
     let opened =
         kiln_tree::open(&source).with_context(|| format!("reading {}", a.source.display()))?;
@@ -168,6 +165,7 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
             // Plan first: a tree that does not fit fails before any output exists.
             let plan = ext4::plan(&tree, &opts)
                 .with_context(|| format!("laying out {}", a.source.display()))?;
+            super::create_parent(&a.output)?;
             let out = AtomicFile::create(&a.output)
                 .with_context(|| format!("creating {}", a.output.display()))?;
             let len = a.size.unwrap_or(0).max(plan.size_bytes());
@@ -192,6 +190,7 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
             report
         }
         Opened::Stream(stream) => {
+            super::create_parent(&a.output)?;
             let out = AtomicFile::create(&a.output)
                 .with_context(|| format!("creating {}", a.output.display()))?;
             // A stream's size is unknown until its end: the window bounds what it may write

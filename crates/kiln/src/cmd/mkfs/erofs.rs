@@ -87,7 +87,9 @@ pub fn run(a: ErofsArgs) -> Outcome {
         dedupe: !a.no_dedupe,
     };
     let norm = Normalize::from_env(a.all_root)?;
+    super::super::refuse_same_file(&a.source, &a.output, "source")?;
     let source = SourceArg::parse(&a.source);
+    super::super::create_parent(&a.output)?;
     let out = AtomicFile::create(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;
     let file = out.file();
