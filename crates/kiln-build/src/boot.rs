@@ -34,10 +34,14 @@ pub struct BootParts {
     pub osrel: String,
     /// Modules in the initrd, in load order.
     pub modules: Vec<String>,
+    /// Why each of `modules` is there (same order).
+    pub reasons: Vec<String>,
     /// Requested modules the kernel has built in.
     pub builtin: Vec<String>,
     /// Optional modules this kernel does not have.
     pub skipped: Vec<String>,
+    /// Soft dependencies and run-time aliases that nothing in the kernel provides.
+    pub unresolved: Vec<String>,
 }
 
 /// Reads a binary from the tree at `tree_path`, else from the host at the same path.
@@ -73,15 +77,23 @@ pub fn prepare(
     let kernel = initrd::find_kernel(tree, boot.kernel.as_deref()).context("[boot] kernel")?;
     let linux = initrd::read_tree_file(tree, contents, &kernel.image)
         .with_context(|| format!("[boot] reading the kernel {}", kernel.image))?;
-    let (initrd_bytes, modules, builtin, skipped) = match &boot.initrd {
+    let built = match &boot.initrd {
         Some(path) => {
             let b =
                 std::fs::read(path).with_context(|| format!("[boot] initrd {}", path.display()))?;
-            (b, Vec::new(), Vec::new(), Vec::new())
+            initrd::Initrd {
+                bytes: b,
+                kernel: kernel.clone(),
+                modules: Vec::new(),
+                reasons: Vec::new(),
+                builtin: Vec::new(),
+                skipped: Vec::new(),
+                unresolved: Vec::new(),
+            }
         }
         None => {
             let kiln_init = kiln_init_embed::kiln_init().context("[boot] the kiln-init binary")?;
-            let built = initrd::build_initrd(
+            initrd::build_initrd(
                 tree,
                 contents,
                 &InitrdOptions {
@@ -93,10 +105,10 @@ pub fn prepare(
                     kiln_init: kiln_init.into_owned(),
                     mtime,
                     compression: Default::default(),
+                    module_files: Default::default(),
                 },
             )
-            .context("[boot] building the initrd")?;
-            (built.bytes, built.modules, built.builtin, built.skipped)
+            .context("[boot] building the initrd")?
         }
     };
     let (stub, stub_from) = match &boot.stub {
@@ -125,18 +137,41 @@ pub fn prepare(
     Ok(BootParts {
         kernel,
         linux,
-        initrd: initrd_bytes,
+        initrd: built.bytes,
         stub,
         stub_from,
         systemd_boot,
         osrel,
-        modules,
-        builtin,
-        skipped,
+        modules: built.modules,
+        reasons: built.reasons,
+        builtin: built.builtin,
+        skipped: built.skipped,
+        unresolved: built.unresolved,
     })
 }
 
 impl BootParts {
+    /// One line about the initrd for the build's progress output: kernel, module count, size,
+    /// and what the kernel lacks (the report has every module with why it is there).
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "kernel {}, {} modules, {} KiB",
+            self.kernel.version,
+            self.modules.len(),
+            self.initrd.len() / 1024
+        );
+        if !self.skipped.is_empty() {
+            s.push_str(&format!("; not in this kernel: {}", self.skipped.join(" ")));
+        }
+        if !self.unresolved.is_empty() {
+            s.push_str(&format!(
+                "; warning: nothing provides {}",
+                self.unresolved.join(", ")
+            ));
+        }
+        s
+    }
+
     /// Assembles the UKI for `cmdline`.
     pub fn uki(&self, cmdline: &str) -> Result<Vec<u8>> {
         let uname = self.kernel.version.as_bytes();

@@ -134,10 +134,39 @@ pub struct BootReport {
     pub initrd_size: u64,
     /// Modules in the initrd, in load order.
     pub modules: Vec<String>,
+    /// Module → why it is in the initrd (what asked for it).
+    pub module_reasons: BTreeMap<String, String>,
     /// Requested modules built into the kernel.
     pub builtin: Vec<String>,
     /// Optional modules this kernel does not have.
     pub skipped: Vec<String>,
+    /// Soft dependencies and run-time aliases nothing in the kernel provides, with who wanted
+    /// them.
+    pub unresolved: Vec<String>,
+}
+
+impl BootReport {
+    /// The report of a boot stage whose UKI has command line `cmdline` and file name `uki`.
+    pub fn new(bp: &boot::BootParts, cmdline: String, uki: String) -> Self {
+        BootReport {
+            kernel: bp.kernel.version.clone(),
+            kernel_path: bp.kernel.image.clone(),
+            cmdline,
+            uki,
+            stub: bp.stub_from.clone(),
+            initrd_size: bp.initrd.len() as u64,
+            modules: bp.modules.clone(),
+            module_reasons: bp
+                .modules
+                .iter()
+                .cloned()
+                .zip(bp.reasons.iter().cloned())
+                .collect(),
+            builtin: bp.builtin.clone(),
+            skipped: bp.skipped.clone(),
+            unresolved: bp.unresolved.clone(),
+        }
+    }
 }
 
 /// `OUTDIR/NAME.json`.
@@ -427,12 +456,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 osrel.clone(),
                 mtime.clamp(0, u32::MAX as i64) as u32,
             )?;
-            stages.done(format_args!(
-                "initrd: kernel {}, {} modules, {} KiB",
-                parts.kernel.version,
-                parts.modules.len(),
-                parts.initrd.len() / 1024
-            ));
+            stages.done(format_args!("initrd: {}", parts.summary()));
             Some(parts)
         }
     };
@@ -717,17 +741,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             "esp: systemd-boot + EFI/Linux/{uki_file} ({} KiB)",
             uki.len() / 1024
         ));
-        boot_report = Some(BootReport {
-            kernel: bp.kernel.version.clone(),
-            kernel_path: bp.kernel.image.clone(),
-            cmdline: c,
-            uki: uki_file.clone(),
-            stub: bp.stub_from.clone(),
-            initrd_size: bp.initrd.len() as u64,
-            modules: bp.modules.clone(),
-            builtin: bp.builtin.clone(),
-            skipped: bp.skipped.clone(),
-        });
+        boot_report = Some(BootReport::new(bp, c, uki_file.clone()));
         uki_bytes = Some(uki);
     }
 
