@@ -26,7 +26,9 @@ pub struct BootArgs {
     /// OVMF directory or OVMF_CODE file (default /usr/share/OVMF).
     #[arg(long, value_name = "DIR_OR_CODE_FILE")]
     pub ovmf: Option<PathBuf>,
-    /// How to attach the image: disk (virtio), usb, cdrom (virtio-scsi) or cdrom-ahci.
+    /// How to attach the image: disk (virtio-blk), scsi (virtio-scsi), nvme, ahci (SATA), usb
+    /// (xHCI stick), usb-ehci, uas (direct kernel boot only), cdrom (virtio-scsi) or
+    /// cdrom-ahci.
     #[arg(long = "as", value_name = "KIND", default_value = "disk")]
     pub attach: Attach,
     /// Guest memory in MiB.
