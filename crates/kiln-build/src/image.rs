@@ -320,6 +320,14 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let arg = SourceArg::parse(&source);
     let (mut tree, contents) = kiln_tree::open_random_access(&arg)
         .with_context(|| format!("reading the source {}", source.display()))?;
+    if let Some(add) = &spec.add {
+        let n = kiln_tree::dir::add_dir(&mut tree, add)
+            .with_context(|| format!("[source] add = {}", add.display()))?;
+        stages.done(format_args!(
+            "source: {n} entries added from {}",
+            add.display()
+        ));
+    }
     Normalize {
         source_date_epoch: epoch,
         all_root: spec.all_root,
