@@ -192,6 +192,40 @@ impl BootParts {
     }
 }
 
+/// With boot counting, systemd-bless-boot renames the UKI on the ESP once the boot is good; it
+/// finds the ESP mounted at `/efi` or `/boot`, where systemd-gpt-auto-generator mounts it only
+/// if the directory exists and is empty. A read-only root cannot grow one at boot, and
+/// Debian's `/boot` holds the kernel, so the build adds an empty `/efi` when the tree has
+/// neither an `/efi` nor an empty `/boot`. Returns whether it did.
+pub fn add_esp_mount_point(spec: &crate::spec::Spec, tree: &mut Tree, mtime: i64) -> Result<bool> {
+    let counting = spec.boot.as_ref().is_some_and(|b| b.tries > 0);
+    let has_esp = spec.partitions.iter().any(|p| p.type_name == "esp");
+    if !counting || !has_esp || tree.resolve(b"/efi").is_some() {
+        return Ok(false);
+    }
+    if let Some(b) = tree.resolve_follow(b"/boot") {
+        if tree.node(b).is_dir() && tree.entries(b).is_empty() {
+            return Ok(false);
+        }
+    }
+    let meta = Meta {
+        perm: 0o755,
+        mtime: Timestamp::from_secs(mtime),
+        ..Meta::default()
+    };
+    tree.insert(
+        b"/efi",
+        Node {
+            kind: NodeKind::Dir(Vec::new()),
+            meta: meta.clone(),
+            slot: None,
+        },
+        &meta,
+    )
+    .context("adding /efi to the root")?;
+    Ok(true)
+}
+
 /// The UKI's file name in `EFI/Linux/`: `NAME_VERSION+TRIES.efi`, or without a counter when
 /// boot counting is off.
 pub fn uki_name(name_version: &str, tries: u32) -> String {

@@ -339,6 +339,11 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         source.display(),
         tree.walk().len()
     ));
+    if boot::add_esp_mount_point(&spec, &mut tree, mtime)? {
+        stages.done(format_args!(
+            "root: added /efi, where systemd mounts the ESP to bless a counted boot"
+        ));
+    }
 
     // Policy, before anything is written.
     if !spec.forbid.is_empty() {
