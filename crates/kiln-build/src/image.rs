@@ -117,6 +117,10 @@ pub struct VerityReport {
     pub data_blocks: u64,
 }
 
+/// Bytes of `extra` free space per extra free inode of an auto-sized ext4 filesystem:
+/// mke2fs's default inode ratio (`mke2fs.conf`, `inode_ratio = 16384`).
+const EXTRA_BYTES_PER_INODE: u64 = 16384;
+
 /// The boot stage's result.
 #[derive(Clone, Debug, Serialize)]
 pub struct BootReport {
@@ -527,9 +531,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             (FsKind::Ext4, Some(t)) => {
                 let size = match p.size {
                     PartSize::Fixed(s) => ext4::Size::Fixed(align_up(s.0, ALIGN)),
+                    // The free space gets inodes at mke2fs's default density (one per
+                    // 16 KiB): a writable /var with room for data but no free inode cannot
+                    // create a file (journald, logind and dpkg all do at boot).
                     PartSize::Auto => ext4::Size::Minimize {
                         extra_bytes: p.extra,
-                        extra_inodes: 0,
+                        extra_inodes: p.extra / EXTRA_BYTES_PER_INODE,
                     },
                 };
                 let mut o = ext4::Options::from_seed(Some(&part_uuid_of(i)), size);
