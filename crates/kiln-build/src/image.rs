@@ -1301,6 +1301,12 @@ fn reflow(lay: &mut Layout) {
     }
 }
 
+/// Keeps systemd's veritysetup generator from acting on `roothash=` in the booted system:
+/// kiln-init has set up dm-verity already, and the generator would have systemd wait 90 s for
+/// the root hash halves as partition UUIDs, which a live medium or a slot filled by
+/// systemd-sysupdate does not have (systemd-veritysetup-generator(8): `systemd.verity=`).
+pub(crate) const NO_SYSTEMD_VERITY: &str = "systemd.verity=no";
+
 /// The UKI command line: the spec's, then how kiln-init finds the root.
 fn cmdline(spec: &Spec, lay: Option<&Layout>, root_hash: &[u8; 32]) -> String {
     let mut c = spec
@@ -1318,6 +1324,10 @@ fn cmdline(spec: &Spec, lay: Option<&Layout>, root_hash: &[u8; 32]) -> String {
         }
         if spec.partitions[ri].verity {
             c.push_str(&format!("roothash={}", hex32(root_hash)));
+            if spec.boot.as_ref().is_some_and(|b| b.initrd.is_none()) {
+                c.push(' ');
+                c.push_str(NO_SYSTEMD_VERITY);
+            }
             if spec.partitions[ri].slots == 2 {
                 // kiln update gives the slot the root hash halves as UUIDs; systemd-sysupdate
                 // cannot, but names the slot NAME_VERSION, which kiln-init falls back to.

@@ -201,7 +201,11 @@ pub fn live_cmdline(spec: &Spec, label: &str, root_hash: Option<&[u8; 32]>) -> S
     }
     c.push_str(&format!("kiln.live={label}"));
     if let Some(h) = root_hash {
-        c.push_str(&format!(" roothash={}", hex::encode(h)));
+        c.push_str(&format!(
+            " roothash={} {}",
+            hex::encode(h),
+            image::NO_SYSTEMD_VERITY
+        ));
     }
     c
 }
