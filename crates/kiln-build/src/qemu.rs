@@ -138,6 +138,8 @@ pub struct BootOptions {
     pub timeout: Duration,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// Virtual CPUs (multi-threaded TCG runs them on as many host threads).
+    pub cpus: u32,
     /// Write guest changes to the image (no `snapshot=on`).
     pub keep: bool,
     /// Copy the console to this process's stdout as it arrives.
@@ -160,6 +162,7 @@ impl Default for BootOptions {
                 .collect(),
             timeout: Duration::from_secs(120),
             memory_mib: 1024,
+            cpus: 1,
             keep: false,
             echo: true,
             qemu: None,
@@ -311,7 +314,9 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
     ])
     .args(["-serial", "stdio", "-no-reboot"])
     .arg("-m")
-    .arg(opts.memory_mib.to_string());
+    .arg(opts.memory_mib.to_string())
+    .arg("-smp")
+    .arg(opts.cpus.max(1).to_string());
     if let Firmware::Ovmf(spec) = &opts.firmware {
         let (code, vars) = ovmf_files(spec.as_deref())?;
         let private = scratch.path().join("OVMF_VARS.fd");

@@ -34,6 +34,9 @@ pub struct BootArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "M", default_value_t = 1024)]
     pub memory: u32,
+    /// Virtual CPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
     /// Let the guest write to the image (boot counting renames persist); default: snapshot.
     #[arg(long)]
     pub keep: bool,
@@ -73,6 +76,7 @@ pub fn run(a: BootArgs) -> Outcome {
         expect: a.expect,
         timeout: Duration::from_secs(a.timeout),
         memory_mib: a.memory,
+        cpus: a.cpus,
         keep: a.keep,
         echo: true,
         ..BootOptions::default()
