@@ -557,6 +557,7 @@ Before=boot-complete.target
 [Service]
 Type=oneshot
 ExecStart=/bin/sh -c 'echo KILN-HEALTH-FAILING; exit 1'
+StandardOutput=journal+console
 
 [Install]
 RequiredBy=boot-complete.target
