@@ -191,8 +191,9 @@ impl Loader {
             match self.load_file(m, &path) {
                 Ok(true) => {
                     self.log.push(format!(
-                        "loaded {m} in {} ms ({w})",
-                        t.elapsed().as_millis()
+                        "loaded {m} in {} ms{} ({w})",
+                        t.elapsed().as_millis(),
+                        self.how(&path)
                     ));
                     loaded.push(m.clone());
                 }
@@ -307,11 +308,27 @@ impl Loader {
         self.kmsg.as_mut().map(Kmsg::take).unwrap_or_default()
     }
 
+    /// Whether the kernel decompresses this file itself.
+    fn kernel_decompresses(&self, path: &str) -> bool {
+        let comp = ModuleCompression::of(path);
+        comp == ModuleCompression::None
+            || self.kernel_decompresses.as_deref() == Some(comp.kernel_name())
+    }
+
+    /// How a file is handed to the kernel, for the log: nothing for a plain `.ko`.
+    fn how(&self, path: &str) -> String {
+        let comp = ModuleCompression::of(path);
+        match (comp, self.kernel_decompresses(path)) {
+            (ModuleCompression::None, _) => String::new(),
+            (c, true) => format!(", {} decompressed by the kernel", c.kernel_name()),
+            (c, false) => format!(", {} decompressed by kiln-init", c.kernel_name()),
+        }
+    }
+
     /// Loads one file. `Ok(false)` when the module was already loaded.
     fn load_file(&mut self, name: &str, path: &str) -> Result<bool, String> {
         let comp = ModuleCompression::of(path);
-        let kernel_does = comp == ModuleCompression::None
-            || self.kernel_decompresses.as_deref() == Some(comp.kernel_name());
+        let kernel_does = self.kernel_decompresses(path);
         self.mark_log();
         let r = if kernel_does {
             finit(path, comp != ModuleCompression::None)

@@ -846,3 +846,145 @@ fn full_matrix() {
         "{results:#?}"
     );
 }
+
+/// Recompresses `name` (a `.ko.xz` of the tree) with `tool`, as `.ko.EXT`, and points
+/// modules.dep at it: a kernel package shipping that module compressed another way.
+fn recompress_module(
+    tree: &mut kiln_formats::fstree::Tree,
+    contents: &dyn kiln_formats::fstree::Contents,
+    moddir: &str,
+    rel_xz: &str,
+    ext: &str,
+    tool: &[&str],
+    dir: &Path,
+) {
+    use kiln_build::initrd;
+    use kiln_formats::fstree::{DataRef, FileData, Meta, Node, NodeKind};
+    let xz = initrd::read_tree_file(tree, contents, &format!("{moddir}/{rel_xz}")).unwrap();
+    let src = dir.join("module.ko.xz");
+    fs::write(&src, &xz).unwrap();
+    let raw = run_ok(Command::new(require_tool("xz")).arg("-dc").arg(&src)).stdout;
+    let plain = dir.join("module.ko");
+    fs::write(&plain, &raw).unwrap();
+    let packed = run_ok(
+        Command::new(require_tool(tool[0]))
+            .args(&tool[1..])
+            .arg(&plain),
+    )
+    .stdout;
+    let rel_new = format!("{}.{ext}", rel_xz.strip_suffix(".xz").unwrap());
+    let m = Meta::default();
+    let file = |b: Vec<u8>| Node {
+        kind: NodeKind::File(FileData::dense(b.len() as u64, DataRef::Inline(b.into()))),
+        meta: m.clone(),
+        slot: None,
+    };
+    tree.insert(format!("{moddir}/{rel_new}").as_bytes(), file(packed), &m)
+        .unwrap();
+    let dep_path = format!("{moddir}/modules.dep");
+    let dep =
+        String::from_utf8(initrd::read_tree_file(tree, contents, &dep_path).unwrap()).unwrap();
+    assert!(dep.contains(rel_xz), "{rel_xz} in modules.dep");
+    let dep = dep.replace(rel_xz, &rel_new);
+    tree.insert(dep_path.as_bytes(), file(dep.into_bytes()), &m)
+        .unwrap();
+}
+
+/// Must hold (compressed modules): the initrd keeps trixie's modules as shipped. The kernel
+/// decompresses `.ko.xz` itself (CONFIG_MODULE_DECOMPRESS with xz); dm-verity recompressed as
+/// `.ko.zst` and dm-bufio as `.ko.gz` it cannot, so kiln-init decompresses those. Direct kernel
+/// boot of the trixie disk with `kiln.debug`, until kiln-init switches root to systemd (the
+/// other tests take systemd from there).
+#[test]
+fn compressed_modules_by_the_kernel_and_by_kiln_init() {
+    use kiln_build::initrd::{self, InitrdOptions, ModuleFiles};
+    let Some(img) = tree_or_skip("trixie-generic") else {
+        return;
+    };
+    let dir = tmp_root().join("compressed");
+    fs::create_dir_all(&dir).unwrap();
+    let (mut tree, contents) =
+        kiln_tree::open_random_access(&kiln_tree::SourceArg::TarFile(img.tar.clone())).unwrap();
+    let kernel = initrd::find_kernel(&tree, None).unwrap();
+    let md = kernel.modules_dir.clone();
+    recompress_module(
+        &mut tree,
+        &contents,
+        &md,
+        "kernel/drivers/md/dm-verity.ko.xz",
+        "zst",
+        &["zstd", "-q", "-c", "-19"],
+        &dir,
+    );
+    recompress_module(
+        &mut tree,
+        &contents,
+        &md,
+        "kernel/drivers/md/dm-bufio.ko.xz",
+        "gz",
+        &["gzip", "-n", "-c", "-9"],
+        &dir,
+    );
+    let opts = InitrdOptions {
+        root_fs: Some("erofs".into()),
+        kiln_init: kiln_init_embed::kiln_init().unwrap().to_vec(),
+        module_files: ModuleFiles::AsShipped,
+        ..InitrdOptions::default()
+    };
+    let shipped = initrd::build_initrd(&tree, &contents, &opts).unwrap();
+    let decompressed = initrd::build_initrd(
+        &tree,
+        &contents,
+        &InitrdOptions {
+            module_files: ModuleFiles::Decompressed,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "trixie initrd: {} bytes with modules as shipped, {} decompressed",
+        shipped.bytes.len(),
+        decompressed.bytes.len()
+    );
+    let initrd_path = dir.join("initrd-as-shipped");
+    fs::write(&initrd_path, &shipped.bytes).unwrap();
+    let (kernel_path, _, cmdline) = uki_parts(img, &dir);
+    let out = {
+        let _one = QEMU.lock().unwrap_or_else(|p| p.into_inner());
+        qemu::boot(&BootOptions {
+            image: Some(img.disk.clone()),
+            firmware: Firmware::Bios,
+            direct: Some(DirectKernel {
+                kernel: kernel_path,
+                initrd: initrd_path,
+                append: format!("{cmdline} kiln.debug"),
+            }),
+            expect: Some("switching root to /sbin/init".into()),
+            timeout: Duration::from_secs(180),
+            echo: false,
+            ..BootOptions::default()
+        })
+        .unwrap()
+    };
+    eprintln!("boot with compressed modules: {}", out.summary());
+    assert_eq!(out.ending, Ending::Matched, "{}", out.console);
+    let line = |m: &str| {
+        out.console
+            .lines()
+            .find(|l| l.contains(&format!("loaded {m} in ")))
+            .unwrap_or_else(|| panic!("no 'loaded {m}' line:\n{}", out.console))
+            .to_string()
+    };
+    for (m, how) in [
+        ("erofs", "xz decompressed by the kernel"),
+        ("dm_verity", "zstd decompressed by kiln-init"),
+        ("dm_bufio", "gzip decompressed by kiln-init"),
+    ] {
+        let l = line(m);
+        assert!(l.contains(how), "{m}: {l}");
+    }
+    assert!(out.console.contains("dm-verity active"), "{}", out.console);
+    if let Some(l) = out.console.lines().find(|l| l.contains("modules for")) {
+        eprintln!("{l}");
+    }
+}
