@@ -34,10 +34,14 @@ pub struct BootParts {
     pub osrel: String,
     /// Modules in the initrd, in load order.
     pub modules: Vec<String>,
+    /// Why each of `modules` is there (same order).
+    pub reasons: Vec<String>,
     /// Requested modules the kernel has built in.
     pub builtin: Vec<String>,
     /// Optional modules this kernel does not have.
     pub skipped: Vec<String>,
+    /// Soft dependencies and run-time aliases that nothing in the kernel provides.
+    pub unresolved: Vec<String>,
 }
 
 /// Reads a binary from the tree at `tree_path`, else from the host at the same path.
@@ -73,15 +77,23 @@ pub fn prepare(
     let kernel = initrd::find_kernel(tree, boot.kernel.as_deref()).context("[boot] kernel")?;
     let linux = initrd::read_tree_file(tree, contents, &kernel.image)
         .with_context(|| format!("[boot] reading the kernel {}", kernel.image))?;
-    let (initrd_bytes, modules, builtin, skipped) = match &boot.initrd {
+    let built = match &boot.initrd {
         Some(path) => {
             let b =
                 std::fs::read(path).with_context(|| format!("[boot] initrd {}", path.display()))?;
-            (b, Vec::new(), Vec::new(), Vec::new())
+            initrd::Initrd {
+                bytes: b,
+                kernel: kernel.clone(),
+                modules: Vec::new(),
+                reasons: Vec::new(),
+                builtin: Vec::new(),
+                skipped: Vec::new(),
+                unresolved: Vec::new(),
+            }
         }
         None => {
             let kiln_init = kiln_init_embed::kiln_init().context("[boot] the kiln-init binary")?;
-            let built = initrd::build_initrd(
+            initrd::build_initrd(
                 tree,
                 contents,
                 &InitrdOptions {
@@ -93,10 +105,10 @@ pub fn prepare(
                     kiln_init: kiln_init.into_owned(),
                     mtime,
                     compression: Default::default(),
+                    module_files: Default::default(),
                 },
             )
-            .context("[boot] building the initrd")?;
-            (built.bytes, built.modules, built.builtin, built.skipped)
+            .context("[boot] building the initrd")?
         }
     };
     let (stub, stub_from) = match &boot.stub {
@@ -125,18 +137,41 @@ pub fn prepare(
     Ok(BootParts {
         kernel,
         linux,
-        initrd: initrd_bytes,
+        initrd: built.bytes,
         stub,
         stub_from,
         systemd_boot,
         osrel,
-        modules,
-        builtin,
-        skipped,
+        modules: built.modules,
+        reasons: built.reasons,
+        builtin: built.builtin,
+        skipped: built.skipped,
+        unresolved: built.unresolved,
     })
 }
 
 impl BootParts {
+    /// One line about the initrd for the build's progress output: kernel, module count, size,
+    /// and what the kernel lacks (the report has every module with why it is there).
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "kernel {}, {} modules, {} KiB",
+            self.kernel.version,
+            self.modules.len(),
+            self.initrd.len() / 1024
+        );
+        if !self.skipped.is_empty() {
+            s.push_str(&format!("; not in this kernel: {}", self.skipped.join(" ")));
+        }
+        if !self.unresolved.is_empty() {
+            s.push_str(&format!(
+                "; warning: nothing provides {}",
+                self.unresolved.join(", ")
+            ));
+        }
+        s
+    }
+
     /// Assembles the UKI for `cmdline`.
     pub fn uki(&self, cmdline: &str) -> Result<Vec<u8>> {
         let uname = self.kernel.version.as_bytes();
@@ -155,6 +190,40 @@ impl BootParts {
         )
         .context("assembling the UKI")
     }
+}
+
+/// With boot counting, systemd-bless-boot renames the UKI on the ESP once the boot is good; it
+/// finds the ESP mounted at `/efi` or `/boot`, where systemd-gpt-auto-generator mounts it only
+/// if the directory exists and is empty. A read-only root cannot grow one at boot, and
+/// Debian's `/boot` holds the kernel, so the build adds an empty `/efi` when the tree has
+/// neither an `/efi` nor an empty `/boot`. Returns whether it did.
+pub fn add_esp_mount_point(spec: &crate::spec::Spec, tree: &mut Tree, mtime: i64) -> Result<bool> {
+    let counting = spec.boot.as_ref().is_some_and(|b| b.tries > 0);
+    let has_esp = spec.partitions.iter().any(|p| p.type_name == "esp");
+    if !counting || !has_esp || tree.resolve(b"/efi").is_some() {
+        return Ok(false);
+    }
+    if let Some(b) = tree.resolve_follow(b"/boot") {
+        if tree.node(b).is_dir() && tree.entries(b).is_empty() {
+            return Ok(false);
+        }
+    }
+    let meta = Meta {
+        perm: 0o755,
+        mtime: Timestamp::from_secs(mtime),
+        ..Meta::default()
+    };
+    tree.insert(
+        b"/efi",
+        Node {
+            kind: NodeKind::Dir(Vec::new()),
+            meta: meta.clone(),
+            slot: None,
+        },
+        &meta,
+    )
+    .context("adding /efi to the root")?;
+    Ok(true)
 }
 
 /// The UKI's file name in `EFI/Linux/`: `NAME_VERSION+TRIES.efi`, or without a counter when

@@ -117,6 +117,10 @@ pub struct VerityReport {
     pub data_blocks: u64,
 }
 
+/// Bytes of `extra` free space per extra free inode of an auto-sized ext4 filesystem:
+/// mke2fs's default inode ratio (`mke2fs.conf`, `inode_ratio = 16384`).
+const EXTRA_BYTES_PER_INODE: u64 = 16384;
+
 /// The boot stage's result.
 #[derive(Clone, Debug, Serialize)]
 pub struct BootReport {
@@ -134,10 +138,39 @@ pub struct BootReport {
     pub initrd_size: u64,
     /// Modules in the initrd, in load order.
     pub modules: Vec<String>,
+    /// Module → why it is in the initrd (what asked for it).
+    pub module_reasons: BTreeMap<String, String>,
     /// Requested modules built into the kernel.
     pub builtin: Vec<String>,
     /// Optional modules this kernel does not have.
     pub skipped: Vec<String>,
+    /// Soft dependencies and run-time aliases nothing in the kernel provides, with who wanted
+    /// them.
+    pub unresolved: Vec<String>,
+}
+
+impl BootReport {
+    /// The report of a boot stage whose UKI has command line `cmdline` and file name `uki`.
+    pub fn new(bp: &boot::BootParts, cmdline: String, uki: String) -> Self {
+        BootReport {
+            kernel: bp.kernel.version.clone(),
+            kernel_path: bp.kernel.image.clone(),
+            cmdline,
+            uki,
+            stub: bp.stub_from.clone(),
+            initrd_size: bp.initrd.len() as u64,
+            modules: bp.modules.clone(),
+            module_reasons: bp
+                .modules
+                .iter()
+                .cloned()
+                .zip(bp.reasons.iter().cloned())
+                .collect(),
+            builtin: bp.builtin.clone(),
+            skipped: bp.skipped.clone(),
+            unresolved: bp.unresolved.clone(),
+        }
+    }
 }
 
 /// `OUTDIR/NAME.json`.
@@ -291,6 +324,14 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let arg = SourceArg::parse(&source);
     let (mut tree, contents) = kiln_tree::open_random_access(&arg)
         .with_context(|| format!("reading the source {}", source.display()))?;
+    if let Some(add) = &spec.add {
+        let n = kiln_tree::dir::add_dir(&mut tree, add)
+            .with_context(|| format!("[source] add = {}", add.display()))?;
+        stages.done(format_args!(
+            "source: {n} entries added from {}",
+            add.display()
+        ));
+    }
     Normalize {
         source_date_epoch: epoch,
         all_root: spec.all_root,
@@ -302,6 +343,11 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         source.display(),
         tree.walk().len()
     ));
+    if boot::add_esp_mount_point(&spec, &mut tree, mtime)? {
+        stages.done(format_args!(
+            "root: added /efi, where systemd mounts the ESP to bless a counted boot"
+        ));
+    }
 
     // Policy, before anything is written.
     if !spec.forbid.is_empty() {
@@ -427,12 +473,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 osrel.clone(),
                 mtime.clamp(0, u32::MAX as i64) as u32,
             )?;
-            stages.done(format_args!(
-                "initrd: kernel {}, {} modules, {} KiB",
-                parts.kernel.version,
-                parts.modules.len(),
-                parts.initrd.len() / 1024
-            ));
+            stages.done(format_args!("initrd: {}", parts.summary()));
             Some(parts)
         }
     };
@@ -498,9 +539,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             (FsKind::Ext4, Some(t)) => {
                 let size = match p.size {
                     PartSize::Fixed(s) => ext4::Size::Fixed(align_up(s.0, ALIGN)),
+                    // The free space gets inodes at mke2fs's default density (one per
+                    // 16 KiB): a writable /var with room for data but no free inode cannot
+                    // create a file (journald, logind and dpkg all do at boot).
                     PartSize::Auto => ext4::Size::Minimize {
                         extra_bytes: p.extra,
-                        extra_inodes: 0,
+                        extra_inodes: p.extra / EXTRA_BYTES_PER_INODE,
                     },
                 };
                 let mut o = ext4::Options::from_seed(Some(&part_uuid_of(i)), size);
@@ -731,17 +775,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             "esp: systemd-boot + EFI/Linux/{uki_file} ({} KiB)",
             uki.len() / 1024
         ));
-        boot_report = Some(BootReport {
-            kernel: bp.kernel.version.clone(),
-            kernel_path: bp.kernel.image.clone(),
-            cmdline: c,
-            uki: uki_file.clone(),
-            stub: bp.stub_from.clone(),
-            initrd_size: bp.initrd.len() as u64,
-            modules: bp.modules.clone(),
-            builtin: bp.builtin.clone(),
-            skipped: bp.skipped.clone(),
-        });
+        boot_report = Some(BootReport::new(bp, c, uki_file.clone()));
         uki_bytes = Some(uki);
     }
 
@@ -1258,6 +1292,12 @@ fn reflow(lay: &mut Layout) {
     lay.place();
 }
 
+/// Keeps systemd's veritysetup generator from acting on `roothash=` in the booted system:
+/// kiln-init has set up dm-verity already, and the generator would have systemd wait 90 s for
+/// the root hash halves as partition UUIDs, which a live medium or a slot filled by
+/// systemd-sysupdate does not have (systemd-veritysetup-generator(8): `systemd.verity=`).
+pub(crate) const NO_SYSTEMD_VERITY: &str = "systemd.verity=no";
+
 /// The UKI command line: the spec's, then how kiln-init finds the root.
 fn cmdline(spec: &Spec, lay: Option<&Layout>, root_hash: &[u8; 32]) -> String {
     let mut c = spec
@@ -1275,6 +1315,10 @@ fn cmdline(spec: &Spec, lay: Option<&Layout>, root_hash: &[u8; 32]) -> String {
         }
         if spec.partitions[ri].verity {
             c.push_str(&format!("roothash={}", hex32(root_hash)));
+            if spec.boot.as_ref().is_some_and(|b| b.initrd.is_none()) {
+                c.push(' ');
+                c.push_str(NO_SYSTEMD_VERITY);
+            }
             if spec.partitions[ri].slots == 2 {
                 // kiln update gives the slot the root hash halves as UUIDs; systemd-sysupdate
                 // cannot, but names the slot NAME_VERSION, which kiln-init falls back to.

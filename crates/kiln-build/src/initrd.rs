@@ -1,53 +1,87 @@
-//! The initrd kiln builds: kiln-init as `/init`, the kernel modules the boot needs (the closure
-//! of a requested set over `modules.dep`, in load order, decompressed), and kiln-init's
-//! configuration, as a deterministic cpio "newc" archive compressed with zstd or gzip (both
-//! supported by Debian's kernels: CONFIG_RD_ZSTD, CONFIG_RD_GZIP).
+//! The initrd kiln builds: kiln-init as `/init`, the kernel modules the boot needs, the part
+//! of the kernel's module database that concerns them, and kiln-init's configuration, as a
+//! deterministic cpio "newc" archive compressed with zstd or gzip (both supported by Debian's
+//! kernels: CONFIG_RD_ZSTD, CONFIG_RD_GZIP).
 //!
 //! The kernel and its modules come from the root tree (any [`Contents`] source): the kernel at
 //! `/boot/vmlinuz-VERSION` or `/usr/lib/modules/VERSION/vmlinuz`, the modules under
-//! `/usr/lib/modules/VERSION` (or `/lib/modules/VERSION`). A missing kernel, a missing
-//! required module or an unreadable `modules.dep` is an error here, at build time, never a
-//! broken image.
+//! `/usr/lib/modules/VERSION` (or `/lib/modules/VERSION`). Which modules: the closure that
+//! modprobe would load for the boot's needs ([`kiln_init::modules`], the same resolver kiln-init
+//! runs at boot) — `modules.dep`, `modules.softdep` (pre and post, through aliases such as
+//! `crypto-crc32c`), `modules.weakdep`, built-in modules and aliases — plus the crypto
+//! algorithms the kernel asks for by alias at run time ([`RUNTIME_REQUESTS`]). Every module is
+//! reported with why it is there. The initrd carries `modules.dep`, `modules.alias`,
+//! `modules.softdep`, `modules.builtin` and the built-in aliases for what it holds, so kiln-init,
+//! answering the kernel's `request_module` as `/sbin/modprobe`, finds `crypto-crc32c` among them.
+//!
+//! A missing kernel, a missing required module or an unreadable `modules.dep` is an error here,
+//! at build time, never a broken image.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::Write;
 
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::cpio::{self, Entry, EntryKind};
 use kiln_formats::fstree::{Contents, NodeId, NodeKind, Tree};
 use kiln_init::config::Config;
+use kiln_init::modules::{Closure, Follow, Lookup, ModuleDb, Reason};
 
 /// Where kiln-init's configuration lives in the initrd.
 pub use kiln_init::config::CONFIG_PATH;
 
-/// Modules every kiln initrd needs (unless built into the kernel): the virtio disk the images
-/// boot from in VMs and dm-verity.
-pub const REQUIRED_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "dm_mod", "dm_verity"];
+/// Modules every kiln initrd needs (unless built into the kernel), with why: the virtio disk
+/// the images boot from in VMs, and dm-verity.
+pub const REQUIRED_MODULES: &[(&str, &str)] = &[
+    ("virtio_pci", "virtio devices"),
+    ("virtio_blk", "virtio disks"),
+    ("dm_mod", "dm-verity root"),
+    ("dm_verity", "dm-verity root"),
+];
 
-/// Modules included when the kernel has them: other disk, CD and USB controllers, the live
-/// boot's filesystems, loop and overlay. Kernels built for clouds lack some (Debian's cloud
-/// kernel has no AHCI or USB); they are reported as skipped.
-pub const OPTIONAL_MODULES: &[&str] = &[
-    "virtio_scsi",
-    "sd_mod",
-    "sr_mod",
-    "nvme",
-    "ahci",
-    "ata_piix",
-    "xhci_pci",
-    "ehci_pci",
-    "usb_storage",
-    "uas",
-    "loop",
-    "overlay",
-    "isofs",
-    "vfat",
-    "nls_cp437",
-    "nls_iso8859_1",
-    "nls_ascii",
-    "erofs",
-    "squashfs",
-    "ext4",
+/// Modules included when the kernel has them, with why: the storage paths a boot disk or live
+/// medium can come through on a generic kernel, the live boot's filesystems, loop and overlay.
+/// Kernels built for clouds lack some (Debian's cloud kernel has no AHCI or USB); they are
+/// reported as skipped.
+pub const OPTIONAL_MODULES: &[(&str, &str)] = &[
+    ("virtio_scsi", "virtio-scsi disks and CDs"),
+    ("sd_mod", "SCSI, SATA and USB disks"),
+    ("sr_mod", "CD and DVD drives"),
+    ("nvme", "NVMe disks"),
+    ("ahci", "SATA (AHCI) disks and CDs"),
+    ("ata_piix", "IDE and legacy SATA"),
+    ("xhci_pci", "USB 3 controllers"),
+    ("ehci_pci", "USB 2 controllers"),
+    ("uhci_hcd", "USB 1.1 companion controllers"),
+    ("ohci_pci", "USB 1.1 companion controllers"),
+    ("usb_storage", "USB sticks"),
+    ("uas", "USB attached SCSI disks"),
+    ("loop", "live images"),
+    ("overlay", "overlays"),
+    ("isofs", "live CDs"),
+    ("vfat", "FAT media"),
+    ("nls_cp437", "FAT media"),
+    ("nls_iso8859_1", "FAT media"),
+    ("nls_ascii", "FAT media"),
+    ("erofs", "EROFS roots"),
+    ("squashfs", "squashfs roots"),
+    ("ext4", "ext4 roots and /var"),
+];
+
+/// What the kernel asks for by alias at run time, through `request_module`, when a module in
+/// the initrd is used: (module, alias, why). `modules.softdep` names some of these (ext4's and
+/// libcrc32c's crc32c) but not all, and not on every kernel; an alias that the kernel has built
+/// in (Debian's sha256) needs nothing.
+pub const RUNTIME_REQUESTS: &[(&str, &str, &str)] = &[
+    ("dm_verity", "crypto-sha256", "dm-verity's hash"),
+    ("libcrc32c", "crypto-crc32c", "libcrc32c's checksum"),
+    ("ext4", "crypto-crc32c", "ext4 metadata checksums"),
+    ("jbd2", "crypto-crc32c", "journal checksums"),
+    ("erofs", "crypto-crc32c", "EROFS superblock checksums"),
+    (
+        "crc64_rocksoft",
+        "crypto-crc64-rocksoft",
+        "NVMe and SCSI protection information",
+    ),
 ];
 
 /// How the cpio archive is compressed.
@@ -88,6 +122,20 @@ pub struct InitrdOptions {
     pub mtime: u32,
     /// Compression of the archive.
     pub compression: Compression,
+    /// How module files go into the archive.
+    pub module_files: ModuleFiles,
+}
+
+/// How module files are stored in the initrd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ModuleFiles {
+    /// Decompressed (`.ko`): the archive's own compression covers them, and nothing needs
+    /// decompressing twice at boot.
+    #[default]
+    Decompressed,
+    /// As the kernel package ships them (`.ko.xz`, `.ko.zst`, `.ko.gz`): kiln-init has the
+    /// kernel decompress them (`CONFIG_MODULE_DECOMPRESS`) or does it itself.
+    AsShipped,
 }
 
 /// The kernel found in a tree.
@@ -108,26 +156,23 @@ pub struct Initrd {
     pub bytes: Vec<u8>,
     /// The kernel the modules belong to.
     pub kernel: KernelInfo,
-    /// Modules included, in load order (names as in modules.dep).
+    /// Modules included, in load order (names as kmod normalises them).
     pub modules: Vec<String>,
-    /// Requested modules that are built into the kernel.
+    /// Why each module is included: what asked for it (same order as `modules`).
+    pub reasons: Vec<String>,
+    /// Requested modules (and aliases) that are built into the kernel.
     pub builtin: Vec<String>,
     /// Optional modules the kernel does not have.
     pub skipped: Vec<String>,
+    /// Soft dependencies and run-time aliases nothing in the kernel provides, with who wanted
+    /// them (a kernel package with a module missing; the boot may still work).
+    pub unresolved: Vec<String>,
 }
 
-/// Normalises a module name: `dm-verity`, `dm_verity.ko.xz` and `kernel/…/dm-verity.ko` all
-/// become `dm_verity`.
-pub fn module_name(s: &str) -> String {
-    let base = s.rsplit('/').next().unwrap_or(s);
-    let base = base
-        .strip_suffix(".xz")
-        .or_else(|| base.strip_suffix(".zst"))
-        .or_else(|| base.strip_suffix(".gz"))
-        .unwrap_or(base);
-    let base = base.strip_suffix(".ko").unwrap_or(base);
-    base.replace('-', "_")
-}
+/// `module_name` normalises a module name (`dm-verity`, `dm_verity.ko.xz` and
+/// `kernel/…/dm-verity.ko` all become `dm_verity`); `DB_FILES` are the module database files
+/// of a modules directory.
+pub use kiln_init::modules::{module_name, DB_FILES};
 
 /// Resolves `path` in `tree`, following symlinks, as the booted system would see it.
 pub fn resolve_follow(tree: &Tree, path: &str) -> Option<NodeId> {
@@ -251,170 +296,6 @@ pub fn find_kernel(tree: &Tree, explicit: Option<&str>) -> Result<KernelInfo> {
     })
 }
 
-/// The module database of one kernel: modules.dep, modules.builtin and the `pre:` soft
-/// dependencies of modules.softdep.
-#[derive(Clone, Debug, Default)]
-pub struct ModuleDb {
-    /// Name → (path relative to the modules directory, hard dependencies by name).
-    pub modules: BTreeMap<String, (String, Vec<String>)>,
-    /// Names of modules built into the kernel.
-    pub builtin: BTreeSet<String>,
-    /// Name → modules to load before it when present.
-    pub softdep_pre: BTreeMap<String, Vec<String>>,
-}
-
-impl ModuleDb {
-    /// Parses the three files' text (`builtin` and `softdep` may be empty).
-    pub fn parse(dep: &str, builtin: &str, softdep: &str) -> Result<Self> {
-        let mut db = ModuleDb::default();
-        for (i, line) in dep.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (path, deps) = line
-                .split_once(':')
-                .ok_or_else(|| anyhow!("modules.dep line {}: no ':' in {line:?}", i + 1))?;
-            let deps = deps.split_whitespace().map(module_name).collect();
-            db.modules
-                .insert(module_name(path), (path.trim().to_string(), deps));
-        }
-        for line in builtin.lines() {
-            let l = line.trim();
-            if !l.is_empty() {
-                db.builtin.insert(module_name(l));
-            }
-        }
-        for line in softdep.lines() {
-            let w: Vec<&str> = line.split_whitespace().collect();
-            if w.len() < 3 || w[0] != "softdep" {
-                continue;
-            }
-            let mut pre = Vec::new();
-            let mut in_pre = false;
-            for x in &w[2..] {
-                match *x {
-                    "pre:" => in_pre = true,
-                    "post:" => in_pre = false,
-                    m if in_pre => pre.push(module_name(m)),
-                    _ => {}
-                }
-            }
-            if !pre.is_empty() {
-                db.softdep_pre
-                    .entry(module_name(w[1]))
-                    .or_default()
-                    .extend(pre);
-            }
-        }
-        Ok(db)
-    }
-
-    /// Resolves `required` (each must exist or be built in) and `optional` (skipped when
-    /// absent) to modules in load order: every module after its dependencies. Returns
-    /// (load order, requested-but-builtin, optional-but-absent).
-    pub fn closure(
-        &self,
-        required: &[String],
-        optional: &[String],
-    ) -> Result<(Vec<String>, Vec<String>, Vec<String>)> {
-        let mut order = Vec::new();
-        let mut seen = BTreeSet::new();
-        let mut builtin = Vec::new();
-        let mut skipped = Vec::new();
-        let mut missing = Vec::new();
-        for (req, is_required) in required
-            .iter()
-            .map(|r| (r, true))
-            .chain(optional.iter().map(|o| (o, false)))
-        {
-            let name = module_name(req);
-            if self.builtin.contains(&name) {
-                builtin.push(name);
-            } else if self.modules.contains_key(&name) {
-                self.visit(&name, &mut seen, &mut order, 0)?;
-            } else if is_required {
-                missing.push(name);
-            } else {
-                skipped.push(name);
-            }
-        }
-        if !missing.is_empty() {
-            bail!(
-                "kernel module{} {} not found: neither in modules.dep nor in modules.builtin",
-                if missing.len() > 1 { "s" } else { "" },
-                missing.join(", ")
-            );
-        }
-        builtin.sort();
-        builtin.dedup();
-        Ok((order, builtin, skipped))
-    }
-
-    fn visit(
-        &self,
-        name: &str,
-        seen: &mut BTreeSet<String>,
-        order: &mut Vec<String>,
-        depth: usize,
-    ) -> Result<()> {
-        if depth > 64 {
-            bail!("modules.dep: dependency chain through {name} is circular or deeper than 64");
-        }
-        if seen.contains(name) {
-            return Ok(());
-        }
-        let Some((_, deps)) = self.modules.get(name) else {
-            if self.builtin.contains(name) {
-                return Ok(());
-            }
-            bail!("modules.dep: a module depends on {name}, which is not listed");
-        };
-        seen.insert(name.to_string());
-        // Soft "pre" dependencies first when the kernel has them (crc32c before libcrc32c…).
-        if let Some(pre) = self.softdep_pre.get(name) {
-            for p in pre {
-                if self.modules.contains_key(p) {
-                    self.visit(p, seen, order, depth + 1)?;
-                }
-            }
-        }
-        // modules.dep lists dependencies so that the last one loads first.
-        for d in deps.iter().rev() {
-            self.visit(d, seen, order, depth + 1)?;
-        }
-        order.push(name.to_string());
-        Ok(())
-    }
-}
-
-fn decompress(path: &str, data: Vec<u8>) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    if path.ends_with(".ko.xz") {
-        xz2::read::XzDecoder::new(&data[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("{path}: xz decompression"))?;
-    } else if path.ends_with(".ko.zst") {
-        out = zstd::stream::decode_all(&data[..])
-            .with_context(|| format!("{path}: zstd decompression"))?;
-    } else if path.ends_with(".ko.gz") {
-        flate2::read::GzDecoder::new(&data[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("{path}: gzip decompression"))?;
-    } else {
-        return Ok(data);
-    }
-    Ok(out)
-}
-
-fn read_optional_text(tree: &Tree, contents: &dyn Contents, path: &str) -> Result<String> {
-    if resolve_follow(tree, path).is_none() {
-        return Ok(String::new());
-    }
-    let b = read_tree_file(tree, contents, path)?;
-    String::from_utf8(b).with_context(|| format!("{path}: not UTF-8 text"))
-}
-
 /// Loads the module database of `kernel` from the tree.
 pub fn module_db(tree: &Tree, contents: &dyn Contents, kernel: &KernelInfo) -> Result<ModuleDb> {
     let dir = &kernel.modules_dir;
@@ -425,10 +306,95 @@ pub fn module_db(tree: &Tree, contents: &dyn Contents, kernel: &KernelInfo) -> R
             kernel.version
         );
     }
-    let dep = read_optional_text(tree, contents, &dep_path)?;
-    let builtin = read_optional_text(tree, contents, &format!("{dir}/modules.builtin"))?;
-    let softdep = read_optional_text(tree, contents, &format!("{dir}/modules.softdep"))?;
-    ModuleDb::parse(&dep, &builtin, &softdep).with_context(|| dep_path.clone())
+    let mut failure = None;
+    let db = ModuleDb::from_files(|name| {
+        let p = format!("{dir}/{name}");
+        if resolve_follow(tree, &p).is_none() {
+            return Ok(None);
+        }
+        match read_tree_file(tree, contents, &p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                failure = Some(e);
+                Err(msg)
+            }
+        }
+    });
+    match (db, failure) {
+        (Ok(db), _) => Ok(db),
+        (Err(_), Some(e)) => Err(e.context(format!("reading the module database in {dir}"))),
+        (Err(e), None) => Err(anyhow!("{dir}/{e}")),
+    }
+}
+
+/// The modules an initrd gets for a kernel, and why.
+#[derive(Clone, Debug, Default)]
+pub struct ModulePlan {
+    /// The closure: modules in load order with reasons, built-ins, what nothing provides.
+    pub closure: Closure,
+    /// Optional modules the kernel does not have.
+    pub skipped: Vec<String>,
+    /// What kiln-init is asked to load at boot, in order (module names and aliases; each
+    /// brings its dependencies along).
+    pub load: Vec<String>,
+}
+
+/// Resolves what an initrd needs: `required` (name, why) must exist or be built in, `optional`
+/// are taken when the kernel has them, and the aliases of [`RUNTIME_REQUESTS`] are added for
+/// the modules that end up included.
+pub fn plan_modules(
+    db: &ModuleDb,
+    required: &[(String, String)],
+    optional: &[(String, String)],
+) -> Result<ModulePlan> {
+    let follow = Follow {
+        softdeps: true,
+        weakdeps: true,
+    };
+    let mut missing = Vec::new();
+    let mut skipped = Vec::new();
+    let mut requests: Vec<(String, Reason)> = Vec::new();
+    for (name, why) in required {
+        if db.lookup(name) == Lookup::Unknown {
+            missing.push(module_name(name));
+        }
+        requests.push((name.clone(), Reason::Requested(why.clone())));
+    }
+    if !missing.is_empty() {
+        bail!(
+            "kernel module{} {} not found: neither in modules.dep nor in modules.builtin",
+            if missing.len() > 1 { "s" } else { "" },
+            missing.join(", ")
+        );
+    }
+    for (name, why) in optional {
+        if db.lookup(name) == Lookup::Unknown {
+            skipped.push(module_name(name));
+        } else {
+            requests.push((name.clone(), Reason::Requested(why.clone())));
+        }
+    }
+    let first = db.closure(&requests, follow).map_err(|e| anyhow!(e))?;
+    for (module, alias, why) in RUNTIME_REQUESTS {
+        if first.contains(module) && !requests.iter().any(|(n, _)| n == alias) {
+            requests.push((
+                alias.to_string(),
+                Reason::Requested(format!("{why}, asked for by {module} at run time")),
+            ));
+        }
+    }
+    let closure = db.closure(&requests, follow).map_err(|e| anyhow!(e))?;
+    let load = requests
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| matches!(db.lookup(n), Lookup::Module(_) | Lookup::Alias(_)))
+        .collect();
+    Ok(ModulePlan {
+        closure,
+        skipped,
+        load,
+    })
 }
 
 /// Builds the initrd for the kernel in `tree`.
@@ -438,19 +404,26 @@ pub fn build_initrd(tree: &Tree, contents: &dyn Contents, opts: &InitrdOptions) 
     }
     let kernel = find_kernel(tree, opts.kernel.as_deref())?;
     let db = module_db(tree, contents, &kernel)?;
-    let mut required: Vec<String> = REQUIRED_MODULES.iter().map(|s| s.to_string()).collect();
+    let own = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(m, w)| (m.to_string(), w.to_string()))
+            .collect()
+    };
+    let mut required = own(REQUIRED_MODULES);
     if let Some(fs) = &opts.root_fs {
-        required.push(fs.clone());
+        required.push((fs.clone(), "root filesystem".into()));
     }
-    required.extend(opts.extra_modules.iter().cloned());
-    let optional: Vec<String> = if opts.no_optional_modules {
+    for m in &opts.extra_modules {
+        required.push((m.clone(), "[boot] modules".into()));
+    }
+    let optional = if opts.no_optional_modules {
         Vec::new()
     } else {
-        OPTIONAL_MODULES.iter().map(|s| s.to_string()).collect()
+        own(OPTIONAL_MODULES)
     };
-    let (order, builtin, skipped) = db
-        .closure(&required, &optional)
+    let plan = plan_modules(&db, &required, &optional)
         .with_context(|| format!("kernel {} ({})", kernel.version, kernel.modules_dir))?;
+    let order = plan.closure.names();
 
     let m = opts.mtime;
     let mut entries = vec![
@@ -468,29 +441,55 @@ pub fn build_initrd(tree: &Tree, contents: &dyn Contents, opts: &InitrdOptions) 
         Entry::dir("run", 0o755, m),
         Entry::dir("newroot", 0o755, m),
         Entry::dir("etc", 0o755, m),
+        // The kernel's usermode modprobe (CONFIG_MODPROBE_PATH) is kiln-init.
+        Entry::dir("sbin", 0o755, m),
+        Entry::new(
+            "sbin/modprobe",
+            EntryKind::Symlink(b"../init".to_vec()),
+            0o777,
+            m,
+        ),
     ];
-    let mut dirs = BTreeSet::new();
+    let stored_path = |rel: &str| -> String {
+        match opts.module_files {
+            ModuleFiles::AsShipped => rel.to_string(),
+            ModuleFiles::Decompressed => {
+                let mut r = rel;
+                for x in kiln_init::modules::COMPRESSED_SUFFIXES {
+                    r = r.strip_suffix(x).unwrap_or(r);
+                }
+                r.to_string()
+            }
+        }
+    };
+    let base = format!("lib/modules/{}", kernel.version);
+    let mut dirs = BTreeSet::from([base.clone()]);
     let mut cfg = opts.config.clone();
     cfg.modules.clear();
     for name in &order {
-        let (rel, _) = &db.modules[name];
+        let rel = &db.modules[name].path;
         let src = format!("{}/{rel}", kernel.modules_dir);
         let data = read_tree_file(tree, contents, &src)
             .with_context(|| format!("kernel module {name}"))?;
-        let data = decompress(&src, data)?;
-        let stored = rel
-            .trim_end_matches(".xz")
-            .trim_end_matches(".zst")
-            .trim_end_matches(".gz")
-            .to_string();
-        let dest = format!("lib/modules/{}/{stored}", kernel.version);
+        let data = match opts.module_files {
+            ModuleFiles::Decompressed => {
+                kiln_init::modules::decompress(&src, data).map_err(|e| anyhow!(e))?
+            }
+            ModuleFiles::AsShipped => data,
+        };
+        let dest = format!("{base}/{}", stored_path(rel));
         let mut d = dest.as_str();
         while let Some((parent, _)) = d.rsplit_once('/') {
             dirs.insert(parent.to_string());
             d = parent;
         }
-        cfg.modules.push(format!("/{dest}"));
         entries.push(Entry::file(&dest, data, 0o644, m));
+    }
+    // kiln-init loads these by name, each with its dependencies and soft dependencies as
+    // modprobe would, from the database subset below.
+    cfg.modules = plan.load.clone();
+    for (name, file) in db.render_subset(&order, |p| stored_path(p)) {
+        entries.push(Entry::file(&format!("{base}/{name}"), file, 0o644, m));
     }
     for d in dirs {
         entries.push(Entry::dir(&d, 0o755, m));
@@ -503,12 +502,24 @@ pub fn build_initrd(tree: &Tree, contents: &dyn Contents, opts: &InitrdOptions) 
     ));
     let archive = cpio::write_entries(&entries, Vec::new()).context("writing the initrd cpio")?;
     let bytes = compress(&archive, opts.compression)?;
+    let c = &plan.closure;
     Ok(Initrd {
         bytes,
         kernel,
         modules: order,
-        builtin,
-        skipped,
+        reasons: c.order.iter().map(|(_, r)| r.to_string()).collect(),
+        builtin: {
+            let mut b: Vec<String> = c.builtin.iter().map(|(n, _)| n.clone()).collect();
+            b.sort();
+            b.dedup();
+            b
+        },
+        skipped: plan.skipped,
+        unresolved: c
+            .unresolved
+            .iter()
+            .map(|(n, r)| format!("{n} ({r})"))
+            .collect(),
     })
 }
 
@@ -582,9 +593,24 @@ mod tests {
         assert_eq!(version_cmp("6.1.0", "6.1.0"), Equal);
     }
 
+    fn db(dep: &str, builtin: &str, softdep: &str, alias: &str) -> ModuleDb {
+        let files = BTreeMap::from([
+            ("modules.dep", dep),
+            ("modules.builtin", builtin),
+            ("modules.softdep", softdep),
+            ("modules.alias", alias),
+        ]);
+        ModuleDb::from_files(|n| Ok(files.get(n).map(|t| t.as_bytes().to_vec()))).unwrap()
+    }
+
+    fn pairs(v: &[&str], why: &str) -> Vec<(String, String)> {
+        v.iter().map(|s| (s.to_string(), why.to_string())).collect()
+    }
+
     #[test]
-    fn closure_orders_dependencies_first_and_reports() {
-        let dep = "\
+    fn plan_follows_softdeps_and_runtime_aliases_and_says_why() {
+        let db = db(
+            "\
 kernel/a/virtio.ko:
 kernel/a/virtio_ring.ko:
 kernel/a/virtio_pci.ko: kernel/a/virtio_pci_modern_dev.ko kernel/a/virtio.ko kernel/a/virtio_ring.ko
@@ -595,20 +621,19 @@ kernel/md/dm-mod.ko:
 kernel/fs/erofs.ko: kernel/lib/libcrc32c.ko
 kernel/lib/libcrc32c.ko:
 kernel/crypto/crc32c_generic.ko:
-";
-        let db = ModuleDb::parse(
-            dep,
+kernel/arch/x86/crypto/sha256-ssse3.ko:
+",
             "kernel/fs/ext4/ext4.ko\n",
-            "softdep libcrc32c pre: crc32c\nsoftdep crc32c pre: crc32c_generic\n",
+            "softdep libcrc32c pre: crc32c\n",
+            "alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\nalias crypto-sha256 sha256_ssse3\n",
+        );
+        let plan = plan_modules(
+            &db,
+            &pairs(&["dm-verity", "virtio_pci", "ext4", "erofs"], "boot"),
+            &pairs(&["usb_storage", "dm_mod"], "optional"),
         )
         .unwrap();
-        let req: Vec<String> = ["dm-verity", "virtio_pci", "ext4", "erofs"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let (order, builtin, skipped) = db
-            .closure(&req, &["usb_storage".to_string(), "dm_mod".to_string()])
-            .unwrap();
+        let order = plan.closure.names();
         let pos = |n: &str| order.iter().position(|x| x == n).unwrap_or(usize::MAX);
         assert!(pos("dm_mod") < pos("dm_bufio") && pos("dm_bufio") < pos("dm_verity"));
         for d in ["virtio", "virtio_ring", "virtio_pci_modern_dev"] {
@@ -617,27 +642,47 @@ kernel/crypto/crc32c_generic.ko:
                 "{d} before virtio_pci: {order:?}"
             );
         }
-        assert!(pos("libcrc32c") < pos("erofs"));
+        // libcrc32c's crc32c comes from the softdep through an alias, before libcrc32c.
+        assert!(pos("crc32c_generic") < pos("libcrc32c") && pos("libcrc32c") < pos("erofs"));
+        // dm-verity's hash, which no softdep names, through RUNTIME_REQUESTS.
+        assert!(pos("sha256_ssse3") < usize::MAX, "{order:?}");
         assert_eq!(order.iter().filter(|n| *n == "dm_mod").count(), 1);
-        // The softdep target crc32c does not exist as a module here; that is not an error.
-        assert_eq!(pos("crc32c_generic"), usize::MAX);
-        assert_eq!(builtin, ["ext4"]);
-        assert_eq!(skipped, ["usb_storage"]);
-        let e = db
-            .closure(
-                &[
-                    "nosuch".to_string(),
-                    "dm_mod".to_string(),
-                    "alsonot".to_string(),
-                ],
-                &[],
-            )
-            .unwrap_err();
+        let why = |n: &str| plan.closure.order[pos(n)].1.to_string();
+        assert_eq!(why("erofs"), "requested: boot");
+        assert_eq!(why("libcrc32c"), "needed by erofs (modules.dep)");
+        assert!(
+            why("crc32c_generic").contains("before libcrc32c"),
+            "{}",
+            why("crc32c_generic")
+        );
+        assert!(
+            why("sha256_ssse3").contains("dm-verity's hash"),
+            "{}",
+            why("sha256_ssse3")
+        );
+        assert_eq!(plan.closure.builtin.len(), 1);
+        assert_eq!(plan.skipped, ["usb_storage"]);
+        // kiln-init is told the top-level requests; dependencies come along at boot.
+        assert_eq!(
+            plan.load,
+            [
+                "dm-verity",
+                "virtio_pci",
+                "erofs",
+                "dm_mod",
+                "crypto-sha256",
+                "crypto-crc32c"
+            ]
+        );
+        let e = plan_modules(&db, &pairs(&["nosuch", "dm_mod", "alsonot"], "x"), &[]).unwrap_err();
         assert!(
             e.to_string().contains("modules nosuch, alsonot not found"),
             "{e}"
         );
-        assert!(ModuleDb::parse("garbage line\n", "", "").is_err());
+        assert!(ModuleDb::from_files(|n| Ok(
+            (n == "modules.dep").then(|| b"garbage line\n".to_vec())
+        ))
+        .is_err());
     }
 
     #[test]
@@ -673,17 +718,20 @@ kernel/crypto/crc32c_generic.ko:
             .max_by(|a, b| version_cmp(a, b))
             .expect("a kernel with modules.dep");
         let dir = base.join(&ver);
-        let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
-        let db = ModuleDb::parse(
-            &read("modules.dep"),
-            &read("modules.builtin"),
-            &read("modules.softdep"),
-        )
-        .unwrap();
-        let mut req: Vec<String> = REQUIRED_MODULES.iter().map(|s| s.to_string()).collect();
-        req.push("erofs".into());
-        let opt: Vec<String> = OPTIONAL_MODULES.iter().map(|s| s.to_string()).collect();
-        let (order, builtin, skipped) = db.closure(&req, &opt).unwrap();
+        let db = ModuleDb::load_dir(&dir.display().to_string()).unwrap();
+        let mut req: Vec<(String, String)> = REQUIRED_MODULES
+            .iter()
+            .map(|(m, w)| (m.to_string(), w.to_string()))
+            .collect();
+        req.push(("erofs".into(), "root".into()));
+        let opt: Vec<(String, String)> = OPTIONAL_MODULES
+            .iter()
+            .map(|(m, w)| (m.to_string(), w.to_string()))
+            .collect();
+        let plan = plan_modules(&db, &req, &opt).unwrap();
+        let order = plan.closure.names();
+        let builtin: Vec<String> = plan.closure.builtin.iter().map(|b| b.0.clone()).collect();
+        let skipped = plan.skipped.clone();
         let pos = |n: &str| order.iter().position(|x| x == n);
         for (dep, of) in [
             ("dm_mod", "dm_verity"),
@@ -698,7 +746,7 @@ kernel/crypto/crc32c_generic.ko:
         }
         // Every dependency of every included module is included (or built in) and earlier.
         for (i, m) in order.iter().enumerate() {
-            for d in &db.modules[m].1 {
+            for d in &db.modules[m].deps {
                 let j = pos(d);
                 assert!(
                     j.is_some_and(|j| j < i) || db.builtin.contains(d),
@@ -713,9 +761,7 @@ kernel/crypto/crc32c_generic.ko:
         for s in &skipped {
             assert!(!db.modules.contains_key(s) && !db.builtin.contains(s));
         }
-        let e = db
-            .closure(&["no_such_module_x".to_string()], &[])
-            .unwrap_err();
+        let e = plan_modules(&db, &[("no_such_module_x".into(), "x".into())], &[]).unwrap_err();
         assert!(e.to_string().contains("no_such_module_x"));
     }
 
@@ -729,18 +775,18 @@ kernel/crypto/crc32c_generic.ko:
             &format!("{m}/modules.dep"),
             b"kernel/virtio_pci.ko.zst: kernel/virtio.ko\nkernel/virtio.ko:\nkernel/virtio_blk.ko.gz:\nkernel/dm-mod.ko.xz:\nkernel/dm-verity.ko: kernel/dm-mod.ko.xz\n",
         );
-        let zst = zstd::stream::encode_all(&b"PCI"[..], 3).unwrap();
+        let zst = zstd::stream::encode_all(&b"\x7fELF PCI"[..], 3).unwrap();
         add_file(&mut t, &format!("{m}/kernel/virtio_pci.ko.zst"), &zst);
         add_file(&mut t, &format!("{m}/kernel/virtio.ko"), b"VIRTIO");
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(b"BLK").unwrap();
+        gz.write_all(b"\x7fELF BLK").unwrap();
         add_file(
             &mut t,
             &format!("{m}/kernel/virtio_blk.ko.gz"),
             &gz.finish().unwrap(),
         );
         let mut xz = xz2::write::XzEncoder::new(Vec::new(), 1);
-        xz.write_all(b"DMMOD").unwrap();
+        xz.write_all(b"\x7fELF DMMOD").unwrap();
         add_file(
             &mut t,
             &format!("{m}/kernel/dm-mod.ko.xz"),
@@ -776,21 +822,50 @@ kernel/crypto/crc32c_generic.ko:
                 .to_vec()
         };
         assert_eq!(get("init"), b"\x7fELF fake");
-        assert_eq!(get("lib/modules/1.0/kernel/virtio_pci.ko"), b"PCI");
-        assert_eq!(get("lib/modules/1.0/kernel/virtio_blk.ko"), b"BLK");
-        assert_eq!(get("lib/modules/1.0/kernel/dm-mod.ko"), b"DMMOD");
+        assert_eq!(get("lib/modules/1.0/kernel/virtio_pci.ko"), b"\x7fELF PCI");
+        assert_eq!(get("lib/modules/1.0/kernel/virtio_blk.ko"), b"\x7fELF BLK");
+        assert_eq!(get("lib/modules/1.0/kernel/dm-mod.ko"), b"\x7fELF DMMOD");
         let cfg = Config::parse(std::str::from_utf8(&get("etc/kiln-init.conf")).unwrap()).unwrap();
         assert_eq!(cfg.overlays, ["/etc"]);
         assert_eq!(
             cfg.modules,
-            [
-                "/lib/modules/1.0/kernel/virtio.ko",
-                "/lib/modules/1.0/kernel/virtio_pci.ko",
-                "/lib/modules/1.0/kernel/virtio_blk.ko",
-                "/lib/modules/1.0/kernel/dm-mod.ko",
-                "/lib/modules/1.0/kernel/dm-verity.ko"
-            ]
+            ["virtio_pci", "virtio_blk", "dm_mod", "dm_verity"]
         );
+        assert_eq!(
+            a.reasons[1],
+            "requested: virtio devices",
+            "{:?}",
+            a.modules.iter().zip(&a.reasons).collect::<Vec<_>>()
+        );
+        // The database subset kiln-init resolves with at boot, paths as stored.
+        let dep = String::from_utf8(get("lib/modules/1.0/modules.dep")).unwrap();
+        assert!(
+            dep.contains("kernel/virtio_pci.ko: kernel/virtio.ko\n"),
+            "{dep}"
+        );
+        assert!(dep.contains("kernel/dm-mod.ko: \n"), "{dep}");
+        let link = members.iter().find(|m| m.name == b"sbin/modprobe").unwrap();
+        assert_eq!(link.data(&raw), b"../init");
+        // As shipped: compressed files and the database pointing at them.
+        let mut o4 = opts.clone();
+        o4.module_files = ModuleFiles::AsShipped;
+        let c = build_initrd(&t, &HostContents, &o4).unwrap();
+        let raw = zstd::stream::decode_all(&c.bytes[..]).unwrap();
+        let members = cpio::read(&raw).unwrap();
+        let names: Vec<String> = members
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.name).into_owned())
+            .collect();
+        assert!(
+            names.contains(&"lib/modules/1.0/kernel/dm-mod.ko.xz".to_string()),
+            "{names:?}"
+        );
+        let dep = members
+            .iter()
+            .find(|m| m.name == b"lib/modules/1.0/modules.dep")
+            .unwrap();
+        assert!(String::from_utf8_lossy(dep.data(&raw))
+            .contains("kernel/virtio_pci.ko.zst: kernel/virtio.ko"));
         assert!(members.iter().all(|m| m.header.mtime == 1_700_000_000));
         // Missing pieces are build-time errors.
         let mut o2 = opts.clone();

@@ -201,7 +201,11 @@ pub fn live_cmdline(spec: &Spec, label: &str, root_hash: Option<&[u8; 32]>) -> S
     }
     c.push_str(&format!("kiln.live={label}"));
     if let Some(h) = root_hash {
-        c.push_str(&format!(" roothash={}", hex::encode(h)));
+        c.push_str(&format!(
+            " roothash={} {}",
+            hex::encode(h),
+            image::NO_SYSTEMD_VERITY
+        ));
     }
     c
 }
@@ -362,12 +366,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         mtime.clamp(0, u32::MAX as i64) as u32,
     )
     .context("the ISO's live boot")?;
-    stages.done(format_args!(
-        "iso initrd (live): kernel {}, {} modules, {} KiB",
-        bp.kernel.version,
-        bp.modules.len(),
-        bp.initrd.len() / 1024
-    ));
+    stages.done(format_args!("iso initrd (live): {}", bp.summary()));
     // No boot counting: systemd-boot would rename the UKI on a stick, and nothing may write
     // to a live medium.
     let uki_file = boot::uki_name(inp.name_version, 0);
@@ -662,17 +661,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
             size: esp_len,
         },
         medium_mount: MEDIUM_MOUNT.into(),
-        boot: BootReport {
-            kernel: bp.kernel.version.clone(),
-            kernel_path: bp.kernel.image.clone(),
-            cmdline,
-            uki: uki_file,
-            stub: bp.stub_from.clone(),
-            initrd_size: bp.initrd.len() as u64,
-            modules: bp.modules.clone(),
-            builtin: bp.builtin.clone(),
-            skipped: bp.skipped.clone(),
-        },
+        boot: BootReport::new(&bp, cmdline, uki_file),
         slots,
     };
     stages.done(format_args!(

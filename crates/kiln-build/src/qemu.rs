@@ -13,30 +13,80 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use regex::Regex;
 
-/// How the image is attached to the guest.
+/// How the image is attached to the guest: every storage path a generic kernel boots from.
+/// The comments name the guest modules each needs (all in kiln's initrd when the kernel has
+/// them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Attach {
-    /// A virtio block device.
+    /// A virtio block device (virtio_pci, virtio_blk).
     #[default]
     Disk,
-    /// A USB stick on an xHCI controller (the guest kernel needs xhci and usb-storage).
+    /// A disk on virtio-scsi (virtio_scsi, sd_mod).
+    Scsi,
+    /// An NVMe disk (nvme).
+    Nvme,
+    /// A SATA disk on q35's AHCI controller (ahci, sd_mod).
+    Ahci,
+    /// A USB stick on an xHCI controller (xhci_pci, usb_storage, sd_mod).
     Usb,
-    /// A CD on virtio-scsi (bootable by OVMF; the guest needs virtio_scsi and sr_mod).
+    /// A USB stick on an EHCI (USB 2) controller (ehci_pci, usb_storage, sd_mod).
+    UsbEhci,
+    /// A USB Attached SCSI disk on xHCI (xhci_pci, uas, sd_mod). OVMF has no UAS driver, so
+    /// this needs a direct kernel boot.
+    Uas,
+    /// A CD on virtio-scsi (virtio_scsi, sr_mod, cdrom).
     Cdrom,
-    /// A CD on q35's AHCI controller, as on real PCs (the guest needs ahci and sr_mod).
+    /// A CD on q35's AHCI controller, as on real PCs (ahci, sr_mod, cdrom).
     CdromAhci,
+}
+
+impl Attach {
+    /// Every kind, in the order `--as` lists them.
+    pub const ALL: &[Attach] = &[
+        Attach::Disk,
+        Attach::Scsi,
+        Attach::Nvme,
+        Attach::Ahci,
+        Attach::Usb,
+        Attach::UsbEhci,
+        Attach::Uas,
+        Attach::Cdrom,
+        Attach::CdromAhci,
+    ];
+
+    /// The name `--as` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Attach::Disk => "disk",
+            Attach::Scsi => "scsi",
+            Attach::Nvme => "nvme",
+            Attach::Ahci => "ahci",
+            Attach::Usb => "usb",
+            Attach::UsbEhci => "usb-ehci",
+            Attach::Uas => "uas",
+            Attach::Cdrom => "cdrom",
+            Attach::CdromAhci => "cdrom-ahci",
+        }
+    }
+}
+
+impl std::fmt::Display for Attach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for Attach {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "disk" => Ok(Attach::Disk),
-            "usb" => Ok(Attach::Usb),
-            "cdrom" => Ok(Attach::Cdrom),
-            "cdrom-ahci" => Ok(Attach::CdromAhci),
-            _ => Err(format!("{s:?}: expected disk, usb, cdrom or cdrom-ahci")),
-        }
+        Attach::ALL
+            .iter()
+            .copied()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Attach::ALL.iter().map(|a| a.name()).collect();
+                format!("{s:?}: expected one of {}", names.join(", "))
+            })
     }
 }
 
@@ -88,6 +138,8 @@ pub struct BootOptions {
     pub timeout: Duration,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// Virtual CPUs (multi-threaded TCG runs them on as many host threads).
+    pub cpus: u32,
     /// Write guest changes to the image (no `snapshot=on`).
     pub keep: bool,
     /// Copy the console to this process's stdout as it arrives.
@@ -110,6 +162,7 @@ impl Default for BootOptions {
                 .collect(),
             timeout: Duration::from_secs(120),
             memory_mib: 1024,
+            cpus: 1,
             keep: false,
             echo: true,
             qemu: None,
@@ -261,7 +314,9 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
     ])
     .args(["-serial", "stdio", "-no-reboot"])
     .arg("-m")
-    .arg(opts.memory_mib.to_string());
+    .arg(opts.memory_mib.to_string())
+    .arg("-smp")
+    .arg(opts.cpus.max(1).to_string());
     if let Firmware::Ovmf(spec) = &opts.firmware {
         let (code, vars) = ovmf_files(spec.as_deref())?;
         let private = scratch.path().join("OVMF_VARS.fd");
@@ -292,16 +347,46 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
         }
         let file = qemu_path(img)?;
         let snap = if opts.keep { "" } else { ",snapshot=on" };
+        let none_drive = format!("file={file},format=raw,if=none,id=d0{snap}");
         match opts.attach {
             Attach::Disk => {
                 cmd.arg("-drive")
                     .arg(format!("file={file},format=raw,if=virtio{snap}"));
             }
+            Attach::Scsi => {
+                cmd.args(["-device", "virtio-scsi-pci,id=scsi"])
+                    .args(["-drive", &none_drive])
+                    .args(["-device", "scsi-hd,bus=scsi.0,drive=d0,bootindex=0"]);
+            }
+            Attach::Nvme => {
+                cmd.args(["-drive", &none_drive])
+                    .args(["-device", "nvme,serial=kiln0001,drive=d0,bootindex=0"]);
+            }
+            Attach::Ahci => {
+                cmd.args(["-drive", &none_drive])
+                    .args(["-device", "ide-hd,bus=ide.0,drive=d0,bootindex=0"]);
+            }
             Attach::Usb => {
                 cmd.args(["-device", "qemu-xhci,id=xhci"])
-                    .arg("-drive")
-                    .arg(format!("file={file},format=raw,if=none,id=stick{snap}"))
-                    .args(["-device", "usb-storage,bus=xhci.0,drive=stick,removable=on"]);
+                    .args(["-drive", &none_drive])
+                    .args([
+                        "-device",
+                        "usb-storage,bus=xhci.0,drive=d0,removable=on,bootindex=0",
+                    ]);
+            }
+            Attach::UsbEhci => {
+                cmd.args(["-device", "usb-ehci,id=ehci"])
+                    .args(["-drive", &none_drive])
+                    .args([
+                        "-device",
+                        "usb-storage,bus=ehci.0,drive=d0,removable=on,bootindex=0",
+                    ]);
+            }
+            Attach::Uas => {
+                cmd.args(["-device", "qemu-xhci,id=xhci"])
+                    .args(["-device", "usb-uas,id=uas,bus=xhci.0"])
+                    .args(["-drive", &none_drive])
+                    .args(["-device", "scsi-hd,bus=uas.0,scsi-id=0,lun=0,drive=d0"]);
             }
             Attach::Cdrom => {
                 cmd.args(["-device", "virtio-scsi-pci,id=scsi"])
@@ -460,7 +545,11 @@ mod tests {
         let e = ovmf_files(Some(&d.path().join("nope"))).unwrap_err();
         assert!(e.to_string().contains("nope"));
         assert_eq!("cdrom".parse::<Attach>(), Ok(Attach::Cdrom));
-        assert!("floppy".parse::<Attach>().is_err());
+        for a in Attach::ALL {
+            assert_eq!(a.name().parse::<Attach>(), Ok(*a));
+        }
+        let e = "floppy".parse::<Attach>().unwrap_err();
+        assert!(e.contains("usb-ehci") && e.contains("nvme"), "{e}");
     }
 
     #[test]

@@ -201,6 +201,9 @@ pub struct SourceSection {
     /// Make every file owned by root.
     #[serde(default)]
     pub all_root: bool,
+    /// A host directory (relative to the spec's directory) laid over the tree: its files
+    /// replace the tree's, its directories merge (units, configuration on top of a base tar).
+    pub add: Option<Spanned<String>>,
 }
 
 /// `[boot]`.
@@ -489,6 +492,8 @@ pub struct Spec {
     pub iso: bool,
     /// Source tree path (resolved), if the spec names one.
     pub source: Option<PathBuf>,
+    /// A host directory laid over the source tree (resolved).
+    pub add: Option<PathBuf>,
     /// All-root ownership.
     pub all_root: bool,
     /// Boot settings; `None` builds a disk that is not bootable by itself.
@@ -667,6 +672,16 @@ impl Spec {
         }
 
         let source = raw.source.tree.as_ref().map(|t| dir.join(t.get_ref()));
+        let add = match &raw.source.add {
+            None => None,
+            Some(a) => {
+                let p = dir.join(a.get_ref());
+                if !p.is_dir() {
+                    return cx.err(a.span(), format!("add: {} is not a directory", p.display()));
+                }
+                Some(p)
+            }
+        };
         let boot = match &raw.boot {
             None => None,
             Some(b) => Some(Boot {
@@ -1025,6 +1040,7 @@ impl Spec {
             disk,
             iso,
             source,
+            add,
             all_root: raw.source.all_root,
             boot,
             partitions,

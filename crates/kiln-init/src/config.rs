@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! # kiln-init configuration, format 1
-//! module /lib/modules/6.1.0-1-cloud-amd64/kernel/drivers/md/dm-mod.ko
+//! module dm_verity
+//! module crypto-sha256
 //! timeout 30
 //! rootfstype erofs
 //! var auto
@@ -16,7 +17,9 @@
 //! reboot-delay 5
 //! ```
 //!
-//! `module` lines are loaded in the order given (the builder writes them in dependency order).
+//! `module` lines are loaded in the order given, each by name or alias (or as a path in the
+//! initrd) with its dependencies and soft dependencies, as modprobe would load it, from the
+//! module database in `/lib/modules/VERSION` (see `modules.rs`).
 //! Every other directive can be overridden on the kernel command line:
 //!
 //! | command line | meaning |
@@ -121,7 +124,7 @@ pub struct Tmpfs {
 /// The configuration file's contents.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Config {
-    /// Kernel modules, absolute paths inside the initrd, in load order.
+    /// Kernel modules to load, in order: names, aliases, or absolute paths inside the initrd.
     pub modules: Vec<String>,
     /// Seconds to wait for the boot disk.
     pub timeout: Option<u32>,
@@ -206,7 +209,9 @@ impl Config {
                 }
                 "module" => {
                     let p = one()?;
-                    check_abs("module", p).map_err(at)?;
+                    if p.contains('/') {
+                        check_abs("module", p).map_err(at)?;
+                    }
                     c.modules.push(p.to_string());
                 }
                 "timeout" => c.timeout = Some(parse_u32("timeout", one()?).map_err(at)?),
@@ -512,7 +517,11 @@ mod tests {
     #[test]
     fn config_round_trips_and_reports_lines() {
         let c = Config {
-            modules: vec!["/lib/modules/6.1/kernel/drivers/md/dm-mod.ko".into()],
+            modules: vec![
+                "/lib/modules/6.1/kernel/drivers/md/dm-mod.ko".into(),
+                "dm_verity".into(),
+                "crypto-sha256".into(),
+            ],
             timeout: Some(12),
             rootfstype: Some("erofs".into()),
             var: Some(VarMode::Required),
@@ -536,8 +545,8 @@ mod tests {
         let cases = [
             ("version 2", "line 1: format version 2"),
             (
-                "\n\nmodule relative.ko",
-                "line 3: module: \"relative.ko\" is not an absolute path",
+                "\n\nmodule relative/x.ko",
+                "line 3: module: \"relative/x.ko\" is not an absolute path",
             ),
             (
                 "timeout soon",

@@ -5,11 +5,18 @@
 //! overlays, move the API filesystems and switch root. Any failure is printed as
 //! `kiln-init: …` on the console, followed by a reboot after a short delay so that boot
 //! counting can take effect.
+//!
+//! Run as `modprobe` (the kernel's usermode helper, `/sbin/modprobe` in the initrd is a link to
+//! kiln-init) it loads the module or alias the kernel asked for and exits; see `kmod.rs`.
 
 #[cfg(target_os = "linux")]
 mod disk;
 #[cfg(target_os = "linux")]
 mod dm;
+#[cfg(target_os = "linux")]
+mod kmod;
+#[cfg(target_os = "linux")]
+mod kmsg;
 #[cfg(target_os = "linux")]
 mod loopdev;
 #[cfg(target_os = "linux")]
@@ -35,6 +42,7 @@ mod linux {
     use kiln_init::probe;
 
     use crate::disk;
+    use crate::kmod::{self, Loader};
     use crate::{dm, loopdev, sys};
 
     static REBOOT_DELAY: AtomicU32 = AtomicU32::new(config::DEFAULT_REBOOT_DELAY);
@@ -55,6 +63,11 @@ mod linux {
     }
 
     pub fn main() {
+        let args: Vec<String> = std::env::args().collect();
+        let argv0 = args.first().map(String::as_str).unwrap_or("");
+        if argv0.rsplit('/').next() == Some("modprobe") {
+            std::process::exit(kmod::modprobe_main(&args[1..]));
+        }
         let is_pid1 = std::process::id() == 1;
         if !is_pid1 {
             eprintln!(
@@ -95,7 +108,19 @@ mod linux {
             describe_root(&plan.root)
         );
 
-        load_modules(&plan.modules);
+        // The kernel asks for crypto algorithms and filesystems by alias while modules load
+        // (libcrc32c wants crc32c): kiln-init answers as its modprobe until the switch.
+        let init_path = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "/init".into());
+        let old_helper = match kmod::install_modprobe_helper(&init_path) {
+            Ok(old) => old,
+            Err(e) => {
+                say!("warning: {e}; the kernel cannot ask for modules");
+                None
+            }
+        };
+        let mut loader = load_modules(&plan.modules)?;
         sys::mkdir_p(NEWROOT)?;
         let disk = match &plan.root {
             RootSpec::Live {
@@ -103,13 +128,13 @@ mod linux {
                 image,
                 roothash,
             } => {
-                mount_live(&plan, medium, image, roothash.as_deref())?;
+                mount_live(&plan, &mut loader, medium, image, roothash.as_deref())?;
                 None
             }
-            _ => Some(mount_disk_root(&plan)?),
+            _ => Some(mount_disk_root(&plan, &mut loader)?),
         };
         if let Some(disk) = &disk {
-            mount_var(&plan, disk)?;
+            mount_var(&plan, &mut loader, disk)?;
         }
         for t in &plan.tmpfs {
             let target = format!("{NEWROOT}{}", t.path);
@@ -124,8 +149,9 @@ mod linux {
             debug!("tmpfs on {}", t.path);
         }
         for (i, dir) in plan.overlays.iter().enumerate() {
-            overlay(i, dir)?;
+            overlay(&loader, i, dir)?;
         }
+        kmod::restore_modprobe_helper(old_helper.as_deref());
         switch_root(&plan)
     }
 
@@ -201,26 +227,35 @@ mod linux {
         Ok(())
     }
 
-    fn load_modules(mods: &[String]) {
+    /// Loads the configured modules (each with what it needs, as modprobe would). A module
+    /// that fails is a warning — a driver for absent hardware may refuse to load — and is
+    /// named again by any later failure it explains.
+    fn load_modules(mods: &[String]) -> Result<Loader, String> {
         let t = Instant::now();
+        let mut loader = match Loader::open() {
+            Ok(l) => l,
+            Err(e) if mods.is_empty() => {
+                debug!("no modules: {e}");
+                return Loader::open_empty();
+            }
+            Err(e) => return Err(e),
+        };
         let mut loaded = 0;
         for m in mods {
-            match sys::load_module(m) {
-                Ok(true) => {
-                    loaded += 1;
-                    debug!("loaded {m}");
-                }
-                Ok(false) => debug!("{m} already loaded"),
-                // A driver for absent hardware may refuse to load; the search for the disk
-                // below reports what is missing.
+            match loader.load(m, "kiln-init.conf") {
+                Ok(l) => loaded += l.len(),
                 Err(e) => say!("warning: {e}"),
             }
         }
+        for l in loader.log.drain(..) {
+            debug!("{l}");
+        }
         say!(
-            "loaded {loaded} of {} modules in {} ms",
+            "loaded {loaded} modules for {} requested in {} ms",
             mods.len(),
             t.elapsed().as_millis()
         );
+        Ok(loader)
     }
 
     /// Polls `find` until it yields or `timeout` runs out; then `why()` explains the failure.
@@ -252,14 +287,25 @@ mod linux {
         }
     }
 
-    fn explain() -> String {
+    /// The block devices there are, and the modules that failed to load (a missing disk is
+    /// most often a storage driver that did not load).
+    fn explain(loader: &Loader) -> String {
         let devs = disk::list();
         let parts = disk::gpt_partitions(&devs);
-        disk::describe(&devs, &parts)
+        let mut s = disk::describe(&devs, &parts);
+        let failed = loader.failures();
+        if !failed.is_empty() {
+            s.push_str("\nmodules that failed to load:");
+            for f in failed {
+                s.push_str("\n  ");
+                s.push_str(&f);
+            }
+        }
+        s
     }
 
     /// Finds, sets up and mounts the root from a disk; returns the disk's name.
-    fn mount_disk_root(plan: &Plan) -> Result<String, String> {
+    fn mount_disk_root(plan: &Plan, loader: &mut Loader) -> Result<String, String> {
         let (disk, fs_dev): (String, String) = match &plan.root {
             RootSpec::Verity { roothash, label } => {
                 let (data_u, hash_u) = (half(roothash, false), half(roothash, true));
@@ -279,7 +325,7 @@ mod linux {
                             disk::verity_pair_by_name(&parts, l).map(|(d, h)| (d, h, true))
                         }))
                     },
-                    explain,
+                    || explain(loader),
                 )?;
                 say!(
                     "root data {} hash {}{}",
@@ -324,7 +370,7 @@ mod linux {
                             .into_iter()
                             .find(|p| p.entry.part_guid == *u))
                     },
-                    explain,
+                    || explain(loader),
                 )?;
                 (f.disk, f.dev.path())
             }
@@ -337,7 +383,7 @@ mod linux {
                             p.entry.type_guid == disk::ROOT_X86_64 && p.entry.name != "_empty"
                         }))
                     },
-                    explain,
+                    || explain(loader),
                 )?;
                 (f.disk, f.dev.path())
             }
@@ -347,20 +393,21 @@ mod linux {
                     plan.timeout,
                     d,
                     || Ok(disk::list().into_iter().find(|b| b.name == name)),
-                    explain,
+                    || explain(loader),
                 )?;
                 let disk = dev.parent.map(|p| p.0).unwrap_or(dev.name);
                 (disk, d.clone())
             }
             RootSpec::Live { .. } => unreachable!("handled by mount_live"),
         };
-        mount_detected(&fs_dev, NEWROOT, plan.rootfstype.as_deref(), true)?;
+        mount_detected(loader, &fs_dev, NEWROOT, plan.rootfstype.as_deref(), true)?;
         say!("root mounted read-only from {fs_dev}");
         Ok(disk)
     }
 
     /// Mounts `source` on `target`, the filesystem type given or recognised by its magic.
     fn mount_detected(
+        loader: &mut Loader,
         source: &str,
         target: &str,
         hint: Option<&str>,
@@ -392,10 +439,35 @@ mod linux {
             }
         };
         let flags = if ro { libc::MS_RDONLY } else { 0 };
+        loader.mark_log();
         sys::mount(source, target, Some(&name), flags, None)
+            .map_err(|e| explain_mount(loader, &name, e))
     }
 
-    fn mount_var(plan: &Plan, disk: &str) -> Result<(), String> {
+    /// Adds the real cause to a failed mount: the filesystem the kernel does not have and why
+    /// its module is not loaded, and what the kernel logged meanwhile (`EXT4-fs: Cannot load
+    /// crc32c driver`).
+    fn explain_mount(loader: &mut Loader, fstype: &str, mut e: String) -> String {
+        let known = std::fs::read_to_string("/proc/filesystems")
+            .map(|t| {
+                t.lines()
+                    .any(|l| l.split_whitespace().last() == Some(fstype))
+            })
+            .unwrap_or(true);
+        if !known {
+            e.push_str(&format!(
+                "; the kernel has no {fstype} filesystem: {}",
+                loader.why_not(fstype)
+            ));
+        }
+        let log = loader.log_since_mark();
+        if !log.is_empty() {
+            e.push_str(&format!("; kernel log: {}", log.join(" | ")));
+        }
+        e
+    }
+
+    fn mount_var(plan: &Plan, loader: &mut Loader, disk: &str) -> Result<(), String> {
         if plan.var == VarMode::Off {
             return Ok(());
         }
@@ -420,13 +492,13 @@ mod linux {
                 var.dev.path()
             ));
         }
-        mount_detected(&var.dev.path(), &target, None, false)?;
+        mount_detected(loader, &var.dev.path(), &target, None, false)?;
         say!("/var mounted read-write from {}", var.dev.path());
         Ok(())
     }
 
     /// A tmpfs-backed overlay over directory `dir` of the new root.
-    fn overlay(i: usize, dir: &str) -> Result<(), String> {
+    fn overlay(loader: &Loader, i: usize, dir: &str) -> Result<(), String> {
         let base = "/run/kiln/overlay";
         if i == 0 {
             sys::mkdir_p(base)?;
@@ -442,15 +514,30 @@ mod linux {
         }
         let opts = format!("lowerdir={target},upperdir={upper},workdir={work}");
         sys::mount("overlay", &target, Some("overlay"), 0, Some(&opts))
-            .map_err(|e| format!("{e} (is the overlay module loaded?)"))?;
+            .map_err(|e| overlay_error(loader, e))?;
         say!("tmpfs overlay on {dir}");
         Ok(())
+    }
+
+    fn overlay_error(loader: &Loader, e: String) -> String {
+        let known = std::fs::read_to_string("/proc/filesystems")
+            .map(|t| t.lines().any(|l| l.ends_with("\toverlay")))
+            .unwrap_or(true);
+        if known {
+            e
+        } else {
+            format!(
+                "{e}; the kernel has no overlay filesystem: {}",
+                loader.why_not("overlay")
+            )
+        }
     }
 
     /// Live mode: the medium by label, the image on it through a loop device (and dm-verity
     /// when `roothash=` is given: hash tree in `IMAGE.verity`), a tmpfs overlay on top.
     fn mount_live(
         plan: &Plan,
+        loader: &mut Loader,
         medium: &str,
         image: &str,
         roothash: Option<&[u8]>,
@@ -474,14 +561,20 @@ mod linux {
                 }
                 Ok(None)
             },
-            explain,
+            || explain(loader),
         )?;
         let mnt = config::LIVE_MEDIUM_MOUNT;
         sys::mkdir_p(mnt)?;
-        mount_detected(&dev.path(), mnt, None, true)?;
+        mount_detected(loader, &dev.path(), mnt, None, true)?;
         say!("live medium {medium:?} mounted from {}", dev.path());
         let img = format!("{mnt}{image}");
-        let (loop_path, loop_dev) = loopdev::attach_readonly(&img)?;
+        let (loop_path, loop_dev) = loopdev::attach_readonly(&img).map_err(|e| {
+            if std::path::Path::new("/dev/loop-control").exists() {
+                e
+            } else {
+                format!("{e}; {}", loader.why_not("loop"))
+            }
+        })?;
         let mut source = loop_path.clone();
         if let Some(roothash) = roothash {
             let hash_file = format!("{img}.verity");
@@ -511,7 +604,7 @@ mod linux {
         }
         let lower = "/run/kiln/lower";
         sys::mkdir_p(lower)?;
-        mount_detected(&source, lower, plan.rootfstype.as_deref(), true)?;
+        mount_detected(loader, &source, lower, plan.rootfstype.as_deref(), true)?;
         let rw = "/run/kiln/live-rw";
         sys::mkdir_p(rw)?;
         sys::mount("tmpfs", rw, Some("tmpfs"), 0, Some("mode=0755"))?;
@@ -519,7 +612,7 @@ mod linux {
         sys::mkdir_p(&format!("{rw}/work"))?;
         let opts = format!("lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work");
         sys::mount("overlay", NEWROOT, Some("overlay"), 0, Some(&opts))
-            .map_err(|e| format!("{e} (is the overlay module loaded?)"))?;
+            .map_err(|e| overlay_error(loader, e))?;
         say!("live root: {image} with a RAM overlay");
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! Thin wrappers over the system calls PID 1 needs (mount(2), finit_module(2), mknod(2),
+//! Thin wrappers over the system calls PID 1 needs (mount(2), mknod(2),
 //! reboot(2), chroot(2)), each returning an error message that names what it was doing.
 
 use std::ffi::CString;
@@ -64,37 +64,6 @@ pub fn umount_lazy(target: &str) -> Result<(), String> {
 /// Creates a directory (and parents); an existing directory is fine.
 pub fn mkdir_p(path: &str) -> Result<(), String> {
     std::fs::create_dir_all(path).map_err(|e| format!("create directory {path}: {e}"))
-}
-
-/// Loads a kernel module from a file with finit_module(2). Returns `Ok(false)` if it was
-/// already loaded.
-pub fn load_module(path: &str) -> Result<bool, String> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).map_err(|e| format!("open module {path}: {e}"))?;
-    let params = c"";
-    // SAFETY: a valid fd and a valid empty parameter string.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            f.as_raw_fd(),
-            params.as_ptr(),
-            0 as libc::c_int,
-        )
-    };
-    if r != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Ok(false);
-        }
-        // finit_module reports unresolved symbols as ENOENT, which reads like a missing file.
-        if e.raw_os_error() == Some(libc::ENOENT) {
-            return Err(format!(
-                "load module {path}: unknown symbols (a module it depends on is not loaded first; see the kernel log)"
-            ));
-        }
-        return Err(format!("load module {path}: {e}"));
-    }
-    Ok(true)
 }
 
 /// Creates a block device node.

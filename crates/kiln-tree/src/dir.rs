@@ -33,6 +33,64 @@ pub fn read_dir_tree(root: &Path) -> Result<Tree, Error> {
     Ok(tree)
 }
 
+/// Lays the host directory `dir` over `tree`: its files, links and special files replace the
+/// tree's at the same paths, its directories merge with the tree's (their metadata replaces the
+/// tree's). Returns how many entries were added or replaced. A directory where the tree has a
+/// symlink (Debian's `/lib`) or anything else that is not a directory, or a non-directory
+/// where the tree has a directory, is an error naming the path: write the path the link
+/// points to.
+pub fn add_dir(tree: &mut Tree, dir: &Path) -> Result<usize, Error> {
+    let layer = read_dir_tree(dir)?;
+    let mut paths: Vec<(Vec<u8>, NodeId)> = Vec::new();
+    layer.walk_paths(|p, id| paths.push((p.to_vec(), id)));
+    let parent_meta = layer.node(ROOT).meta.clone();
+    let mut count = 0;
+    for (path, id) in paths {
+        if path == b"/" {
+            continue; // the root directory's metadata stays the tree's
+        }
+        let mut node = layer.node(id).clone();
+        if let NodeKind::Dir(children) = &mut node.kind {
+            // Children are inserted by their own paths.
+            children.clear();
+        }
+        let host = || {
+            dir.join(String::from_utf8_lossy(&path[1..]).as_ref())
+                .display()
+                .to_string()
+        };
+        // A directory over a symlink would cut the tree's link (Debian's /lib -> usr/lib) and a
+        // file over a directory would drop its contents: neither is what anyone means.
+        if let Some(old) = tree.resolve(&path) {
+            let old = tree.node(old);
+            if old.is_dir() != node.is_dir() {
+                let link = match &old.kind {
+                    NodeKind::Symlink(t) => format!(
+                        " (-> {}): add it under the link's target",
+                        String::from_utf8_lossy(t)
+                    ),
+                    _ => String::new(),
+                };
+                return Err(Error::Source {
+                    path: host(),
+                    msg: format!(
+                        "cannot add a {} where the tree has a {}{link}",
+                        node.kind.name(),
+                        old.kind.name()
+                    ),
+                });
+            }
+        }
+        tree.insert(&path, node, &parent_meta)
+            .map_err(|e| Error::Source {
+                path: host(),
+                msg: format!("cannot add it to the tree: {e}"),
+            })?;
+        count += 1;
+    }
+    Ok(count)
+}
+
 fn walk(
     tree: &mut Tree,
     dir: NodeId,
@@ -185,6 +243,62 @@ pub fn display_rel(root: &Path, path: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn add_dir_replaces_files_and_merges_directories() {
+        let base = tempfile::tempdir().unwrap();
+        let b = base.path();
+        fs::create_dir_all(b.join("etc/systemd/system")).unwrap();
+        fs::create_dir_all(b.join("usr/lib")).unwrap();
+        fs::write(b.join("etc/hostname"), b"debian\n").unwrap();
+        fs::write(b.join("etc/keep"), b"kept\n").unwrap();
+        symlink("usr/lib", b.join("lib")).unwrap();
+        let mut tree = read_dir_tree(b).unwrap();
+        let layer = tempfile::tempdir().unwrap();
+        let l = layer.path();
+        fs::create_dir_all(l.join("etc/systemd/system/multi-user.target.wants")).unwrap();
+        fs::write(l.join("etc/hostname"), b"kiosk\n").unwrap();
+        fs::write(l.join("etc/systemd/system/x.service"), b"[Unit]\n").unwrap();
+        symlink(
+            "../x.service",
+            l.join("etc/systemd/system/multi-user.target.wants/x.service"),
+        )
+        .unwrap();
+        let n = add_dir(&mut tree, l).unwrap();
+        assert_eq!(
+            n, 7,
+            "etc, hostname, systemd, system, its wants dir and link, x.service"
+        );
+        let read = |t: &Tree, p: &str| {
+            kiln_formats::fstree::read_file(t, &crate::SourceContents::Host, p, 1 << 20)
+                .unwrap()
+                .map(|b| String::from_utf8(b).unwrap())
+        };
+        assert_eq!(read(&tree, "/etc/hostname").as_deref(), Some("kiosk\n"));
+        assert_eq!(read(&tree, "/etc/keep").as_deref(), Some("kept\n"));
+        assert_eq!(
+            read(
+                &tree,
+                "/etc/systemd/system/multi-user.target.wants/x.service"
+            )
+            .as_deref(),
+            Some("[Unit]\n")
+        );
+        // Through Debian's /lib symlink: an error naming the path, not a silent new /lib.
+        let bad = tempfile::tempdir().unwrap();
+        fs::create_dir_all(bad.path().join("lib/systemd")).unwrap();
+        let e = add_dir(&mut tree, bad.path()).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "/lib: cannot add a directory where the tree has a symlink (-> usr/lib): add it under the link's target"
+            ),
+            "{e}"
+        );
+        assert!(
+            tree.resolve(b"/lib/systemd").is_none(),
+            "nothing added through the link"
+        );
+    }
 
     #[test]
     fn reads_kinds_links_and_holes() {

@@ -90,7 +90,7 @@ fn kernel_tree(ver: &str) -> Tree {
         Path::new(&format!("/boot/vmlinuz-{ver}")),
     );
     let base = PathBuf::from(format!("/usr/lib/modules/{ver}"));
-    for f in ["modules.dep", "modules.builtin", "modules.softdep"] {
+    for f in initrd::DB_FILES {
         if base.join(f).is_file() {
             add(
                 &mut t,

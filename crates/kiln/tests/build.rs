@@ -579,3 +579,39 @@ fn auto_sized_ext4_stays_minimized_when_alignment_leaves_no_room() {
     let o = run(Command::new("e2fsck").arg("-fn").arg(&f));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+/// A writable partition sized `auto` with `extra` space gets free inodes for it too (one per
+/// 16 KiB, mke2fs's density): a /var with free blocks but no free inode cannot create a file,
+/// which stopped systemd-logind and journald on a Debian image.
+#[test]
+fn auto_sized_ext4_extra_space_comes_with_free_inodes() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("var/lib")).unwrap();
+    for i in 0..10 {
+        fs::write(src.join(format!("var/lib/f{i}")), b"state\n").unwrap();
+    }
+    let r = build(
+        d.path(),
+        "[image]\nname = \"v\"\nversion = \"1\"\n[[partition]]\ntype = \"var\"\nextra = \"16M\"\n",
+        &src,
+    );
+    let disk = disk_of(d.path(), &r);
+    let f = extract(&disk, &r["partitions"][0], &d.path().join("var.img"));
+    let o = run_ok(Command::new(require_tool("dumpe2fs")).arg("-h").arg(&f));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let free_inodes = field("Free inodes:");
+    assert!(
+        free_inodes >= (16 << 20) / 16384,
+        "{free_inodes} free inodes:\n{text}"
+    );
+    assert!(field("Free blocks:") * 4096 >= 16 << 20, "{text}");
+}

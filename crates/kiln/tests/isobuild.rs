@@ -201,7 +201,7 @@ fn iso_passes_sgdisk_xorriso_erofs_and_verity_checks() {
     let root_hash = iso["verity"]["root_hash"].as_str().unwrap();
     assert_eq!(
         cmdline,
-        format!("console=ttyS0 panic=-1 kiln.live=kiosk_1 roothash={root_hash}")
+        format!("console=ttyS0 panic=-1 kiln.live=kiosk_1 roothash={root_hash} systemd.verity=no")
     );
     for m in ["isofs", "loop", "overlay", "erofs"] {
         assert!(

@@ -26,12 +26,17 @@ pub struct BootArgs {
     /// OVMF directory or OVMF_CODE file (default /usr/share/OVMF).
     #[arg(long, value_name = "DIR_OR_CODE_FILE")]
     pub ovmf: Option<PathBuf>,
-    /// How to attach the image: disk (virtio), usb, cdrom (virtio-scsi) or cdrom-ahci.
+    /// How to attach the image: disk (virtio-blk), scsi (virtio-scsi), nvme, ahci (SATA), usb
+    /// (xHCI stick), usb-ehci, uas (direct kernel boot only), cdrom (virtio-scsi) or
+    /// cdrom-ahci.
     #[arg(long = "as", value_name = "KIND", default_value = "disk")]
     pub attach: Attach,
     /// Guest memory in MiB.
     #[arg(long, value_name = "M", default_value_t = 1024)]
     pub memory: u32,
+    /// Virtual CPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
     /// Let the guest write to the image (boot counting renames persist); default: snapshot.
     #[arg(long)]
     pub keep: bool,
@@ -71,6 +76,7 @@ pub fn run(a: BootArgs) -> Outcome {
         expect: a.expect,
         timeout: Duration::from_secs(a.timeout),
         memory_mib: a.memory,
+        cpus: a.cpus,
         keep: a.keep,
         echo: true,
         ..BootOptions::default()
