@@ -540,10 +540,10 @@ flags = ["grow-fs"]
     #[test]
     fn slot_partitions_are_placed_after_the_others_but_before_grow_fs() {
         let sizes = [
-            FsSize { bytes: 1 << 20 },
-            FsSize { bytes: 1 << 20 },
-            FsSize { bytes: 300 << 20 },
-            FsSize { bytes: 0 },
+            FsSize::exact(1 << 20),
+            FsSize::exact(1 << 20),
+            FsSize::exact(300 << 20),
+            FsSize::exact(0),
         ];
         let s = spec(SLOT_FIRST);
         let l = layout(&s, &sizes, None).unwrap();

@@ -382,6 +382,34 @@ fn bookworm_cloud_disk_virtio_scsi_nvme() {
     }
 }
 
+/// The same Debian system with its EROFS root compressed with lz4hc (the example's is lz4):
+/// every file systemd and the services read comes through the kernel's decompressor.
+#[test]
+fn bookworm_cloud_lz4hc_root_boots() {
+    let Some(tar) = debian_tree("bookworm-cloud") else {
+        return;
+    };
+    let dir = tmp_root().join("bookworm-cloud-lz4hc");
+    let p = project(&dir.join("project"), |s| {
+        assert!(s.contains("compression = \"lz4\""));
+        s.replace("compression = \"lz4\"", "compression = \"lz4hc\"")
+            .replace("output = [\"disk\", \"iso\"]", "output = [\"disk\"]")
+    });
+    let out = dir.join("out");
+    let report = build(&p, &tar, &out, "bookworm-cloud, lz4hc root");
+    let img = Image {
+        tree: "bookworm-cloud",
+        tar,
+        disk: out.join("debian_1.img"),
+        iso: out.join("debian_1.iso"),
+        out,
+        report,
+    };
+    let what = "bookworm-cloud disk, lz4hc root (virtio-blk)";
+    let o = boot(&img.disk, Attach::Disk, false, what);
+    check_disk_boot(&img, &o, what);
+}
+
 /// Debian 13: kernel 6.12 with `.ko.xz` modules, systemd 257.
 #[test]
 fn trixie_disk_virtio_ahci_usb_ehci() {
