@@ -8,7 +8,7 @@
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -16,6 +16,13 @@ use kiln_tree::progress::Progress;
 
 /// Renders progress for one command run; `prefix` starts every line (`kiln build`).
 pub struct Renderer {
+    inner: Arc<Inner>,
+    /// Without a terminal: the thread that prints a line every interval, also while a writer
+    /// reports nothing for a while (an EROFS writer reports per batch of files).
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Inner {
     prefix: &'static str,
     start: Instant,
     tty: bool,
@@ -23,6 +30,7 @@ pub struct Renderer {
     interval: Duration,
     done: AtomicU64,
     stage: Mutex<Option<Stage>>,
+    stop: (Mutex<bool>, Condvar),
 }
 
 struct Stage {
@@ -41,7 +49,7 @@ impl Renderer {
             .and_then(|v| v.parse::<f64>().ok())
             .filter(|s| s.is_finite() && *s >= 0.0)
             .map_or(Duration::from_secs(3), Duration::from_secs_f64);
-        Self {
+        let inner = Arc::new(Inner {
             prefix,
             start: Instant::now(),
             tty: std::io::stderr().is_terminal(),
@@ -49,12 +57,43 @@ impl Renderer {
             interval,
             done: AtomicU64::new(0),
             stage: Mutex::new(None),
-        }
+            stop: (Mutex::new(false), Condvar::new()),
+        });
+        let ticker = (!inner.tty && !quiet).then(|| {
+            let inner = Arc::clone(&inner);
+            std::thread::spawn(move || inner.tick())
+        });
+        Self { inner, ticker }
     }
 
     /// Seconds since the run started.
     pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
+        self.inner.start.elapsed()
+    }
+
+    /// Ends the run's output with one line: `PREFIX: LINE`.
+    pub fn summary(&self, line: &str) {
+        Inner::end_stage(&mut self.inner.lock());
+        if !self.inner.quiet {
+            eprintln!("{}: {line}", self.inner.prefix);
+        }
+    }
+}
+
+impl Inner {
+    /// The ticker: a line per interval while a stage runs, until the renderer is dropped.
+    fn tick(&self) {
+        let (lock, cv) = &self.stop;
+        let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while !*stopped {
+            stopped = cv
+                .wait_timeout(stopped, self.interval.max(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if !*stopped {
+                self.maybe_line();
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Stage>> {
@@ -106,6 +145,30 @@ impl Renderer {
 
 impl Progress for Renderer {
     fn begin(&self, stage: &str, total: Option<u64>) {
+        self.inner.begin(stage, total);
+    }
+
+    fn advance(&self, bytes: u64) {
+        let done = self.inner.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.inner.show(done);
+    }
+
+    fn position(&self, done: u64) {
+        let prev = self.inner.done.fetch_max(done, Ordering::Relaxed);
+        self.inner.show(prev.max(done));
+    }
+
+    fn done(&self, summary: &str) {
+        self.inner.done(summary);
+    }
+
+    fn note(&self, message: &str) {
+        self.inner.note(message);
+    }
+}
+
+impl Inner {
+    fn begin(&self, stage: &str, total: Option<u64>) {
         if self.quiet {
             return;
         }
@@ -143,16 +206,6 @@ impl Progress for Renderer {
         });
     }
 
-    fn advance(&self, bytes: u64) {
-        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.show(done);
-    }
-
-    fn position(&self, done: u64) {
-        let prev = self.done.fetch_max(done, Ordering::Relaxed);
-        self.show(prev.max(done));
-    }
-
     fn done(&self, summary: &str) {
         if self.quiet {
             return;
@@ -178,15 +231,7 @@ impl Progress for Renderer {
     }
 }
 
-impl Renderer {
-    /// Ends the run's output with one line: `PREFIX: LINE`.
-    pub fn summary(&self, line: &str) {
-        Self::end_stage(&mut self.lock());
-        if !self.quiet {
-            eprintln!("{}: {line}", self.prefix);
-        }
-    }
-
+impl Inner {
     fn show(&self, done: u64) {
         if self.quiet {
             return;
@@ -203,6 +248,14 @@ impl Renderer {
 
 impl Drop for Renderer {
     fn drop(&mut self) {
-        Self::end_stage(&mut self.lock());
+        {
+            let (lock, cv) = &self.inner.stop;
+            *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+        Inner::end_stage(&mut self.inner.lock());
     }
 }
