@@ -702,14 +702,13 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
                 let (w, used) = match &planned[part.spec] {
                     Planned::None => continue,
                     Planned::Ext4(plan) => {
-                        stages.begin(
-                            format_args!("{} (ext4)", part.label),
-                            plan.data_bytes(t),
-                        );
+                        stages.begin(format_args!("{} (ext4)", part.label), plan.data_bytes(t));
                         let inc = progress::advancing(stages.progress());
-                        let r = plan.write_with_progress(t, &contents, &window, &inc).map_err(|e| {
-                            anyhow!("partition {} (line {}): {e}", part.label, sp.at.line)
-                        })?;
+                        let r = plan
+                            .write_with_progress(t, &contents, &window, &inc)
+                            .map_err(|e| {
+                                anyhow!("partition {} (line {}): {e}", part.label, sp.at.line)
+                            })?;
                         let used = r.size_bytes;
                         (Written::Ext4(r), used)
                     }

@@ -1155,10 +1155,22 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
         ] {
             assert_eq!(Size::parse(s).unwrap().0, v, "{s}");
         }
-        for s in ["", "M", "1X", "-1", "1.G", "99999999999999T", "16MB", "1gb", "4KB"] {
+        for s in [
+            "",
+            "M",
+            "1X",
+            "-1",
+            "1.G",
+            "99999999999999T",
+            "16MB",
+            "1gb",
+            "4KB",
+        ] {
             assert!(Size::parse(s).is_err(), "{s}");
         }
-        assert!(Size::parse("16MB").unwrap_err().contains("\"16M\" or \"16MiB\""));
+        assert!(Size::parse("16MB")
+            .unwrap_err()
+            .contains("\"16M\" or \"16MiB\""));
         assert_eq!(Size::parse("100B").unwrap().0, 100);
         assert_eq!(human_size(3 << 29), "1.5 GiB");
     }

@@ -20,8 +20,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use kiln_tree::progress::{Progress, Silent};
 use futures::StreamExt;
+use kiln_tree::progress::{Progress, Silent};
 use reqwest::header::{
     HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE,
 };

@@ -51,7 +51,10 @@ mod tests {
 
     impl Progress for Record {
         fn begin(&self, stage: &str, total: Option<u64>) {
-            self.0.lock().unwrap().push(format!("begin {stage} {total:?}"));
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("begin {stage} {total:?}"));
         }
         fn advance(&self, bytes: u64) {
             self.0.lock().unwrap().push(format!("+{bytes}"));

@@ -215,7 +215,10 @@ mod tests {
         }
         let mut missing = Vec::new();
         walk(&root, "kiln", &mut missing);
-        assert!(missing.is_empty(), "no Examples block in --help of: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "no Examples block in --help of: {missing:?}"
+        );
     }
 
     #[derive(Debug, thiserror::Error)]

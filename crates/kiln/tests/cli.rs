@@ -13,7 +13,8 @@ use regex::Regex;
 
 fn kiln() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env_remove("NO_COLOR").env_remove("KILN_PROGRESS_INTERVAL");
+    c.env_remove("NO_COLOR")
+        .env_remove("KILN_PROGRESS_INTERVAL");
     c
 }
 
@@ -141,7 +142,11 @@ fn piped_build_prints_progress_lines() {
     }
     // -q: nothing at all on stderr.
     let quiet = run_ok(build_cmd(t.path(), &src, "out-q").arg("-q"));
-    assert!(quiet.stderr.is_empty(), "{}", String::from_utf8_lossy(&quiet.stderr));
+    assert!(
+        quiet.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
 }
 
 /// `kiln mkfs` ends with one line: path, size, entries, ratio, time; the numbers are the
@@ -205,7 +210,12 @@ fn man_pages_render() {
     let dir = t.path().join("man1");
     let out = run_ok(kiln().arg("man").arg(&dir));
     let listed = String::from_utf8_lossy(&out.stdout);
-    for page in ["kiln.1", "kiln-build.1", "kiln-mkfs-ext4.1", "kiln-completions.1"] {
+    for page in [
+        "kiln.1",
+        "kiln-build.1",
+        "kiln-mkfs-ext4.1",
+        "kiln-completions.1",
+    ] {
         assert!(dir.join(page).is_file(), "{page} missing; wrote:\n{listed}");
     }
     let page = run_ok(
@@ -216,8 +226,17 @@ fn man_pages_render() {
             .arg(dir.join("kiln-build.1")),
     );
     let text = String::from_utf8_lossy(&page.stdout);
-    for want in ["kiln-build", "--image-version", "--key", "Examples:", "kiln build examples/hello"] {
-        assert!(text.contains(want), "{want:?} not in the rendered page:\n{text}");
+    for want in [
+        "kiln-build",
+        "--image-version",
+        "--key",
+        "Examples:",
+        "kiln build examples/hello",
+    ] {
+        assert!(
+            text.contains(want),
+            "{want:?} not in the rendered page:\n{text}"
+        );
     }
     // MANPATH lookup by name, as a user runs it after installing the pages.
     let by_name = run_ok(
@@ -263,11 +282,7 @@ fn boot_without_an_esp_fails_at_once() {
     let src = t.path().join("tree");
     fs::create_dir_all(src.join("etc")).unwrap();
     fs::write(src.join("etc/hostname"), b"x\n").unwrap();
-    fs::write(
-        t.path().join("kiln.toml"),
-        SPEC.replace("lz4hc", "lz4"),
-    )
-    .unwrap();
+    fs::write(t.path().join("kiln.toml"), SPEC.replace("lz4hc", "lz4")).unwrap();
     run_ok(build_cmd(t.path(), &src, "out").arg("-q"));
     let start = Instant::now();
     let out = run(kiln()
@@ -278,5 +293,9 @@ fn boot_without_an_esp_fails_at_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("no EFI system partition"), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        start.elapsed()
+    );
 }

@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use kiln_tree::progress::{advancing, Progress};
 use kiln_formats::ext4;
 use kiln_formats::repart;
 use kiln_formats::sink::FileSink;
 use kiln_tree::output::AtomicFile;
+use kiln_tree::progress::{advancing, Progress};
 use kiln_tree::{Normalize, Opened, SourceArg, SourceContents};
 use sha2::{Digest, Sha256};
 
