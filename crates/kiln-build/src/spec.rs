@@ -43,7 +43,10 @@ impl fmt::Display for SpecError {
 
 impl std::error::Error for SpecError {}
 
-/// A size in bytes, written `4096`, `512K`, `128M`, `2G`, `1T` (binary units) or `1.5G`.
+/// A size in bytes, written `4096`, `512K`, `128M`, `2G`, `1T`, `1.5G` or `8MiB`: every unit is
+/// a power of 1024. `MB`, `GB` and the like are refused, here and in every size kiln reads
+/// (command-line flags too), because half the world reads them as powers of 1000: "16MB"
+/// silently becoming 16 MiB is a 4.9% surprise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Size(pub u64);
 
@@ -54,8 +57,16 @@ impl Size {
         let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
             Some((i, _)) => {
                 let unit = t[i..].trim().to_ascii_uppercase();
-                let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                    "" => 1,
+                if unit.len() == 2 && unit.ends_with('B') && "KMGT".contains(&unit[..1]) {
+                    return Err(format!(
+                        "bad size {s:?}: {:?} is ambiguous (powers of 1000 or 1024?); write {:?} or {:?} (both powers of 1024)",
+                        &t[i..],
+                        format!("{}{}", t[..i].trim(), &unit[..1]),
+                        format!("{}{}iB", t[..i].trim(), &unit[..1]),
+                    ));
+                }
+                let mult: u64 = match unit.strip_suffix("IB").unwrap_or(&unit) {
+                    "" | "B" => 1,
                     "K" => 1 << 10,
                     "M" => 1 << 20,
                     "G" => 1 << 30,
@@ -492,6 +503,8 @@ pub struct Spec {
     pub iso: bool,
     /// Source tree path (resolved), if the spec names one.
     pub source: Option<PathBuf>,
+    /// Where `[source] tree` is written, for the error when it is missing.
+    pub source_at: Option<Pos>,
     /// A host directory laid over the source tree (resolved).
     pub add: Option<PathBuf>,
     /// All-root ownership.
@@ -672,6 +685,7 @@ impl Spec {
         }
 
         let source = raw.source.tree.as_ref().map(|t| dir.join(t.get_ref()));
+        let source_at = raw.source.tree.as_ref().map(|t| cx.pos(t.span()));
         let add = match &raw.source.add {
             None => None,
             Some(a) => {
@@ -1040,6 +1054,7 @@ impl Spec {
             disk,
             iso,
             source,
+            source_at,
             add,
             all_root: raw.source.all_root,
             boot,
@@ -1140,9 +1155,23 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
         ] {
             assert_eq!(Size::parse(s).unwrap().0, v, "{s}");
         }
-        for s in ["", "M", "1X", "-1", "1.G", "99999999999999T"] {
+        for s in [
+            "",
+            "M",
+            "1X",
+            "-1",
+            "1.G",
+            "99999999999999T",
+            "16MB",
+            "1gb",
+            "4KB",
+        ] {
             assert!(Size::parse(s).is_err(), "{s}");
         }
+        assert!(Size::parse("16MB")
+            .unwrap_err()
+            .contains("\"16M\" or \"16MiB\""));
+        assert_eq!(Size::parse("100B").unwrap().0, 100);
         assert_eq!(human_size(3 << 29), "1.5 GiB");
     }
 }

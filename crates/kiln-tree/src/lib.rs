@@ -15,6 +15,7 @@ use kiln_formats::fstree::{Contents, FileData, Placer, Tree};
 
 pub mod dir;
 pub mod output;
+pub mod progress;
 pub mod spool;
 pub mod tar;
 
