@@ -302,7 +302,10 @@ pub fn open(r: &ImageRef, arch: Option<&str>) -> Result<Opened, Error> {
     let image = match r {
         ImageRef::Registry(s) => {
             let opener = REGISTRY.get().ok_or_else(|| {
-                src_err(s, "registry sources need kiln's registry client (not linked in)")
+                src_err(
+                    s,
+                    "registry sources need kiln's registry client (not linked in)",
+                )
             })?;
             from_manifests(opener(s)?, r, None, arch)?
         }
@@ -318,7 +321,8 @@ pub fn open(r: &ImageRef, arch: Option<&str>) -> Result<Opened, Error> {
 }
 
 fn parse_doc(what: &str, bytes: &[u8]) -> Result<Doc, Error> {
-    serde_json::from_slice(bytes).map_err(|e| src_err(what, format!("not a manifest or index: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| src_err(what, format!("not a manifest or index: {e}")))
 }
 
 fn from_manifests(
@@ -377,7 +381,10 @@ fn from_manifests(
     let cwhat = format!("{name}: config {}", cdesc.digest);
     digest_hex(&cwhat, &cdesc.digest)?;
     if cdesc.size > MAX_CONFIG {
-        return Err(src_err(&cwhat, format!("{} bytes is too large", cdesc.size)));
+        return Err(src_err(
+            &cwhat,
+            format!("{} bytes is too large", cdesc.size),
+        ));
     }
     let mut cbytes = Vec::new();
     store
@@ -388,7 +395,11 @@ fn from_manifests(
     if cbytes.len() as u64 != cdesc.size {
         return Err(src_err(
             &cwhat,
-            format!("size mismatch: expected {} bytes, got {}", cdesc.size, cbytes.len()),
+            format!(
+                "size mismatch: expected {} bytes, got {}",
+                cdesc.size,
+                cbytes.len()
+            ),
         ));
     }
     verify(&cwhat, &cdesc.digest, &cbytes)?;
@@ -399,7 +410,10 @@ fn from_manifests(
         digest_hex(&lwhat, &l.digest)?;
         let mt = l.media_type.clone().unwrap_or_default();
         if !(mt.is_empty() || mt.contains("tar") || mt.contains("rootfs.diff")) {
-            return Err(src_err(&lwhat, format!("media type {mt:?} is not a tar layer")));
+            return Err(src_err(
+                &lwhat,
+                format!("media type {mt:?} is not a tar layer"),
+            ));
         }
         keys.push((l.digest.clone(), Some(l.size)));
         infos.push(LayerInfo {
@@ -418,8 +432,13 @@ fn from_manifests(
 
 /// Picks one descriptor of an index: by `ref.name` when a tag is given (layouts), then by
 /// platform when more than one is left or any has a platform.
-fn pick(what: &str, list: Vec<Desc>, tag: Option<&str>, top: bool, arch: &str) -> Result<Desc, Error> {
-    let mut list = list;
+fn pick(
+    what: &str,
+    mut list: Vec<Desc>,
+    tag: Option<&str>,
+    top: bool,
+    arch: &str,
+) -> Result<Desc, Error> {
     if let Some(t) = tag {
         list.retain(|d| {
             d.annotations
@@ -430,7 +449,9 @@ fn pick(what: &str, list: Vec<Desc>, tag: Option<&str>, top: bool, arch: &str) -
             return Err(src_err(what, format!("no manifest is named {t:?}")));
         }
     }
-    if top && tag.is_none() && list.len() == 1 {
+    // A layout's index.json names one image (after the tag), usually with no platform: take it;
+    // a platform index is picked by platform.
+    if top && list.len() == 1 && list[0].platform.is_none() {
         return list.pop().ok_or_else(|| src_err(what, "empty index"));
     }
     let have: Vec<String> = list
@@ -544,13 +565,19 @@ impl ImageStore for Layout {
         let text = read_bounded(&lay, 4096)?;
         let v: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| src_err(&lay.display().to_string(), format!("not JSON: {e}")))?;
-        if v.get("imageLayoutVersion").and_then(|x| x.as_str()).is_none() {
+        if v.get("imageLayoutVersion")
+            .and_then(|x| x.as_str())
+            .is_none()
+        {
             return Err(src_err(
                 &lay.display().to_string(),
                 "no imageLayoutVersion: not an OCI image layout",
             ));
         }
-        Ok((read_bounded(&self.dir.join("index.json"), MAX_MANIFEST)?, None))
+        Ok((
+            read_bounded(&self.dir.join("index.json"), MAX_MANIFEST)?,
+            None,
+        ))
     }
 
     fn manifest(&mut self, digest: &str) -> Result<Vec<u8>, Error> {
@@ -582,7 +609,10 @@ impl DockerArchive {
             NodeKind::File(f) if f.segments.is_none() => Ok(f.clone()),
             k => Err(src_err(
                 &what,
-                format!("member {name:?} is a {} (or sparse), not a plain file", k.name()),
+                format!(
+                    "member {name:?} is a {} (or sparse), not a plain file",
+                    k.name()
+                ),
             )),
         }
     }
@@ -649,12 +679,15 @@ fn docker_archive(path: &Path, r: &ImageRef) -> Result<Image, Error> {
     let mf = kiln_formats::fstree::read_file(&a.tree, &*a.contents, "manifest.json", MAX_MANIFEST)
         .map_err(|e| src_err(&name, format!("manifest.json: {e}")))?
         .ok_or_else(|| src_err(&name, "no manifest.json: not a docker save archive"))?;
-    let mut list: Vec<DockerManifest> = serde_json::from_slice(&mf)
-        .map_err(|e| src_err(&name, format!("manifest.json: {e}")))?;
+    let mut list: Vec<DockerManifest> =
+        serde_json::from_slice(&mf).map_err(|e| src_err(&name, format!("manifest.json: {e}")))?;
     if list.len() != 1 {
         return Err(src_err(
             &name,
-            format!("manifest.json lists {} images; kiln reads archives of one", list.len()),
+            format!(
+                "manifest.json lists {} images; kiln reads archives of one",
+                list.len()
+            ),
         ));
     }
     let m = list.remove(0);
@@ -733,7 +766,10 @@ fn hashing<R: Read>(inner: R) -> (Hashing<R>, HashState) {
 
 fn finish(state: &HashState) -> (String, u64) {
     let s = state.lock().unwrap_or_else(|e| e.into_inner());
-    (format!("sha256:{}", hex::encode(s.0.clone().finalize())), s.1)
+    (
+        format!("sha256:{}", hex::encode(s.0.clone().finalize())),
+        s.1,
+    )
 }
 
 impl Image {
@@ -762,7 +798,8 @@ impl Image {
             let raw = self.store.blob(key).map_err(wrap)?;
             let (raw, blob_hash) = hashing(raw);
             let mut raw: Box<dyn Read + Send> = Box::new(raw);
-            let magic = tar::read_magic(&mut raw).map_err(|e| src_err(&what, format!("reading: {e}")))?;
+            let magic =
+                tar::read_magic(&mut raw).map_err(|e| src_err(&what, format!("reading: {e}")))?;
             let c = tar::detect(&magic).map_err(|m| src_err(&what, m))?;
             let dec = tar::decoder(c, Cursor::new(magic).chain(raw))
                 .map_err(|e| src_err(&what, format!("starting the {c:?} decoder: {e}")))?;
@@ -897,7 +934,10 @@ mod tests {
             ..Default::default()
         };
         let u = service_unit(&c, "agent").unwrap();
-        assert!(u.contains("ExecStart=\"/bin/sh\" \"-c\" \"echo \\\"$$HOME\\\" 100%%\"\n"), "{u}");
+        assert!(
+            u.contains("ExecStart=\"/bin/sh\" \"-c\" \"echo \\\"$$HOME\\\" 100%%\"\n"),
+            "{u}"
+        );
         assert!(u.contains("Environment=\"A=b c\"\n"));
         assert!(u.contains("User=1000\nGroup=1000\n"));
         assert!(u.contains("WorkingDirectory=/srv\n"));
