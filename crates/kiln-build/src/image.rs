@@ -220,11 +220,21 @@ pub struct Report {
     /// The hybrid ISO, when `[image] output` lists "iso".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iso: Option<crate::iso::IsoReport>,
+    /// The container image the source was (reference, digests, layers, and its config's
+    /// Env, Entrypoint, Cmd, WorkingDir and User).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<kiln_tree::oci::ImageConfig>,
 }
 
 impl Report {
     /// The fields every build reports (what was built, from what), with no outputs yet.
-    fn describing(spec: &Spec, source: &Path, epoch: Option<i64>, input_digest: &[u8; 32]) -> Self {
+    fn describing(
+        spec: &Spec,
+        source: &Path,
+        epoch: Option<i64>,
+        input_digest: &[u8; 32],
+        image: Option<&kiln_tree::oci::ImageConfig>,
+    ) -> Self {
         Self {
             format: "kiln-build-report",
             schema: 1,
@@ -246,6 +256,7 @@ impl Report {
             slots: Vec::new(),
             artifacts: Vec::new(),
             iso: None,
+            image: image.cloned(),
         }
     }
 }
@@ -339,7 +350,10 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
             )
         })?;
     if let (None, Some(at)) = (&opts.source, spec.source_at) {
-        if !source.exists() {
+        let reference = ["oci://", "oci-layout:", "docker-archive:"]
+            .iter()
+            .any(|s| source.to_string_lossy().starts_with(s));
+        if !reference && !source.exists() {
             bail!(
                 "{}:{}:{}: [source] tree {} does not exist (make it, or give --source PATH)",
                 spec.file.display(),
@@ -364,8 +378,12 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         }
     }
     let arg = SourceArg::parse(&source);
-    let (mut tree, contents) = kiln_tree::open_random_access(&arg)
+    let (mut tree, contents, image) = kiln_tree::open_random_access_image(&arg)
         .with_context(|| format!("reading the source {}", source.display()))?;
+    if let Some(name) = &spec.service {
+        let unit = crate::prepare::image_service(&mut tree, image.as_ref(), name, mtime)?;
+        stages.done(format_args!("source: {unit} from the image config"));
+    }
     if let Some(add) = &spec.add {
         let n = kiln_tree::dir::add_dir(&mut tree, add)
             .with_context(|| format!("[source] add = {}", add.display()))?;
@@ -480,7 +498,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         std::fs::create_dir_all(&opts.outdir)
             .with_context(|| format!("creating {}", opts.outdir.display()))?;
         let iso = crate::iso::build(&iso_inputs, &stages)?;
-        let report = Report::describing(&spec, &source, epoch, &input_digest);
+        let report = Report::describing(&spec, &source, epoch, &input_digest, image.as_ref());
         return finish(&finish_with, report, Vec::new(), None, Some(iso));
     }
 
@@ -1104,7 +1122,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         boot: boot_report,
         slots: slot_list,
         artifacts,
-        ..Report::describing(&spec, &source, epoch, &input_digest)
+        ..Report::describing(&spec, &source, epoch, &input_digest, image.as_ref())
     };
     finish(&finish_with, report, pending, Some(out), iso)
 }

@@ -203,6 +203,20 @@ pub struct ImageSection {
     pub slots_last: Option<bool>,
 }
 
+/// A `[source] tree` resolved against the spec's directory: image references keep their
+/// scheme (`oci://` as is; the path of `oci-layout:` and `docker-archive:` is resolved).
+fn source_path(dir: &Path, t: &str) -> PathBuf {
+    if t.starts_with("oci://") {
+        return PathBuf::from(t);
+    }
+    for scheme in ["oci-layout:", "docker-archive:"] {
+        if let Some(rest) = t.strip_prefix(scheme) {
+            return PathBuf::from(format!("{scheme}{}", dir.join(rest).display()));
+        }
+    }
+    dir.join(t)
+}
+
 /// `[source]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,6 +229,9 @@ pub struct SourceSection {
     /// A host directory (relative to the spec's directory) laid over the tree: its files
     /// replace the tree's, its directories merge (units, configuration on top of a base tar).
     pub add: Option<Spanned<String>>,
+    /// For a container image source: write a systemd unit NAME.service that runs the image
+    /// config's Entrypoint/Cmd with its Env, WorkingDir and User, enabled for multi-user.target.
+    pub service: Option<Spanned<String>>,
 }
 
 /// `[boot]`.
@@ -507,6 +524,8 @@ pub struct Spec {
     pub source_at: Option<Pos>,
     /// A host directory laid over the source tree (resolved).
     pub add: Option<PathBuf>,
+    /// `[source] service`: the unit to write from a container image's config.
+    pub service: Option<String>,
     /// All-root ownership.
     pub all_root: bool,
     /// Boot settings; `None` builds a disk that is not bootable by itself.
@@ -684,8 +703,30 @@ impl Spec {
             }
         }
 
-        let source = raw.source.tree.as_ref().map(|t| dir.join(t.get_ref()));
         let source_at = raw.source.tree.as_ref().map(|t| cx.pos(t.span()));
+        let source = raw
+            .source
+            .tree
+            .as_ref()
+            .map(|t| source_path(&dir, t.get_ref()));
+        let service = match &raw.source.service {
+            None => None,
+            Some(s) => {
+                let n = s.get_ref();
+                let ok = !n.is_empty()
+                    && n.len() <= 200
+                    && !n.starts_with('.')
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+                if !ok {
+                    return cx.err(
+                        s.span(),
+                        format!("service: {n:?} is not a unit name (letters, digits, `-_.@`)"),
+                    );
+                }
+                Some(n.clone())
+            }
+        };
         let add = match &raw.source.add {
             None => None,
             Some(a) => {
@@ -1056,6 +1097,7 @@ impl Spec {
             source,
             source_at,
             add,
+            service,
             all_root: raw.source.all_root,
             boot,
             partitions,

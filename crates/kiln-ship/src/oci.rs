@@ -653,6 +653,20 @@ impl Client {
         Ok(Some((body.to_vec(), mt, digest)))
     }
 
+    /// Starts a GET of blob `digest` and returns the response once its status is 200, for the
+    /// caller to stream and verify (container image layers, see [`crate::image_source`]).
+    pub async fn get_blob(&self, digest: &str) -> anyhow::Result<reqwest::Response> {
+        crate::digest::oci_hex(digest)?;
+        let url = self.url(&format!("blobs/{digest}"));
+        let r = self
+            .send(Method::GET, &url, HeaderMap::new(), &|| Ok(None))
+            .await?;
+        if r.status() != StatusCode::OK {
+            bail!("GET {url}: {}: {}", r.status(), text(r).await);
+        }
+        Ok(r)
+    }
+
     /// Downloads blob `desc` into `partial`, resuming from the bytes already there with a
     /// `Range` request, retrying an interrupted transfer up to [`Options::retries`] times. On
     /// return the file holds exactly the blob (size and digest verified). A digest mismatch

@@ -134,6 +134,8 @@ fn clean_up_on_signals() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // `oci://` sources go through kiln-ship's registry client.
+    kiln_ship::image_source::register();
     if !matches!(cli.command, Command::Serve(_)) {
         clean_up_on_signals();
     }
