@@ -20,6 +20,8 @@ enum Command {
     Mkfs(cmd::mkfs::MkfsCommand),
     /// Build disk images from a kiln.toml spec.
     Build(cmd::build::BuildArgs),
+    /// Write a raw disk image as a VM disk: qcow2, VHD or VMDK (streamOptimized).
+    Convert(cmd::convert::ConvertArgs),
     /// Show the layout of an image: partitions, filesystems, verity, slots, ISO descriptors.
     Inspect(cmd::inspect::InspectArgs),
     /// Put payloads into an image's slots.
@@ -77,6 +79,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Mkfs(c) => cmd::mkfs::run(c),
         Command::Build(a) => cmd::build::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Verify(a) => cmd::verify::run(a),

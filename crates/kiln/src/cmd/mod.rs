@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod build;
+pub mod convert;
 pub mod inject;
 pub mod inspect;
 pub mod mkfs;
