@@ -243,36 +243,110 @@ pub fn read_all(d: &dyn VirtualDisk, chunk: usize, mut sink: impl FnMut(u64, &[u
     Ok(())
 }
 
+/// Opens `bytes` as whichever container it is (fuzzing and tests).
+pub fn open_any<'a>(r: &'a dyn ReadAt, len: u64) -> Result<Box<dyn VirtualDisk + 'a>> {
+    match detect(r, len) {
+        Some("qcow2") => Ok(Box::new(qcow2::Reader::open(r, len)?)),
+        Some("vmdk") => Ok(Box::new(vmdk::Reader::open(r, len)?)),
+        Some("vhd") => Ok(Box::new(vhd::Reader::open(r, len)?)),
+        _ => Err(corrupt("vmdisk", 0, "neither qcow2, VHD nor VMDK")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Cursor;
 
-    #[test]
-    fn candidates_merge_runs_per_chunk() {
-        let data = vec![0u8; 10];
-        let raw = Raw {
-            data: &data,
-            size: 300_000,
-            runs: Some(vec![
-                (0, 10),
-                (65_000, 2000),
-                (70_000, 10),
-                (200_000, 200_000),
-            ]),
-        };
-        assert_eq!(raw.candidate_chunks(65_536), vec![0, 1, 3, 4]);
-        let all = Raw { runs: None, ..raw };
-        assert_eq!(all.candidate_chunks(65_536), vec![0, 1, 2, 3, 4]);
+    /// A disk with random, text, repeated and zero regions and an odd length.
+    fn sample() -> Vec<u8> {
+        let mut d = vec![0u8; 5 * 1024 * 1024 + 777];
+        let mut x = 0x1234_5678u32;
+        for b in &mut d[70_000..400_000] {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        for (i, b) in d[2_200_000..3_000_000].iter_mut().enumerate() {
+            *b = b"kiln bakes images "[i % 18];
+        }
+        let n = d.len();
+        d[n - 5..].copy_from_slice(b"tail!");
+        d
+    }
+
+    fn write_all_formats(raw: &Raw<'_>) -> Vec<(&'static str, Vec<u8>)> {
+        let mut outs = Vec::new();
+        for comp in [None, Some(Compression::Zstd), Some(Compression::Zlib)] {
+            let mut c = Cursor::new(Vec::new());
+            qcow2::write(raw, &mut c, qcow2::Options { compression: comp }).unwrap();
+            outs.push(("qcow2", c.into_inner()));
+        }
+        for dynamic in [false, true] {
+            let mut c = Cursor::new(Vec::new());
+            let o = vhd::Options { dynamic, unique_id: [9; 16], timestamp: 0 };
+            vhd::write(raw, &mut c, o).unwrap();
+            outs.push(("vhd", c.into_inner()));
+        }
+        let mut c = Cursor::new(Vec::new());
+        let o = vmdk::Options { file_name: "t.vmdk".into(), cid: 7 };
+        vmdk::write(raw, &mut c, &o).unwrap();
+        outs.push(("vmdk", c.into_inner()));
+        outs
+    }
+
+    fn read_back(img: &[u8]) -> Result<Vec<u8>> {
+        let d = open_any(img, img.len() as u64)?;
+        let mut v = Vec::new();
+        read_all(d.as_ref(), 1 << 20, |_, b| v.extend_from_slice(b))?;
+        Ok(v)
     }
 
     #[test]
-    fn zero_test() {
-        assert!(is_zero(&[0u8; 1001]));
-        let mut b = vec![0u8; 1001];
-        b[1000] = 1;
-        assert!(!is_zero(&b));
-        b[1000] = 0;
-        b[3] = 1;
-        assert!(!is_zero(&b));
+    fn round_trips_every_format() {
+        let data = sample();
+        let runs = vec![(65_536, 400_000), (2_000_000, 1_100_000), (data.len() as u64 - 100, 100)];
+        for runs in [None, Some(runs)] {
+            let raw = Raw { data: &data, size: data.len() as u64, runs };
+            for (fmt, img) in write_all_formats(&raw) {
+                assert_eq!(detect(&img, img.len() as u64), Some(fmt));
+                let back = read_back(&img).unwrap();
+                assert!(back.len() >= data.len(), "{fmt}");
+                assert_eq!(&back[..data.len()], &data[..], "{fmt}");
+                assert!(is_zero(&back[data.len()..]), "{fmt}");
+            }
+        }
+    }
+
+    #[test]
+    fn identical_inputs_give_identical_bytes() {
+        let data = sample();
+        let raw = Raw { data: &data, size: data.len() as u64, runs: None };
+        assert_eq!(write_all_formats(&raw), write_all_formats(&raw));
+    }
+
+    /// Truncations and flipped bytes are errors or other data, never panics.
+    #[test]
+    fn damaged_containers_do_not_panic() {
+        let data = sample();
+        let raw = Raw { data: &data, size: data.len() as u64, runs: None };
+        for (fmt, img) in write_all_formats(&raw) {
+            let n = img.len();
+            for cut in [0, 1, 100, 511, 512, 1536, 65_536, n / 2, n - 513, n - 1] {
+                let _ = read_back(&img[..cut.min(n)]);
+            }
+            assert!(read_back(&img[..n / 2]).is_err() || fmt == "vhd", "{fmt} half");
+            let mut x = 0x9e37_79b9u32;
+            for _ in 0..200 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let mut bad = img.clone();
+                let at = (x as usize) % n.min(200_000);
+                bad[at] ^= 0xA5;
+                let _ = read_back(&bad);
+            }
+        }
     }
 }
