@@ -7,16 +7,16 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let len = data.len() as u64;
-    if let Ok(q) = qcow2::Reader::open(data, len) {
+    if let Ok(q) = qcow2::Reader::open(&data, len) {
         let _ = q.dump();
     }
-    if let Ok(v) = vhd::Reader::open(data, len) {
+    if let Ok(v) = vhd::Reader::open(&data, len) {
         let _ = v.dump();
     }
-    if let Ok(k) = vmdk::Reader::open(data, len) {
+    if let Ok(k) = vmdk::Reader::open(&data, len) {
         let _ = k.dump();
     }
-    if let Ok(d) = vmdisk::open_any(data, len) {
+    if let Ok(d) = vmdisk::open_any(&data, len) {
         let size = d.size();
         let mut buf = vec![0u8; 4 << 20];
         let n = size.min(buf.len() as u64) as usize;

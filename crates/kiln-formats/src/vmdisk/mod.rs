@@ -285,19 +285,26 @@ mod tests {
         }
         for dynamic in [false, true] {
             let mut c = Cursor::new(Vec::new());
-            let o = vhd::Options { dynamic, unique_id: [9; 16], timestamp: 0 };
+            let o = vhd::Options {
+                dynamic,
+                unique_id: [9; 16],
+                timestamp: 0,
+            };
             vhd::write(raw, &mut c, o).unwrap();
             outs.push(("vhd", c.into_inner()));
         }
         let mut c = Cursor::new(Vec::new());
-        let o = vmdk::Options { file_name: "t.vmdk".into(), cid: 7 };
+        let o = vmdk::Options {
+            file_name: "t.vmdk".into(),
+            cid: 7,
+        };
         vmdk::write(raw, &mut c, &o).unwrap();
         outs.push(("vmdk", c.into_inner()));
         outs
     }
 
     fn read_back(img: &[u8]) -> Result<Vec<u8>> {
-        let d = open_any(img, img.len() as u64)?;
+        let d = open_any(&img, img.len() as u64)?;
         let mut v = Vec::new();
         read_all(d.as_ref(), 1 << 20, |_, b| v.extend_from_slice(b))?;
         Ok(v)
@@ -306,9 +313,17 @@ mod tests {
     #[test]
     fn round_trips_every_format() {
         let data = sample();
-        let runs = vec![(65_536, 400_000), (2_000_000, 1_100_000), (data.len() as u64 - 100, 100)];
+        let runs = vec![
+            (65_536, 400_000),
+            (2_000_000, 1_100_000),
+            (data.len() as u64 - 100, 100),
+        ];
         for runs in [None, Some(runs)] {
-            let raw = Raw { data: &data, size: data.len() as u64, runs };
+            let raw = Raw {
+                data: &data,
+                size: data.len() as u64,
+                runs,
+            };
             for (fmt, img) in write_all_formats(&raw) {
                 assert_eq!(detect(&img, img.len() as u64), Some(fmt));
                 let back = read_back(&img).unwrap();
@@ -322,7 +337,11 @@ mod tests {
     #[test]
     fn identical_inputs_give_identical_bytes() {
         let data = sample();
-        let raw = Raw { data: &data, size: data.len() as u64, runs: None };
+        let raw = Raw {
+            data: &data,
+            size: data.len() as u64,
+            runs: None,
+        };
         assert_eq!(write_all_formats(&raw), write_all_formats(&raw));
     }
 
@@ -330,13 +349,20 @@ mod tests {
     #[test]
     fn damaged_containers_do_not_panic() {
         let data = sample();
-        let raw = Raw { data: &data, size: data.len() as u64, runs: None };
+        let raw = Raw {
+            data: &data,
+            size: data.len() as u64,
+            runs: None,
+        };
         for (fmt, img) in write_all_formats(&raw) {
             let n = img.len();
             for cut in [0, 1, 100, 511, 512, 1536, 65_536, n / 2, n - 513, n - 1] {
                 let _ = read_back(&img[..cut.min(n)]);
             }
-            assert!(read_back(&img[..n / 2]).is_err() || fmt == "vhd", "{fmt} half");
+            assert!(
+                read_back(&img[..n / 2]).is_err() || fmt == "vhd",
+                "{fmt} half"
+            );
             let mut x = 0x9e37_79b9u32;
             for _ in 0..200 {
                 x ^= x << 13;
