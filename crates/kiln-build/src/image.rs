@@ -1101,6 +1101,21 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         }
     }
 
+    // VM disk containers, streamed from the finished raw disk.
+    for (f, a) in crate::vmdisk::outputs(
+        file,
+        disk_size,
+        &opts.outdir,
+        &name_version,
+        &spec.vm_formats,
+        spec.qcow2_compression,
+        spec.vhd_dynamic,
+    )? {
+        stages.done(format_args!("{} ({})", a.file, spec::human_size(a.size)));
+        artifacts.push(a);
+        pending.push(f);
+    }
+
     // The hybrid ISO, from the same tree.
     let iso = if spec.iso {
         Some(crate::iso::build(&iso_inputs, &stages)?)

@@ -352,11 +352,15 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
         }
         let file = qemu_path(img)?;
         let snap = if opts.keep { "" } else { ",snapshot=on" };
-        let none_drive = format!("file={file},format=raw,if=none,id=d0{snap}");
+        // qcow2, VHD and VMDK images by their magic; anything else is raw.
+        let fmt = crate::vmdisk::VmFormat::detect(img)?
+            .map(|f| f.qemu_format())
+            .unwrap_or("raw");
+        let none_drive = format!("file={file},format={fmt},if=none,id=d0{snap}");
         match opts.attach {
             Attach::Disk => {
                 cmd.arg("-drive")
-                    .arg(format!("file={file},format=raw,if=virtio{snap}"));
+                    .arg(format!("file={file},format={fmt},if=virtio{snap}"));
             }
             Attach::Scsi => {
                 cmd.args(["-device", "virtio-scsi-pci,id=scsi"])

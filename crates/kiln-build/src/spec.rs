@@ -195,9 +195,14 @@ pub struct ImageSection {
     pub budget: Option<Spanned<Size>>,
     /// Fixed total disk size; partitions must fit (`size = "fill"` is not supported).
     pub size: Option<Spanned<Size>>,
-    /// What to emit: `disk` (default) and/or `iso`.
+    /// What to emit: `disk` (default), `iso`, and VM disks made from the disk: `qcow2`,
+    /// `vhd`, `vmdk` (these imply `disk`: the raw image is their source and is kept).
     #[serde(default)]
     pub output: Option<Spanned<Vec<String>>>,
+    /// Compressed qcow2 clusters: `zstd` or `zlib` (default: none).
+    pub qcow2_compression: Option<Spanned<String>>,
+    /// `fixed` (default, as Azure requires) or `dynamic`.
+    pub vhd_type: Option<Spanned<String>>,
     /// Place partitions holding slots after the others on disk (default true); see
     /// [`crate::layout::layout`].
     pub slots_last: Option<bool>,
@@ -518,6 +523,12 @@ pub struct Spec {
     pub disk: bool,
     /// Emit a hybrid ISO.
     pub iso: bool,
+    /// VM disk containers written from the disk, in output order.
+    pub vm_formats: Vec<crate::vmdisk::VmFormat>,
+    /// qcow2 cluster compression.
+    pub qcow2_compression: Option<kiln_formats::vmdisk::Compression>,
+    /// A dynamic VHD instead of a fixed one.
+    pub vhd_dynamic: bool,
     /// Source tree path (resolved), if the spec names one.
     pub source: Option<PathBuf>,
     /// Where `[source] tree` is written, for the error when it is missing.
@@ -681,18 +692,29 @@ impl Spec {
             None => repart::derive_uuid(&[0; 16], &format!("kiln-image:{name}")),
         };
         let (mut disk, mut iso) = (true, false);
+        let mut vm_formats = Vec::new();
         if let Some(out) = &img.output {
             disk = false;
             for o in out.get_ref() {
                 match o.as_str() {
                     "disk" => disk = true,
                     "iso" => iso = true,
-                    other => {
-                        return cx.err(
-                            out.span(),
-                            format!("unknown output {other:?}: expected \"disk\" or \"iso\""),
-                        )
-                    }
+                    other => match crate::vmdisk::VmFormat::parse(other) {
+                        Some(f) => {
+                            disk = true;
+                            if !vm_formats.contains(&f) {
+                                vm_formats.push(f);
+                            }
+                        }
+                        None => {
+                            return cx.err(
+                                out.span(),
+                                format!(
+                                    "unknown output {other:?}: expected \"disk\", \"iso\", \"qcow2\", \"vhd\" or \"vmdk\""
+                                ),
+                            )
+                        }
+                    },
                 }
             }
             if !disk && !iso {
@@ -725,6 +747,23 @@ impl Spec {
                     );
                 }
                 Some(n.clone())
+            }
+        };
+        let qcow2_compression = match &img.qcow2_compression {
+            None => None,
+            Some(c) => match crate::vmdisk::parse_compression(c.get_ref()) {
+                Ok(c) => Some(c),
+                Err(e) => return cx.err(c.span(), format!("qcow2_compression: {e}")),
+            },
+        };
+        let vhd_dynamic = match img.vhd_type.as_ref().map(|t| (t, t.get_ref().as_str())) {
+            None | Some((_, "fixed")) => false,
+            Some((_, "dynamic")) => true,
+            Some((t, other)) => {
+                return cx.err(
+                    t.span(),
+                    format!("vhd_type {other:?}: expected \"fixed\" or \"dynamic\""),
+                )
             }
         };
         let add = match &raw.source.add {
@@ -1094,6 +1133,9 @@ impl Spec {
             slots_last: img.slots_last.unwrap_or(true),
             disk,
             iso,
+            vm_formats,
+            qcow2_compression,
+            vhd_dynamic,
             source,
             source_at,
             add,

@@ -35,6 +35,13 @@ enum Command {
   kiln build kiosk/ -o out --source rootfs.tar.zst --image-version 2026.12.1
   kiln build kiosk/ -o out --seed $SEED --key release.key --json > report.json")]
     Build(cmd::build::BuildArgs),
+    /// Write a raw disk image as a VM disk: qcow2, VHD or VMDK (streamOptimized).
+    #[command(after_help = "Examples:
+  kiln convert out/appliance/appliance_1.img --to qcow2
+  kiln convert disk.img --to qcow2 --compression zstd -o disk.qcow2
+  kiln convert disk.img --to vhd --dynamic
+  kiln convert disk.img --to vmdk -o disk.vmdk")]
+    Convert(cmd::convert::ConvertArgs),
     /// Show the layout of an image: partitions, filesystems, verity, slots, ISO descriptors.
     #[command(after_help = "Examples:
   kiln inspect out/hello/hello_1.0.img
@@ -142,6 +149,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Mkfs(c) => cmd::mkfs::run(c),
         Command::Build(a) => cmd::build::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Verify(a) => cmd::verify::run(a),
