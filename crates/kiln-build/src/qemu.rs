@@ -536,48 +536,6 @@ fn qemu_path(p: &Path) -> Result<String> {
     Ok(s.to_string())
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ovmf_lookup() {
-        let d = tempfile::tempdir().unwrap();
-        assert!(ovmf_files(Some(d.path())).is_err());
-        std::fs::write(d.path().join("OVMF_CODE.fd"), b"c").unwrap();
-        std::fs::write(d.path().join("OVMF_VARS.fd"), b"v").unwrap();
-        let (c, v) = ovmf_files(Some(d.path())).unwrap();
-        assert!(c.ends_with("OVMF_CODE.fd") && v.ends_with("OVMF_VARS.fd"));
-        let (c2, v2) = ovmf_files(Some(&c)).unwrap();
-        assert_eq!((c2, v2), (c, v));
-        let e = ovmf_files(Some(&d.path().join("nope"))).unwrap_err();
-        assert!(e.to_string().contains("nope"));
-        assert_eq!("cdrom".parse::<Attach>(), Ok(Attach::Cdrom));
-        for a in Attach::ALL {
-            assert_eq!(a.name().parse::<Attach>(), Ok(*a));
-        }
-        let e = "floppy".parse::<Attach>().unwrap_err();
-        assert!(e.contains("usb-ehci") && e.contains("nvme"), "{e}");
-    }
-
-    #[test]
-    fn bad_inputs_fail_before_starting_qemu() {
-        let o = BootOptions {
-            expect: Some("(".into()),
-            image: Some("/nonexistent".into()),
-            ..BootOptions::default()
-        };
-        assert!(boot(&o).unwrap_err().to_string().contains("--expect"));
-        let o = BootOptions {
-            image: Some("/nonexistent/x.img".into()),
-            firmware: Firmware::Bios,
-            ..BootOptions::default()
-        };
-        assert!(boot(&o).unwrap_err().to_string().contains("no such image"));
-    }
-}
-
 /// Fails at once, saying why, when firmware could not boot the disk `image`: it has a GPT but
 /// no EFI system partition, or its ESP has no `EFI/BOOT/BOOTX64.EFI` (the removable-media
 /// path OVMF boots when no boot entry is stored). Without this, QEMU would sit in the firmware's
@@ -620,5 +578,47 @@ pub fn firmware_can_boot(image: &Path) -> Result<()> {
             image.display(),
             i + 1
         ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ovmf_lookup() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(ovmf_files(Some(d.path())).is_err());
+        std::fs::write(d.path().join("OVMF_CODE.fd"), b"c").unwrap();
+        std::fs::write(d.path().join("OVMF_VARS.fd"), b"v").unwrap();
+        let (c, v) = ovmf_files(Some(d.path())).unwrap();
+        assert!(c.ends_with("OVMF_CODE.fd") && v.ends_with("OVMF_VARS.fd"));
+        let (c2, v2) = ovmf_files(Some(&c)).unwrap();
+        assert_eq!((c2, v2), (c, v));
+        let e = ovmf_files(Some(&d.path().join("nope"))).unwrap_err();
+        assert!(e.to_string().contains("nope"));
+        assert_eq!("cdrom".parse::<Attach>(), Ok(Attach::Cdrom));
+        for a in Attach::ALL {
+            assert_eq!(a.name().parse::<Attach>(), Ok(*a));
+        }
+        let e = "floppy".parse::<Attach>().unwrap_err();
+        assert!(e.contains("usb-ehci") && e.contains("nvme"), "{e}");
+    }
+
+    #[test]
+    fn bad_inputs_fail_before_starting_qemu() {
+        let o = BootOptions {
+            expect: Some("(".into()),
+            image: Some("/nonexistent".into()),
+            ..BootOptions::default()
+        };
+        assert!(boot(&o).unwrap_err().to_string().contains("--expect"));
+        let o = BootOptions {
+            image: Some("/nonexistent/x.img".into()),
+            firmware: Firmware::Bios,
+            ..BootOptions::default()
+        };
+        assert!(boot(&o).unwrap_err().to_string().contains("no such image"));
     }
 }

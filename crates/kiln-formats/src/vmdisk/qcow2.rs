@@ -459,10 +459,9 @@ impl<'a> Reader<'a> {
                     .is_ok(),
                 _ => {
                     let mut d = flate2::Decompress::new(false);
-                    matches!(
-                        d.decompress(&data, buf, flate2::FlushDecompress::Finish),
-                        Ok(_) if d.total_out() == buf.len() as u64
-                    )
+                    d.decompress(&data, buf, flate2::FlushDecompress::Finish)
+                        .is_ok()
+                        && d.total_out() == buf.len() as u64
                 }
             };
             if !ok {
