@@ -208,6 +208,20 @@ pub trait VirtualDisk {
     fn read_virtual(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
 }
 
+/// The error for a read of `len` bytes at `offset` that does not lie within a `size`-byte
+/// virtual disk (`None` when it does); every reader checks this before mapping anything.
+pub(crate) fn past_end(offset: u64, len: usize, size: u64) -> Option<Error> {
+    offset
+        .checked_add(len as u64)
+        .is_none_or(|e| e > size)
+        .then(|| {
+            Error::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read at {offset} past the {size}-byte virtual disk"),
+            ))
+        })
+}
+
 /// Which container a file is, by its magic: `qcow2`, `vhd`, `vmdk` or `None` (raw or unknown).
 pub fn detect(r: &dyn ReadAt, len: u64) -> Option<&'static str> {
     let mut head = [0u8; 8];

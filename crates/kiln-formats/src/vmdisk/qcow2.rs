@@ -17,7 +17,7 @@
 //! cluster touches is counted once per compressed cluster in its refcount; standard clusters
 //! and metadata have refcount 1 and their L1/L2 entries carry COPIED.
 
-use std::io::{self, Read, Seek, Write};
+use std::io::{Read, Seek, Write};
 
 use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -529,17 +529,8 @@ impl VirtualDisk for Reader<'_> {
     }
 
     fn read_virtual(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size())
-        {
-            return Err(Error::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "read at {offset} past the {}-byte virtual disk",
-                    self.size()
-                ),
-            )));
+        if let Some(e) = super::past_end(offset, buf.len(), self.size()) {
+            return Err(e);
         }
         let cs = self.cs();
         let mut cluster = vec![0u8; cs as usize];

@@ -11,7 +11,7 @@
 //! by it: QEMU before 9.2 trusts `current_size` only for `win `, `qem2`, `d2v `, `CTXS` and
 //! `tap`, and a kiln disk's size is rarely a whole number of cylinders.
 
-use std::io::{self, Seek, Write};
+use std::io::{Seek, Write};
 
 use zerocopy::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -422,17 +422,8 @@ impl VirtualDisk for Reader<'_> {
     }
 
     fn read_virtual(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size())
-        {
-            return Err(Error::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "read at {offset} past the {}-byte virtual disk",
-                    self.size()
-                ),
-            )));
+        if let Some(e) = super::past_end(offset, buf.len(), self.size()) {
+            return Err(e);
         }
         let Some((h, bat)) = &self.dynamic else {
             self.r.read_at(offset, buf)?;

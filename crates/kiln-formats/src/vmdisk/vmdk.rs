@@ -452,17 +452,8 @@ impl VirtualDisk for Reader<'_> {
     }
 
     fn read_virtual(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size())
-        {
-            return Err(Error::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "read at {offset} past the {}-byte virtual disk",
-                    self.size()
-                ),
-            )));
+        if let Some(e) = super::past_end(offset, buf.len(), self.size()) {
+            return Err(e);
         }
         let gb = self.grain_bytes();
         let mut grain = vec![0u8; gb as usize];
