@@ -64,7 +64,8 @@ pub struct Artifact {
     pub file: String,
     /// Size in bytes.
     pub size: u64,
-    /// sha256, hex.
+    /// sha256, hex (`digest`, `"sha256:HEX"`, in JSON).
+    #[serde(rename = "digest", serialize_with = "crate::json::sha256")]
     pub sha256: String,
 }
 
@@ -73,7 +74,8 @@ pub struct Artifact {
 pub struct PartitionReport {
     /// 1-based partition number.
     pub number: usize,
-    /// What it is for.
+    /// What it is for (`data`, `verity`, `empty-twin`, `empty-verity-twin` in JSON).
+    #[serde(serialize_with = "Role::serialize_name")]
     pub role: Role,
     /// DPS type name (or GUID text).
     #[serde(rename = "type")]
@@ -94,9 +96,11 @@ pub struct PartitionReport {
     pub fs_uuid: Option<String>,
     /// Bytes the filesystem occupies (the rest of the partition is zero).
     pub fs_size: Option<u64>,
-    /// GPT attribute bits.
+    /// GPT attribute bits (a list of names in JSON).
+    #[serde(serialize_with = "crate::json::gpt_attributes")]
     pub attributes: u64,
-    /// sha256 of the partition's bytes.
+    /// sha256 of the partition's bytes, hex (`digest`, `"sha256:HEX"`, in JSON).
+    #[serde(rename = "digest", serialize_with = "crate::json::sha256")]
     pub sha256: String,
 }
 
@@ -176,10 +180,8 @@ impl BootReport {
 /// `OUTDIR/NAME.json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// Always `kiln-build-report`.
-    pub format: &'static str,
-    /// Schema version.
-    pub schema: u32,
+    /// [`crate::json::BUILD_SCHEMA`].
+    pub schema: &'static str,
     /// kiln's version.
     pub kiln_version: &'static str,
     /// Image name.
@@ -190,7 +192,8 @@ pub struct Report {
     pub seed: String,
     /// `SOURCE_DATE_EPOCH` used.
     pub source_date_epoch: Option<i64>,
-    /// sha256 of the spec file.
+    /// sha256 of the spec file, hex (`spec_digest`, `"sha256:HEX"`, in JSON).
+    #[serde(rename = "spec_digest", serialize_with = "crate::json::sha256")]
     pub spec_sha256: String,
     /// The source as given.
     pub source: String,
@@ -214,6 +217,7 @@ pub struct Report {
     /// The boot stage, if the spec has `[boot]`.
     pub boot: Option<BootReport>,
     /// Injectable slots.
+    #[serde(serialize_with = "crate::json::slots")]
     pub slots: Vec<islots::Slot>,
     /// Every other output file.
     pub artifacts: Vec<Artifact>,
@@ -236,8 +240,7 @@ impl Report {
         image: Option<&kiln_tree::oci::ImageConfig>,
     ) -> Self {
         Self {
-            format: "kiln-build-report",
-            schema: 1,
+            schema: crate::json::BUILD_SCHEMA,
             kiln_version: env!("CARGO_PKG_VERSION"),
             name: spec.name.clone(),
             version: spec.version.clone(),

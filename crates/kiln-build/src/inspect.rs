@@ -23,9 +23,57 @@ pub struct Detected {
     /// UUID or serial, if the format has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
-    /// Format-specific facts (`data_blocks`, `salt`, `fat`, ...).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub details: Vec<(String, String)>,
+    /// Bytes the filesystem spans (ext4, EROFS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Inodes (ext4).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inodes: Option<u64>,
+    /// Data blocks the hash tree covers (verity).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_blocks: Option<u64>,
+    /// Data block size in bytes (verity).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_block_size: Option<u64>,
+    /// Hash block size in bytes (verity).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_block_size: Option<u64>,
+    /// Salt, hex (verity).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+    /// FAT entry width: 12, 16 or 32 (vfat).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fat_bits: Option<u8>,
+    /// Why a recognised superblock could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Detected {
+    /// The format-specific facts as `key=value` pairs for the human form.
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let mut d = Vec::new();
+        let mut put = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                d.push((k, v));
+            }
+        };
+        put("data_blocks", self.data_blocks.map(|v| v.to_string()));
+        put(
+            "data_block_size",
+            self.data_block_size.map(|v| v.to_string()),
+        );
+        put(
+            "hash_block_size",
+            self.hash_block_size.map(|v| v.to_string()),
+        );
+        put("salt", self.salt.clone());
+        put("size", self.size.map(|v| v.to_string()));
+        put("inodes", self.inodes.map(|v| v.to_string()));
+        put("fat", self.fat_bits.map(|b| format!("FAT{b}")));
+        put("error", self.error.clone());
+        d
+    }
 }
 
 /// One GPT partition.
@@ -53,6 +101,8 @@ pub struct PartInfo {
 /// An inspected image.
 #[derive(Clone, Debug, Serialize)]
 pub struct Inspection {
+    /// [`crate::json::INSPECT_SCHEMA`].
+    pub schema: &'static str,
     /// The file.
     pub path: String,
     /// Its size.
@@ -78,6 +128,7 @@ pub struct Inspection {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub boot_entries: Vec<String>,
     /// kiln's slot table.
+    #[serde(serialize_with = "crate::json::slots")]
     pub slots: Vec<kiln_inject::Slot>,
     /// Why the slot table could not be read, when one seems to be there.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,17 +162,15 @@ pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
                 Ok((sb, params)) => Detected {
                     kind: "verity".into(),
                     uuid: Some(format_uuid(&params.uuid)),
-                    label: None,
-                    details: vec![
-                        ("data_blocks".into(), sb.data_blocks.get().to_string()),
-                        ("data_block_size".into(), params.data_block_size.to_string()),
-                        ("hash_block_size".into(), params.hash_block_size.to_string()),
-                        ("salt".into(), hex::encode(&params.salt)),
-                    ],
+                    data_blocks: Some(sb.data_blocks.get()),
+                    data_block_size: Some(u64::from(params.data_block_size)),
+                    hash_block_size: Some(u64::from(params.hash_block_size)),
+                    salt: Some(hex::encode(&params.salt)),
+                    ..Default::default()
                 },
                 Err(e) => Detected {
                     kind: "verity".into(),
-                    details: vec![("error".into(), e.to_string())],
+                    error: Some(e.to_string()),
                     ..Default::default()
                 },
             },
@@ -135,10 +184,9 @@ pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
             kind: "ext4".into(),
             label: text(&sb[120..136]),
             uuid: Some(format_uuid(sb[104..120].try_into().ok()?)),
-            details: vec![
-                ("size".into(), (blocks * bs).to_string()),
-                ("inodes".into(), le32(sb, 0).to_string()),
-            ],
+            size: Some(blocks * bs),
+            inodes: Some(u64::from(le32(sb, 0))),
+            ..Default::default()
         });
     }
     if head.len() >= 2048 && le32(&head, 1024) == 0xE0F5_E1E2 {
@@ -148,7 +196,8 @@ pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
             kind: "erofs".into(),
             label: text(&sb[64..80]),
             uuid: Some(format_uuid(sb[48..64].try_into().ok()?)),
-            details: vec![("size".into(), blocks.to_string())],
+            size: Some(blocks),
+            ..Default::default()
         });
     }
     if head.len() >= 4096 && &head[4086..4096] == b"SWAPSPACE2" {
@@ -164,18 +213,10 @@ pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
         });
     }
     if le16(&head, 510) == 0xAA55 && (head[0] == 0xEB || head[0] == 0xE9) {
-        let (ty, serial_at, label_at) = if &head[82..87] == b"FAT32" {
-            ("FAT32", 67, 71)
+        let (bits, serial_at, label_at) = if &head[82..87] == b"FAT32" {
+            (32, 67, 71)
         } else if &head[54..59] == b"FAT16" || &head[54..59] == b"FAT12" {
-            (
-                if &head[54..59] == b"FAT16" {
-                    "FAT16"
-                } else {
-                    "FAT12"
-                },
-                39,
-                43,
-            )
+            (if &head[54..59] == b"FAT16" { 16 } else { 12 }, 39, 43)
         } else {
             return None;
         };
@@ -184,7 +225,8 @@ pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
             kind: "vfat".into(),
             label: text(&head[label_at..label_at + 11]).filter(|l| l != "NO NAME"),
             uuid: Some(format!("{:04X}-{:04X}", serial >> 16, serial & 0xFFFF)),
-            details: vec![("fat".into(), ty.into())],
+            fat_bits: Some(bits),
+            ..Default::default()
         });
     }
     let mut cd = [0u8; 6];
@@ -212,6 +254,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             .with_context(|| format!("{}: size", path.display()))?
     };
     let mut ins = Inspection {
+        schema: crate::json::INSPECT_SCHEMA,
         path: path.display().to_string(),
         size,
         disk_uuid: None,
@@ -229,11 +272,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             ins.disk_uuid = Some(format_uuid(&g.disk_guid));
             ins.gpt_warning = g.primary_error.clone();
             for (i, p) in g.partitions.iter().enumerate() {
-                let attributes = gpt::ATTRIBUTE_NAMES
-                    .iter()
-                    .filter(|(bit, _)| p.attributes & bit != 0)
-                    .map(|(_, n)| (*n).to_string())
-                    .collect();
+                let attributes = gpt::attribute_names(p.attributes);
                 ins.partitions.push(PartInfo {
                     number: g.entry_numbers.get(i).copied().unwrap_or(i as u32 + 1),
                     type_name: gpt::type_by_guid(&p.type_guid)
@@ -428,7 +467,7 @@ fn describe(d: &Detected) -> String {
     if let Some(u) = &d.uuid {
         s += &format!(" uuid={u}");
     }
-    for (k, v) in &d.details {
+    for (k, v) in d.details() {
         s += &format!(" {k}={v}");
     }
     s

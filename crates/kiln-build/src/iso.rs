@@ -125,7 +125,8 @@ pub struct IsoReport {
     pub file: String,
     /// Size in bytes.
     pub size: u64,
-    /// sha256, hex.
+    /// sha256, hex (`digest`, `"sha256:HEX"`, in JSON).
+    #[serde(rename = "digest", serialize_with = "crate::json::sha256")]
     pub sha256: String,
     /// Chunked digest (`kiln verify --digest`).
     pub chunked_digest: String,
@@ -139,8 +140,10 @@ pub struct IsoReport {
     pub partitions: Vec<IsoPartition>,
     /// The root image.
     pub root: IsoFile,
-    /// Its filesystem (`erofs`) and compression.
-    pub root_filesystem: String,
+    /// Its filesystem (`erofs`).
+    pub root_filesystem: &'static str,
+    /// Its compression (`none`, `lz4`, `lz4hc`).
+    pub root_compression: &'static str,
     /// Its dm-verity tree, if the root partition asks for verity.
     pub verity: Option<IsoVerity>,
     /// The ESP image (El Torito's UEFI entry and GPT partition 2).
@@ -150,6 +153,7 @@ pub struct IsoReport {
     /// The live boot: kernel, UKI, command line, initrd.
     pub boot: BootReport,
     /// Injectable slots (also in the table at byte 24576 and the sidecar).
+    #[serde(serialize_with = "crate::json::slots")]
     pub slots: Vec<islots::Slot>,
 }
 
@@ -653,7 +657,8 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
             offset: root_at,
             size: root_size,
         },
-        root_filesystem: format!("erofs ({})", compression_name(compression)),
+        root_filesystem: "erofs",
+        root_compression: compression_name(compression),
         verity: verity_report,
         esp: IsoFile {
             path: "(El Torito UEFI image, GPT partition 2)".into(),

@@ -33,6 +33,24 @@ pub enum Role {
     EmptyVerityTwin,
 }
 
+impl Role {
+    /// The role's name in reports: `data`, `verity`, `empty-twin`, `empty-verity-twin` (the
+    /// data partition of a verity one is in the report's `verity` list).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Data => "data",
+            Role::Verity { .. } => "verity",
+            Role::EmptyTwin => "empty-twin",
+            Role::EmptyVerityTwin => "empty-verity-twin",
+        }
+    }
+
+    /// Serializes the role as [`Role::name`].
+    pub fn serialize_name<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 /// One GPT entry to be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Part {

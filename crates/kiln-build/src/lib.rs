@@ -9,6 +9,7 @@ pub mod image;
 pub mod initrd;
 pub mod inspect;
 pub mod iso;
+pub mod json;
 pub mod layout;
 pub mod prepare;
 pub mod qemu;

@@ -118,7 +118,16 @@ struct NewPartition {
 struct NewArtifact {
     file: String,
     size: u64,
-    sha256: String,
+    /// `"sha256:HEX"` (schema `kiln.build/2`); a schema-1 report's `sha256` is plain hex.
+    #[serde(alias = "sha256")]
+    digest: String,
+}
+
+impl NewArtifact {
+    /// The sha256 as hex.
+    fn sha256(&self) -> &str {
+        self.digest.strip_prefix("sha256:").unwrap_or(&self.digest)
+    }
 }
 
 /// A UKI under `EFI/Linux/` named after the image.
@@ -211,7 +220,11 @@ fn load_new(with: &Path) -> Result<(NewReport, PathBuf)> {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))?;
-        if v.get("format").and_then(|f| f.as_str()) != Some("kiln-build-report") {
+        // `kiln.build/2`; reports of kiln before it said `"format": "kiln-build-report"`
+        // (schema 1), which reads the same for what an update takes from it.
+        let schema2 = v.get("schema").and_then(|f| f.as_str()) == Some(crate::json::BUILD_SCHEMA);
+        let schema1 = v.get("format").and_then(|f| f.as_str()) == Some("kiln-build-report");
+        if !schema2 && !schema1 {
             return Ok(None);
         }
         let r: NewReport = serde_json::from_value(v)
@@ -289,11 +302,11 @@ fn read_artifact(r: &NewReport, dir: &Path, file: &str) -> Result<Vec<u8>> {
         );
     }
     let sha = hex::encode(Sha256::digest(&bytes));
-    if sha != a.sha256 {
+    if sha != a.sha256() {
         bail!(
             "{}: sha256 {sha} does not match the report's {}",
             p.display(),
-            a.sha256
+            a.sha256()
         );
     }
     Ok(bytes)

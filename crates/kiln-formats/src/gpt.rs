@@ -66,12 +66,28 @@ pub const ATTR_NO_AUTO: u64 = 1 << 63;
 /// Attribute bits with names, for dumps and spec parsing.
 pub const ATTRIBUTE_NAMES: &[(u64, &str)] = &[
     (ATTR_REQUIRED, "required"),
-    (ATTR_NO_BLOCK_IO, "no-block-io"),
+    (ATTR_NO_BLOCK_IO, "no-block-io-protocol"),
     (ATTR_LEGACY_BIOS_BOOTABLE, "legacy-bios-bootable"),
     (ATTR_GROWFS, "grow-fs"),
     (ATTR_READ_ONLY, "read-only"),
     (ATTR_NO_AUTO, "no-auto"),
 ];
+
+/// The names of the bits set in `attributes`, lowest bit first: the UEFI/DPS name
+/// (`required`, `no-block-io-protocol`, `legacy-bios-bootable`, `grow-fs`, `read-only`,
+/// `no-auto`), `bitN` for a bit without one.
+pub fn attribute_names(attributes: u64) -> Vec<String> {
+    (0..64)
+        .map(|b| 1u64 << b)
+        .filter(|bit| attributes & bit != 0)
+        .map(|bit| {
+            ATTRIBUTE_NAMES.iter().find(|(b, _)| *b == bit).map_or_else(
+                || format!("bit{}", bit.trailing_zeros()),
+                |(_, n)| (*n).into(),
+            )
+        })
+        .collect()
+}
 
 /// Looks an attribute bit up by its name (`read-only`, `no-auto`, ...).
 pub fn attribute_by_name(name: &str) -> Option<u64> {
@@ -773,16 +789,7 @@ impl Gpt {
                 p.size()
             );
             if p.attributes != 0 {
-                let names: Vec<String> = (0..64)
-                    .map(|b| 1u64 << b)
-                    .filter(|bit| p.attributes & bit != 0)
-                    .map(|bit| {
-                        ATTRIBUTE_NAMES.iter().find(|(b, _)| *b == bit).map_or_else(
-                            || format!("bit{}", bit.trailing_zeros()),
-                            |(_, n)| (*n).into(),
-                        )
-                    })
-                    .collect();
+                let names = attribute_names(p.attributes);
                 let _ = writeln!(
                     s,
                     "       attributes {:#018x} {}",

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod oracle;
+pub mod schema;
 
 use std::ffi::OsStr;
 use std::fs;

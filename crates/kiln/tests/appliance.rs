@@ -80,7 +80,11 @@ fn build(spec: &Path, src: &Path, version: &str, out: &Path) -> Value {
             .arg(out)
             .arg("-q"),
     );
-    serde_json::from_slice(&fs::read(out.join("appliance.json")).unwrap()).unwrap()
+    let r: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("appliance.json")).unwrap()).unwrap();
+    // With [boot]: the boot section follows the report's schema.
+    kiln_testkit::schema::assert_valid("build", &r);
+    r
 }
 
 /// Boots `disk` with OVMF, writing to it (boot counting renames persist), until `expect`.
@@ -520,7 +524,7 @@ fn reproducible_and_uki_sections() {
     let r1 = rootfs(dir, "root1", false);
     let a = build(&example(), &r1, "1", &dir.join("a"));
     let b = build(&example(), &r1, "1", &dir.join("b"));
-    assert_eq!(a["disk"]["sha256"], b["disk"]["sha256"]);
+    assert_eq!(a["disk"]["digest"], b["disk"]["digest"]);
     for f in ["appliance_1.img", "appliance_1.efi", "appliance_1.root.raw"] {
         assert_eq!(
             sha(&dir.join("a").join(f)),

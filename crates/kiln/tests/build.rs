@@ -32,8 +32,11 @@ fn build(dir: &Path, spec_text: &str, source: &Path) -> Value {
         .find_map(|l| l.strip_prefix("name = \""))
         .unwrap()
         .trim_end_matches('"');
-    serde_json::from_slice(&fs::read(dir.join("out").join(format!("{name}.json"))).unwrap())
-        .unwrap()
+    let r: Value =
+        serde_json::from_slice(&fs::read(dir.join("out").join(format!("{name}.json"))).unwrap())
+            .unwrap();
+    kiln_testkit::schema::assert_valid("build", &r);
+    r
 }
 
 fn disk_of(dir: &Path, r: &Value) -> PathBuf {
@@ -280,7 +283,7 @@ fn full_disk_passes_every_checker() {
     assert!(!out.join("sysupdate.d/70-uki.transfer").exists());
     // The slot made it into the table, and kiln inspect shows it.
     let ins = run_ok(kiln().arg("inspect").arg("--json").arg(&disk));
-    let ins: Value = serde_json::from_slice(&ins.stdout).unwrap();
+    let ins = kiln_testkit::schema::assert_valid_output("inspect", &ins.stdout);
     assert_eq!(ins["slots"][0]["name"], "piece");
     assert_eq!(ins["partitions"][2]["content"]["kind"], "verity");
     assert_eq!(ins["partitions"][1]["content"]["kind"], "ext4");
@@ -334,7 +337,7 @@ fn reproducible_and_source_independent() {
             "{name} differs between a directory and a tar source"
         );
     }
-    assert_eq!(a["disk"]["sha256"], b["disk"]["sha256"]);
+    assert_eq!(a["disk"]["digest"], b["disk"]["digest"]);
 }
 
 #[test]

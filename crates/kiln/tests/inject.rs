@@ -243,7 +243,7 @@ fn chunked_digests_verify_and_compose() {
 
     let o = ok(&["verify", s(&base), "--print", "--write-chunks", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["sha256"], format!("sha256:{}", sha(&base)));
+    assert_eq!(v["digest"], format!("sha256:{}", sha(&base)));
     assert!(d.path().join("base.img.chunks").exists());
 
     let out = d.path().join("out.img");

@@ -147,6 +147,8 @@ fn build_fixture() -> Fixture {
 
     let out = build(&project, &dir.join("out"));
     let report: Value = serde_json::from_slice(&fs::read(out.join("kiosk.json")).unwrap()).unwrap();
+    // The ISO section (live boot, verity file, hybrid GPT) follows the report's schema.
+    kiln_testkit::schema::assert_valid("build", &report);
     let iso = out.join("kiosk_1.iso");
     assert!(iso.is_file(), "{report}");
     Fixture {
@@ -196,7 +198,10 @@ fn iso_passes_sgdisk_xorriso_erofs_and_verity_checks() {
         iso["size"].as_u64().unwrap(),
         fs::metadata(&fx.iso).unwrap().len()
     );
-    assert_eq!(iso["sha256"].as_str().unwrap(), sha256_file(&fx.iso));
+    assert_eq!(
+        iso["digest"].as_str().unwrap(),
+        format!("sha256:{}", sha256_file(&fx.iso))
+    );
     let cmdline = iso["boot"]["cmdline"].as_str().unwrap();
     let root_hash = iso["verity"]["root_hash"].as_str().unwrap();
     assert_eq!(
@@ -402,8 +407,14 @@ fn disk_and_iso_from_one_spec() {
             img.display()
         );
     }
-    assert_eq!(r["iso"]["sha256"].as_str().unwrap(), sha256_file(&iso));
-    assert_eq!(r["disk"]["sha256"].as_str().unwrap(), sha256_file(&disk));
+    assert_eq!(
+        r["iso"]["digest"].as_str().unwrap(),
+        format!("sha256:{}", sha256_file(&iso))
+    );
+    assert_eq!(
+        r["disk"]["digest"].as_str().unwrap(),
+        format!("sha256:{}", sha256_file(&disk))
+    );
     let disk_guids: Vec<&str> = std::iter::once(r["disk_uuid"].as_str().unwrap())
         .chain(
             r["partitions"]
@@ -497,7 +508,7 @@ fn injection_patches_only_the_slot_and_its_records() {
     let data = &slot["data"][0];
     let (d_off, d_len) = (
         data["offset"].as_u64().unwrap(),
-        data["len"].as_u64().unwrap(),
+        data["size"].as_u64().unwrap(),
     );
     let records: Vec<u64> = slot["meta"]["record_offsets"]
         .as_array()

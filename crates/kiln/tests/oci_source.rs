@@ -137,6 +137,8 @@ fn build_report_records_the_image_config_and_the_service_unit() {
         .arg(&out)
         .arg(&spec));
     let r: serde_json::Value = serde_json::from_str(&report).unwrap();
+    // The container image section follows the report's schema.
+    kiln_testkit::schema::assert_valid("build", &r);
     let image = &r["image"];
     assert_eq!(image["entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
     assert_eq!(image["cmd"], serde_json::json!(["echo $GREETING"]));

@@ -103,17 +103,22 @@ pub(crate) fn open_with_table(
     Ok((src, t, from))
 }
 
+/// `kiln inject --json` (schema `kiln.inject/1`, docs/json/inject.schema.json).
 #[derive(Serialize)]
 struct Summary<'a> {
+    schema: &'static str,
     image: String,
     output: String,
     table: String,
-    image_len: u64,
+    /// Bytes of the result (the base's size).
+    size: u64,
     slots: Vec<SlotSummary<'a>>,
     regions: Vec<RegionSummary>,
-    patched_bytes: u64,
+    /// Bytes the patches cover.
+    patched_size: u64,
+    /// How a new file was made: `reflink`, `copy-file-range` or `read-write`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    copy: Option<String>,
+    copy: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     chunked_digest: Option<String>,
 }
@@ -121,15 +126,25 @@ struct Summary<'a> {
 #[derive(Serialize)]
 struct SlotSummary<'a> {
     name: &'a str,
-    len: u64,
+    /// Bytes of the payload.
+    size: u64,
     capacity: u64,
-    sha256: String,
+    /// `sha256:HEX` of the payload.
+    digest: String,
 }
 
 #[derive(Serialize)]
 struct RegionSummary {
     offset: u64,
-    len: u64,
+    size: u64,
+}
+
+fn copy_method_name(m: output::CopyMethod) -> &'static str {
+    match m {
+        output::CopyMethod::Reflink => "reflink",
+        output::CopyMethod::CopyFileRange => "copy-file-range",
+        output::CopyMethod::ReadWrite => "read-write",
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -196,27 +211,28 @@ pub fn run(args: InjectArgs) -> Outcome {
         chunks = composed_chunks(&plan)?;
         super::create_parent(dest)?;
         let m = output::write_new_file(src.file(), &args.image, &plan, dest)?;
-        copy = Some(format!("{m:?}"));
+        copy = Some(copy_method_name(m));
         dest.display().to_string()
     };
 
     let summary = Summary {
+        schema: "kiln.inject/1",
         image: args.image.display().to_string(),
         output: out_name.clone(),
         table: match &from {
             TableSource::InImage => "in-image".into(),
             TableSource::Sidecar(p) => p.display().to_string(),
         },
-        image_len: plan.image_len(),
+        size: plan.image_len(),
         slots: payloads
             .iter()
             .map(|p| {
                 let info = slots::PayloadInfo::of(&p.data);
                 SlotSummary {
                     name: &p.slot,
-                    len: info.len,
+                    size: info.len,
                     capacity: table.get(&p.slot).map_or(0, |s| s.capacity),
-                    sha256: info.sha256,
+                    digest: format!("sha256:{}", info.sha256),
                 }
             })
             .collect(),
@@ -225,10 +241,10 @@ pub fn run(args: InjectArgs) -> Outcome {
             .iter()
             .map(|r| RegionSummary {
                 offset: r.offset,
-                len: r.len,
+                size: r.len,
             })
             .collect(),
-        patched_bytes: plan.patched_bytes(),
+        patched_size: plan.patched_bytes(),
         copy,
         chunked_digest: chunks.map(|c| c.digest().to_string()),
     };
@@ -243,14 +259,14 @@ pub fn run(args: InjectArgs) -> Outcome {
         let names: Vec<String> = summary
             .slots
             .iter()
-            .map(|s| format!("{} ({} bytes)", s.name, s.len))
+            .map(|s| format!("{} ({} bytes)", s.name, s.size))
             .collect();
         if !to_stdout {
             println!(
                 "injected {} into {}: {} patched bytes in {} regions{}",
                 names.join(", "),
                 out_name,
-                summary.patched_bytes,
+                summary.patched_size,
                 summary.regions.len(),
                 summary
                     .chunked_digest

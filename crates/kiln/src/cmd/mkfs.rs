@@ -218,16 +218,19 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
     let size = a.size.unwrap_or(0).max(report.size_bytes);
     summary(&progress, &a.output, size, entries, input);
     if a.json {
-        let sha = sha256_file(&a.output)?;
+        // docs/json/mkfs-ext4.schema.json
         let summary = serde_json::json!({
-            "inodes": report.used_inodes,
-            "inodes_total": report.inodes,
-            "blocks": report.blocks,
-            "blocks_used": report.used_blocks,
-            "size": report.size_bytes,
+            "schema": "kiln.mkfs-ext4/1",
+            "format": "ext4",
+            "output": a.output.display().to_string(),
+            "size": size,
             "uuid": repart::format_uuid(&report.uuid),
-            "sha256": sha,
+            "digest": digest_file(&a.output)?,
             "seconds": started.elapsed().as_secs_f64(),
+            "inodes_used": report.used_inodes,
+            "inodes_total": report.inodes,
+            "blocks_used": report.used_blocks,
+            "blocks_total": report.blocks,
             "slots": report.slots.iter().map(|s| serde_json::json!({
                 "name": s.name,
                 "inode": s.inode,
@@ -241,7 +244,8 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
+/// `"sha256:HEX"` of a file (the `digest` of every `kiln mkfs --json`).
+pub(crate) fn digest_file(path: &std::path::Path) -> anyhow::Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -254,7 +258,7 @@ fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(hex::encode(h.finalize()))
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
 
 #[cfg(test)]

@@ -48,16 +48,35 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
+/// `kiln verify --json` (schema `kiln.verify/1`, docs/json/verify.schema.json): one document
+/// for everything the run checked.
 #[derive(Serialize)]
 struct Report {
+    schema: &'static str,
     image: String,
-    image_len: u64,
-    chunked_digest: String,
+    /// Bytes of the image (as composed with `--slot`), when digests were computed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    sha256: Option<String>,
+    size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunked_digest: Option<String>,
+    /// `sha256:HEX` of the whole image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    /// The `--digest` check's result.
     #[serde(skip_serializing_if = "Option::is_none")]
     ok: Option<bool>,
+    /// The `--pub` check (present only when the signature verified).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature: Option<SignatureReport>,
 }
+
+#[derive(Serialize)]
+struct SignatureReport {
+    ok: bool,
+    trusted_comment: String,
+}
+
+const SCHEMA: &str = "kiln.verify/1";
 
 enum Expected {
     Chunked(ChunkedDigest),
@@ -89,21 +108,33 @@ fn plain_sha256(r: &mut dyn Read) -> std::io::Result<[u8; 32]> {
 }
 
 pub fn run(args: VerifyArgs) -> Outcome {
+    let mut signature = None;
     if let Some(key) = &args.pubkey {
         let v = kiln_ship::sign::verify_file(&args.image, key, args.sig.as_deref())?;
-        if args.json {
-            println!(
-                "{}",
-                serde_json::json!({"image": args.image.display().to_string(), "signature": "ok", "trusted_comment": v.trusted_comment})
-            );
-        } else {
+        if !args.json {
             println!(
                 "{}: signature ok ({})",
                 args.image.display(),
                 v.trusted_comment
             );
         }
+        signature = Some(SignatureReport {
+            ok: true,
+            trusted_comment: v.trusted_comment,
+        });
         if args.digest.is_none() && !args.print && !args.write_chunks {
+            if args.json {
+                let report = Report {
+                    schema: SCHEMA,
+                    image: args.image.display().to_string(),
+                    size: None,
+                    chunked_digest: None,
+                    digest: None,
+                    ok: None,
+                    signature,
+                };
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
             return Ok(std::process::ExitCode::SUCCESS);
         }
     }
@@ -183,18 +214,22 @@ pub fn run(args: VerifyArgs) -> Outcome {
         Expected::Chunked(d) => table.digest() == *d,
         Expected::Plain(d) => sha.as_ref() == Some(d),
     });
-    let report = Report {
-        image: place.clone(),
-        image_len: len,
-        chunked_digest: table.digest().to_string(),
-        sha256: sha.map(|s| format!("sha256:{}", hex::encode(s))),
-        ok,
-    };
+    let chunked_digest = table.digest().to_string();
+    let digest = sha.map(|s| format!("sha256:{}", hex::encode(s)));
     if args.json {
+        let report = Report {
+            schema: SCHEMA,
+            image: place.clone(),
+            size: Some(len),
+            chunked_digest: Some(chunked_digest.clone()),
+            digest: digest.clone(),
+            ok,
+            signature,
+        };
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if args.print || ok.is_none() {
-        println!("{}", report.chunked_digest);
-        if let Some(s) = &report.sha256 {
+        println!("{chunked_digest}");
+        if let Some(s) = &digest {
             println!("{s}");
         }
     }
@@ -205,8 +240,8 @@ pub fn run(args: VerifyArgs) -> Outcome {
                     "kiln: {place}: digest mismatch: expected {}, image has {}",
                     args.digest.unwrap_or_default(),
                     match expected {
-                        Some(Expected::Plain(_)) => report.sha256.unwrap_or_default(),
-                        _ => report.chunked_digest,
+                        Some(Expected::Plain(_)) => digest.unwrap_or_default(),
+                        _ => chunked_digest,
                     }
                 );
             }

@@ -135,7 +135,7 @@ pub fn run(a: ErofsArgs) -> Outcome {
         let mut f = std::fs::File::open(out.tmp_path())
             .with_context(|| format!("reading back {}", out.tmp_path().display()))?;
         std::io::copy(&mut f, &mut h).context("hashing the image")?;
-        Some(hex::encode(h.finalize()))
+        Some(format!("sha256:{}", hex::encode(h.finalize())))
     } else {
         None
     };
@@ -153,10 +153,16 @@ pub fn run(a: ErofsArgs) -> Outcome {
                 })
             })
             .collect();
+        // docs/json/mkfs-erofs.schema.json
         let j = serde_json::json!({
+            "schema": "kiln.mkfs-erofs/1",
             "format": "erofs",
             "output": a.output.display().to_string(),
-            "compression": format!("{:?}", a.compress).to_lowercase(),
+            "compression": match a.compress {
+                Algo::None => "none",
+                Algo::Lz4 => "lz4",
+                Algo::Lz4hc => "lz4hc",
+            },
             "size": summary.size,
             "blocks": summary.size / 4096,
             "inodes": summary.inodes,
@@ -164,10 +170,10 @@ pub fn run(a: ErofsArgs) -> Outcome {
             "meta_blocks": summary.meta_blocks,
             "compressed_files": summary.compressed_files,
             "shared_files": summary.shared_files,
-            "shared_bytes": summary.shared_bytes,
+            "shared_size": summary.shared_bytes,
             "root_nid": summary.root_nid,
             "uuid": repart::format_uuid(&opts.uuid),
-            "sha256": sha,
+            "digest": sha,
             "seconds": start.elapsed().as_secs_f64(),
             "slots": slots,
         });

@@ -110,10 +110,14 @@ pub fn run(a: FatArgs) -> Outcome {
     );
     if a.json {
         let g = &report.geometry;
+        // docs/json/mkfs-vfat.schema.json
         let j = serde_json::json!({
+            "schema": "kiln.mkfs-vfat/1",
             "format": "vfat",
             "output": a.output.display().to_string(),
             "size": size,
+            "digest": super::digest_file(&a.output)?,
+            "seconds": progress.elapsed().as_secs_f64(),
             "fat_bits": match g.fat_type { FatType::Fat12 => 12, FatType::Fat16 => 16, FatType::Fat32 => 32 },
             "cluster_size": g.cluster_size(),
             "clusters": g.cluster_count,

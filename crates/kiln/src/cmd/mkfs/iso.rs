@@ -86,10 +86,14 @@ pub fn run(a: IsoArgs) -> Outcome {
         super::file_bytes(&tree),
     );
     if a.json {
+        // docs/json/mkfs-iso9660.schema.json
         let j = serde_json::json!({
+            "schema": "kiln.mkfs-iso9660/1",
             "format": "iso9660",
             "output": a.output.display().to_string(),
             "size": size,
+            "digest": super::digest_file(&a.output)?,
+            "seconds": progress.elapsed().as_secs_f64(),
             "files": plan.extents().len(),
         });
         println!("{j}");
