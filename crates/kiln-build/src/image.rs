@@ -378,7 +378,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         }
     }
     let arg = SourceArg::parse(&source);
-    let (mut tree, contents, image) = kiln_tree::open_random_access_image(&arg)
+    let (mut tree, contents, image) = kiln_tree::open_random_access_holes(&arg, !spec.keep_zeroes)
         .with_context(|| format!("reading the source {}", source.display()))?;
     if let Some(name) = &spec.service {
         let unit = crate::prepare::image_service(&mut tree, image.as_ref(), name, mtime)?;
@@ -387,6 +387,11 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
     if let Some(add) = &spec.add {
         let n = kiln_tree::dir::add_dir(&mut tree, add)
             .with_context(|| format!("[source] add = {}", add.display()))?;
+        if !spec.keep_zeroes {
+            let pick = |f: &fstree::FileData| matches!(&f.data, fstree::DataRef::Host(p) if p.starts_with(add));
+            kiln_tree::holes::find_where(&mut tree, &contents, &pick)
+                .with_context(|| format!("[source] add = {}", add.display()))?;
+        }
         stages.done(format_args!(
             "source: {n} entries added from {}",
             add.display()

@@ -231,6 +231,9 @@ pub struct SourceSection {
     /// Make every file owned by root.
     #[serde(default)]
     pub all_root: bool,
+    /// Write all-zero 4 KiB blocks of file data as data instead of holes.
+    #[serde(default)]
+    pub keep_zeroes: bool,
     /// A host directory (relative to the spec's directory) laid over the tree: its files
     /// replace the tree's, its directories merge (units, configuration on top of a base tar).
     pub add: Option<Spanned<String>>,
@@ -539,6 +542,8 @@ pub struct Spec {
     pub service: Option<String>,
     /// All-root ownership.
     pub all_root: bool,
+    /// `[source] keep_zeroes`: all-zero blocks stay data (else they become holes).
+    pub keep_zeroes: bool,
     /// Boot settings; `None` builds a disk that is not bootable by itself.
     pub boot: Option<Boot>,
     /// Partitions in disk order.
@@ -1141,6 +1146,7 @@ impl Spec {
             add,
             service,
             all_root: raw.source.all_root,
+            keep_zeroes: raw.source.keep_zeroes,
             boot,
             partitions,
             forbid,
