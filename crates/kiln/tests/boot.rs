@@ -370,7 +370,7 @@ fn build_fixture() -> Fixture {
     Fixture {
         dir,
         kernel,
-        initrd: Some(initrd_path),
+        initrd: initrd_path,
         disk,
         tampered,
         live_iso,

@@ -105,13 +105,15 @@ fn mkfs(fs_args: &[&str], source: &str, stdin: Option<&Path>, out: &Path, extra:
         .arg("-q");
     let o = match stdin {
         Some(zst) => {
-            let z = Command::new("zstd")
+            let mut z = Command::new("zstd")
                 .args(["-1", "-q", "-c", "-T0"])
                 .arg(zst)
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();
-            c.stdin(z.stdout.unwrap()).output().unwrap()
+            let o = c.stdin(z.stdout.take().unwrap()).output().unwrap();
+            assert!(z.wait().unwrap().success(), "zstd -c {}", zst.display());
+            o
         }
         None => c.output().unwrap(),
     };
