@@ -381,7 +381,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         }
     }
     let arg = SourceArg::parse(&source);
-    let (mut tree, contents, image) = kiln_tree::open_random_access_image(&arg)
+    let (mut tree, contents, image) = kiln_tree::open_random_access_holes(&arg, !spec.keep_zeroes)
         .with_context(|| format!("reading the source {}", source.display()))?;
     if let Some(name) = &spec.service {
         let unit = crate::prepare::image_service(&mut tree, image.as_ref(), name, mtime)?;
@@ -390,6 +390,11 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
     if let Some(add) = &spec.add {
         let n = kiln_tree::dir::add_dir(&mut tree, add)
             .with_context(|| format!("[source] add = {}", add.display()))?;
+        if !spec.keep_zeroes {
+            let pick = |f: &fstree::FileData| matches!(&f.data, fstree::DataRef::Host(p) if p.starts_with(add));
+            kiln_tree::holes::find_where(&mut tree, &contents, &pick)
+                .with_context(|| format!("[source] add = {}", add.display()))?;
+        }
         stages.done(format_args!(
             "source: {n} entries added from {}",
             add.display()
@@ -1104,6 +1109,58 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         }
     }
 
+    // The root partition's filesystem as a bare image: a microVM's root drive.
+    if spec.rootfs {
+        let ri = lay
+            .parts
+            .iter()
+            .position(|p| p.role == Role::Data && p.type_name.starts_with("root-"))
+            .ok_or_else(|| anyhow!("output \"rootfs\" needs a root partition"))?;
+        let p = lay.parts[ri].clone();
+        let fs_name = spec.partitions[p.spec].fs.name().to_string();
+        let a = copy_out(
+            file,
+            p.offset,
+            p.size,
+            &opts.outdir.join(format!("{name_version}.rootfs.{fs_name}")),
+        )?;
+        stages.done(format_args!("{} ({})", a.0, spec::human_size(p.size)));
+        artifacts.push(Artifact {
+            file: a.0,
+            size: p.size,
+            sha256: hex32(&part_shas[ri]),
+        });
+        pending.push(a.1);
+        // A distribution kernel has virtio-mmio and virtio-blk (and maybe the filesystem) as
+        // modules: with a kernel in the tree, its image and an initrd that loads them go beside
+        // the rootfs, for `kiln boot --microvm` or a Firecracker config.
+        if let Ok(kernel) = crate::initrd::find_kernel(&tree, None) {
+            for (f, a) in microvm_boot_files(
+                &tree,
+                &contents,
+                &kernel,
+                &fs_name,
+                mtime,
+                opts,
+                &name_version,
+            )? {
+                stages.done(format_args!("{} ({})", a.file, spec::human_size(a.size)));
+                artifacts.push(a);
+                pending.push(f);
+            }
+        }
+    }
+    if !spec.keep_disk {
+        // Only the rootfs was asked for: the disk and its sidecars were scaffolding.
+        let disk_prefix = disk_name.clone();
+        artifacts.retain(|a| !a.file.starts_with(&disk_prefix));
+        pending.retain(|f| {
+            f.dest()
+                .file_name()
+                .is_none_or(|n| !n.to_string_lossy().starts_with(&disk_prefix))
+        });
+    }
+
     // VM disk containers, streamed from the finished raw disk.
     for (f, a) in crate::vmdisk::outputs(
         file,
@@ -1127,7 +1184,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
     };
 
     let report = Report {
-        disk: Some(Artifact {
+        disk: spec.keep_disk.then(|| Artifact {
             file: disk_name.clone(),
             size: disk_size,
             sha256: hex32(&disk_sha),
@@ -1142,7 +1199,64 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         artifacts,
         ..Report::describing(&spec, &source, epoch, &input_digest, image.as_ref())
     };
-    finish(&finish_with, report, pending, Some(out), iso)
+    let disk = spec.keep_disk.then_some(out);
+    finish(&finish_with, report, pending, disk, iso)
+}
+
+/// The tree's kernel as `NAME_VERSION.vmlinuz` and a kiln initrd for it as
+/// `NAME_VERSION.initrd`: kiln-init with virtio_mmio, virtio_blk and the root filesystem's
+/// module (those the kernel does not build in), mounting `root=/dev/vda`, no /var partition.
+fn microvm_boot_files(
+    tree: &Tree,
+    contents: &dyn Contents,
+    kernel: &crate::initrd::KernelInfo,
+    fs_name: &str,
+    mtime: i64,
+    opts: &BuildOptions,
+    name_version: &str,
+) -> Result<Vec<(AtomicFile, Artifact)>> {
+    let linux = crate::initrd::read_tree_file(tree, contents, &kernel.image)
+        .with_context(|| format!("rootfs: reading the kernel {}", kernel.image))?;
+    let kiln_init = kiln_init_embed::kiln_init().context("rootfs: the kiln-init binary")?;
+    // kiln-init mounts the root read-only; tmpfs overlays make /etc, /var and /tmp writable
+    // for the guest's life (systemd writes its machine-id, journald and units their state).
+    let overlays: Vec<String> = ["/etc", "/var", "/tmp"]
+        .iter()
+        .filter(|d| {
+            tree.resolve(d.as_bytes())
+                .is_some_and(|id| tree.node(id).is_dir())
+        })
+        .map(|d| d.to_string())
+        .collect();
+    let config = kiln_init::config::Config {
+        var: Some(kiln_init::config::VarMode::Off),
+        overlays,
+        ..Default::default()
+    };
+    let initrd = crate::initrd::build_initrd(
+        tree,
+        contents,
+        &crate::initrd::InitrdOptions {
+            kernel: Some(kernel.image.clone()),
+            root_fs: Some(fs_name.to_string()),
+            extra_modules: vec!["virtio_mmio".into(), "overlay".into()],
+            no_optional_modules: true,
+            config,
+            kiln_init: kiln_init.into_owned(),
+            mtime: u32::try_from(mtime.max(0)).unwrap_or(u32::MAX),
+            compression: Default::default(),
+            module_files: Default::default(),
+        },
+    )
+    .context("rootfs: building the microVM initrd")?;
+    let mut out = Vec::new();
+    for (suffix, bytes) in [("vmlinuz", &linux), ("initrd", &initrd.bytes)] {
+        let f = AtomicFile::create(&opts.outdir.join(format!("{name_version}.{suffix}")))?;
+        f.file().write_all(bytes)?;
+        let a = artifact_of_bytes(&f, bytes);
+        out.push((f, a));
+    }
+    Ok(out)
 }
 
 /// A source that tells the observer how many bytes were read through it.
@@ -1199,9 +1313,17 @@ fn finish(
         report.iso = Some(iso.report);
         images.push((iso.image, iso.artifact));
     }
+    // The SBOM describes the first image: the disk, the ISO, else the bare rootfs.
     let first = images
         .first()
         .map(|(_, a)| a.sha256.clone())
+        .or_else(|| {
+            report
+                .artifacts
+                .iter()
+                .find(|a| a.file.contains(".rootfs."))
+                .map(|a| a.sha256.clone())
+        })
         .ok_or_else(|| anyhow!("internal: a build without an image"))?;
 
     // SBOM.
@@ -1275,7 +1397,11 @@ fn finish(
             report
                 .artifacts
                 .iter()
-                .filter(|a| a.file.ends_with(".raw") || a.file.ends_with(".efi"))
+                .filter(|a| {
+                    a.file.ends_with(".raw")
+                        || a.file.ends_with(".efi")
+                        || a.file.contains(".rootfs.")
+                })
                 .map(|a| opts.outdir.join(&a.file)),
         );
         kiln_ship::sign::sign_files(&files, key).context("signing the outputs")?;

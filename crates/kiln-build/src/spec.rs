@@ -231,6 +231,9 @@ pub struct SourceSection {
     /// Make every file owned by root.
     #[serde(default)]
     pub all_root: bool,
+    /// Write all-zero 4 KiB blocks of file data as data instead of holes.
+    #[serde(default)]
+    pub keep_zeroes: bool,
     /// A host directory (relative to the spec's directory) laid over the tree: its files
     /// replace the tree's, its directories merge (units, configuration on top of a base tar).
     pub add: Option<Spanned<String>>,
@@ -521,6 +524,11 @@ pub struct Spec {
     pub slots_last: bool,
     /// Emit a disk image.
     pub disk: bool,
+    /// Keep the disk image (false when only `rootfs` asked for one to be laid out).
+    pub keep_disk: bool,
+    /// Emit the root partition's filesystem as a bare image (`NAME_VERSION.rootfs.FS`): a
+    /// microVM's root drive.
+    pub rootfs: bool,
     /// Emit a hybrid ISO.
     pub iso: bool,
     /// VM disk containers written from the disk, in output order.
@@ -539,6 +547,8 @@ pub struct Spec {
     pub service: Option<String>,
     /// All-root ownership.
     pub all_root: bool,
+    /// `[source] keep_zeroes`: all-zero blocks stay data (else they become holes).
+    pub keep_zeroes: bool,
     /// Boot settings; `None` builds a disk that is not bootable by itself.
     pub boot: Option<Boot>,
     /// Partitions in disk order.
@@ -691,7 +701,7 @@ impl Spec {
             // different names never share UUIDs by accident.
             None => repart::derive_uuid(&[0; 16], &format!("kiln-image:{name}")),
         };
-        let (mut disk, mut iso) = (true, false);
+        let (mut disk, mut iso, mut rootfs) = (true, false, false);
         let mut vm_formats = Vec::new();
         if let Some(out) = &img.output {
             disk = false;
@@ -699,6 +709,7 @@ impl Spec {
                 match o.as_str() {
                     "disk" => disk = true,
                     "iso" => iso = true,
+                    "rootfs" => rootfs = true,
                     other => match crate::vmdisk::VmFormat::parse(other) {
                         Some(f) => {
                             disk = true;
@@ -710,20 +721,24 @@ impl Spec {
                             return cx.err(
                                 out.span(),
                                 format!(
-                                    "unknown output {other:?}: expected \"disk\", \"iso\", \"qcow2\", \"vhd\" or \"vmdk\""
+                                    "unknown output {other:?}: expected \"disk\", \"iso\", \"rootfs\", \"qcow2\", \"vhd\" or \"vmdk\""
                                 ),
                             )
                         }
                     },
                 }
             }
-            if !disk && !iso {
+            if !disk && !iso && !rootfs {
                 return cx.err(
                     out.span(),
-                    "output is empty: list \"disk\", \"iso\" or both",
+                    "output is empty: list \"disk\", \"iso\", \"rootfs\" or several",
                 );
             }
         }
+        // The rootfs is the root partition of a laid-out disk, copied out; the disk is kept
+        // only when asked for.
+        let keep_disk = disk;
+        disk |= rootfs;
 
         let source_at = raw.source.tree.as_ref().map(|t| cx.pos(t.span()));
         let source = raw
@@ -1089,6 +1104,14 @@ impl Spec {
                 );
             }
         }
+        if let (true, Some(out)) = (rootfs, &img.output) {
+            if !partitions.iter().any(|p| p.type_name.starts_with("root-")) {
+                return cx.err(
+                    out.span(),
+                    "output \"rootfs\" needs a root partition: its filesystem is the rootfs",
+                );
+            }
+        }
         if let (true, None, Some(out)) = (iso, &boot, &img.output) {
             return cx.err(
                 out.span(),
@@ -1132,6 +1155,8 @@ impl Spec {
             disk_size: img.size.as_ref().map(|s| s.get_ref().0),
             slots_last: img.slots_last.unwrap_or(true),
             disk,
+            keep_disk,
+            rootfs,
             iso,
             vm_formats,
             qcow2_compression,
@@ -1141,6 +1166,7 @@ impl Spec {
             add,
             service,
             all_root: raw.source.all_root,
+            keep_zeroes: raw.source.keep_zeroes,
             boot,
             partitions,
             forbid,
@@ -1217,6 +1243,7 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
             ("[image]\nname = \"a\"\nversion = \"1\"\nseed = \"xyz\"\n[[partition]]\ntype = \"root\"\n", "32 hex digits", 4),
             ("[image]\nname = \"a\"\nversion = \"1\"\n[[partition]]\ntype = \"root\"\n[[partition]]\ntype = \"linux-generic\"\ncontents = \"/\"\n", "already the contents", 6),
             ("[image]\nname = \"a\"\nversion = \"1\"\noutput = [\"iso\"]\n", "needs a [boot] section", 4),
+            ("[image]\nname = \"a\"\nversion = \"1\"\noutput = [\"rootfs\"]\n[[partition]]\ntype = \"var\"\n", "needs a root partition", 4),
             ("[image\n", "", 1),
         ];
         for (text, want, line) in cases {

@@ -62,6 +62,10 @@ pub enum DataRef {
     /// Byte offset of the file's (packed, for sparse entries) data in the uncompressed tar
     /// that [`Contents`] was opened on.
     Tar(u64),
+    /// Like [`DataRef::Tar`], for a file whose [`FileData::segments`] no longer describe how
+    /// its bytes are packed in the tar (holes were found in its data by
+    /// [`nonzero_runs`]): the offset, and the runs as the tar stores them.
+    TarPacked(u64, Arc<[Segment]>),
     /// Bytes held in memory: small generated files (loader.conf, default slot payloads).
     Inline(Arc<[u8]>),
     /// Already written by a streaming writer; the index is private to that writer.
@@ -658,6 +662,267 @@ pub fn read_host_or_inline(file: &FileData, offset: u64, buf: &mut [u8]) -> io::
             io::ErrorKind::Unsupported,
             format!("this content reader cannot read {other:?}"),
         )),
+    }
+}
+
+/// The block size holes are found in: ext4's and EROFS's block. A file block (at a multiple
+/// of it in the file) whose bytes are all zero is a hole when zeroes become holes.
+pub const HOLE_BLOCK: u64 = 4096;
+
+/// True when every byte of `b` is zero. Works eight bytes at a time, which the compiler turns
+/// into vector instructions; at memory speed, it costs far less than the copy it rides along.
+pub fn is_zero(b: &[u8]) -> bool {
+    let (words, rest) = b.split_at(b.len() - b.len() % 8);
+    words.chunks_exact(8).fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+    }) == 0
+        && rest.iter().all(|&x| x == 0)
+}
+
+/// The byte ranges of `buf` (file bytes starting at a multiple of [`HOLE_BLOCK`]) that make
+/// up its blocks holding a non-zero byte, consecutive blocks merged: `(start, end)` pairs,
+/// starts block-aligned, the last end possibly `buf.len()`.
+pub fn nonzero_ranges(buf: &[u8], out: &mut Vec<(usize, usize)>) {
+    out.clear();
+    let bs = HOLE_BLOCK as usize;
+    let mut at = 0usize;
+    while at < buf.len() {
+        let end = (at + bs).min(buf.len());
+        if !is_zero(&buf[at..end]) {
+            match out.last_mut() {
+                Some(r) if r.1 == at => r.1 = end,
+                _ => out.push((at, end)),
+            }
+        }
+        at = end;
+    }
+}
+
+/// Collects a file's data runs from its bytes as they go by: the blocks holding a non-zero
+/// byte, merged. The result depends only on the file's logical content, never on how a source
+/// stored it (dense, sparse tar, SEEK_HOLE), so every source of one tree gives the same runs.
+#[derive(Debug)]
+pub struct NonzeroRuns {
+    size: u64,
+    runs: Vec<Segment>,
+    scratch: Vec<(usize, usize)>,
+}
+
+impl NonzeroRuns {
+    /// Runs of a file of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            runs: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Scans `buf`, the file's bytes at `offset` (a multiple of [`HOLE_BLOCK`]), called in
+    /// increasing offset order; returns the non-zero ranges of `buf` (see [`nonzero_ranges`]).
+    pub fn scan(&mut self, offset: u64, buf: &[u8]) -> &[(usize, usize)] {
+        nonzero_ranges(buf, &mut self.scratch);
+        for &(s, e) in &self.scratch {
+            let (s, e) = (offset + s as u64, offset + e as u64);
+            match self.runs.last_mut() {
+                Some(r) if r.offset + r.len >= s => r.len = e.max(r.offset + r.len) - r.offset,
+                _ => self.runs.push(Segment {
+                    offset: s,
+                    len: e - s,
+                }),
+            }
+        }
+        &self.scratch
+    }
+
+    /// The file description: dense (`segments: None`) when every block holds data, else the
+    /// runs (none at all for a file of zeroes, whose `data` becomes [`DataRef::Empty`]).
+    pub fn finish(self, data: DataRef) -> FileData {
+        let dense = self.size == 0
+            || (self.runs.len() == 1 && self.runs[0].offset == 0 && self.runs[0].len == self.size);
+        if dense {
+            return FileData::dense(self.size, data);
+        }
+        FileData {
+            size: self.size,
+            data: if self.runs.is_empty() {
+                DataRef::Empty
+            } else {
+                data
+            },
+            segments: Some(self.runs.into()),
+        }
+    }
+}
+
+/// The block ranges a file's data runs touch, as byte ranges `(start, end)`: starts at block
+/// boundaries, ends at block boundaries or the file's end; touching runs merged. Only these
+/// can hold non-zero bytes.
+pub fn touched_blocks(file: &FileData) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for r in file.runs().iter().filter(|r| r.len > 0) {
+        let s = r.offset / HOLE_BLOCK * HOLE_BLOCK;
+        let e = (r.offset + r.len).div_ceil(HOLE_BLOCK) * HOLE_BLOCK;
+        let e = e.min(file.size);
+        match out.last_mut() {
+            Some(l) if l.1 >= s => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Reads a placed file's bytes from a one-pass stream (its data runs, packed, in order) as
+/// logical chunks of at most `chunk` bytes covering [`touched_blocks`], holes between runs
+/// filled with zeroes; `f(offset, bytes)` gets each chunk, offsets block-aligned and
+/// increasing. Every packed byte is consumed exactly once.
+pub fn stream_blocks(
+    file: &FileData,
+    data: &mut dyn io::Read,
+    buf: &mut Vec<u8>,
+    chunk: usize,
+    f: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let chunk = (chunk.max(HOLE_BLOCK as usize) / HOLE_BLOCK as usize) * HOLE_BLOCK as usize;
+    let runs = file.runs();
+    let mut ri = 0usize;
+    for (s, e) in touched_blocks(file) {
+        let mut at = s;
+        while at < e {
+            let end = (at + chunk as u64).min(e);
+            let n = (end - at) as usize;
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            let b = &mut buf[..n];
+            b.fill(0);
+            while let Some(r) = runs.get(ri) {
+                let (rs, re) = (r.offset, r.offset + r.len);
+                if rs >= end {
+                    break;
+                }
+                let (cs, ce) = (rs.max(at), re.min(end));
+                if ce > cs {
+                    data.read_exact(&mut b[(cs - at) as usize..(ce - at) as usize])?;
+                }
+                if re > end {
+                    break;
+                }
+                ri += 1;
+            }
+            f(at, b)?;
+            at = end;
+        }
+    }
+    Ok(())
+}
+
+/// Finds the holes in a file whose bytes `contents` reads: reads the blocks its data runs
+/// touch, in chunks of `buf`'s length, and returns the file with the data runs of
+/// [`NonzeroRuns`]. For a tar-backed file whose runs change, the data reference keeps the
+/// tar's packing ([`DataRef::TarPacked`]).
+pub fn find_holes(
+    file: &FileData,
+    contents: &dyn Contents,
+    buf: &mut [u8],
+) -> io::Result<FileData> {
+    let mut runs = NonzeroRuns::new(file.size);
+    let step = (buf.len() as u64 / HOLE_BLOCK).max(1) * HOLE_BLOCK;
+    for (s, e) in touched_blocks(file) {
+        let mut at = s;
+        while at < e {
+            let end = (at + step).min(e);
+            let b = &mut buf[..(end - at) as usize];
+            read_logical(file, contents, at, b)?;
+            runs.scan(at, b);
+            at = end;
+        }
+    }
+    let out = runs.finish(file.data.clone());
+    // A tar-backed file whose runs changed keeps the tar's packing in its reference.
+    Ok(match (&file.data, &out.data) {
+        (DataRef::Tar(off), DataRef::Tar(_)) if out.segments != file.segments => FileData {
+            data: DataRef::TarPacked(*off, file.runs().into()),
+            ..out
+        },
+        _ => out,
+    })
+}
+
+/// Reads logical bytes `[offset, offset + buf.len())` of `file`, zeroes in its holes (a
+/// [`Contents`] reader is only asked for bytes inside data runs).
+fn read_logical(
+    file: &FileData,
+    contents: &dyn Contents,
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let end = offset + buf.len() as u64;
+    if file.segments.is_none() {
+        return contents.read_at(file, offset, buf);
+    }
+    buf.fill(0);
+    for r in file.runs() {
+        let (s, e) = (r.offset.max(offset), (r.offset + r.len).min(end));
+        if s < e {
+            contents.read_at(
+                file,
+                s,
+                &mut buf[(s - offset) as usize..(e - offset) as usize],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A placed file's logical bytes (holes as zeroes) from its packed one-pass stream.
+pub struct Unpack<'a> {
+    runs: Vec<Segment>,
+    ri: usize,
+    pos: u64,
+    size: u64,
+    inner: &'a mut dyn io::Read,
+}
+
+impl<'a> Unpack<'a> {
+    /// Reads `file`'s runs, packed, from `inner`.
+    pub fn new(file: &FileData, inner: &'a mut dyn io::Read) -> Self {
+        Self {
+            runs: file.runs(),
+            ri: 0,
+            pos: 0,
+            size: file.size,
+            inner,
+        }
+    }
+}
+
+impl io::Read for Unpack<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self
+            .runs
+            .get(self.ri)
+            .is_some_and(|r| r.offset + r.len <= self.pos)
+        {
+            self.ri += 1;
+        }
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let (is_data, until) = match self.runs.get(self.ri) {
+            Some(r) if r.offset <= self.pos => (true, r.offset + r.len),
+            Some(r) => (false, r.offset),
+            None => (false, self.size),
+        };
+        let n = (until - self.pos).min(buf.len() as u64) as usize;
+        let n = if is_data {
+            self.inner.read(&mut buf[..n])?
+        } else {
+            buf[..n].fill(0);
+            n
+        };
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 

@@ -451,6 +451,11 @@ pub fn check_on_host(what: &str, src: &Manifest, img: &Path, fs: Fs) {
 
 /// Loop-mounts `img` read-only on the host, scans it, unmounts.
 pub fn host_read(img: &Path, fs: Fs) -> Manifest {
+    with_host_mount(img, fs, scan)
+}
+
+/// Loop-mounts `img` read-only on the host, runs `f` on the mount point, unmounts.
+pub fn with_host_mount<R>(img: &Path, fs: Fs, f: impl FnOnce(&Path) -> R) -> R {
     let mnt = tempfile::Builder::new()
         .prefix("kiln-oracle-")
         .tempdir()
@@ -493,7 +498,7 @@ pub fn host_read(img: &Path, fs: Fs) -> Manifest {
         }
     }
     let _u = Unmount(mnt.path());
-    scan(mnt.path())
+    f(mnt.path())
 }
 
 /// The Debian kernel the machine has (CI installs linux-image-cloud-amd64), and its modules.

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use kiln_formats::fstree::{Contents, FileData, Placer, Tree};
 
 pub mod dir;
+pub mod holes;
 pub mod oci;
 pub mod output;
 pub mod progress;
@@ -181,11 +182,31 @@ pub fn open_random_access(arg: &SourceArg) -> Result<(Tree, SourceContents), Err
 pub fn open_random_access_image(
     arg: &SourceArg,
 ) -> Result<(Tree, SourceContents, Option<oci::ImageConfig>), Error> {
+    open_random_access_holes(arg, false)
+}
+
+/// [`open_random_access_image`]; with `zero_holes`, every file's all-zero 4 KiB blocks
+/// become holes ([`holes`]): found while a stream is spooled, or by reading an indexed
+/// source's files once.
+pub fn open_random_access_holes(
+    arg: &SourceArg,
+    zero_holes: bool,
+) -> Result<(Tree, SourceContents, Option<oci::ImageConfig>), Error> {
     match open(arg)? {
-        Opened::Indexed(t, c) => Ok((t, c, None)),
+        Opened::Indexed(mut t, c) => {
+            if zero_holes {
+                holes::find(&mut t, &c)?;
+            }
+            Ok((t, c, None))
+        }
         Opened::Stream(s) => {
             let config = s.image_config().cloned();
-            let mut spool = spool::Spool::new().map_err(|e| Error::Io {
+            let spool = if zero_holes {
+                spool::Spool::zero_holes()
+            } else {
+                spool::Spool::new()
+            };
+            let mut spool = spool.map_err(|e| Error::Io {
                 path: "temp spool".into(),
                 source: e,
             })?;

@@ -4,7 +4,7 @@
 //! tree must be known before any output can be laid out (a disk image, an SBOM scan), as
 //! opposed to `kiln mkfs`, whose writers place stream data straight into the image.
 
-use kiln_formats::fstree::{DataRef, FileData, NodeKind, Placer, Tree};
+use kiln_formats::fstree::{stream_blocks, DataRef, FileData, NodeKind, NonzeroRuns, Placer, Tree};
 use std::fs::File;
 use std::io::{self, Read, Write};
 
@@ -17,6 +17,9 @@ pub struct Spool {
     len: u64,
     /// Start offset in the spool of each placed file.
     starts: Vec<u64>,
+    /// With holes from zeroes: the data runs found in each placed file as it went by (only
+    /// its non-zero blocks are spooled, packed).
+    found: Option<Vec<FileData>>,
 }
 
 impl Spool {
@@ -26,7 +29,16 @@ impl Spool {
             file: tempfile::tempfile()?,
             len: 0,
             starts: Vec::new(),
+            found: None,
         })
+    }
+
+    /// A spool that turns the all-zero blocks of every file into holes as the data goes by
+    /// (see [`crate::holes`]): only non-zero blocks are spooled.
+    pub fn zero_holes() -> io::Result<Self> {
+        let mut s = Self::new()?;
+        s.found = Some(Vec::new());
+        Ok(s)
     }
 
     /// Bytes spooled so far.
@@ -51,7 +63,14 @@ impl Spool {
                     let start = *self.starts.get(i as usize).ok_or_else(|| {
                         io::Error::new(io::ErrorKind::NotFound, format!("spooled file {i} unknown"))
                     })?;
-                    f.data = DataRef::Tar(start);
+                    if let Some(found) = self.found.as_ref().and_then(|v| v.get(i as usize)) {
+                        *f = found.clone();
+                        if matches!(f.data, DataRef::Placed(_)) {
+                            f.data = DataRef::Tar(start);
+                        }
+                    } else {
+                        f.data = DataRef::Tar(start);
+                    }
                 }
             }
         }
@@ -61,6 +80,9 @@ impl Spool {
 
 impl Placer for Spool {
     fn place(&mut self, file: &FileData, data: &mut dyn Read) -> io::Result<u32> {
+        if self.found.is_some() {
+            return self.place_sparse(file, data);
+        }
         let start = self.len;
         let mut w = io::BufWriter::with_capacity(1 << 20, &self.file);
         let n = io::copy(data, &mut w)?;
@@ -76,6 +98,33 @@ impl Placer for Spool {
         let i = u32::try_from(self.starts.len())
             .map_err(|_| io::Error::other("more than 4 billion files"))?;
         self.starts.push(start);
+        Ok(i)
+    }
+}
+
+impl Spool {
+    fn place_sparse(&mut self, file: &FileData, data: &mut dyn Read) -> io::Result<u32> {
+        let start = self.len;
+        let mut runs = NonzeroRuns::new(file.size);
+        let mut buf = Vec::new();
+        let mut w = io::BufWriter::with_capacity(1 << 20, &self.file);
+        let mut n = 0u64;
+        stream_blocks(file, data, &mut buf, 1 << 20, &mut |at, b| {
+            for &(s, e) in runs.scan(at, b) {
+                w.write_all(&b[s..e])?;
+                n += (e - s) as u64;
+            }
+            Ok(())
+        })?;
+        w.flush()?;
+        drop(w);
+        self.len += n;
+        let i = u32::try_from(self.starts.len())
+            .map_err(|_| io::Error::other("more than 4 billion files"))?;
+        self.starts.push(start);
+        if let Some(found) = &mut self.found {
+            found.push(runs.finish(DataRef::Placed(i)));
+        }
         Ok(i)
     }
 }

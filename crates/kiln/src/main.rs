@@ -58,10 +58,11 @@ enum Command {
   kiln verify out/hello/hello_1.0.img --digest sha256:HEX
   kiln verify out/hello/hello_1.0.img --pub release.pub")]
     Verify(cmd::verify::VerifyArgs),
-    /// Boot an image in QEMU with OVMF and wait for a marker on the serial console.
+    /// Boot an image in QEMU (OVMF, or a microVM) and wait for a marker on the serial console.
     #[command(after_help = "Examples:
   kiln boot out/appliance/appliance_1.img --expect 'appliance: healthy'
-  kiln boot out/debian/debian_1.iso --as usb --expect KILN-REPORT-END --timeout 300")]
+  kiln boot out/debian/debian_1.iso --as usb --expect KILN-REPORT-END --timeout 300
+  kiln boot --microvm --kernel out/vm/vm_1.vmlinuz --initrd out/vm/vm_1.initrd out/vm/vm_1.rootfs.ext4 --expect 'agent: ready'")]
     Boot(cmd::boot::BootArgs),
     /// Install a newer build into the inactive A/B slot of an image or block device.
     #[command(after_help = "Examples:

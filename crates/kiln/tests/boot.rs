@@ -386,7 +386,7 @@ fn direct_boot(image: &Path, append: String, expect: &str, fail: Vec<String>) ->
         firmware: Firmware::Bios,
         direct: Some(DirectKernel {
             kernel: fx.kernel.clone(),
-            initrd: fx.initrd.clone(),
+            initrd: Some(fx.initrd.clone()),
             append,
         }),
         expect: Some(expect.into()),
@@ -583,7 +583,7 @@ fn live_iso_root_with_verity_and_ram_overlay() {
         firmware: Firmware::Bios,
         direct: Some(DirectKernel {
             kernel: fx.kernel.clone(),
-            initrd: fx.initrd.clone(),
+            initrd: Some(fx.initrd.clone()),
             append: format!(
                 "console=ttyS0 panic=-1 kiln.live=KILN_LIVE roothash={}",
                 fx.roothash

@@ -517,7 +517,7 @@ fn trixie_disk_uas_direct_kernel() {
             firmware: Firmware::Bios,
             direct: Some(DirectKernel {
                 kernel,
-                initrd,
+                initrd: Some(initrd),
                 append: cmdline,
             }),
             ..BootOptions::default()
@@ -745,7 +745,7 @@ fn missing_crc32c_is_named_at_build_and_at_boot() {
             firmware: Firmware::Bios,
             direct: Some(DirectKernel {
                 kernel: kernel_path,
-                initrd: initrd_path,
+                initrd: Some(initrd_path),
                 append: format!("{cmdline} kiln.reboot_delay=0"),
             }),
             expect: Some("kiln-init: boot failed".into()),
@@ -816,7 +816,7 @@ fn full_matrix() {
                             firmware: Firmware::Bios,
                             direct: Some(DirectKernel {
                                 kernel,
-                                initrd,
+                                initrd: Some(initrd),
                                 append: cmdline,
                             }),
                             ..BootOptions::default()
@@ -971,7 +971,7 @@ fn compressed_modules_by_the_kernel_and_by_kiln_init() {
             firmware: Firmware::Bios,
             direct: Some(DirectKernel {
                 kernel: kernel_path,
-                initrd: initrd_path,
+                initrd: Some(initrd_path),
                 append: format!("{cmdline} kiln.debug"),
             }),
             expect: Some("switching root to /sbin/init".into()),

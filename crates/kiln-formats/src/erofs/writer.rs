@@ -267,6 +267,15 @@ fn chunk_plan(size: u64, runs: &[crate::fstree::Segment]) -> (u8, Vec<bool>) {
     (cb, has)
 }
 
+/// True when a file is stored chunk-based, its holes as null chunks: every sparse file of an
+/// uncompressed image; in a compressed image, a sparse file whose holes are at least half of
+/// it. Below that its zeroes are compressed with the rest (LZ4 turns a zero block into a few
+/// bytes), rather than giving up compression for its data. The rule reads only the file's
+/// size and runs, so every source of the same content decides alike.
+fn chunked(compressed: bool, f: &FileData) -> bool {
+    f.segments.is_some() && (!compressed || f.stored_len().saturating_mul(2) <= f.size)
+}
+
 /// Data blocks of chunk `c` of a chunked file.
 fn chunk_blocks(size: u64, cb: u8, c: u64) -> u64 {
     let csize = BLOCK << cb;
@@ -580,7 +589,7 @@ impl<'s> DataCore<'s> {
 
     /// True when a file of this shape goes through compression batches.
     fn batched(&self, file: &FileData, slot: bool) -> bool {
-        self.level.is_some() && !slot && file.segments.is_none() && file.size > 0
+        self.level.is_some() && !slot && file.size > 0 && !chunked(true, file)
     }
 
     /// Adds a file whose bytes the pass reads from the source.
@@ -1155,6 +1164,14 @@ impl<'s> StreamWriter<'s> {
         if file.size == 0 {
             self.core.set(key, Store::Empty);
         } else if self.core.batched(file, false) {
+            // A sparse file compressed whole: its holes read as zeroes.
+            let mut unpack;
+            let data: &mut dyn Read = if file.segments.is_some() {
+                unpack = crate::fstree::Unpack::new(file, data);
+                &mut unpack
+            } else {
+                data
+            };
             let size = file.size;
             let whole = size <= PIECE;
             let mut start = 0;
@@ -1843,7 +1860,7 @@ impl MetaPrep {
                 NodeKind::File(f) => {
                     if let Some(s) = &node.slot {
                         (blocks_of(s.capacity), base)
-                    } else if let Some(segs) = &f.segments {
+                    } else if let Some(segs) = f.segments.as_ref().filter(|_| chunked(true, f)) {
                         let (cb, has) = chunk_plan(f.size, segs);
                         let d: u64 = has
                             .iter()

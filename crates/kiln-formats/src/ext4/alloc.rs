@@ -145,6 +145,11 @@ impl Allocator {
         self.used = out;
     }
 
+    /// The block the next [`Allocator::run`] starts at.
+    pub fn next_start(&self) -> u64 {
+        Self::skip_reserved(self.cursor)
+    }
+
     /// Allocates up to `max` (> 0) contiguous blocks at the cursor, fewer if fixed metadata
     /// interrupts the run. Returns `(start, len)`.
     pub fn run(&mut self, max: u64) -> Result<(u64, u64), Full> {

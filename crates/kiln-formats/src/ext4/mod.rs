@@ -75,6 +75,9 @@ pub struct Options {
     pub inode_ratio: u64,
     /// Percentage of blocks reserved for root (mke2fs uses 5; images default to 0).
     pub reserved_percent: u8,
+    /// [`StreamWriter`]: all-zero blocks of streamed files become holes as the data arrives
+    /// (indexed trees get theirs from `fstree::find_holes` before planning).
+    pub zero_holes: bool,
 }
 
 impl Options {
@@ -93,6 +96,7 @@ impl Options {
             lost_found: true,
             inode_ratio: 16384,
             reserved_percent: 0,
+            zero_holes: false,
         }
     }
 }

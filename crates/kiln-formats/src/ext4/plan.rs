@@ -252,23 +252,59 @@ pub(crate) fn alloc_runs(
     runs: &[(u64, u64)],
     extents: &mut Vec<Ext>,
 ) -> std::result::Result<(u32, u32), Full> {
-    let start = extents.len() as u32;
+    let start = extents.len();
     for &(lb, nb) in runs {
-        let mut l = lb;
-        let mut left = nb;
-        while left > 0 {
-            let (p, n) = alloc.run(left.min(u64::from(EXT_INIT_MAX_LEN)))?;
+        append_run(alloc, extents, start, lb, nb, &mut |_, _, _| {})?;
+    }
+    Ok((start as u32, (extents.len() - start) as u32))
+}
+
+/// Allocates `nb` blocks for logical blocks `lb..lb + nb` of the file whose extents start at
+/// `extents[first]`, extending its last extent when logically and physically contiguous (up to
+/// the extent length limit). `placed(lblk, pblk, n)` learns where each piece went. Streams call
+/// it piece by piece as data arrives; [`alloc_runs`] once per run: both give the same extents.
+pub(crate) fn append_run(
+    alloc: &mut Allocator,
+    extents: &mut Vec<Ext>,
+    first: usize,
+    lb: u64,
+    nb: u64,
+    placed: &mut dyn FnMut(u64, u64, u64),
+) -> std::result::Result<(), Full> {
+    let max = u64::from(EXT_INIT_MAX_LEN);
+    let mut l = lb;
+    let mut left = nb;
+    while left > 0 {
+        let p0 = alloc.next_start();
+        let extend = extents.len() > first
+            && extents.last().is_some_and(|e| {
+                u64::from(e.lblk) + u64::from(e.len) == l
+                    && e.pblk + u64::from(e.len) == p0
+                    && u64::from(e.len) < max
+            });
+        if extend {
+            let room = extents.last().map_or(0, |e| max - u64::from(e.len));
+            let (p, n) = alloc.run(left.min(room))?;
+            if let Some(e) = extents.last_mut() {
+                e.len += n as u32;
+            }
+            placed(l, p, n);
+            l += n;
+            left -= n;
+        } else {
+            let (p, n) = alloc.run(left.min(max))?;
             extents.push(Ext {
                 lblk: l as u32,
                 len: n as u32,
                 pblk: p,
                 unwritten: false,
             });
+            placed(l, p, n);
             l += n;
             left -= n;
         }
     }
-    Ok((start, extents.len() as u32 - start))
+    Ok(())
 }
 
 /// The extents of a slot of `cap` blocks at `pblk` holding `data` initialized blocks: the

@@ -6,10 +6,11 @@
 use std::io::{self, Read};
 
 use super::alloc::Full;
-use super::plan::{alloc_runs, block_runs, limit_blocks, plan_with, DataState};
-use super::write::{copy_file, CopyErr};
+use super::layout::BLOCK_SIZE;
+use super::plan::{alloc_runs, append_run, block_runs, limit_blocks, plan_with, DataState};
+use super::write::{copy_file, CopyErr, CHUNK};
 use super::{Options, Progress, Report, Result};
-use crate::fstree::{Contents, FileData, Placer, Tree};
+use crate::fstree::{nonzero_ranges, stream_blocks, Contents, FileData, Placer, Tree};
 use crate::sink::Sink;
 
 /// A [`Placer`] that writes file data straight into an ext4 image being built.
@@ -62,8 +63,64 @@ impl<'a> StreamWriter<'a> {
     }
 }
 
+impl StreamWriter<'_> {
+    /// Places a file whose all-zero blocks become holes: each chunk is scanned as it arrives
+    /// and only its non-zero blocks are allocated (with [`append_run`], so the extents equal
+    /// those the plan gives the same file with its holes found beforehand) and written.
+    fn place_sparse(&mut self, file: &FileData, data: &mut dyn Read) -> io::Result<u32> {
+        block_runs(file).map_err(io::Error::other)?;
+        let first = self.data.extents.len();
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut ranges = Vec::new();
+        let mut full = false;
+        let (sink, progress) = (self.sink, self.progress);
+        let alloc = &mut self.data.alloc;
+        let extents = &mut self.data.extents;
+        let r = stream_blocks(file, data, &mut buf, CHUNK, &mut |at, b| {
+            nonzero_ranges(b, &mut ranges);
+            for &(s, e) in &ranges {
+                let lb = (at + s as u64) / BLOCK_SIZE;
+                let nb = (e - s).div_ceil(BLOCK_SIZE as usize) as u64;
+                let mut werr = Ok(());
+                let mut put = |l: u64, p: u64, n: u64| {
+                    let from = (l * BLOCK_SIZE - at) as usize;
+                    let to = (from + (n * BLOCK_SIZE) as usize).min(e);
+                    if werr.is_ok() {
+                        let off = p * BLOCK_SIZE;
+                        werr = sink.write_at(off, &b[from..to]).map_err(|err| {
+                            io::Error::new(
+                                err.kind(),
+                                format!("writing the image at byte {off}: {err}"),
+                            )
+                        });
+                    }
+                };
+                if append_run(alloc, extents, first, lb, nb, &mut put).is_err() {
+                    full = true;
+                    return Err(io::Error::other("image full"));
+                }
+                werr?;
+            }
+            progress(b.len() as u64);
+            Ok(())
+        });
+        self.buf = buf;
+        if full {
+            return Err(self.full());
+        }
+        r?;
+        let idx = u32::try_from(self.data.placed.len()).map_err(io::Error::other)?;
+        let count = (self.data.extents.len() - first) as u32;
+        self.data.placed.push(Some((first as u32, count)));
+        Ok(idx)
+    }
+}
+
 impl Placer for StreamWriter<'_> {
     fn place(&mut self, file: &FileData, data: &mut dyn Read) -> io::Result<u32> {
+        if self.opts.zero_holes {
+            return self.place_sparse(file, data);
+        }
         let runs = block_runs(file).map_err(io::Error::other)?;
         let (start, count) = match alloc_runs(&mut self.data.alloc, &runs, &mut self.data.extents) {
             Ok(r) => r,

@@ -20,7 +20,7 @@ use crate::fstree::{Contents, FileData, NodeKind, Segment, Timestamp, Tree};
 use crate::sink::Sink;
 
 /// Largest chunk of file data read and written at once.
-const CHUNK: usize = 4 << 20;
+pub(crate) const CHUNK: usize = 4 << 20;
 
 /// Why copying a file failed.
 pub(crate) enum CopyErr {

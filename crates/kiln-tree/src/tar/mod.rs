@@ -292,8 +292,19 @@ impl TarContents {
     /// Reads `buf.len()` bytes of `file` at logical offset `offset`; holes of a sparse file
     /// read as zeroes.
     pub fn read_at(&self, file: &FileData, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let DataRef::Tar(base) = file.data else {
-            return read_host_or_inline(file, offset, buf);
+        let packed_view;
+        let (base, file) = match &file.data {
+            DataRef::Tar(base) => (*base, file),
+            // Holes found in the data: the tar still packs the runs it was written with.
+            DataRef::TarPacked(base, runs) => {
+                packed_view = FileData {
+                    size: file.size,
+                    data: DataRef::Tar(*base),
+                    segments: Some(runs.to_vec().into()),
+                };
+                (*base, &packed_view)
+            }
+            _ => return read_host_or_inline(file, offset, buf),
         };
         let starts = self.starts_of(base, file);
         sparse::map_range(file, offset, buf.len() as u64, starts.as_deref(), |piece| {

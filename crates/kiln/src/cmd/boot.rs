@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use kiln_build::qemu::{self, Attach, BootOptions, DirectKernel, Firmware};
+use kiln_build::qemu::{self, Attach, BootOptions, DirectKernel, Firmware, Machine};
 
 use super::Outcome;
 
@@ -41,14 +41,21 @@ pub struct BootArgs {
     #[arg(long)]
     pub keep: bool,
     /// Boot this kernel directly (with --initrd and --append) instead of through firmware.
-    #[arg(long, requires = "initrd")]
+    #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Initrd for --kernel.
+    /// Initrd for --kernel (a kernel with its disk and filesystem drivers built in needs
+    /// none; a distribution kernel's come from an initrd, e.g. the NAME_VERSION.initrd that
+    /// `kiln build` writes beside a rootfs).
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line for --kernel.
-    #[arg(long, default_value = "console=ttyS0 panic=-1")]
-    pub append: String,
+    /// Kernel command line for --kernel [default: console=ttyS0 panic=-1; with --microvm:
+    /// console=ttyS0 root=/dev/vda ro panic=-1]
+    #[arg(long)]
+    pub append: Option<String>,
+    /// Boot IMAGE, a bare filesystem (`output = ["rootfs"]`), as a microVM: `-machine
+    /// microvm`, no firmware, --kernel booted directly, IMAGE as the virtio-mmio disk /dev/vda.
+    #[arg(long, requires = "kernel")]
+    pub microvm: bool,
     /// Additional failure patterns (regular expressions) besides a kernel panic and a failed
     /// kiln-init.
     #[arg(long, value_name = "REGEX")]
@@ -56,14 +63,18 @@ pub struct BootArgs {
 }
 
 pub fn run(a: BootArgs) -> Outcome {
-    let direct = match (a.kernel, a.initrd) {
-        (Some(kernel), Some(initrd)) => Some(DirectKernel {
-            kernel,
-            initrd,
-            append: a.append,
-        }),
-        _ => None,
-    };
+    let append = a.append.unwrap_or_else(|| {
+        if a.microvm {
+            "console=ttyS0 root=/dev/vda ro panic=-1".into()
+        } else {
+            "console=ttyS0 panic=-1".into()
+        }
+    });
+    let direct = a.kernel.map(|kernel| DirectKernel {
+        kernel,
+        initrd: a.initrd,
+        append,
+    });
     let mut opts = BootOptions {
         image: a.image,
         attach: a.attach,
@@ -73,6 +84,11 @@ pub fn run(a: BootArgs) -> Outcome {
             Firmware::Ovmf(a.ovmf)
         },
         direct,
+        machine: if a.microvm {
+            Machine::Microvm
+        } else {
+            Machine::Q35
+        },
         expect: a.expect,
         timeout: Duration::from_secs(a.timeout),
         memory_mib: a.memory,

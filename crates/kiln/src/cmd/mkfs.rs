@@ -26,7 +26,8 @@ pub enum MkfsCommand {
     #[command(after_help = "Examples:
   kiln mkfs ext4 --minimize rootfs.tar -o rootfs.ext4
   docker export CONTAINER | kiln mkfs ext4 - -o rootfs.ext4 --extra-space 64M
-  kiln mkfs ext4 rootfs/ --size 2G --all-root -o rootfs.ext4")]
+  kiln mkfs ext4 rootfs/ --size 2G --all-root -o rootfs.ext4
+  kiln mkfs ext4 --keep-zeroes disk-images.tar -o data.ext4")]
     Ext4(Ext4Args),
     /// An EROFS image (read-only, optionally LZ4-compressed).
     #[command(after_help = "Examples:
@@ -77,6 +78,10 @@ pub struct Ext4Args {
     /// Add a journal (read-only images do not need one).
     #[arg(long)]
     pub journal: bool,
+    /// Write all-zero 4 KiB blocks of file data as data. By default they become holes
+    /// (unallocated, reading as zeroes), whatever the source: a directory, a sparse or dense tar.
+    #[arg(long)]
+    pub keep_zeroes: bool,
     /// Print a JSON summary (inodes, blocks, size, sha256, seconds) on stdout.
     #[arg(long)]
     pub json: bool,
@@ -158,6 +163,7 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
     opts.label = a.label.clone();
     opts.journal = a.journal;
     opts.timestamp = norm.source_date_epoch.unwrap_or(0);
+    opts.zero_holes = !a.keep_zeroes;
 
     super::refuse_same_file(&a.source, &a.output, "source")?;
     let source = SourceArg::parse(&a.source);
@@ -166,6 +172,10 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
     let report = match opened {
         Opened::Indexed(mut tree, contents) => {
             norm.apply(&mut tree);
+            if !a.keep_zeroes {
+                kiln_tree::holes::find(&mut tree, &contents)
+                    .with_context(|| format!("reading {}", a.source.display()))?;
+            }
             // Plan first: a tree that does not fit fails before any output exists.
             let plan = ext4::plan(&tree, &opts)
                 .with_context(|| format!("laying out {}", a.source.display()))?;

@@ -54,6 +54,11 @@ pub struct ErofsArgs {
     /// Store every file's compressed data, even when an earlier file has the same bytes.
     #[arg(long)]
     pub no_dedupe: bool,
+    /// Write all-zero 4 KiB blocks of file data as data. By default they become holes (null
+    /// chunks of a chunk-based file; in a compressed image only in files that are at least
+    /// half zeroes, the others compress their zeroes), whatever the source.
+    #[arg(long)]
+    pub keep_zeroes: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -96,9 +101,28 @@ pub fn run(a: ErofsArgs) -> Outcome {
     let out = AtomicFile::create(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;
     let file = out.file();
-    let summary = match kiln_tree::open(&source)
-        .with_context(|| format!("reading {}", a.source.display()))?
-    {
+    let mut opened =
+        kiln_tree::open(&source).with_context(|| format!("reading {}", a.source.display()))?;
+    if !a.keep_zeroes {
+        // A file's chunk layout depends on where all its holes are, which a one-pass stream
+        // shows only at the file's end: a stream is spooled (its non-zero blocks only, found
+        // as they go by) and written like an indexed tree.
+        if let Opened::Stream(stream) = opened {
+            let mut spool =
+                kiln_tree::spool::Spool::zero_holes().context("creating a temp spool")?;
+            let mut tree = stream
+                .read(&mut spool)
+                .with_context(|| format!("reading {}", a.source.display()))?;
+            let contents = spool
+                .into_contents(&mut tree)
+                .context("reading the temp spool")?;
+            opened = Opened::Indexed(tree, kiln_tree::SourceContents::Spool(contents));
+        } else if let Opened::Indexed(tree, contents) = &mut opened {
+            kiln_tree::holes::find(tree, contents)
+                .with_context(|| format!("reading {}", a.source.display()))?;
+        }
+    }
+    let summary = match opened {
         Opened::Indexed(mut tree, contents) => {
             norm.apply(&mut tree);
             let plan = erofs::plan(&tree, &opts).context("planning the EROFS image")?;
