@@ -301,15 +301,15 @@ fn read_artifact(r: &NewReport, dir: &Path, file: &str) -> Result<Vec<u8>> {
 
 /// One A/B slot on the disk: indexes into `Gpt::partitions`.
 #[derive(Clone, Debug)]
-struct Slot {
-    data: usize,
-    hash: usize,
-    label: String,
+pub(crate) struct Slot {
+    pub data: usize,
+    pub hash: usize,
+    pub label: String,
 }
 
 /// Writes `bytes` at `off` and zeroes the rest of the `len`-byte range (plain writes: the
 /// range holds an older filesystem, so nothing may be skipped).
-fn write_range(f: &File, what: &str, off: u64, len: u64, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_range(f: &File, what: &str, off: u64, len: u64, bytes: &[u8]) -> Result<()> {
     if bytes.len() as u64 > len {
         bail!("{what}: {} bytes do not fit its {len}", bytes.len());
     }
@@ -326,18 +326,39 @@ fn write_range(f: &File, what: &str, off: u64, len: u64, bytes: &[u8]) -> Result
     Ok(())
 }
 
-fn flush(f: &File, image: &Path) -> Result<()> {
+pub(crate) fn flush(f: &File, image: &Path) -> Result<()> {
     f.sync_all()
         .with_context(|| format!("{}: flushing", image.display()))
 }
 
-/// Installs NEW into the inactive slot of `opts.image`.
-pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
-    let (new, dir) = load_new(&opts.with)?;
-    let nv = format!("{}_{}", new.name, new.version);
-    let src = opts.with.display();
+/// What installing needs to know about NEW, from its build report (`--with`) or from its
+/// signed update index (`--from`).
+#[derive(Clone, Debug)]
+pub(crate) struct NewBuild {
+    /// Where NEW came from, for messages.
+    pub src: String,
+    pub name: String,
+    pub version: String,
+    pub disk_uuid: repart::Uuid,
+    pub root_hash: [u8; 32],
+    pub data_type: repart::Uuid,
+    pub hash_type: repart::Uuid,
+    pub data_type_name: String,
+    pub hash_type_name: String,
+    /// The UKI's file name under `EFI/Linux/` (with its boot counter).
+    pub uki_name: String,
+    pub source_date_epoch: Option<i64>,
+}
 
-    // NEW's root pair: the data and verity partitions named NAME_VERSION.
+impl NewBuild {
+    pub fn nv(&self) -> String {
+        format!("{}_{}", self.name, self.version)
+    }
+}
+
+/// NEW from a build report.
+fn new_from_report(new: &NewReport, src: &str) -> Result<NewBuild> {
+    let nv = format!("{}_{}", new.name, new.version);
     let is_root = |t: &str| t.starts_with("root-") || t.starts_with("usr-");
     let data_p = new
         .partitions
@@ -353,70 +374,153 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
                 "{src}: {nv} has no verity partition; kiln update installs dm-verity roots only"
             )
         })?;
-    let data_type = repart::parse_uuid(&data_p.type_uuid)
-        .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", data_p.type_uuid))?;
-    let hash_type = repart::parse_uuid(&hash_p.type_uuid)
-        .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", hash_p.type_uuid))?;
-    let root_hash: [u8; 32] = new
-        .root_hash
-        .as_deref()
-        .and_then(|h| hex::decode(h).ok())
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| anyhow!("{src}: the report has no 32-byte root hash"))?;
-    let uki_name = new
-        .boot
-        .as_ref()
-        .map(|b| b.uki.clone())
-        .ok_or_else(|| anyhow!("{src}: {nv} has no [boot] section, so no UKI to install"))?;
-    let short = if data_p.type_name.starts_with("usr-") {
-        "usr"
-    } else {
-        "root"
-    };
-    let new_disk = repart::parse_uuid(&new.disk_uuid)
-        .ok_or_else(|| anyhow!("{src}: bad disk UUID {:?}", new.disk_uuid))?;
+    Ok(NewBuild {
+        src: src.to_string(),
+        name: new.name.clone(),
+        version: new.version.clone(),
+        disk_uuid: repart::parse_uuid(&new.disk_uuid)
+            .ok_or_else(|| anyhow!("{src}: bad disk UUID {:?}", new.disk_uuid))?,
+        root_hash: new
+            .root_hash
+            .as_deref()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| anyhow!("{src}: the report has no 32-byte root hash"))?,
+        data_type: repart::parse_uuid(&data_p.type_uuid)
+            .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", data_p.type_uuid))?,
+        hash_type: repart::parse_uuid(&hash_p.type_uuid)
+            .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", hash_p.type_uuid))?,
+        data_type_name: data_p.type_name.clone(),
+        hash_type_name: hash_p.type_name.clone(),
+        uki_name: new
+            .boot
+            .as_ref()
+            .map(|b| b.uki.clone())
+            .ok_or_else(|| anyhow!("{src}: {nv} has no [boot] section, so no UKI to install"))?,
+        source_date_epoch: new.source_date_epoch,
+    })
+}
 
-    // The image.
-    let img = &opts.image;
+/// The disk being updated, its A/B slots and the chosen target.
+pub(crate) struct Target {
+    pub img: PathBuf,
+    pub f: File,
+    pub disk_len: u64,
+    pub table: Gpt,
+    /// The slot to overwrite.
+    pub slot: Slot,
+    /// The slot kept (the running version, or `_empty`).
+    pub other: Slot,
+    /// The version kept, if any.
+    pub kept: Option<String>,
+    esp_off: u64,
+    esp_len: u64,
+    esp_where: String,
+    entries: Vec<(String, kiln_formats::fat::read::Entry)>,
+}
+
+impl Target {
+    /// GPT entry of the target's data partition.
+    pub fn data(&self) -> &gpt::Partition {
+        &self.table.partitions[self.slot.data]
+    }
+    /// GPT entry of the target's hash partition.
+    pub fn hash(&self) -> &gpt::Partition {
+        &self.table.partitions[self.slot.hash]
+    }
+    /// GPT entry of the kept slot's data partition.
+    pub fn other_data(&self) -> &gpt::Partition {
+        &self.table.partitions[self.other.data]
+    }
+    /// `IMAGE: partition N` of a partition index, for messages.
+    pub fn part_what(&self, i: usize) -> String {
+        format!("{}: partition {}", self.img.display(), self.table.number(i))
+    }
+
+    fn esp_reader(&self) -> Result<FatReader<impl Fn(u64, &mut [u8]) -> std::io::Result<()> + '_>> {
+        let (esp_off, esp_len, f) = (self.esp_off, self.esp_len, &self.f);
+        FatReader::open(move |off: u64, buf: &mut [u8]| {
+            if off + buf.len() as u64 > esp_len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("read at {off} past the end of the {esp_len}-byte ESP"),
+                ));
+            }
+            f.read_exact_at(buf, esp_off + off)
+        })
+        .with_context(|| self.esp_where.clone())
+    }
+
+    /// The UKIs of NEW's image on the ESP: their ESP paths and bytes (a source of blocks for
+    /// `--from`).
+    pub fn esp_ukis(&self, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let reader = self.esp_reader()?;
+        let mut out = Vec::new();
+        for (path, e) in &self.entries {
+            if e.is_dir()
+                || !path.to_ascii_lowercase().starts_with("/efi/linux/")
+                || parse_uki(name, &e.name).is_none()
+            {
+                continue;
+            }
+            let bytes = reader
+                .read_entry(e)
+                .with_context(|| format!("{}: reading {path}", self.esp_where))?;
+            out.push((path.clone(), bytes));
+        }
+        Ok(out)
+    }
+}
+
+/// Opens the disk (read-write unless `read_only`), checks it is of NEW's family and picks the
+/// target slot (see the module documentation).
+pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result<Target> {
+    let src = &new.src;
     let f = OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(!read_only)
         .open(img)
-        .with_context(|| format!("opening {} for writing", img.display()))?;
+        .with_context(|| {
+            format!(
+                "opening {}{}",
+                img.display(),
+                if read_only { "" } else { " for writing" }
+            )
+        })?;
     let disk_len = (&f)
         .seek(SeekFrom::End(0))
         .with_context(|| format!("{}: finding its size", img.display()))?;
-    let mut table = Gpt::read(&f).with_context(|| format!("{}: reading the GPT", img.display()))?;
+    let table = Gpt::read(&f).with_context(|| format!("{}: reading the GPT", img.display()))?;
     if let Some(why) = &table.primary_error {
         bail!(
             "{}: the primary GPT is damaged ({why}); repair it (sgdisk -e / gdisk) before updating",
             img.display()
         );
     }
-    if table.disk_guid != new_disk {
+    if table.disk_guid != new.disk_uuid {
         bail!(
             "{}: disk GUID {} differs from {src}'s {}: that build comes from another seed (another image family); refusing to install it",
             img.display(),
             repart::format_uuid(&table.disk_guid),
-            new.disk_uuid
+            repart::format_uuid(&new.disk_uuid)
         );
     }
 
     // The A/B slots.
     let datas: Vec<usize> = (0..table.partitions.len())
-        .filter(|&i| table.partitions[i].type_guid == data_type)
+        .filter(|&i| table.partitions[i].type_guid == new.data_type)
         .collect();
     let hashes: Vec<usize> = (0..table.partitions.len())
-        .filter(|&i| table.partitions[i].type_guid == hash_type)
+        .filter(|&i| table.partitions[i].type_guid == new.hash_type)
         .collect();
     if datas.len() != 2 || hashes.len() != 2 {
         bail!(
             "{}: {} {} and {} {} partitions; an A/B image has two of each",
             img.display(),
             datas.len(),
-            data_p.type_name,
+            new.data_type_name,
             hashes.len(),
-            hash_p.type_name
+            new.hash_type_name
         );
     }
     let slots: Vec<Slot> = datas
@@ -441,6 +545,18 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
             );
         }
     }
+    for s in &slots {
+        for i in [s.data, s.hash] {
+            let p = &table.partitions[i];
+            if p.offset() + p.size() > disk_len {
+                bail!(
+                    "{}: partition {} ends past the disk",
+                    img.display(),
+                    table.number(i)
+                );
+            }
+        }
+    }
     let version_of = |s: &Slot| s.label.strip_prefix(&prefix).map(str::to_string);
 
     // The ESP and the UKIs on it.
@@ -460,18 +576,26 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
         );
     }
     let esp_where = format!("{}: ESP (partition {})", img.display(), table.number(esp_i));
-    let reader = FatReader::open(|off: u64, buf: &mut [u8]| {
-        if off + buf.len() as u64 > esp_len {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("read at {off} past the end of the {esp_len}-byte ESP"),
-            ));
-        }
-        f.read_exact_at(buf, esp_off + off)
-    })
-    .with_context(|| esp_where.clone())?;
-    let entries = reader.walk().with_context(|| esp_where.clone())?;
-    let ukis: Vec<Uki> = entries
+    let mut t = Target {
+        img: img.to_path_buf(),
+        f,
+        disk_len,
+        slot: slots[0].clone(),
+        other: slots[1].clone(),
+        kept: None,
+        table,
+        esp_off,
+        esp_len,
+        esp_where,
+        entries: Vec::new(),
+    };
+    let entries = {
+        let reader = t.esp_reader()?;
+        reader.walk().with_context(|| t.esp_where.clone())?
+    };
+    t.entries = entries;
+    let ukis: Vec<Uki> = t
+        .entries
         .iter()
         .filter(|(p, e)| !e.is_dir() && p.to_ascii_lowercase().starts_with("/efi/linux/"))
         .filter_map(|(_, e)| parse_uki(&new.name, &e.name))
@@ -515,50 +639,35 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
             "{}: version {} is already installed (partition {}) and is the one kept; nothing to do",
             img.display(),
             new.version,
-            table.number(slots[1 - target].data)
+            t.table.number(slots[1 - target].data)
         );
     }
-    let slot = slots[target].clone();
-    let (d, h) = (
-        table.partitions[slot.data].clone(),
-        table.partitions[slot.hash].clone(),
-    );
+    t.slot = slots[target].clone();
+    t.other = slots[1 - target].clone();
+    t.kept = kept;
+    Ok(t)
+}
 
-    // NEW's bytes, checked against its report, and that they fit.
-    let data = read_artifact(&new, &dir, &format!("{nv}.{short}.raw"))?;
-    let hash = read_artifact(&new, &dir, &format!("{nv}.{short}-verity.raw"))?;
-    let uki = read_artifact(&new, &dir, &format!("{nv}.efi"))?;
-    for (what, bytes, p, i) in [
-        ("data", &data, &d, slot.data),
-        ("verity", &hash, &h, slot.hash),
-    ] {
-        if bytes.len() as u64 > p.size() {
-            bail!(
-                "{}: {nv}'s {what} image is {} bytes but partition {} holds only {}; rebuild with the same partition sizes",
-                img.display(),
-                bytes.len(),
-                table.number(i),
-                p.size()
-            );
-        }
-        if p.offset() + p.size() > disk_len {
-            bail!(
-                "{}: partition {} ends past the disk",
-                img.display(),
-                table.number(i)
-            );
-        }
-    }
+/// The new ESP, assembled in memory before anything is written.
+pub(crate) struct EspPlan {
+    bytes: Vec<u8>,
+    installed: String,
+    removed: Vec<String>,
+}
 
-    // The new ESP, assembled in memory before anything is written.
-    let replaced_version = version_of(&slot);
+/// Assembles the ESP that installs `uki` as NEW's UKI: every file the ESP had, minus the
+/// UKIs of the version being replaced (and any older copy of NEW's).
+pub(crate) fn assemble_esp(t: &Target, new: &NewBuild, uki: Vec<u8>) -> Result<EspPlan> {
+    let reader = t.esp_reader()?;
+    let prefix = format!("{}_", new.name);
+    let replaced_version = t.slot.label.strip_prefix(&prefix).map(str::to_string);
     let mut removed = Vec::new();
     let mtime = new.source_date_epoch.unwrap_or(0);
     let mut tree = Tree::new(Meta {
         mtime: Timestamp::from_secs(mtime),
         ..Meta::default()
     });
-    for (path, e) in &entries {
+    for (path, e) in &t.entries {
         let meta = Meta {
             perm: if e.is_dir() { 0o755 } else { 0o644 },
             mtime: Timestamp::from_secs(e.mtime),
@@ -579,19 +688,20 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
         }
         let bytes = reader
             .read_entry(e)
-            .with_context(|| format!("{esp_where}: reading {path}"))?;
+            .with_context(|| format!("{}: reading {path}", t.esp_where))?;
         tree.insert(
             path.as_bytes(),
             crate::boot::file(Arc::from(bytes), e.mtime),
             &meta,
         )?;
     }
-    let linux_dir = entries
+    let linux_dir = t
+        .entries
         .iter()
         .find(|(p, e)| e.is_dir() && p.eq_ignore_ascii_case("/efi/linux"))
         .map(|(p, _)| p.clone())
         .unwrap_or_else(|| "/EFI/Linux".into());
-    let installed = format!("{linux_dir}/{uki_name}");
+    let installed = format!("{linux_dir}/{}", new.uki_name);
     tree.insert(
         installed.as_bytes(),
         crate::boot::file(Arc::from(uki), mtime),
@@ -602,92 +712,152 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
     )?;
     let label = Some(reader.label.clone()).filter(|l| !l.is_empty() && l != "NO NAME");
     let fat_opts = FatOptions {
-        size: esp_len,
+        size: t.esp_len,
         fat_type: Some(reader.geometry.fat_type),
         volume_id: reader.volume_id,
         label,
     };
-    let esp_len_usize = usize::try_from(esp_len)
-        .map_err(|_| anyhow!("{esp_where}: {esp_len} bytes is too large to rebuild in memory"))?;
+    let esp_len_usize = usize::try_from(t.esp_len).map_err(|_| {
+        anyhow!(
+            "{}: {} bytes is too large to rebuild in memory",
+            t.esp_where,
+            t.esp_len
+        )
+    })?;
     let esp_sink = MemSink::new(esp_len_usize);
     FatWriter::new(&tree, fat_opts)
         .and_then(|w| w.write(&fstree::HostContents, &esp_sink))
         .with_context(|| {
-            format!("{esp_where}: the ESP with {uki_name} does not fit or cannot be written")
+            format!(
+                "{}: the ESP with {} does not fit or cannot be written",
+                t.esp_where, new.uki_name
+            )
         })?;
-    let esp_bytes = esp_sink.into_inner();
+    Ok(EspPlan {
+        bytes: esp_sink.into_inner(),
+        installed,
+        removed,
+    })
+}
 
-    // 1. The slot's contents.
-    write_range(
-        &f,
-        &format!("{}: partition {}", img.display(), table.number(slot.data)),
-        d.offset(),
-        d.size(),
-        &data,
-    )?;
-    write_range(
-        &f,
-        &format!("{}: partition {}", img.display(), table.number(slot.hash)),
-        h.offset(),
-        h.size(),
-        &hash,
-    )?;
-    flush(&f, img)?;
+/// Writes both GPT copies of `t.table` (checked first).
+fn write_gpt(t: &mut Target) -> Result<()> {
+    let img = t.img.display();
+    t.table
+        .validate()
+        .map_err(|e| anyhow!("{img}: the updated GPT: {e}"))?;
+    if t.table.disk_size() != t.disk_len - t.disk_len % 512 {
+        bail!(
+            "{img}: the GPT describes {} bytes but the disk has {}",
+            t.table.disk_size(),
+            t.disk_len
+        );
+    }
+    for (off, bytes) in t.table.regions().map_err(|e| anyhow!("{img}: GPT: {e}"))? {
+        t.f.write_all_at(&bytes, off)
+            .with_context(|| format!("{img}: writing the GPT at offset {off}"))?;
+    }
+    flush(&t.f, &t.img)
+}
 
-    // 2. The GPT: the root hash halves, raw, as UUIDs (what the UKI's roothash= looks for, as
-    //    kiln build sets them) and the version as names (what systemd-sysupdate and kiln.label= look for).
+/// Names the target slot `_empty` in the GPT before its contents change, so that a run cut
+/// short leaves a slot every later `kiln update` picks again as its target (and resumes into),
+/// and no tool takes for a version.
+pub(crate) fn mark_target_empty(t: &mut Target) -> Result<()> {
+    if t.slot.label == EMPTY_LABEL {
+        return Ok(());
+    }
+    t.table.partitions[t.slot.data].name = EMPTY_LABEL.to_string();
+    t.table.partitions[t.slot.hash].name = EMPTY_LABEL.to_string();
+    write_gpt(t)
+}
+
+/// Steps 2 and 3 (see the module documentation), once the target slot holds NEW's data and
+/// hash images and they are flushed: the GPT, then the ESP.
+pub(crate) fn finish_install(t: &mut Target, new: &NewBuild, esp: EspPlan) -> Result<UpdateReport> {
+    let nv = new.nv();
+    let img = t.img.clone();
+    // The root hash halves, raw, as UUIDs (what the UKI's roothash= looks for, as kiln build
+    // sets them) and the version as names (what systemd-sysupdate and kiln.label= look for).
     let mut a = [0u8; 16];
     let mut b = [0u8; 16];
-    a.copy_from_slice(&root_hash[..16]);
-    b.copy_from_slice(&root_hash[16..]);
-    let dups =
-        table.partitions.iter().enumerate().any(|(i, p)| {
-            i != slot.data && i != slot.hash && (p.part_guid == a || p.part_guid == b)
-        });
+    a.copy_from_slice(&new.root_hash[..16]);
+    b.copy_from_slice(&new.root_hash[16..]);
+    let (sd, sh) = (t.slot.data, t.slot.hash);
+    let dups = t
+        .table
+        .partitions
+        .iter()
+        .enumerate()
+        .any(|(i, p)| i != sd && i != sh && (p.part_guid == a || p.part_guid == b));
     if dups {
         bail!(
             "{}: another partition already has the root hash of {nv} as its UUID",
             img.display()
         );
     }
-    table.partitions[slot.data].part_guid = a;
-    table.partitions[slot.hash].part_guid = b;
-    table.partitions[slot.data].name = nv.clone();
-    table.partitions[slot.hash].name = nv.clone();
-    table
-        .validate()
-        .map_err(|e| anyhow!("{}: the updated GPT: {e}", img.display()))?;
-    if table.disk_size() != disk_len - disk_len % 512 {
-        bail!(
-            "{}: the GPT describes {} bytes but the disk has {disk_len}",
-            img.display(),
-            table.disk_size()
-        );
-    }
-    for (off, bytes) in table
-        .regions()
-        .map_err(|e| anyhow!("{}: GPT: {e}", img.display()))?
-    {
-        f.write_all_at(&bytes, off)
-            .with_context(|| format!("{}: writing the GPT at offset {off}", img.display()))?;
-    }
-    flush(&f, img)?;
+    t.table.partitions[sd].part_guid = a;
+    t.table.partitions[sh].part_guid = b;
+    t.table.partitions[sd].name = nv.clone();
+    t.table.partitions[sh].name = nv.clone();
+    write_gpt(t)?;
 
     // 3. The ESP.
-    f.write_all_at(&esp_bytes, esp_off)
-        .with_context(|| format!("{esp_where}: writing"))?;
-    flush(&f, img)?;
+    t.f.write_all_at(&esp.bytes, t.esp_off)
+        .with_context(|| format!("{}: writing", t.esp_where))?;
+    flush(&t.f, &img)?;
 
     Ok(UpdateReport {
         name: new.name.clone(),
         version: new.version.clone(),
-        data_partition: table.number(slot.data),
-        hash_partition: table.number(slot.hash),
-        replaced: slot.label,
-        kept,
-        installed_uki: installed,
-        removed_ukis: removed,
+        data_partition: t.table.number(sd),
+        hash_partition: t.table.number(sh),
+        replaced: t.slot.label.clone(),
+        kept: t.kept.clone(),
+        installed_uki: esp.installed,
+        removed_ukis: esp.removed,
     })
+}
+
+/// Installs NEW into the inactive slot of `opts.image`.
+pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
+    let (report, dir) = load_new(&opts.with)?;
+    let new = new_from_report(&report, &opts.with.display().to_string())?;
+    let nv = new.nv();
+    let short = if new.data_type_name.starts_with("usr-") {
+        "usr"
+    } else {
+        "root"
+    };
+    let mut t = open_target(&opts.image, &new, false)?;
+    let img = opts.image.clone();
+
+    // NEW's bytes, checked against its report, and that they fit.
+    let data = read_artifact(&report, &dir, &format!("{nv}.{short}.raw"))?;
+    let hash = read_artifact(&report, &dir, &format!("{nv}.{short}-verity.raw"))?;
+    let uki = read_artifact(&report, &dir, &format!("{nv}.efi"))?;
+    for (what, bytes, i) in [("data", &data, t.slot.data), ("verity", &hash, t.slot.hash)] {
+        let p = &t.table.partitions[i];
+        if bytes.len() as u64 > p.size() {
+            bail!(
+                "{}: {nv}'s {what} image is {} bytes but partition {} holds only {}; rebuild with the same partition sizes",
+                img.display(),
+                bytes.len(),
+                t.table.number(i),
+                p.size()
+            );
+        }
+    }
+    let esp = assemble_esp(&t, &new, uki)?;
+
+    // 1. The slot's contents.
+    let (d, h) = (t.data().clone(), t.hash().clone());
+    write_range(&t.f, &t.part_what(t.slot.data), d.offset(), d.size(), &data)?;
+    write_range(&t.f, &t.part_what(t.slot.hash), h.offset(), h.size(), &hash)?;
+    flush(&t.f, &img)?;
+
+    // 2 and 3.
+    finish_install(&mut t, &new, esp)
 }
 
 #[cfg(test)]
