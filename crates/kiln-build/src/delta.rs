@@ -208,7 +208,7 @@ impl Index {
             bail!(
                 "{what}: {} bytes, but its header (JSON {j} bytes, {nd} + {nu} digests) needs {}",
                 b.len(),
-                want.map_or("more than 2^64".into(), |w| w.to_string())
+                want.map_or_else(|| "more than 2^64".to_string(), |w| w.to_string())
             );
         }
         let meta: IndexMeta = serde_json::from_slice(&b[HEADER..HEADER + j])
