@@ -17,7 +17,6 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::fstree::{self, Contents, NodeKind, Timestamp, Tree};
@@ -26,6 +25,7 @@ use kiln_formats::sink::FileSink;
 use kiln_formats::{erofs, ext4, fat, gpt, verity};
 use kiln_inject::slots::{self as islots, ByteRange, PayloadInfo, SlotMeta};
 use kiln_tree::output::AtomicFile;
+use kiln_tree::progress::{self, Progress};
 use kiln_tree::{Normalize, SourceArg};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -53,7 +53,7 @@ pub struct BuildOptions {
     pub version: Option<String>,
     /// Sign the outputs with this minisign secret key.
     pub sign_key: Option<PathBuf>,
-    /// No stage lines on stderr.
+    /// Kept for callers that set it; the library never prints (see [`build_with`]).
     pub quiet: bool,
 }
 
@@ -220,11 +220,21 @@ pub struct Report {
     /// The hybrid ISO, when `[image] output` lists "iso".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iso: Option<crate::iso::IsoReport>,
+    /// The container image the source was (reference, digests, layers, and its config's
+    /// Env, Entrypoint, Cmd, WorkingDir and User).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<kiln_tree::oci::ImageConfig>,
 }
 
 impl Report {
     /// The fields every build reports (what was built, from what), with no outputs yet.
-    fn describing(spec: &Spec, source: &Path, epoch: Option<i64>, input_digest: &[u8; 32]) -> Self {
+    fn describing(
+        spec: &Spec,
+        source: &Path,
+        epoch: Option<i64>,
+        input_digest: &[u8; 32],
+        image: Option<&kiln_tree::oci::ImageConfig>,
+    ) -> Self {
         Self {
             format: "kiln-build-report",
             schema: 1,
@@ -246,25 +256,40 @@ impl Report {
             slots: Vec::new(),
             artifacts: Vec::new(),
             iso: None,
+            image: image.cloned(),
         }
     }
 }
 
-/// Prints one line per finished stage.
-pub(crate) struct Stages {
-    quiet: bool,
-    start: Instant,
+/// Tells the build's observer about each stage.
+pub(crate) struct Stages<'p> {
+    progress: &'p dyn Progress,
 }
 
-impl Stages {
+impl Stages<'_> {
     pub(crate) fn done(&self, what: impl std::fmt::Display) {
-        if !self.quiet {
-            eprintln!(
-                "kiln build [{:>6.1}s] {what}",
-                self.start.elapsed().as_secs_f64()
-            );
-        }
+        self.progress.done(&what.to_string());
     }
+
+    /// A long stage of about `total` bytes starts; its bytes go to [`Stages::progress`].
+    pub(crate) fn begin(&self, what: impl std::fmt::Display, total: u64) {
+        self.progress.begin(&what.to_string(), Some(total));
+    }
+
+    pub(crate) fn progress(&self) -> &dyn Progress {
+        self.progress
+    }
+}
+
+/// Bytes of file data a writer copies for `tree` (what its progress callbacks count).
+fn data_bytes(tree: &Tree) -> u64 {
+    tree.nodes
+        .iter()
+        .map(|n| match &n.kind {
+            NodeKind::File(f) => f.stored_len(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// A filesystem written into a partition.
@@ -290,12 +315,15 @@ fn uuid_text(u: &Uuid) -> String {
     repart::format_uuid(u)
 }
 
-/// Builds the image described by `opts`.
+/// Builds the image described by `opts`, silently.
 pub fn build(opts: &BuildOptions) -> Result<Report> {
-    let stages = Stages {
-        quiet: opts.quiet,
-        start: Instant::now(),
-    };
+    build_with(opts, &progress::Silent)
+}
+
+/// Builds the image described by `opts`, telling `progress` about every stage: a line per
+/// finished stage, and the bytes of the long ones (writing a filesystem, verity, digests).
+pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report> {
+    let stages = Stages { progress };
     let mut spec = Spec::load(&opts.spec).map_err(|e| anyhow!("{e}"))?;
     if let Some(seed) = opts.seed {
         spec.seed = seed;
@@ -321,9 +349,41 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 spec.file.display()
             )
         })?;
+    if let (None, Some(at)) = (&opts.source, spec.source_at) {
+        let reference = ["oci://", "oci-layout:", "docker-archive:"]
+            .iter()
+            .any(|s| source.to_string_lossy().starts_with(s));
+        if !reference && !source.exists() {
+            bail!(
+                "{}:{}:{}: [source] tree {} does not exist (make it, or give --source PATH)",
+                spec.file.display(),
+                at.line,
+                at.column,
+                source.display()
+            );
+        }
+    }
+    for (i, p) in spec.partitions.iter().enumerate() {
+        if let PartSize::Fixed(sz) = p.size {
+            if sz.0 % ALIGN != 0 {
+                progress.note(&format!(
+                    "{}:{}: partition {} size {} rounded up to {} (partitions are 1 MiB aligned)",
+                    spec.file.display(),
+                    p.at.line,
+                    i + 1,
+                    spec::human_size(sz.0),
+                    spec::human_size(align_up(sz.0, ALIGN))
+                ));
+            }
+        }
+    }
     let arg = SourceArg::parse(&source);
-    let (mut tree, contents) = kiln_tree::open_random_access(&arg)
+    let (mut tree, contents, image) = kiln_tree::open_random_access_image(&arg)
         .with_context(|| format!("reading the source {}", source.display()))?;
+    if let Some(name) = &spec.service {
+        let unit = crate::prepare::image_service(&mut tree, image.as_ref(), name, mtime)?;
+        stages.done(format_args!("source: {unit} from the image config"));
+    }
     if let Some(add) = &spec.add {
         let n = kiln_tree::dir::add_dir(&mut tree, add)
             .with_context(|| format!("[source] add = {}", add.display()))?;
@@ -381,7 +441,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             &spec.name,
             t,
             v,
-            spec.boot.as_ref().map(|b| b.tries).unwrap_or(0),
+            spec.boot.as_ref().map(|b| b.tries),
             &Default::default(),
         )
     });
@@ -438,7 +498,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         std::fs::create_dir_all(&opts.outdir)
             .with_context(|| format!("creating {}", opts.outdir.display()))?;
         let iso = crate::iso::build(&iso_inputs, &stages)?;
-        let report = Report::describing(&spec, &source, epoch, &input_digest);
+        let report = Report::describing(&spec, &source, epoch, &input_digest, image.as_ref());
         return finish(&finish_with, report, Vec::new(), None, Some(iso));
     }
 
@@ -660,14 +720,20 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
                 let (w, used) = match &planned[part.spec] {
                     Planned::None => continue,
                     Planned::Ext4(plan) => {
-                        let r = plan.write(t, &contents, &window).map_err(|e| {
-                            anyhow!("partition {} (line {}): {e}", part.label, sp.at.line)
-                        })?;
+                        stages.begin(format_args!("{} (ext4)", part.label), plan.data_bytes(t));
+                        let inc = progress::advancing(stages.progress());
+                        let r = plan
+                            .write_with_progress(t, &contents, &window, &inc)
+                            .map_err(|e| {
+                                anyhow!("partition {} (line {}): {e}", part.label, sp.at.line)
+                            })?;
                         let used = r.size_bytes;
                         (Written::Ext4(r), used)
                     }
                     Planned::Erofs(plan) => {
-                        let s = plan.write(&contents, &window, &|_| {}).map_err(|e| {
+                        stages.begin(format_args!("{} (erofs)", part.label), data_bytes(t));
+                        let at = progress::positioning(stages.progress());
+                        let s = plan.write(&contents, &window, &at).map_err(|e| {
                             anyhow!("partition {} (line {}): {e}", part.label, sp.at.line)
                         })?;
                         let used = s.size;
@@ -709,10 +775,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             Role::Verity { of } => {
                 let data = lay.parts[of].clone();
                 let params = verity::Params::new(&salt, vuuid);
+                stages.begin(format_args!("verity of {}", data.label), data.size);
                 let read = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
                     // Past the end of what was written, the file reads short: zeroes.
                     let n = read_full_at(file, buf, data.offset + off)?;
                     buf[n..].fill(0);
+                    stages.progress().advance(buf.len() as u64);
                     Ok(())
                 };
                 let hash_sink = FileSink::new(file, part.offset, part.size);
@@ -928,6 +996,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     // Digests: the chunk table (with the plain sha256 and the SHA-256 midstates at each slot's
     // first patchable byte, for `kiln serve`) and every partition.
     let src = kiln_inject::FileSource::from_file(file.try_clone()?, out.tmp_path())?;
+    // Two passes read the disk: the chunks in parallel and the plain sha256 in sequence.
+    stages.begin("digests", 2 * disk_size);
+    let src = Counted {
+        inner: src,
+        progress: stages.progress(),
+    };
     let chunks = kiln_inject::ChunkTable::compute_resumable(&src, &slot_table.resume_points())?;
     let disk_sha = chunks
         .sha256
@@ -1044,6 +1118,21 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         }
     }
 
+    // VM disk containers, streamed from the finished raw disk.
+    for (f, a) in crate::vmdisk::outputs(
+        file,
+        disk_size,
+        &opts.outdir,
+        &name_version,
+        &spec.vm_formats,
+        spec.qcow2_compression,
+        spec.vhd_dynamic,
+    )? {
+        stages.done(format_args!("{} ({})", a.file, spec::human_size(a.size)));
+        artifacts.push(a);
+        pending.push(f);
+    }
+
     // The hybrid ISO, from the same tree.
     let iso = if spec.iso {
         Some(crate::iso::build(&iso_inputs, &stages)?)
@@ -1065,9 +1154,27 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         boot: boot_report,
         slots: slot_list,
         artifacts,
-        ..Report::describing(&spec, &source, epoch, &input_digest)
+        ..Report::describing(&spec, &source, epoch, &input_digest, image.as_ref())
     };
     finish(&finish_with, report, pending, Some(out), iso)
+}
+
+/// A source that tells the observer how many bytes were read through it.
+struct Counted<'p, R> {
+    inner: R,
+    progress: &'p dyn Progress,
+}
+
+impl<R: kiln_inject::ReadAt> kiln_inject::ReadAt for Counted<'_, R> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read_at(offset, buf)?;
+        self.progress.advance(n as u64);
+        Ok(n)
+    }
+
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
 }
 
 /// What the last stage needs from the build.
@@ -1079,7 +1186,7 @@ struct Finish<'a> {
     source: &'a Path,
     epoch: Option<i64>,
     input_digest: [u8; 32],
-    stages: &'a Stages,
+    stages: &'a Stages<'a>,
 }
 
 /// The last stage of every build: the SBOM, provenance over every output, the report, the

@@ -16,3 +16,4 @@ pub mod qemu;
 pub mod spec;
 pub mod sysupdate;
 pub mod update;
+pub mod vmdisk;

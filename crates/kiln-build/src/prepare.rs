@@ -343,6 +343,62 @@ pub fn tree_digest(tree: &Tree, contents: &dyn Contents) -> Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
+/// `[source] service = "NAME"`: writes `/etc/systemd/system/NAME.service` running the container
+/// image's entrypoint and command (see [`kiln_tree::oci::service_unit`]) and enables it for
+/// `multi-user.target`. Returns the unit's path.
+pub fn image_service(
+    tree: &mut Tree,
+    image: Option<&kiln_tree::oci::ImageConfig>,
+    name: &str,
+    mtime: i64,
+) -> Result<String> {
+    let Some(config) = image else {
+        bail!("[source] service = {name:?} needs a container image source (oci://, oci-layout:, docker-archive:)");
+    };
+    let Some(unit) = kiln_tree::oci::service_unit(config, name) else {
+        bail!(
+            "[source] service = {name:?}: the config of {} has neither Entrypoint nor Cmd",
+            config.reference
+        );
+    };
+    let meta = Meta {
+        perm: 0o644,
+        mtime: Timestamp::from_secs(mtime),
+        ..Meta::default()
+    };
+    let dir_meta = Meta {
+        perm: 0o755,
+        ..meta.clone()
+    };
+    let path = format!("/etc/systemd/system/{name}.service");
+    let bytes: Arc<[u8]> = unit.into_bytes().into();
+    tree.insert(
+        path.as_bytes(),
+        Node {
+            kind: NodeKind::File(FileData::dense(bytes.len() as u64, DataRef::Inline(bytes))),
+            meta: meta.clone(),
+            slot: None,
+        },
+        &dir_meta,
+    )
+    .with_context(|| format!("adding {path}"))?;
+    let wants = format!("/etc/systemd/system/multi-user.target.wants/{name}.service");
+    tree.insert(
+        wants.as_bytes(),
+        Node {
+            kind: NodeKind::Symlink(format!("../{name}.service").into_bytes().into()),
+            meta: Meta {
+                perm: 0o777,
+                ..meta
+            },
+            slot: None,
+        },
+        &dir_meta,
+    )
+    .with_context(|| format!("adding {wants}"))?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

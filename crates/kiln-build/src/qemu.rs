@@ -300,6 +300,11 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
             )?,
         },
     };
+    if let (Firmware::Ovmf(_), None, Some(img)) = (&opts.firmware, &opts.direct, &opts.image) {
+        if !matches!(opts.attach, Attach::Cdrom | Attach::CdromAhci) {
+            firmware_can_boot(img)?;
+        }
+    }
     let scratch =
         tempfile::tempdir().context("creating a temporary directory for OVMF variables")?;
     let mut cmd = Command::new(&qemu);
@@ -347,11 +352,15 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
         }
         let file = qemu_path(img)?;
         let snap = if opts.keep { "" } else { ",snapshot=on" };
-        let none_drive = format!("file={file},format=raw,if=none,id=d0{snap}");
+        // qcow2, VHD and VMDK images by their magic; anything else is raw.
+        let fmt = crate::vmdisk::VmFormat::detect(img)?
+            .map(|f| f.qemu_format())
+            .unwrap_or("raw");
+        let none_drive = format!("file={file},format={fmt},if=none,id=d0{snap}");
         match opts.attach {
             Attach::Disk => {
                 cmd.arg("-drive")
-                    .arg(format!("file={file},format=raw,if=virtio{snap}"));
+                    .arg(format!("file={file},format={fmt},if=virtio{snap}"));
             }
             Attach::Scsi => {
                 cmd.args(["-device", "virtio-scsi-pci,id=scsi"])
@@ -525,6 +534,51 @@ fn qemu_path(p: &Path) -> Result<String> {
         bail!("{s}: QEMU cannot take a path containing a comma");
     }
     Ok(s.to_string())
+}
+
+/// Fails at once, saying why, when firmware could not boot the disk `image`: it has a GPT but
+/// no EFI system partition, or its ESP has no `EFI/BOOT/BOOTX64.EFI` (the removable-media
+/// path OVMF boots when no boot entry is stored). Without this, QEMU would sit in the firmware's
+/// boot manager until the timeout. Images without a GPT (an MBR disk, a hybrid ISO) are left to
+/// the firmware.
+pub fn firmware_can_boot(image: &Path) -> Result<()> {
+    use kiln_formats::fat::FatReader;
+    use kiln_formats::gpt::{Gpt, TYPE_ESP};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let Ok(table) = Gpt::read(&f) else {
+        return Ok(());
+    };
+    let Some((i, esp)) = table
+        .partitions
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.type_guid == TYPE_ESP)
+    else {
+        bail!(
+            "{}: no EFI system partition, so the firmware has nothing to boot (build it with \
+             [boot] in its spec, or boot a kernel directly with --kernel and --initrd)",
+            image.display()
+        );
+    };
+    let base = esp.offset();
+    let fat = FatReader::open(|off: u64, buf: &mut [u8]| f.read_exact_at(buf, base + off))
+        .with_context(|| {
+            format!(
+                "{}: the EFI system partition (partition {}) holds no readable FAT filesystem",
+                image.display(),
+                i + 1
+            )
+        })?;
+    match fat.lookup("/EFI/BOOT/BOOTX64.EFI") {
+        Ok(Some(e)) if !e.is_dir() => Ok(()),
+        _ => bail!(
+            "{}: the EFI system partition (partition {}) has no EFI/BOOT/BOOTX64.EFI, so the \
+             firmware has no boot entry (build it with [boot] in its spec)",
+            image.display(),
+            i + 1
+        ),
+    }
 }
 
 #[cfg(test)]

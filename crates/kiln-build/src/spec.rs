@@ -43,7 +43,10 @@ impl fmt::Display for SpecError {
 
 impl std::error::Error for SpecError {}
 
-/// A size in bytes, written `4096`, `512K`, `128M`, `2G`, `1T` (binary units) or `1.5G`.
+/// A size in bytes, written `4096`, `512K`, `128M`, `2G`, `1T`, `1.5G` or `8MiB`: every unit is
+/// a power of 1024. `MB`, `GB` and the like are refused, here and in every size kiln reads
+/// (command-line flags too), because half the world reads them as powers of 1000: "16MB"
+/// silently becoming 16 MiB is a 4.9% surprise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Size(pub u64);
 
@@ -54,8 +57,16 @@ impl Size {
         let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
             Some((i, _)) => {
                 let unit = t[i..].trim().to_ascii_uppercase();
-                let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                    "" => 1,
+                if unit.len() == 2 && unit.ends_with('B') && "KMGT".contains(&unit[..1]) {
+                    return Err(format!(
+                        "bad size {s:?}: {:?} is ambiguous (powers of 1000 or 1024?); write {:?} or {:?} (both powers of 1024)",
+                        &t[i..],
+                        format!("{}{}", t[..i].trim(), &unit[..1]),
+                        format!("{}{}iB", t[..i].trim(), &unit[..1]),
+                    ));
+                }
+                let mult: u64 = match unit.strip_suffix("IB").unwrap_or(&unit) {
+                    "" | "B" => 1,
                     "K" => 1 << 10,
                     "M" => 1 << 20,
                     "G" => 1 << 30,
@@ -184,12 +195,31 @@ pub struct ImageSection {
     pub budget: Option<Spanned<Size>>,
     /// Fixed total disk size; partitions must fit (`size = "fill"` is not supported).
     pub size: Option<Spanned<Size>>,
-    /// What to emit: `disk` (default) and/or `iso`.
+    /// What to emit: `disk` (default), `iso`, and VM disks made from the disk: `qcow2`,
+    /// `vhd`, `vmdk` (these imply `disk`: the raw image is their source and is kept).
     #[serde(default)]
     pub output: Option<Spanned<Vec<String>>>,
+    /// Compressed qcow2 clusters: `zstd` or `zlib` (default: none).
+    pub qcow2_compression: Option<Spanned<String>>,
+    /// `fixed` (default, as Azure requires) or `dynamic`.
+    pub vhd_type: Option<Spanned<String>>,
     /// Place partitions holding slots after the others on disk (default true); see
     /// [`crate::layout::layout`].
     pub slots_last: Option<bool>,
+}
+
+/// A `[source] tree` resolved against the spec's directory: image references keep their
+/// scheme (`oci://` as is; the path of `oci-layout:` and `docker-archive:` is resolved).
+fn source_path(dir: &Path, t: &str) -> PathBuf {
+    if t.starts_with("oci://") {
+        return PathBuf::from(t);
+    }
+    for scheme in ["oci-layout:", "docker-archive:"] {
+        if let Some(rest) = t.strip_prefix(scheme) {
+            return PathBuf::from(format!("{scheme}{}", dir.join(rest).display()));
+        }
+    }
+    dir.join(t)
 }
 
 /// `[source]`.
@@ -204,6 +234,9 @@ pub struct SourceSection {
     /// A host directory (relative to the spec's directory) laid over the tree: its files
     /// replace the tree's, its directories merge (units, configuration on top of a base tar).
     pub add: Option<Spanned<String>>,
+    /// For a container image source: write a systemd unit NAME.service that runs the image
+    /// config's Entrypoint/Cmd with its Env, WorkingDir and User, enabled for multi-user.target.
+    pub service: Option<Spanned<String>>,
 }
 
 /// `[boot]`.
@@ -490,10 +523,20 @@ pub struct Spec {
     pub disk: bool,
     /// Emit a hybrid ISO.
     pub iso: bool,
+    /// VM disk containers written from the disk, in output order.
+    pub vm_formats: Vec<crate::vmdisk::VmFormat>,
+    /// qcow2 cluster compression.
+    pub qcow2_compression: Option<kiln_formats::vmdisk::Compression>,
+    /// A dynamic VHD instead of a fixed one.
+    pub vhd_dynamic: bool,
     /// Source tree path (resolved), if the spec names one.
     pub source: Option<PathBuf>,
+    /// Where `[source] tree` is written, for the error when it is missing.
+    pub source_at: Option<Pos>,
     /// A host directory laid over the source tree (resolved).
     pub add: Option<PathBuf>,
+    /// `[source] service`: the unit to write from a container image's config.
+    pub service: Option<String>,
     /// All-root ownership.
     pub all_root: bool,
     /// Boot settings; `None` builds a disk that is not bootable by itself.
@@ -649,18 +692,29 @@ impl Spec {
             None => repart::derive_uuid(&[0; 16], &format!("kiln-image:{name}")),
         };
         let (mut disk, mut iso) = (true, false);
+        let mut vm_formats = Vec::new();
         if let Some(out) = &img.output {
             disk = false;
             for o in out.get_ref() {
                 match o.as_str() {
                     "disk" => disk = true,
                     "iso" => iso = true,
-                    other => {
-                        return cx.err(
-                            out.span(),
-                            format!("unknown output {other:?}: expected \"disk\" or \"iso\""),
-                        )
-                    }
+                    other => match crate::vmdisk::VmFormat::parse(other) {
+                        Some(f) => {
+                            disk = true;
+                            if !vm_formats.contains(&f) {
+                                vm_formats.push(f);
+                            }
+                        }
+                        None => {
+                            return cx.err(
+                                out.span(),
+                                format!(
+                                    "unknown output {other:?}: expected \"disk\", \"iso\", \"qcow2\", \"vhd\" or \"vmdk\""
+                                ),
+                            )
+                        }
+                    },
                 }
             }
             if !disk && !iso {
@@ -671,7 +725,47 @@ impl Spec {
             }
         }
 
-        let source = raw.source.tree.as_ref().map(|t| dir.join(t.get_ref()));
+        let source_at = raw.source.tree.as_ref().map(|t| cx.pos(t.span()));
+        let source = raw
+            .source
+            .tree
+            .as_ref()
+            .map(|t| source_path(&dir, t.get_ref()));
+        let service = match &raw.source.service {
+            None => None,
+            Some(s) => {
+                let n = s.get_ref();
+                let ok = !n.is_empty()
+                    && n.len() <= 200
+                    && !n.starts_with('.')
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+                if !ok {
+                    return cx.err(
+                        s.span(),
+                        format!("service: {n:?} is not a unit name (letters, digits, `-_.@`)"),
+                    );
+                }
+                Some(n.clone())
+            }
+        };
+        let qcow2_compression = match &img.qcow2_compression {
+            None => None,
+            Some(c) => match crate::vmdisk::parse_compression(c.get_ref()) {
+                Ok(c) => Some(c),
+                Err(e) => return cx.err(c.span(), format!("qcow2_compression: {e}")),
+            },
+        };
+        let vhd_dynamic = match img.vhd_type.as_ref().map(|t| (t, t.get_ref().as_str())) {
+            None | Some((_, "fixed")) => false,
+            Some((_, "dynamic")) => true,
+            Some((t, other)) => {
+                return cx.err(
+                    t.span(),
+                    format!("vhd_type {other:?}: expected \"fixed\" or \"dynamic\""),
+                )
+            }
+        };
         let add = match &raw.source.add {
             None => None,
             Some(a) => {
@@ -1039,8 +1133,13 @@ impl Spec {
             slots_last: img.slots_last.unwrap_or(true),
             disk,
             iso,
+            vm_formats,
+            qcow2_compression,
+            vhd_dynamic,
             source,
+            source_at,
             add,
+            service,
             all_root: raw.source.all_root,
             boot,
             partitions,
@@ -1140,9 +1239,23 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
         ] {
             assert_eq!(Size::parse(s).unwrap().0, v, "{s}");
         }
-        for s in ["", "M", "1X", "-1", "1.G", "99999999999999T"] {
+        for s in [
+            "",
+            "M",
+            "1X",
+            "-1",
+            "1.G",
+            "99999999999999T",
+            "16MB",
+            "1gb",
+            "4KB",
+        ] {
             assert!(Size::parse(s).is_err(), "{s}");
         }
+        assert!(Size::parse("16MB")
+            .unwrap_err()
+            .contains("\"16M\" or \"16MiB\""));
+        assert_eq!(Size::parse("100B").unwrap().0, 100);
         assert_eq!(human_size(3 << 29), "1.5 GiB");
     }
 }

@@ -35,13 +35,15 @@ fn source_section(src: &Source, pattern: &str) -> String {
 }
 
 /// The transfers for an image named `name` whose root partition type is `root_type`
-/// (`root` or `usr`, DPS names without the architecture suffix), optionally with verity, and a
-/// UKI with boot counting (`tries` > 0).
+/// (`root` or `usr`, DPS names without the architecture suffix), optionally with verity, and,
+/// when the image has one (`uki` is `Some(tries)`), a UKI, with boot counting when `tries` > 0.
+/// An image without `[boot]` has no `NAME_VERSION.efi` to transfer, and a transfer whose source
+/// never matches would make systemd-sysupdate fail.
 pub fn transfers(
     name: &str,
     root_type: &str,
     verity: bool,
-    tries: u32,
+    uki: Option<u32>,
     src: &Source,
 ) -> Vec<Transfer> {
     let mut out = Vec::new();
@@ -65,6 +67,9 @@ pub fn transfers(
             text: t,
         });
     }
+    let Some(tries) = uki else {
+        return out;
+    };
     let mut t = String::from("[Transfer]\nProtectVersion=%A\n\n");
     t += &source_section(src, &format!("{name}_@v.efi"));
     t += "\n[Target]\nType=regular-file\nPath=/EFI/Linux\nPathRelativeTo=boot\n";
@@ -88,7 +93,7 @@ mod tests {
 
     #[test]
     fn root_verity_and_uki_transfers() {
-        let t = transfers("kiosk", "root", true, 3, &Source::default());
+        let t = transfers("kiosk", "root", true, Some(3), &Source::default());
         assert_eq!(
             t.iter().map(|t| t.file.as_str()).collect::<Vec<_>>(),
             [
@@ -106,7 +111,7 @@ mod tests {
             "kiosk",
             "usr",
             false,
-            0,
+            Some(0),
             &Source::Url("https://u.example/kiosk".into()),
         );
         assert_eq!(t.len(), 2);
@@ -114,5 +119,14 @@ mod tests {
             .text
             .contains("Type=url-file\nPath=https://u.example/kiosk\n"));
         assert!(!t[1].text.contains("TriesLeft"));
+    }
+
+    #[test]
+    fn no_uki_transfer_without_a_uki() {
+        let t = transfers("kiosk", "root", true, None, &Source::default());
+        assert_eq!(
+            t.iter().map(|t| t.file.as_str()).collect::<Vec<_>>(),
+            ["50-root.transfer", "60-root-verity.transfer"]
+        );
     }
 }

@@ -6,6 +6,15 @@
 
 use std::io;
 
+/// The initial capacity for a collection whose length was read from an image. A count from
+/// an untrusted header sizes an allocation only up to this bound; the collection grows past it
+/// as real entries are read, so a hostile count fails at the first entry the image does not
+/// hold instead of asking the allocator for gigabytes up front.
+pub fn capacity_hint(count: u64) -> usize {
+    const MAX_UP_FRONT: u64 = 1 << 16;
+    count.min(MAX_UP_FRONT) as usize
+}
+
 /// Random-access bytes an image is read from.
 pub trait ReadAt: Sync {
     /// Fills `buf` from byte `offset`; short images are an error.

@@ -19,6 +19,7 @@ pub mod lz4;
 pub mod pe;
 pub mod repart;
 pub mod verity;
+pub mod vmdisk;
 
 pub use fstree::{Contents, DataRef, FileData, Meta, Node, NodeId, NodeKind, Tree};
 pub use sink::{FileSink, MemSink, Sink};

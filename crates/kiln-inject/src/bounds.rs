@@ -6,6 +6,9 @@
 //!   one partition (for a filesystem slot, the partition holding its `fs_offset`), so the
 //!   protective MBR, both headers and both entry arrays, which lie outside the usable LBAs,
 //!   are never touched;
+//! - a hybrid ISO is the exception: its ISO 9660 filesystem starts at byte 0, before the GPT it
+//!   carries, in no partition. Its GPT describes the filesystem with a partition starting at the
+//!   end of the system area (byte 32768); an ISO 9660 slot there patches only that partition;
 //! - the in-image slot table area (24576..32768) is never touched;
 //! - an ISO 9660 slot never touches the 32 KiB system area of its filesystem (ECMA-119 §6.2.1);
 //! - no slot's metadata touches another slot's data.
@@ -29,6 +32,8 @@ const ISO_SYSTEM_AREA: u64 = 16 * 2048;
 pub struct ImageBounds {
     /// Partitions of a GPT disk (byte ranges); `None` when the image has no readable GPT.
     partitions: Option<Vec<Range<u64>>>,
+    /// The GPT's usable LBAs as bytes (`None` without a readable GPT).
+    usable: Option<Range<u64>>,
     /// The in-image slot table area, when the image holds a table there.
     table_area: Option<Range<u64>>,
 }
@@ -48,6 +53,9 @@ impl ImageBounds {
             Ok(())
         })
         .ok();
+        let usable = gpt
+            .as_ref()
+            .map(|g| g.first_usable_lba * 512..(g.last_usable_lba + 1).saturating_mul(512));
         let partitions = gpt.map(|g| {
             g.partitions
                 .iter()
@@ -59,6 +67,7 @@ impl ImageBounds {
             .then_some(TABLE_OFFSET..TABLE_OFFSET + TABLE_MAX as u64);
         Self {
             partitions,
+            usable,
             table_area,
         }
     }
@@ -84,7 +93,36 @@ impl ImageBounds {
             SlotMeta::Erofs(m) => Some(m.fs_offset),
             SlotMeta::Iso9660(m) => Some(m.fs_offset),
         };
-        if let Some(parts) = &self.partitions {
+        // A hybrid ISO's filesystem starts at byte 0, in no partition; its GPT describes it
+        // with a partition that starts right after the system area (byte 32768) and runs to the
+        // end of the ISO 9660 data. That partition is the slot's home.
+        let hybrid_home = match (&slot.meta, fs_offset, &self.partitions) {
+            (SlotMeta::Iso9660(_), Some(fs), Some(parts))
+                if !parts.iter().any(|p| p.contains(&fs)) =>
+            {
+                let sys = fs..fs.saturating_add(ISO_SYSTEM_AREA);
+                match parts.iter().find(|p| sys.contains(&p.start) || p.start == sys.end) {
+                    Some(p) => Some(p.clone()),
+                    None => {
+                        return bad(format!(
+                            "its iso9660 filesystem at byte {fs} is in no GPT partition, and no partition starts in its system area"
+                        ))
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let (Some(home), Some(usable)) = (&hybrid_home, &self.usable) {
+            for (r, what) in &spans {
+                let inside = home.start <= r.start && r.end <= home.end;
+                if !inside || r.start < usable.start || r.end > usable.end {
+                    return bad(format!(
+                        "{what} at bytes {}..{} lies outside the ISO 9660 partition at bytes {}..{} (GPT headers, entry arrays and other partitions are never patched)",
+                        r.start, r.end, home.start, home.end
+                    ));
+                }
+            }
+        } else if let Some(parts) = &self.partitions {
             let home = match fs_offset {
                 Some(fs) => match parts.iter().find(|p| p.contains(&fs)) {
                     Some(p) => Some(p.clone()),

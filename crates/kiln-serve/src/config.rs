@@ -63,9 +63,17 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-/// Parses `123`, `4K`, `8M`, `1G` (binary multiples).
+/// Parses `123`, `4K`, `8M`, `1G` (binary multiples). `MB` and the like are refused as
+/// ambiguous, as everywhere else in kiln.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
+    let upper = t.to_ascii_uppercase();
+    if ["KB", "MB", "GB", "TB"].iter().any(|u| upper.ends_with(u)) {
+        anyhow::bail!(
+            "{s:?}: {} is ambiguous (powers of 1000 or 1024?); write K, M or G (powers of 1024)",
+            &t[t.len() - 2..]
+        );
+    }
     let (num, mul) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),

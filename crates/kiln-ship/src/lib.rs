@@ -1,5 +1,6 @@
 //! kiln-ship: getting images to the machines and people who boot them.
 //!
+//! - [`image_source`]: `oci://` container images as build sources (layers streamed once).
 //! - [`oci`]: ORAS-compatible artifacts in OCI registries (push, pull with resume, referrers).
 //! - [`store`]: S3-compatible object stores (S3, R2, MinIO) with `.sha256` sidecars and
 //!   conditional puts.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod digest;
+pub mod image_source;
 pub mod manifest;
 pub mod oci;
 pub mod policy;

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use kiln_tree::progress::{Progress, Silent};
 use serde::{Deserialize, Serialize};
 
 use crate::store::Remote;
@@ -302,8 +303,9 @@ pub async fn publish_slice(
     name: &str,
     slice: &Slice,
     init: bool,
+    progress: &dyn Progress,
 ) -> anyhow::Result<ReleaseManifest> {
-    publish_slice_with(dest, name, slice, init, &mut |_| {}).await
+    publish(dest, name, slice, init, &mut |_| {}, progress).await
 }
 
 /// [`publish_slice`], calling `between(attempt)` after each read and before the conditional
@@ -315,6 +317,17 @@ pub async fn publish_slice_with(
     slice: &Slice,
     init: bool,
     between: &mut dyn FnMut(u32),
+) -> anyhow::Result<ReleaseManifest> {
+    publish(dest, name, slice, init, between, &Silent).await
+}
+
+async fn publish(
+    dest: &Remote,
+    name: &str,
+    slice: &Slice,
+    init: bool,
+    between: &mut dyn FnMut(u32),
+    progress: &dyn Progress,
 ) -> anyhow::Result<ReleaseManifest> {
     const ATTEMPTS: u32 = 8;
     for attempt in 1..=ATTEMPTS {
@@ -339,7 +352,9 @@ pub async fn publish_slice_with(
                     Some(crate::Error::Conflict { .. })
                 ) =>
             {
-                eprintln!("{dest}: changed while publishing (attempt {attempt} of {ATTEMPTS}); merging again");
+                progress.note(&format!(
+                    "{dest}: changed while publishing (attempt {attempt} of {ATTEMPTS}); merging again"
+                ));
             }
             Err(e) => return Err(e),
         }

@@ -17,10 +17,11 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
+use kiln_tree::progress::{Progress, Silent};
 use reqwest::header::{
     HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE,
 };
@@ -273,6 +274,8 @@ pub struct Client {
     /// The `Authorization` value in force, once a challenge was answered.
     auth: Mutex<Option<HeaderValue>>,
     insecure: bool,
+    /// Where transfer notices go (resumed and interrupted downloads, pushed and pulled files).
+    progress: Arc<dyn Progress + Send>,
 }
 
 impl Client {
@@ -302,7 +305,18 @@ impl Client {
             opts,
             creds,
             auth: Mutex::new(auth),
+            progress: Arc::new(Silent),
         })
+    }
+
+    /// Reports transfers to `progress` (by default nothing is reported).
+    pub fn with_progress(mut self, progress: Arc<dyn Progress + Send>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    fn note(&self, message: &str) {
+        self.progress.note(message);
     }
 
     /// The registry's base URL (`http://` only for loopback or with `insecure`).
@@ -639,6 +653,20 @@ impl Client {
         Ok(Some((body.to_vec(), mt, digest)))
     }
 
+    /// Starts a GET of blob `digest` and returns the response once its status is 200, for the
+    /// caller to stream and verify (container image layers, see [`crate::image_source`]).
+    pub async fn get_blob(&self, digest: &str) -> anyhow::Result<reqwest::Response> {
+        crate::digest::oci_hex(digest)?;
+        let url = self.url(&format!("blobs/{digest}"));
+        let r = self
+            .send(Method::GET, &url, HeaderMap::new(), &|| Ok(None))
+            .await?;
+        if r.status() != StatusCode::OK {
+            bail!("GET {url}: {}: {}", r.status(), text(r).await);
+        }
+        Ok(r)
+    }
+
     /// Downloads blob `desc` into `partial`, resuming from the bytes already there with a
     /// `Range` request, retrying an interrupted transfer up to [`Options::retries`] times. On
     /// return the file holds exactly the blob (size and digest verified). A digest mismatch
@@ -691,7 +719,7 @@ impl Client {
                         reqwest::header::RANGE,
                         HeaderValue::from_str(&format!("bytes={have}-"))?,
                     );
-                    eprintln!("{what}: resuming at byte {have} of {}", desc.size);
+                    self.note(&format!("{what}: resuming at byte {have} of {}", desc.size));
                 }
                 let r = self.send(Method::GET, &url, h, &|| Ok(None)).await?;
                 match r.status() {
@@ -753,12 +781,12 @@ impl Client {
                 if have < desc.size {
                     let why = interrupted
                         .map_or_else(|| "connection closed".to_string(), |e| format!("{e}"));
-                    eprintln!(
+                    self.note(&format!(
                         "{what}: transfer interrupted at byte {have} of {} ({why}); attempt {} of {}",
                         desc.size,
                         attempt + 1,
                         self.opts.retries + 1
-                    );
+                    ));
                     last_err = Some(why);
                     continue;
                 }
@@ -1123,13 +1151,13 @@ pub async fn push(
             .push_blob_file(&blob_path, &desc.digest, desc.size)
             .await
             .with_context(|| format!("{}: uploading", f.path.display()))?;
-        eprintln!(
+        client.note(&format!(
             "{} {} ({} bytes) {}",
             if uploaded { "pushed" } else { "exists" },
             f.title,
             desc.size,
             desc.digest
-        );
+        ));
         layers.push(desc);
     }
     client.push_blob_bytes(b"{}", EMPTY_DIGEST).await?;
@@ -1275,12 +1303,12 @@ pub async fn pull(
     outdir: &Path,
 ) -> anyhow::Result<Vec<Pulled>> {
     let (m, desc) = resolve(client, reference).await?;
-    eprintln!("pulling {reference} ({})", desc.digest);
+    client.note(&format!("pulling {reference} ({})", desc.digest));
     let mut plan = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for l in &m.layers {
         let Some(title) = l.annotation(ANN_TITLE) else {
-            eprintln!("skipping untitled layer {}", l.digest);
+            client.note(&format!("skipping untitled layer {}", l.digest));
             continue;
         };
         check_title(title)?;
@@ -1311,7 +1339,7 @@ pub async fn pull(
         if dest.is_file() {
             let (h, n) = crate::digest::sha256_file(&dest)?;
             if h == want_final {
-                eprintln!("{name}: up to date");
+                client.note(&format!("{name}: up to date"));
                 out.push(Pulled {
                     path: dest,
                     sha256: h,
@@ -1387,7 +1415,10 @@ pub async fn pull(
             });
         }
         remove_stale_partials(&done);
-        eprintln!("pulled {name} ({} bytes)", out.last().map_or(0, |p| p.size));
+        client.note(&format!(
+            "pulled {name} ({} bytes)",
+            out.last().map_or(0, |p| p.size)
+        ));
     }
     Ok(out)
 }

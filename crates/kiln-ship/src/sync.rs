@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use kiln_tree::progress::Progress;
 
 use crate::manifest::{check_key, Entry, ReleaseManifest};
 use crate::store::Remote;
@@ -113,28 +114,33 @@ fn read_state(cache: &Path) -> anyhow::Result<Option<ReleaseManifest>> {
     }
 }
 
-/// Syncs the manifest at `url` into `cache`. Prints the plan (and progress) to stderr, then
-/// downloads. Returns what happened; failed downloads are in [`Outcome::failed`] (the caller
-/// decides the exit status), everything else is an error.
-pub async fn sync(url: &Remote, cache: &Path, arches: &[String]) -> anyhow::Result<Outcome> {
+/// Syncs the manifest at `url` into `cache`. Tells `progress` the plan (and each download),
+/// then downloads. Returns what happened; failed downloads are in [`Outcome::failed`] (the
+/// caller decides the exit status), everything else is an error.
+pub async fn sync(
+    url: &Remote,
+    cache: &Path,
+    arches: &[String],
+    progress: &dyn Progress,
+) -> anyhow::Result<Outcome> {
     let remote = crate::manifest::read(url)
         .await?
         .with_context(|| format!("{url}: no manifest there"))?;
     std::fs::create_dir_all(cache).with_context(|| format!("{}: create", cache.display()))?;
     let steps = plan(&remote, cache, arches)?;
     let fetch = steps.iter().filter(|s| s.action != Action::Keep).count();
-    eprintln!(
+    progress.note(&format!(
         "plan: {fetch} to download, {} up to date",
         steps.len() - fetch
-    );
+    ));
     for s in &steps {
-        match s.action {
-            Action::Fetch(why) => eprintln!(
+        progress.note(&match s.action {
+            Action::Fetch(why) => format!(
                 "  fetch {} ({why}, {} bytes)",
                 s.entry.artifact.key, s.entry.artifact.size
             ),
-            Action::Keep => eprintln!("  keep  {}", s.entry.artifact.key),
-        }
+            Action::Keep => format!("  keep  {}", s.entry.artifact.key),
+        });
     }
     let mut out = Outcome {
         plan: steps.clone(),
@@ -161,11 +167,13 @@ pub async fn sync(url: &Remote, cache: &Path, arches: &[String]) -> anyhow::Resu
         .await;
         match res {
             Ok(_) => {
-                eprintln!("downloaded {key}");
+                progress.note(&format!("downloaded {key}"));
                 out.downloaded.push(key.clone());
             }
             Err(e) => {
-                eprintln!("failed {key}: {e:#} (the cached file, if any, is kept)");
+                progress.note(&format!(
+                    "failed {key}: {e:#} (the cached file, if any, is kept)"
+                ));
                 out.failed.push((key.clone(), format!("{e:#}")));
             }
         }

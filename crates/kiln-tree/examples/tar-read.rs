@@ -41,7 +41,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         match arg {
             SourceArg::Stdin => kiln_tree::tar::dump(io::stdin(), out)?,
             SourceArg::TarFile(p) => kiln_tree::tar::dump(std::fs::File::open(p)?, out)?,
-            SourceArg::Dir(_) => return Err("--dump lists tar archives only".into()),
+            SourceArg::Dir(_) | SourceArg::Image(..) => {
+                return Err("--dump lists tar archives only".into())
+            }
         }
         return Ok(());
     }

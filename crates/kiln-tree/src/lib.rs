@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use kiln_formats::fstree::{Contents, FileData, Placer, Tree};
 
 pub mod dir;
+pub mod oci;
 pub mod output;
+pub mod progress;
 pub mod spool;
 pub mod tar;
 
@@ -46,6 +48,10 @@ pub enum Error {
         offset: u64,
         source: io::Error,
     },
+    /// An error inside one layer of a container image; `layer` names the image, the layer's
+    /// position and its digest.
+    #[error("{layer}: {source}")]
+    Layer { layer: String, source: Box<Error> },
 }
 
 impl Error {
@@ -109,12 +115,18 @@ pub enum SourceArg {
     TarFile(PathBuf),
     /// A tar stream on standard input (`-`).
     Stdin,
+    /// A container image (`oci://…`, `oci-layout:DIR[:TAG]`, `docker-archive:FILE`) and the
+    /// architecture to pick from a multi-platform index (default: the host's).
+    Image(oci::ImageRef, Option<String>),
 }
 
 impl SourceArg {
     /// Interprets a command-line source: `-` is stdin, a directory is a directory, anything else
     /// is a tar file.
     pub fn parse(arg: &Path) -> Self {
+        if let Some(r) = arg.to_str().and_then(oci::ImageRef::parse) {
+            return SourceArg::Image(r, None);
+        }
         if arg == Path::new("-") {
             SourceArg::Stdin
         } else if arg.is_dir() {
@@ -144,6 +156,7 @@ pub fn open(arg: &SourceArg) -> Result<Opened, Error> {
         )),
         SourceArg::TarFile(p) => tar::open_file(p),
         SourceArg::Stdin => Ok(Opened::Stream(tar::TarStream::stdin()?)),
+        SourceArg::Image(r, arch) => oci::open(r, arch.as_deref()),
     }
 }
 
@@ -161,9 +174,17 @@ pub fn read_with(
 /// Opens any source with random access to its file bytes: indexed sources as they are, a
 /// stream (compressed tar, stdin) spooled once to an unlinked temp file.
 pub fn open_random_access(arg: &SourceArg) -> Result<(Tree, SourceContents), Error> {
+    open_random_access_image(arg).map(|(t, c, _)| (t, c))
+}
+
+/// [`open_random_access`], also returning a container image's configuration.
+pub fn open_random_access_image(
+    arg: &SourceArg,
+) -> Result<(Tree, SourceContents, Option<oci::ImageConfig>), Error> {
     match open(arg)? {
-        Opened::Indexed(t, c) => Ok((t, c)),
+        Opened::Indexed(t, c) => Ok((t, c, None)),
         Opened::Stream(s) => {
+            let config = s.image_config().cloned();
             let mut spool = spool::Spool::new().map_err(|e| Error::Io {
                 path: "temp spool".into(),
                 source: e,
@@ -173,7 +194,7 @@ pub fn open_random_access(arg: &SourceArg) -> Result<(Tree, SourceContents), Err
                 path: "temp spool".into(),
                 source: e,
             })?;
-            Ok((t, SourceContents::Spool(contents)))
+            Ok((t, SourceContents::Spool(contents), config))
         }
     }
 }

@@ -1,13 +1,20 @@
 //! The kiln command line. Parses arguments and calls the libraries; no logic of its own.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cmd;
+mod progress;
 
 /// Bake bootable OS images from a root filesystem, rootless and reproducible, and personalise
 /// them in milliseconds.
 #[derive(Parser)]
 #[command(name = "kiln", version, about, long_about = None, propagate_version = true)]
+#[command(after_help = "Examples:
+  kiln build examples/hello -o out/hello
+  kiln inspect out/hello/hello_1.0.img
+  kiln boot out/appliance/appliance_1.img --expect 'login:'
+  kiln completions bash > ~/.local/share/bash-completion/completions/kiln
+  kiln man ~/.local/share/man/man1")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,40 +24,103 @@ struct Cli {
 enum Command {
     /// Make a filesystem image (ext4, EROFS, FAT, ISO 9660) from a directory or a tar stream.
     #[command(subcommand)]
+    #[command(after_help = "Examples:
+  kiln mkfs ext4 --minimize rootfs.tar -o rootfs.ext4
+  kiln mkfs erofs --compress lz4hc rootfs/ -o root.erofs
+  kiln mkfs vfat esp/ -o esp.img")]
     Mkfs(cmd::mkfs::MkfsCommand),
     /// Build disk images from a kiln.toml spec.
+    #[command(after_help = "Examples:
+  kiln build examples/hello -o out/hello
+  kiln build kiosk/ -o out --source rootfs.tar.zst --image-version 2026.12.1
+  kiln build kiosk/ -o out --seed $SEED --key release.key --json > report.json")]
     Build(cmd::build::BuildArgs),
+    /// Write a raw disk image as a VM disk: qcow2, VHD or VMDK (streamOptimized).
+    #[command(after_help = "Examples:
+  kiln convert out/appliance/appliance_1.img --to qcow2
+  kiln convert disk.img --to qcow2 --compression zstd -o disk.qcow2
+  kiln convert disk.img --to vhd --dynamic
+  kiln convert disk.img --to vmdk -o disk.vmdk")]
+    Convert(cmd::convert::ConvertArgs),
     /// Show the layout of an image: partitions, filesystems, verity, slots, ISO descriptors.
+    #[command(after_help = "Examples:
+  kiln inspect out/hello/hello_1.0.img
+  kiln inspect --json out/hello/hello_1.0.img | jq '.partitions[].label'")]
     Inspect(cmd::inspect::InspectArgs),
     /// Put payloads into an image's slots.
+    #[command(after_help = "Examples:
+  kiln inject out/hello/hello_1.0.img --slot piece=page.html -o personal.img
+  kiln inject base.img --slot piece=page.html -o - | dd of=/dev/sdX bs=4M")]
     Inject(cmd::inject::InjectArgs),
     /// Check an image against a chunked digest, or a file against a minisign signature.
+    #[command(after_help = "Examples:
+  kiln verify out/hello/hello_1.0.img --print
+  kiln verify out/hello/hello_1.0.img --digest sha256:HEX
+  kiln verify out/hello/hello_1.0.img --pub release.pub")]
     Verify(cmd::verify::VerifyArgs),
     /// Boot an image in QEMU with OVMF and wait for a marker on the serial console.
+    #[command(after_help = "Examples:
+  kiln boot out/appliance/appliance_1.img --expect 'appliance: healthy'
+  kiln boot out/debian/debian_1.iso --as usb --expect KILN-REPORT-END --timeout 300")]
     Boot(cmd::boot::BootArgs),
     /// Install a newer build into the inactive A/B slot of an image or block device.
+    #[command(after_help = "Examples:
+  kiln update out/v1/appliance_1.img --with out/v2")]
     Update(cmd::update::UpdateArgs),
     /// Serve personalised images over HTTP.
+    #[command(after_help = "Examples:
+  kiln serve --config examples/serve.toml
+  kiln serve --config serve.toml --listen 127.0.0.1:8080 --log-format json 2>> serve.log")]
     Serve(cmd::serve::ServeArgs),
     /// Push files to an OCI registry as an ORAS-compatible artifact.
+    #[command(after_help = "Examples:
+  kiln push out/hello oci://registry.example.com/os/hello:1.0 --key release.key")]
     Push(cmd::ship::PushArgs),
     /// Pull an OCI artifact's files.
+    #[command(after_help = "Examples:
+  kiln pull oci://registry.example.com/os/hello:1.0 -o images/")]
     Pull(cmd::ship::PullArgs),
     /// Upload files to an object store with sha256 sidecars.
+    #[command(after_help = "Examples:
+  kiln upload out/hello/hello_1.0.img s3://releases/hello/1.0")]
     Upload(cmd::ship::UploadArgs),
     /// Download a file from an object store, verified against its sidecar.
+    #[command(after_help = "Examples:
+  kiln download s3://releases/hello/1.0/hello_1.0.img -o hello.img")]
     Download(cmd::ship::DownloadArgs),
     /// Emit or merge release manifests.
     #[command(subcommand)]
+    #[command(after_help = "Examples:
+  kiln manifest emit out/hello --release 1.0 --merge-from manifest.json -o manifest.json")]
     Manifest(cmd::ship::ManifestCommand),
     /// Bring a local cache up to date with a manifest.
+    #[command(after_help = "Examples:
+  kiln sync s3://releases/manifest.json --cache ~/.cache/hello")]
     Sync(cmd::ship::SyncArgs),
     /// Sign files with a minisign key.
+    #[command(after_help = "Examples:
+  kiln sign --key release.key out/hello/hello_1.0.img")]
     Sign(cmd::ship::SignArgs),
     /// Print an SPDX SBOM of a tree's packages.
+    #[command(after_help = "Examples:
+  kiln sbom rootfs.tar -o rootfs.spdx.json")]
     Sbom(cmd::ship::SbomArgs),
     /// Scan a tree against a content policy.
+    #[command(after_help = "Examples:
+  kiln lint rootfs/ --policy kiln.toml")]
     Lint(cmd::ship::LintArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    #[command(after_help = "Examples:
+  source <(kiln completions bash)
+  kiln completions bash > ~/.local/share/bash-completion/completions/kiln
+  kiln completions zsh > ~/.zfunc/_kiln
+  kiln completions fish > ~/.config/fish/completions/kiln.fish")]
+    Completions(cmd::docs::CompletionsArgs),
+    /// Write man pages (kiln.1, kiln-build.1, ...) into a directory.
+    #[command(after_help = "Examples:
+  kiln man ~/.local/share/man/man1 && man kiln-build
+  sudo kiln man /usr/local/share/man/man1")]
+    Man(cmd::docs::ManArgs),
 }
 
 /// On SIGINT or SIGTERM, removes the temp files of unfinished outputs, then dies of the signal
@@ -71,12 +141,15 @@ fn clean_up_on_signals() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // `oci://` sources go through kiln-ship's registry client.
+    kiln_ship::image_source::register();
     if !matches!(cli.command, Command::Serve(_)) {
         clean_up_on_signals();
     }
     let result = match cli.command {
         Command::Mkfs(c) => cmd::mkfs::run(c),
         Command::Build(a) => cmd::build::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Verify(a) => cmd::verify::run(a),
@@ -92,6 +165,8 @@ fn main() -> std::process::ExitCode {
         Command::Sign(a) => cmd::ship::sign(a),
         Command::Sbom(a) => cmd::ship::sbom(a),
         Command::Lint(a) => cmd::ship::lint(a),
+        Command::Completions(a) => cmd::docs::completions(a, Cli::command()),
+        Command::Man(a) => cmd::docs::man(a, Cli::command()),
     };
     match result {
         Ok(code) => code,
@@ -124,6 +199,37 @@ fn render(e: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::render;
+
+    /// Every command and subcommand's `--help` ends with examples, and the parser is
+    /// consistent (clap's own debug assertions: no clashing flags, such as a subcommand's
+    /// `--version` against `-V/--version`).
+    #[test]
+    fn every_help_has_examples() {
+        use clap::CommandFactory;
+        let mut root = super::Cli::command();
+        root.build();
+        root.clone().debug_assert();
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if c.get_name() == "help" {
+                return;
+            }
+            let has = c
+                .get_after_help()
+                .is_some_and(|h| h.to_string().contains("Examples:"));
+            if !has {
+                missing.push(path.to_string());
+            }
+            for sub in c.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&root, "kiln", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "no Examples block in --help of: {missing:?}"
+        );
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("{path}: {source}")]

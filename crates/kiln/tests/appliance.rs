@@ -74,7 +74,7 @@ fn build(spec: &Path, src: &Path, version: &str, out: &Path) -> Value {
             .arg(spec)
             .arg("--source")
             .arg(src)
-            .arg("--version")
+            .arg("--image-version")
             .arg(version)
             .arg("-o")
             .arg(out)
@@ -307,7 +307,7 @@ fn boots_blesses_updates_and_rolls_back() {
             .arg("--source")
             .arg(&r1)
             .args([
-                "--version",
+                "--image-version",
                 "9",
                 "--seed",
                 "00112233445566778899aabbccddeeff",
@@ -338,7 +338,7 @@ fn boots_blesses_updates_and_rolls_back() {
             .arg(&renamed)
             .arg("--source")
             .arg(&r1)
-            .args(["--version", "9", "-o"])
+            .args(["--image-version", "9", "-o"])
             .arg(renamed.join("out"))
             .arg("-q"),
     );

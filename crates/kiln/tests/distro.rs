@@ -257,10 +257,9 @@ fn check_disk_boot(img: &Image, out: &BootOutcome, what: &str) -> BTreeMap<Strin
     );
     // A getty on the serial console.
     assert_eq!(get("getty"), "active", "{what}");
-    assert!(
-        c.contains("ttyS0") && c.contains("login:"),
-        "{what}: no login prompt on ttyS0"
-    );
+    // The getty holds the serial console. (Its prompt is not looked for: agetty prints it on
+    // its own schedule, and under load that can come after the report has ended.)
+    assert_eq!(get("getty-tty"), "/dev/ttyS0", "{what}");
     assert_eq!(get("failed"), "", "{what}: failed units");
     assert_eq!(
         get("kernel"),
@@ -359,8 +358,8 @@ fn bookworm_generic_disk_ahci_usb() {
     }
 }
 
-/// The cloud kernel has no AHCI or USB drivers: its disk boots as virtio-blk, virtio-scsi and
-/// NVMe.
+/// The cloud kernel has no AHCI or USB drivers: its disk boots as virtio-scsi and NVMe (as
+/// virtio-blk in `bookworm_cloud_lz4hc_root_boots`).
 #[test]
 fn bookworm_cloud_disk_virtio_scsi_nvme() {
     let Some(img) = tree_or_skip("bookworm-cloud") else {
@@ -373,7 +372,6 @@ fn bookworm_cloud_disk_virtio_scsi_nvme() {
         "{skipped}"
     );
     for (attach, what) in [
-        (Attach::Disk, "bookworm-cloud disk (virtio-blk)"),
         (Attach::Scsi, "bookworm-cloud disk (virtio-scsi)"),
         (Attach::Nvme, "bookworm-cloud disk (NVMe)"),
     ] {
@@ -410,22 +408,18 @@ fn bookworm_cloud_lz4hc_root_boots() {
     check_disk_boot(&img, &o, what);
 }
 
-/// Debian 13: kernel 6.12 with `.ko.xz` modules, systemd 257.
+/// Debian 13: kernel 6.12 with `.ko.xz` modules, systemd 257. CI boots every kernel and every
+/// storage path at least once: virtio-blk, AHCI and xHCI run with bookworm's generic kernel,
+/// EHCI and UAS with trixie's. `scripts/boot-matrix` runs the full cross product.
 #[test]
-fn trixie_disk_virtio_ahci_usb_ehci() {
+fn trixie_disk_ehci() {
     let Some(img) = tree_or_skip("trixie-generic") else {
         return;
     };
     check_build_report(img);
-    for (attach, what) in [
-        (Attach::Disk, "trixie disk (virtio-blk)"),
-        (Attach::Ahci, "trixie disk (AHCI)"),
-        (Attach::Usb, "trixie disk (USB stick, xHCI)"),
-        (Attach::UsbEhci, "trixie disk (USB stick, EHCI)"),
-    ] {
-        let out = boot(&img.disk, attach, false, what);
-        check_disk_boot(img, &out, what);
-    }
+    let what = "trixie disk (USB stick, EHCI)";
+    let out = boot(&img.disk, Attach::UsbEhci, false, what);
+    check_disk_boot(img, &out, what);
 }
 
 /// What a live boot must show: the RAM overlay root, the medium at /run/kiln/medium with the
@@ -484,25 +478,18 @@ fn live_iso(tree: &'static str, attaches: &[(Attach, &str)]) {
 }
 
 #[test]
-fn bookworm_generic_live_iso_cd_and_usb() {
+fn bookworm_generic_live_iso_cd() {
     live_iso(
         "bookworm-generic",
-        &[
-            (Attach::CdromAhci, "bookworm-generic ISO (CD, AHCI)"),
-            (Attach::Usb, "bookworm-generic ISO (USB stick)"),
-        ],
+        &[(Attach::CdromAhci, "bookworm-generic ISO (CD, AHCI)")],
     );
 }
 
+/// A live ISO as a USB stick (written with dd or Etcher); as a virtio-scsi CD in
+/// `bookworm_cloud_live_iso_cd`.
 #[test]
-fn trixie_live_iso_cd_and_usb() {
-    live_iso(
-        "trixie-generic",
-        &[
-            (Attach::Cdrom, "trixie ISO (CD, virtio-scsi)"),
-            (Attach::Usb, "trixie ISO (USB stick)"),
-        ],
-    );
+fn trixie_live_iso_usb() {
+    live_iso("trixie-generic", &[(Attach::Usb, "trixie ISO (USB stick)")]);
 }
 
 /// The cloud kernel has no USB or AHCI: its live ISO boots as a virtio-scsi CD.

@@ -345,7 +345,7 @@ fn signatures_and_sbom_attach_as_referrers_via_the_tag_fallback() {
         .args(["push"])
         .arg(out.join("disk.img"))
         .arg(&target)
-        .arg("--sign")
+        .arg("--key")
         .arg(&key)
         .arg("--sbom")
         .arg(&sbom));

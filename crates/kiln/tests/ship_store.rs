@@ -297,7 +297,7 @@ fn sync_downloads_only_what_changed_and_keeps_old_files_on_failure() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.starts_with("plan: 2 to download, 0 up to date"),
+        err.starts_with("kiln sync: plan: 2 to download, 0 up to date"),
         "{err}"
     );
     assert_eq!(count_downloaded(&String::from_utf8_lossy(&o.stdout)), 2);

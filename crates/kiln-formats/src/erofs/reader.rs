@@ -396,7 +396,7 @@ impl<R: ReadAt> Image<R> {
         let first = hdr_at + FULL_INDEX_HEADER;
         let raw = self.read_vec(first, 8 * n)?;
         let at = |j: usize| first + 8 * j as u64;
-        let mut lcs = Vec::with_capacity(n as usize);
+        let mut lcs = Vec::with_capacity(crate::io::capacity_hint(n));
         for (j, b) in raw.chunks_exact(8).enumerate() {
             let x = LclusterIndex::read_from_bytes(b)
                 .map_err(|_| Error::corrupt(at(j), "short index"))?;
@@ -584,7 +584,7 @@ impl<R: ReadAt> Image<R> {
                 "file too large to read into memory",
             ));
         }
-        let mut v = Vec::with_capacity(ino.size as usize);
+        let mut v = Vec::with_capacity(crate::io::capacity_hint(ino.size));
         self.copy_to(ino, &mut v)?;
         Ok(v)
     }

@@ -101,7 +101,7 @@ impl<R: ReadAt> Reader<R> {
         let meta_bg = sb.feature_incompat.get() & INCOMPAT_META_BG != 0;
         let first_meta = u64::from(sb.first_meta_bg.get());
         let fs_seed = csum::fs_seed(&sb.uuid);
-        let mut descs = Vec::with_capacity(groups as usize);
+        let mut descs = Vec::with_capacity(crate::io::capacity_hint(groups));
         let mut block = vec![0u8; BS];
         for b in 0..groups.div_ceil(per_block) {
             let loc = if meta_bg && b >= first_meta {

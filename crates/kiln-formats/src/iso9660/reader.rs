@@ -736,7 +736,7 @@ impl IsoImage {
         let total = usize::try_from(e.size).map_err(|_| {
             IsoError::corrupt(e.record_offset, "file too large to read into memory")
         })?;
-        let mut out = Vec::with_capacity(total);
+        let mut out = Vec::with_capacity(crate::io::capacity_hint(total as u64));
         for &(lba, len) in &e.extents {
             let at = u64::from(lba) * SECTOR;
             self.check_range(at, u64::from(len), "file extent")?;

@@ -9,7 +9,7 @@
 //! archived in `readdir` order (GNU tar's default) would take O(n²); the map keeps every
 //! insertion O(log n) whatever the order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
 
 use kiln_formats::fstree::{DataRef, DirEntry, Meta, Node, NodeId, NodeKind, Tree, NAME_MAX, ROOT};
@@ -42,7 +42,15 @@ pub struct Builder {
     /// share it, so most entries skip the walk from the root.
     last_parent: Option<(Vec<u8>, NodeId)>,
     scratch: Vec<u8>,
+    /// While applying image layers: the keys of the directory entries the current layer made.
+    /// A whiteout hides only what lower layers made (image-spec `layer.md`, "Whiteouts").
+    fresh: Option<HashSet<Box<[u8]>>>,
 }
+
+/// The prefix of a whiteout's name (image-spec `layer.md`).
+pub const WHITEOUT: &[u8] = b".wh.";
+/// The name of the opaque-directory whiteout.
+pub const OPAQUE: &[u8] = b".wh..wh..opq";
 
 fn key(parent: NodeId, name: &[u8], out: &mut Vec<u8>) {
     out.clear();
@@ -103,7 +111,72 @@ impl Builder {
             nlink: vec![1],
             last_parent: None,
             scratch: Vec::new(),
+            fresh: None,
         }
+    }
+
+    /// Starts applying the next image layer: from now on whiteouts hide only what earlier
+    /// layers made.
+    pub fn begin_layer(&mut self) {
+        self.fresh = Some(HashSet::new());
+        self.last_parent = None;
+    }
+
+    /// Applies `e` if it is a whiteout (its last component starts with `.wh.`) and returns
+    /// true; returns false for any other entry. `.wh.NAME` removes NAME, `.wh..wh..opq` empties
+    /// its directory, both of what lower layers made only; a whiteout whose parent does not
+    /// exist hides nothing. A whiteout is never added to the tree.
+    pub fn whiteout(&mut self, e: &Entry, discard: &mut dyn FnMut(u32)) -> Result<bool, Error> {
+        let comps = components(&e.path).map_err(|m| err(e, format!("whiteout: {m}")))?;
+        let Some((name, parents)) = comps.split_last() else {
+            return Ok(false);
+        };
+        let Some(hidden) = name.strip_prefix(WHITEOUT) else {
+            return Ok(false);
+        };
+        if hidden.is_empty() || (hidden.starts_with(WHITEOUT) && *name != OPAQUE) {
+            return Err(err(
+                e,
+                "whiteout with no name, or a reserved `.wh..wh.` name other than the opaque marker",
+            ));
+        }
+        let mut dir = ROOT;
+        for c in parents {
+            match self.lookup(dir, c) {
+                Some(n) if self.tree.node(n).is_dir() => dir = n,
+                _ => return Ok(true),
+            }
+        }
+        self.last_parent = None;
+        let fresh = self.fresh.take().unwrap_or_default();
+        if *name == OPAQUE {
+            let lo = dir.to_be_bytes().to_vec().into_boxed_slice();
+            let hi = match dir.checked_add(1) {
+                Some(m) => Bound::Excluded(m.to_be_bytes().to_vec().into_boxed_slice()),
+                None => Bound::Unbounded,
+            };
+            let lower: Vec<Box<[u8]>> = self
+                .children
+                .range::<Box<[u8]>, _>((Bound::Included(lo), hi))
+                .map(|(k, _)| k.clone())
+                .filter(|k| !fresh.contains(k))
+                .collect();
+            for k in lower {
+                if let Some(old) = self.children.remove(&k) {
+                    self.release(old, discard);
+                }
+            }
+        } else {
+            let mut k = Vec::with_capacity(4 + hidden.len());
+            key(dir, hidden, &mut k);
+            if !fresh.contains(&k[..]) {
+                if let Some(old) = self.children.remove(&k[..]) {
+                    self.release(old, discard);
+                }
+            }
+        }
+        self.fresh = Some(fresh);
+        Ok(true)
     }
 
     fn lookup(&mut self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
@@ -183,7 +256,11 @@ impl Builder {
         let mut k = Vec::with_capacity(4 + name.len());
         key(dir, name, &mut k);
         self.nlink[node as usize] += 1;
-        if let Some(old) = self.children.insert(k.into(), node) {
+        let k: Box<[u8]> = k.into();
+        if let Some(f) = &mut self.fresh {
+            f.insert(k.clone());
+        }
+        if let Some(old) = self.children.insert(k, node) {
             self.release(old, discard);
         }
     }
@@ -277,6 +354,11 @@ impl Builder {
             Kind::Dir => {
                 if let Some(old) = existing.filter(|&o| self.tree.node(o).is_dir()) {
                     self.tree.node_mut(old).meta = meta;
+                    if let Some(f) = &mut self.fresh {
+                        let mut k = Vec::with_capacity(4 + name.len());
+                        key(dir, &name, &mut k);
+                        f.insert(k.into());
+                    }
                     return Ok(());
                 }
                 NodeKind::Dir(Vec::new())

@@ -38,7 +38,8 @@ pub mod sparse;
 pub use input::Compression;
 pub use parser::MAX_META;
 
-use build::Builder;
+pub(crate) use build::Builder;
+pub(crate) use input::{decoder, detect, read_magic};
 use input::{Backend, Seekable, Streamed};
 use parser::{Kind, Parser};
 
@@ -86,11 +87,17 @@ pub fn index<R: Read + Seek>(r: R, len: u64) -> Result<Tree, Error> {
     Ok(b.finish())
 }
 
-/// A tar stream read once, front to back.
+/// A tar stream read once, front to back; or a container image, whose layer streams are read
+/// once each, in order, into one tree.
 pub struct TarStream {
-    reader: Box<dyn Read + Send>,
+    input: Input,
     compression: Compression,
     limit: Option<u64>,
+}
+
+enum Input {
+    Tar(Box<dyn Read + Send>),
+    Image(Box<crate::oci::Image>),
 }
 
 impl std::fmt::Debug for TarStream {
@@ -132,10 +139,28 @@ impl TarStream {
             msg: format!("starting the {c:?} decoder: {e}"),
         })?;
         Ok(Self {
-            reader,
+            input: Input::Tar(reader),
             compression: c,
             limit: None,
         })
+    }
+
+    /// A container image opened by [`crate::oci::open`]: its layers, in order, are the stream.
+    pub fn image(image: crate::oci::Image) -> Self {
+        Self {
+            input: Input::Image(Box::new(image)),
+            compression: Compression::None,
+            limit: None,
+        }
+    }
+
+    /// The image's configuration (entrypoint, environment, digests) when this stream is a
+    /// container image.
+    pub fn image_config(&self) -> Option<&crate::oci::ImageConfig> {
+        match &self.input {
+            Input::Image(i) => Some(i.config()),
+            Input::Tar(_) => None,
+        }
     }
 
     /// The compression detected.
@@ -155,49 +180,69 @@ impl TarStream {
     /// (exactly its data runs, packed, in order) and recorded as [`DataRef::Placed`]; a file
     /// replaced by a later entry of the same name is passed to [`Placer::discard`].
     pub fn read(self, placer: &mut dyn Placer) -> Result<Tree, Error> {
-        let mut p = Parser::new(Streamed::new(self.reader));
-        p.set_limit(self.limit);
-        let mut b = Builder::new();
-        while let Some(e) = p.next_entry()? {
-            let target = b.target(&e)?;
-            let data = if e.kind == Kind::File && e.stored > 0 {
-                let file = sparse::file_data(e.size, e.runs.clone());
-                let placed = placer.place(&file, &mut DataReader { p: &mut p });
-                let place_err = |source: io::Error| Error::Place {
-                    entry: e.display(),
-                    offset: e.offset,
-                    source,
-                };
-                match placed {
-                    Ok(_) if p.data_left() > 0 => {
-                        return Err(place_err(io::Error::other(format!(
-                            "the writer took only {} of the entry's {} bytes",
-                            e.stored - p.data_left(),
-                            e.stored
-                        ))))
-                    }
-                    Ok(i) => DataRef::Placed(i),
-                    Err(err) => {
-                        return Err(match p.take_data_failure() {
-                            Some(msg) => Error::Entry {
-                                entry: e.display(),
-                                offset: e.offset,
-                                msg,
-                            },
-                            None => place_err(err),
-                        })
-                    }
-                }
-            } else {
-                DataRef::Empty
-            };
-            b.add(&e, target, data, &mut |i| placer.discard(i))?;
+        match self.input {
+            Input::Tar(reader) => {
+                let mut b = Builder::new();
+                read_entries(reader, self.limit, &mut b, placer, false)?;
+                Ok(b.finish())
+            }
+            Input::Image(image) => image.apply(self.limit, placer),
         }
-        // The end-of-archive marker is not the end of the stream: the compressed framing is
-        // verified only by reading on to its end.
-        p.finish_stream()?;
-        Ok(b.finish())
     }
+}
+
+/// Reads one tar stream (already decompressed) into `b`. With `layer`, entries are an image
+/// layer's: whiteouts hide what lower layers made instead of being added.
+pub(crate) fn read_entries(
+    reader: Box<dyn Read + Send>,
+    limit: Option<u64>,
+    b: &mut Builder,
+    placer: &mut dyn Placer,
+    layer: bool,
+) -> Result<(), Error> {
+    let mut p = Parser::new(Streamed::new(reader));
+    p.set_limit(limit);
+    while let Some(e) = p.next_entry()? {
+        if layer && b.whiteout(&e, &mut |i| placer.discard(i))? {
+            continue;
+        }
+        let target = b.target(&e)?;
+        let data = if e.kind == Kind::File && e.stored > 0 {
+            let file = sparse::file_data(e.size, e.runs.clone());
+            let placed = placer.place(&file, &mut DataReader { p: &mut p });
+            let place_err = |source: io::Error| Error::Place {
+                entry: e.display(),
+                offset: e.offset,
+                source,
+            };
+            match placed {
+                Ok(_) if p.data_left() > 0 => {
+                    return Err(place_err(io::Error::other(format!(
+                        "the writer took only {} of the entry's {} bytes",
+                        e.stored - p.data_left(),
+                        e.stored
+                    ))))
+                }
+                Ok(i) => DataRef::Placed(i),
+                Err(err) => {
+                    return Err(match p.take_data_failure() {
+                        Some(msg) => Error::Entry {
+                            entry: e.display(),
+                            offset: e.offset,
+                            msg,
+                        },
+                        None => place_err(err),
+                    })
+                }
+            }
+        } else {
+            DataRef::Empty
+        };
+        b.add(&e, target, data, &mut |i| placer.discard(i))?;
+    }
+    // The end-of-archive marker is not the end of the stream: the compressed framing is
+    // verified only by reading on to its end.
+    p.finish_stream()
 }
 
 /// The current entry's data, as the placer sees it.
@@ -288,7 +333,10 @@ pub fn dump(r: impl Read + Send + 'static, out: &mut dyn Write) -> Result<(), Er
         path: "dump output".into(),
         source: e,
     })?;
-    let mut p = Parser::new(Streamed::new(s.reader));
+    let Input::Tar(reader) = s.input else {
+        return Ok(());
+    };
+    let mut p = Parser::new(Streamed::new(reader));
     p.set_trace(out);
     while p.next_entry()?.is_some() {}
     Ok(())

@@ -24,16 +24,17 @@ pub struct BuildArgs {
     /// Seed (32 hex digits or a UUID) overriding the spec's: every UUID and salt derives from it.
     #[arg(long, value_name = "HEX32")]
     pub seed: Option<String>,
-    /// Image version overriding the spec's `[image] version`.
+    /// Image version overriding the spec's `[image] version` (not `--version`, which prints
+    /// kiln's own).
     #[arg(long, value_name = "VERSION")]
-    pub version: Option<String>,
+    pub image_version: Option<String>,
     /// Sign the disk, split artifacts and report with this minisign secret key.
-    #[arg(long, value_name = "KEY")]
-    pub sign: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", alias = "sign")]
+    pub key: Option<PathBuf>,
     /// Print the build report (OUTDIR/NAME.json) on stdout.
     #[arg(long)]
     pub json: bool,
-    /// No stage lines on stderr.
+    /// No progress and no stage lines on stderr (errors still go there).
     #[arg(short, long)]
     pub quiet: bool,
 }
@@ -46,15 +47,20 @@ pub fn run(a: BuildArgs) -> Outcome {
         ),
         None => None,
     };
-    let report = kiln_build::image::build(&kiln_build::image::BuildOptions {
-        spec: a.spec,
-        outdir: a.outdir.clone(),
-        source: a.source,
-        seed,
-        version: a.version,
-        sign_key: a.sign,
-        quiet: a.quiet,
-    })?;
+    let progress = crate::progress::Renderer::new("kiln build", a.quiet);
+    let report = kiln_build::image::build_with(
+        &kiln_build::image::BuildOptions {
+            spec: a.spec,
+            outdir: a.outdir.clone(),
+            source: a.source,
+            seed,
+            version: a.image_version,
+            sign_key: a.key,
+            quiet: a.quiet,
+        },
+        &progress,
+    )?;
+    drop(progress);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if !a.quiet {

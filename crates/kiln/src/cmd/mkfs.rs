@@ -1,16 +1,16 @@
 //! `kiln mkfs ext4|erofs`.
 
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_formats::ext4;
 use kiln_formats::repart;
 use kiln_formats::sink::FileSink;
 use kiln_tree::output::AtomicFile;
+use kiln_tree::progress::{advancing, Progress};
 use kiln_tree::{Normalize, Opened, SourceArg, SourceContents};
 use sha2::{Digest, Sha256};
 
@@ -23,12 +23,24 @@ mod iso;
 #[derive(Subcommand)]
 pub enum MkfsCommand {
     /// An ext4 image.
+    #[command(after_help = "Examples:
+  kiln mkfs ext4 --minimize rootfs.tar -o rootfs.ext4
+  docker export CONTAINER | kiln mkfs ext4 - -o rootfs.ext4 --extra-space 64M
+  kiln mkfs ext4 rootfs/ --size 2G --all-root -o rootfs.ext4")]
     Ext4(Ext4Args),
     /// An EROFS image (read-only, optionally LZ4-compressed).
+    #[command(after_help = "Examples:
+  kiln mkfs erofs rootfs/ -o root.erofs
+  kiln mkfs erofs --compress lz4hc rootfs.tar.zst -o root.erofs")]
     Erofs(erofs::ErofsArgs),
     /// A FAT12/16/32 image (names, sizes, data and mtimes; no owners or modes).
+    #[command(after_help = "Examples:
+  kiln mkfs vfat esp/ -o esp.img
+  kiln mkfs vfat esp/ --size 128M --label ESP -o esp.img")]
     Vfat(fat::FatArgs),
     /// An ISO 9660 image with Rock Ridge and Joliet.
+    #[command(after_help = "Examples:
+  kiln mkfs iso9660 files/ --label DATA -o data.iso")]
     Iso9660(iso::IsoArgs),
 }
 
@@ -68,33 +80,16 @@ pub struct Ext4Args {
     /// Print a JSON summary (inodes, blocks, size, sha256, seconds) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// No progress and no summary line on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
-/// Parses `123`, `4K`, `10M`, `2G`, `1T` (powers of 1024).
+/// Parses a size as the spec does (`123`, `4K`, `10M`, `1.5G`, `2GiB`: powers of 1024; `MB`
+/// and the like are refused as ambiguous), so a size means the same on the command line and in
+/// kiln.toml.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => {
-                    return Err(format!(
-                        "{s:?}: unknown size suffix {c:?} (use K, M, G or T)"
-                    ))
-                }
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| {
-        format!("{s:?} is not a size (a whole number with an optional K/M/G/T suffix)")
-    })?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    kiln_build::spec::Size::parse(s).map(|v| v.0)
 }
 
 pub(crate) fn parse_seed(s: &str) -> Result<repart::Uuid, String> {
@@ -110,35 +105,44 @@ pub fn run(cmd: MkfsCommand) -> Outcome {
     }
 }
 
-fn progress_bar(total: Option<u64>) -> Option<ProgressBar> {
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let pb = match total {
-        Some(t) => {
-            let pb = ProgressBar::new(t);
-            pb.set_style(
-                ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            pb
-        }
-        None => {
-            let pb = ProgressBar::new_spinner();
-            pb.set_style(
-                ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            pb
-        }
+/// Bytes of file data in `tree` (what the writers' progress counts, and the input side of the
+/// summary's ratio).
+pub(crate) fn file_bytes(tree: &kiln_formats::fstree::Tree) -> u64 {
+    tree.nodes
+        .iter()
+        .map(|n| match &n.kind {
+            kiln_formats::fstree::NodeKind::File(f) => f.stored_len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// The line every `kiln mkfs` ends with: path, size, entries, ratio of the image to the file
+/// data it holds, time.
+pub(crate) fn summary(
+    r: &crate::progress::Renderer,
+    path: &std::path::Path,
+    size: u64,
+    entries: usize,
+    input: u64,
+) {
+    let ratio = if input > 0 {
+        format!("{:.2}", size as f64 / input as f64)
+    } else {
+        "-".to_string()
     };
-    Some(pb)
+    r.summary(&format!(
+        "{}: {} ({size} bytes), {entries} entries, ratio {ratio} to {} of file data, {:.1} s",
+        path.display(),
+        indicatif::HumanBytes(size),
+        indicatif::HumanBytes(input),
+        r.elapsed().as_secs_f64()
+    ));
 }
 
 fn ext4_cmd(a: Ext4Args) -> Outcome {
     let started = Instant::now();
+    let progress = crate::progress::Renderer::new("kiln mkfs", a.quiet);
     let norm = Normalize::from_env(a.all_root).context("reading SOURCE_DATE_EPOCH")?;
     let size = match a.size {
         Some(bytes) => ext4::Size::Fixed(bytes),
@@ -173,21 +177,13 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
                 .set_len(len)
                 .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
             let sink = FileSink::new(out.file(), 0, len);
-            let pb = progress_bar(Some(plan.data_bytes(&tree)));
-            let inc = |n: u64| {
-                if let Some(pb) = &pb {
-                    pb.inc(n);
-                }
-            };
+            progress.begin("ext4", Some(plan.data_bytes(&tree)));
             let report = plan
-                .write_with_progress(&tree, &contents, &sink, &inc)
+                .write_with_progress(&tree, &contents, &sink, &advancing(&progress))
                 .with_context(|| format!("writing {}", a.output.display()))?;
-            if let Some(pb) = pb {
-                pb.finish_and_clear();
-            }
             out.commit()
                 .with_context(|| format!("committing {}", a.output.display()))?;
-            report
+            (report, tree.nodes.len(), file_bytes(&tree))
         }
         Opened::Stream(stream) => {
             super::create_parent(&a.output)?;
@@ -197,12 +193,8 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
             // (the requested size, or ext4's practical maximum when minimizing).
             let window = a.size.unwrap_or(1 << 44);
             let sink = FileSink::new(out.file(), 0, window);
-            let pb = progress_bar(None);
-            let inc = |n: u64| {
-                if let Some(pb) = &pb {
-                    pb.inc(n);
-                }
-            };
+            progress.begin("ext4", None);
+            let inc = advancing(&progress);
             let mut writer = ext4::StreamWriter::new(&opts, &sink)
                 .context("starting the image")?
                 .with_progress(&inc);
@@ -213,18 +205,18 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
             let report = writer
                 .finish(&tree, &SourceContents::Host)
                 .with_context(|| format!("writing {}", a.output.display()))?;
-            if let Some(pb) = pb {
-                pb.finish_and_clear();
-            }
             let len = a.size.unwrap_or(0).max(report.size_bytes);
             out.file()
                 .set_len(len)
                 .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
             out.commit()
                 .with_context(|| format!("committing {}", a.output.display()))?;
-            report
+            (report, tree.nodes.len(), file_bytes(&tree))
         }
     };
+    let (report, entries, input) = report;
+    let size = a.size.unwrap_or(0).max(report.size_bytes);
+    summary(&progress, &a.output, size, entries, input);
     if a.json {
         let sha = sha256_file(&a.output)?;
         let summary = serde_json::json!({
@@ -276,6 +268,8 @@ mod tests {
         assert_eq!(parse_size("10M"), Ok(10 << 20));
         assert_eq!(parse_size("2g"), Ok(2 << 30));
         assert!(parse_size("10X").is_err());
+        assert!(parse_size("16MB").is_err());
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999T").is_err());
     }

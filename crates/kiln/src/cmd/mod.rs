@@ -2,6 +2,8 @@
 
 pub mod boot;
 pub mod build;
+pub mod convert;
+pub mod docs;
 pub mod inject;
 pub mod inspect;
 pub mod mkfs;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::Outcome;
 
@@ -16,9 +16,27 @@ pub struct ServeArgs {
     /// Listen on this address instead of the config's `listen`.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
-    /// Log as JSON lines instead of text.
-    #[arg(long)]
+    /// How log lines on stderr look: `text` (coloured only when stderr is a terminal and
+    /// NO_COLOR is unset or empty) or `json` (one object per line).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// The old spelling of `--log-format json`.
+    #[arg(long, hide = true)]
     pub log_json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Colour only for a person at a terminal: a redirected log gets no escape codes, and a set,
+/// non-empty NO_COLOR (no-color.org) turns colour off everywhere.
+fn use_colour() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
 }
 
 pub fn run(args: ServeArgs) -> Outcome {
@@ -26,8 +44,9 @@ pub fn run(args: ServeArgs) -> Outcome {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_json {
+        .with_writer(std::io::stderr)
+        .with_ansi(use_colour());
+    if args.log_json || args.log_format == LogFormat::Json {
         sub.json().init();
     } else {
         sub.init();

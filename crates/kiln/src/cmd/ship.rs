@@ -31,7 +31,7 @@ pub struct PushArgs {
     #[arg(long, value_name = "REF")]
     subject: Option<String>,
     /// Sign every file with this minisign secret key and attach the signatures as a referrer.
-    #[arg(long, value_name = "KEY")]
+    #[arg(long = "key", value_name = "FILE", alias = "sign")]
     sign: Option<PathBuf>,
     /// Attach this SPDX file as an SBOM referrer.
     #[arg(long, value_name = "FILE")]
@@ -45,6 +45,9 @@ pub struct PushArgs {
     /// Upload blobs larger than this many bytes in PATCH chunks of this size.
     #[arg(long, default_value_t = 64 << 20)]
     chunk_size: u64,
+    /// No progress notices on stderr.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -68,6 +71,9 @@ pub struct PullArgs {
     /// Print the artifact's referrers (signatures, SBOMs) instead of pulling.
     #[arg(long)]
     referrers: bool,
+    /// No progress notices on stderr.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -96,6 +102,9 @@ pub struct SyncArgs {
     /// Only these architectures (repeatable; all when absent).
     #[arg(long)]
     arch: Vec<String>,
+    /// No progress notices on stderr.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -138,6 +147,9 @@ pub struct LintArgs {
 #[derive(Subcommand)]
 pub enum ManifestCommand {
     /// Describe build outputs as a slice of a release manifest, merged into a baseline.
+    #[command(after_help = "Examples:
+  kiln manifest emit out/hello --release 1.0 --init -o manifest.json
+  kiln manifest emit x86_64=out/amd64 aarch64=out/arm64 --release 1.1 --merge-from manifest.json -o manifest.json")]
     Emit(EmitArgs),
 }
 
@@ -167,6 +179,9 @@ pub struct EmitArgs {
     /// Publish to this object store key with a conditional put (merging into what is there).
     #[arg(long, value_name = "s3://BUCKET/KEY")]
     publish: Option<String>,
+    /// No progress notices on stderr.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 fn expand_inputs(paths: &[String]) -> anyhow::Result<Vec<oci::PushFile>> {
@@ -235,7 +250,9 @@ pub fn push(a: PushArgs) -> Outcome {
     };
     let rt = kiln_ship::runtime()?;
     rt.block_on(async {
-        let client = oci::Client::new(&reference, opts)?;
+        let client = oci::Client::new(&reference, opts)?.with_progress(std::sync::Arc::new(
+            crate::progress::Renderer::new("kiln push", a.quiet),
+        ));
         let subject = match &a.subject {
             Some(s) => {
                 let r = oci::Reference::parse(s)?;
@@ -350,7 +367,9 @@ pub fn pull(a: PullArgs) -> Outcome {
     };
     let rt = kiln_ship::runtime()?;
     rt.block_on(async {
-        let client = oci::Client::new(&reference, opts)?;
+        let client = oci::Client::new(&reference, opts)?.with_progress(std::sync::Arc::new(
+            crate::progress::Renderer::new("kiln pull", a.quiet),
+        ));
         if a.referrers {
             let (_, desc) = oci::resolve(&client, &reference).await?;
             for d in client.referrers(&desc.digest).await? {
@@ -431,7 +450,8 @@ pub fn manifest(c: ManifestCommand) -> Outcome {
                     bail!("--publish merges into the manifest it publishes to; --merge-from must be absent or the same");
                 }
                 let dest = Remote::parse(dest)?;
-                let out = m::publish_slice(&dest, &a.slice, &slice, a.init).await?;
+                let progress = crate::progress::Renderer::new("kiln manifest", a.quiet);
+                let out = m::publish_slice(&dest, &a.slice, &slice, a.init, &progress).await?;
                 eprintln!("published slice {:?} to {dest}", a.slice);
                 out
             }
@@ -462,7 +482,8 @@ pub fn sync(a: SyncArgs) -> Outcome {
     let url = Remote::parse(&a.manifest)?;
     let rt = kiln_ship::runtime()?;
     rt.block_on(async {
-        let out = kiln_ship::sync::sync(&url, &a.cache, &a.arch).await?;
+        let progress = crate::progress::Renderer::new("kiln sync", a.quiet);
+        let out = kiln_ship::sync::sync(&url, &a.cache, &a.arch, &progress).await?;
         println!(
             "{} downloaded, {} failed, {} up to date",
             out.downloaded.len(),

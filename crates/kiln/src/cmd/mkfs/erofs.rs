@@ -1,17 +1,16 @@
 //! `kiln mkfs erofs SOURCE -o OUT`: a directory, a tar file or `-` (a tar stream on stdin)
 //! into an EROFS image, written to a temp file beside OUT and renamed at the end.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use kiln_formats::erofs::{self, Compression, Options};
-use kiln_formats::fstree::Tree;
 use kiln_formats::repart;
 use kiln_formats::sink::FileSink;
 use kiln_tree::output::AtomicFile;
+use kiln_tree::progress::{positioning, Progress};
 use kiln_tree::{Normalize, Opened, SourceArg};
 use sha2::Digest;
 
@@ -58,10 +57,14 @@ pub struct ErofsArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
+    /// No progress and no summary line on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 pub fn run(a: ErofsArgs) -> Outcome {
     let start = Instant::now();
+    let progress = crate::progress::Renderer::new("kiln mkfs", a.quiet);
     let seed = match &a.seed {
         Some(s) => repart::parse_uuid(s)
             .with_context(|| format!("--seed {s:?}: expected 32 hex digits or a UUID"))?,
@@ -93,7 +96,6 @@ pub fn run(a: ErofsArgs) -> Outcome {
     let out = AtomicFile::create(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;
     let file = out.file();
-    let show = std::io::stderr().is_terminal() && !a.json;
     let summary = match kiln_tree::open(&source)
         .with_context(|| format!("reading {}", a.source.display()))?
     {
@@ -104,18 +106,11 @@ pub fn run(a: ErofsArgs) -> Outcome {
             file.set_len(size)
                 .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
             let sink = FileSink::new(file, 0, size);
-            let bar = progress(show, total_bytes(&tree));
+            progress.begin("erofs", Some(super::file_bytes(&tree)));
             let s = plan
-                .write(&contents, &sink, &|n| {
-                    if let Some(b) = &bar {
-                        b.set_position(n);
-                    }
-                })
+                .write(&contents, &sink, &positioning(&progress))
                 .with_context(|| format!("writing {}", a.output.display()))?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            s
+            (s, tree.nodes.len(), super::file_bytes(&tree))
         }
         Opened::Stream(stream) => {
             // The image size is unknown until the stream ends: write into a large window of
@@ -126,10 +121,13 @@ pub fn run(a: ErofsArgs) -> Outcome {
                 .read(&mut w)
                 .with_context(|| format!("reading {}", a.source.display()))?;
             norm.apply(&mut tree);
-            w.finish(&tree, &kiln_formats::fstree::HostContents)
-                .with_context(|| format!("writing {}", a.output.display()))?
+            let s = w
+                .finish(&tree, &kiln_formats::fstree::HostContents)
+                .with_context(|| format!("writing {}", a.output.display()))?;
+            (s, tree.nodes.len(), super::file_bytes(&tree))
         }
     };
+    let (summary, entries, input) = summary;
     file.set_len(summary.size)
         .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
     let sha = if a.json {
@@ -143,6 +141,7 @@ pub fn run(a: ErofsArgs) -> Outcome {
     };
     out.commit()
         .with_context(|| format!("finishing {}", a.output.display()))?;
+    super::summary(&progress, &a.output, summary.size, entries, input);
     if a.json {
         let slots: Vec<_> = summary
             .slots
@@ -175,28 +174,4 @@ pub fn run(a: ErofsArgs) -> Outcome {
         println!("{j}");
     }
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-fn total_bytes(tree: &Tree) -> u64 {
-    tree.nodes
-        .iter()
-        .map(|n| match &n.kind {
-            kiln_formats::fstree::NodeKind::File(f) => f.stored_len(),
-            _ => 0,
-        })
-        .sum()
-}
-
-fn progress(show: bool, total: u64) -> Option<indicatif::ProgressBar> {
-    if !show {
-        return None;
-    }
-    let b = indicatif::ProgressBar::new(total);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    Some(b)
 }

@@ -54,9 +54,13 @@ pub struct FatArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
+    /// No summary line on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 pub fn run(a: FatArgs) -> Outcome {
+    let progress = crate::progress::Renderer::new("kiln mkfs", a.quiet);
     let norm = Normalize::from_env(false).context("reading SOURCE_DATE_EPOCH")?;
     let fat_type = a.fat_bits.map(|b| match b {
         Bits::Fat12 => FatType::Fat12,
@@ -97,6 +101,13 @@ pub fn run(a: FatArgs) -> Outcome {
         .with_context(|| format!("writing {}", a.output.display()))?;
     out.commit()
         .with_context(|| format!("finishing {}", a.output.display()))?;
+    super::summary(
+        &progress,
+        &a.output,
+        size,
+        tree.nodes.len(),
+        super::file_bytes(&tree),
+    );
     if a.json {
         let g = &report.geometry;
         let j = serde_json::json!({

@@ -36,9 +36,13 @@ pub struct IsoArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
+    /// No summary line on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 pub fn run(a: IsoArgs) -> Outcome {
+    let progress = crate::progress::Renderer::new("kiln mkfs", a.quiet);
     let norm = Normalize::from_env(false).context("reading SOURCE_DATE_EPOCH")?;
     if a.label.is_empty()
         || a.label.len() > 32
@@ -74,6 +78,13 @@ pub fn run(a: IsoArgs) -> Outcome {
         .with_context(|| format!("writing {}", a.output.display()))?;
     out.commit()
         .with_context(|| format!("finishing {}", a.output.display()))?;
+    super::summary(
+        &progress,
+        &a.output,
+        size,
+        tree.nodes.len(),
+        super::file_bytes(&tree),
+    );
     if a.json {
         let j = serde_json::json!({
             "format": "iso9660",
