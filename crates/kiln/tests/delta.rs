@@ -151,7 +151,7 @@ fn build(src: &Path, version: &str, out: &Path, key: &Path) -> Value {
             .arg(example())
             .arg("--source")
             .arg(src)
-            .args(["--version", version, "-o"])
+            .args(["--image-version", version, "-o"])
             .arg(out)
             .arg("--sign")
             .arg(key)
