@@ -28,31 +28,31 @@
 //!    larger than its image is zeroed), then a flush.
 //! 2. The GPT, both copies: the target pair gets the root hash halves as partition UUIDs and
 //!    `NAME_VERSION` as names. Then a flush.
-//! 3. The ESP, rewritten from scratch (same size, FAT type, volume id and label) with every file
-//!    it had, minus the UKIs of the version just overwritten (and any older copy of NEW's),
-//!    plus NEW's UKI as `EFI/Linux/NAME_VERSION+TRIES.efi`. Then a flush.
+//! 3. The ESP, edited in place (`kiln_formats::fat::edit`): the UKIs of the version just
+//!    overwritten (and any older copy of NEW's) are removed, then NEW's UKI is added as
+//!    `EFI/Linux/NAME_VERSION+TRIES.efi`. Every other file stays in its clusters.
 //!
-//! Guarantees: nothing is written before every check has passed and the new ESP has been
-//! assembled in memory (so a UKI that does not fit fails early). Steps 1 and 2 never touch the
-//! kept slot, its UKI or the ESP, so an interruption there leaves the kept version bootable:
-//! a half-written target fails dm-verity, and its old UKI (if any) can only boot a root whose
-//! hash no longer matches. Step 3 is the one window that is not crash-safe: the ESP is a single
-//! FAT rewritten in place, and an interruption while its few MiB are written can leave it
-//! unreadable. A crash-safe ESP update would need a second ESP or in-place FAT editing.
+//! Guarantees: nothing is written before every check has passed, including that NEW's UKI
+//! fits on the ESP. Steps 1 and 2 never touch the kept slot, its UKI or the ESP, so an
+//! interruption there leaves the kept version bootable: a half-written target fails dm-verity,
+//! and its old UKI (if any) can only boot a root whose hash no longer matches. Step 3 never
+//! writes a cluster or a directory slot that a kept file uses: the new UKI's data goes to free
+//! clusters, is chained, and appears when its directory entry lands; removals delete the entry
+//! first. A power cut anywhere in step 3 leaves the kept UKI intact (tested at every write,
+//! torn writes included, in `kiln-formats/tests/fat_tools.rs`), and the next run reclaims
+//! what the cut run left (lost clusters, orphaned long names, FAT copies that differ) and
+//! finishes the edit.
 
 use std::cmp::Ordering;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use kiln_formats::fat::{FatOptions, FatReader, FatWriter};
-use kiln_formats::fstree::{self, Meta, Timestamp, Tree};
+use kiln_formats::fat::FatReader;
 use kiln_formats::gpt::{self, Gpt};
 use kiln_formats::repart;
-use kiln_formats::sink::MemSink;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -648,96 +648,112 @@ pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result
     Ok(t)
 }
 
-/// The new ESP, assembled in memory before anything is written.
+/// The ESP edit that installs NEW's UKI, checked before anything is written.
 pub(crate) struct EspPlan {
-    bytes: Vec<u8>,
+    uki: Vec<u8>,
+    linux_dir: String,
+    mtime: i64,
     installed: String,
     removed: Vec<String>,
 }
 
-/// Assembles the ESP that installs `uki` as NEW's UKI: every file the ESP had, minus the
-/// UKIs of the version being replaced (and any older copy of NEW's).
+/// The ESP, edited in place through the image file (offsets relative to the ESP).
+struct EspDevice<'a> {
+    t: &'a Target,
+}
+
+impl kiln_formats::fat::edit::Device for EspDevice<'_> {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.check(offset, buf.len())?;
+        self.t.f.read_exact_at(buf, self.t.esp_off + offset)
+    }
+    fn write(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.check(offset, bytes.len())?;
+        self.t.f.write_all_at(bytes, self.t.esp_off + offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.t.f.sync_data()
+    }
+}
+
+impl EspDevice<'_> {
+    fn check(&self, offset: u64, len: usize) -> std::io::Result<()> {
+        if offset + len as u64 > self.t.esp_len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("byte {offset} past the end of the {}-byte ESP", self.t.esp_len),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Plans the ESP edit that installs `uki` as NEW's UKI: the UKIs of the version being replaced
+/// (and any older copy of NEW's) go, NEW's comes in. Every other file stays where it is: the
+/// edit is made in place so that a power cut at any point leaves the kept version bootable
+/// (`kiln_formats::fat::edit`). Refused here, before anything is written, when it cannot fit.
 pub(crate) fn assemble_esp(t: &Target, new: &NewBuild, uki: Vec<u8>) -> Result<EspPlan> {
-    let reader = t.esp_reader()?;
     let prefix = format!("{}_", new.name);
     let replaced_version = t.slot.label.strip_prefix(&prefix).map(str::to_string);
     let mut removed = Vec::new();
-    let mtime = new.source_date_epoch.unwrap_or(0);
-    let mut tree = Tree::new(Meta {
-        mtime: Timestamp::from_secs(mtime),
-        ..Meta::default()
-    });
+    let mut freed = 0u64;
+    let dev = EspDevice { t };
+    let (need, free) = kiln_formats::fat::edit::space(&dev, uki.len() as u64)
+        .with_context(|| t.esp_where.clone())?;
+    let cluster = {
+        let r = t.esp_reader()?;
+        u64::from(r.geometry.cluster_size())
+    };
     for (path, e) in &t.entries {
-        let meta = Meta {
-            perm: if e.is_dir() { 0o755 } else { 0o644 },
-            mtime: Timestamp::from_secs(e.mtime),
-            ..Meta::default()
-        };
-        if e.is_dir() {
-            tree.mkdir_p(path.as_bytes(), &meta)?;
+        if e.is_dir() || !path.to_ascii_lowercase().starts_with("/efi/linux/") {
             continue;
         }
-        let in_linux = path.to_ascii_lowercase().starts_with("/efi/linux/");
-        if in_linux {
-            if let Some(u) = parse_uki(&new.name, &e.name) {
-                if Some(&u.version) == replaced_version.as_ref() || u.version == new.version {
-                    removed.push(path.clone());
-                    continue;
-                }
+        if let Some(u) = parse_uki(&new.name, &e.name) {
+            if Some(&u.version) == replaced_version.as_ref() || u.version == new.version {
+                removed.push(path.clone());
+                freed += u64::from(e.size).div_ceil(cluster);
             }
         }
-        let bytes = reader
-            .read_entry(e)
-            .with_context(|| format!("{}: reading {path}", t.esp_where))?;
-        tree.insert(
-            path.as_bytes(),
-            crate::boot::file(Arc::from(bytes), e.mtime),
-            &meta,
-        )?;
     }
     let linux_dir = t
         .entries
         .iter()
         .find(|(p, e)| e.is_dir() && p.eq_ignore_ascii_case("/efi/linux"))
         .map(|(p, _)| p.clone())
-        .unwrap_or_else(|| "/EFI/Linux".into());
-    let installed = format!("{linux_dir}/{}", new.uki_name);
-    tree.insert(
-        installed.as_bytes(),
-        crate::boot::file(Arc::from(uki), mtime),
-        &Meta {
-            mtime: Timestamp::from_secs(mtime),
-            ..Meta::default()
-        },
-    )?;
-    let label = Some(reader.label.clone()).filter(|l| !l.is_empty() && l != "NO NAME");
-    let fat_opts = FatOptions {
-        size: t.esp_len,
-        fat_type: Some(reader.geometry.fat_type),
-        volume_id: reader.volume_id,
-        label,
-    };
-    let esp_len_usize = usize::try_from(t.esp_len).map_err(|_| {
-        anyhow!(
-            "{}: {} bytes is too large to rebuild in memory",
+        .ok_or_else(|| anyhow!("{}: no /EFI/Linux directory for the UKI", t.esp_where))?;
+    // One more cluster in case the directory has to grow.
+    if free + freed < need + 1 {
+        bail!(
+            "{}: the ESP has {} free clusters of {cluster} bytes ({} once the replaced UKIs \
+             are removed) but {} needs {}",
             t.esp_where,
-            t.esp_len
-        )
-    })?;
-    let esp_sink = MemSink::new(esp_len_usize);
-    FatWriter::new(&tree, fat_opts)
-        .and_then(|w| w.write(&fstree::HostContents, &esp_sink))
-        .with_context(|| {
-            format!(
-                "{}: the ESP with {} does not fit or cannot be written",
-                t.esp_where, new.uki_name
-            )
-        })?;
+            free,
+            free + freed,
+            new.uki_name,
+            need + 1
+        );
+    }
+    let installed = format!("{linux_dir}/{}", new.uki_name);
     Ok(EspPlan {
-        bytes: esp_sink.into_inner(),
+        uki,
+        linux_dir,
+        mtime: new.source_date_epoch.unwrap_or(0),
         installed,
         removed,
     })
+}
+
+/// Step 3: the ESP edit, in place and crash-safe.
+fn edit_esp(t: &Target, new: &NewBuild, esp: &EspPlan) -> Result<()> {
+    use kiln_formats::fat::edit;
+    let dev = EspDevice { t };
+    for path in &esp.removed {
+        edit::remove_file(&dev, path)
+            .with_context(|| format!("{}: removing {path}", t.esp_where))?;
+    }
+    edit::add_file(&dev, &esp.linux_dir, &new.uki_name, &esp.uki, esp.mtime)
+        .with_context(|| format!("{}: adding {}", t.esp_where, esp.installed))?;
+    Ok(())
 }
 
 /// Writes both GPT copies of `t.table` (checked first).
@@ -803,8 +819,7 @@ pub(crate) fn finish_install(t: &mut Target, new: &NewBuild, esp: EspPlan) -> Re
     write_gpt(t)?;
 
     // 3. The ESP.
-    t.f.write_all_at(&esp.bytes, t.esp_off)
-        .with_context(|| format!("{}: writing", t.esp_where))?;
+    edit_esp(t, new, &esp)?;
     flush(&t.f, &img)?;
 
     Ok(UpdateReport {
