@@ -1096,6 +1096,23 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         artifacts.push(artifact_of_bytes(&f, uki));
         pending.push(f);
     }
+    // The signed update index for `kiln update --from` (crate::delta), from the verity tree's
+    // level 0: only for a verity A/B root with a UKI, the ones `kiln update` installs.
+    if let Some(ix) = update_index(
+        &spec,
+        &lay,
+        &verity_reports,
+        &artifacts,
+        boot_report.as_ref(),
+        uki_bytes.as_deref(),
+        file,
+        epoch,
+    )? {
+        let f = AtomicFile::create(&opts.outdir.join(format!("{name_version}.index")))?;
+        f.file().write_all(&ix)?;
+        artifacts.push(artifact_of_bytes(&f, &ix));
+        pending.push(f);
+    }
     if let Some(ts) = &transfers {
         let dir = opts.outdir.join("sysupdate.d");
         std::fs::create_dir_all(&dir)?;
@@ -1401,6 +1418,7 @@ fn finish(
                     a.file.ends_with(".raw")
                         || a.file.ends_with(".efi")
                         || a.file.contains(".rootfs.")
+                        || a.file.ends_with(".index")
                 })
                 .map(|a| opts.outdir.join(&a.file)),
         );
@@ -1493,6 +1511,74 @@ pub(crate) fn artifact_of_bytes(f: &AtomicFile, bytes: &[u8]) -> Artifact {
         size: bytes.len() as u64,
         sha256: hex32(&Sha256::digest(bytes)),
     }
+}
+
+/// The update index of an A/B verity root with a UKI (see [`crate::delta`]), or `None`.
+#[allow(clippy::too_many_arguments)]
+fn update_index(
+    spec: &Spec,
+    lay: &Layout,
+    verity_reports: &[VerityReport],
+    artifacts: &[Artifact],
+    boot: Option<&BootReport>,
+    uki: Option<&[u8]>,
+    file: &File,
+    epoch: Option<i64>,
+) -> Result<Option<Vec<u8>>> {
+    let name_version = format!("{}_{}", spec.name, spec.version);
+    let (Some(boot), Some(uki)) = (boot, uki) else {
+        return Ok(None);
+    };
+    let Some(ri) = lay.parts.iter().position(|p| {
+        p.role == Role::Data
+            && (p.type_name.starts_with("root-") || p.type_name.starts_with("usr-"))
+            && spec.partitions[p.spec].slots == 2
+    }) else {
+        return Ok(None);
+    };
+    let Some(vi) = lay.verity_of(ri) else {
+        return Ok(None);
+    };
+    let Some(vr) = verity_reports.iter().find(|v| v.data_partition == ri + 1) else {
+        return Ok(None);
+    };
+    let short = short_type(&lay.parts[ri].type_name);
+    let find = |f: String| {
+        artifacts
+            .iter()
+            .find(|a| a.file == f)
+            .cloned()
+            .ok_or_else(|| anyhow!("internal: no artifact {f} for the update index"))
+    };
+    let hexa = |s: &str| hex::decode(s).map_err(|e| anyhow!("internal: {s:?}: {e}"));
+    let root_hash: [u8; 32] = hexa(&vr.root_hash)?
+        .try_into()
+        .map_err(|_| anyhow!("internal: root hash length"))?;
+    let salt = hexa(&vr.salt)?;
+    let bytes = crate::delta::build_index(&crate::delta::IndexInputs {
+        name: &spec.name,
+        version: &spec.version,
+        disk_uuid: uuid_text(&lay.disk_uuid),
+        source_date_epoch: epoch,
+        salt: &salt,
+        verity_uuid: repart::verity_uuid(&spec.seed),
+        root_hash,
+        data_type: (
+            lay.parts[ri].type_name.clone(),
+            uuid_text(&lay.parts[ri].type_uuid),
+        ),
+        hash_type: (
+            lay.parts[vi].type_name.clone(),
+            uuid_text(&lay.parts[vi].type_uuid),
+        ),
+        uki_name: boot.uki.clone(),
+        data: find(format!("{name_version}.{short}.raw"))?,
+        hash: find(format!("{name_version}.{short}-verity.raw"))?,
+        uki: (find(format!("{name_version}.efi"))?, uki),
+        file,
+        hash_offset: lay.parts[vi].offset,
+    })?;
+    Ok(Some(bytes))
 }
 
 /// Recomputes offsets in disk order, twins' sizes from their A partition and verity sizes

@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod budget;
+pub mod delta;
 pub mod image;
 pub mod initrd;
 pub mod inspect;

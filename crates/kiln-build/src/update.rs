@@ -28,31 +28,31 @@
 //!    larger than its image is zeroed), then a flush.
 //! 2. The GPT, both copies: the target pair gets the root hash halves as partition UUIDs and
 //!    `NAME_VERSION` as names. Then a flush.
-//! 3. The ESP, rewritten from scratch (same size, FAT type, volume id and label) with every file
-//!    it had, minus the UKIs of the version just overwritten (and any older copy of NEW's),
-//!    plus NEW's UKI as `EFI/Linux/NAME_VERSION+TRIES.efi`. Then a flush.
+//! 3. The ESP, edited in place (`kiln_formats::fat::edit`): the UKIs of the version just
+//!    overwritten (and any older copy of NEW's) are removed, then NEW's UKI is added as
+//!    `EFI/Linux/NAME_VERSION+TRIES.efi`. Every other file stays in its clusters.
 //!
-//! Guarantees: nothing is written before every check has passed and the new ESP has been
-//! assembled in memory (so a UKI that does not fit fails early). Steps 1 and 2 never touch the
-//! kept slot, its UKI or the ESP, so an interruption there leaves the kept version bootable:
-//! a half-written target fails dm-verity, and its old UKI (if any) can only boot a root whose
-//! hash no longer matches. Step 3 is the one window that is not crash-safe: the ESP is a single
-//! FAT rewritten in place, and an interruption while its few MiB are written can leave it
-//! unreadable. A crash-safe ESP update would need a second ESP or in-place FAT editing.
+//! Guarantees: nothing is written before every check has passed, including that NEW's UKI
+//! fits on the ESP. Steps 1 and 2 never touch the kept slot, its UKI or the ESP, so an
+//! interruption there leaves the kept version bootable: a half-written target fails dm-verity,
+//! and its old UKI (if any) can only boot a root whose hash no longer matches. Step 3 never
+//! writes a cluster or a directory slot that a kept file uses: the new UKI's data goes to free
+//! clusters, is chained, and appears when its directory entry lands; removals delete the entry
+//! first. A power cut anywhere in step 3 leaves the kept UKI intact (tested at every write,
+//! torn writes included, in `kiln-formats/tests/fat_tools.rs`), and the next run reclaims
+//! what the cut run left (lost clusters, orphaned long names, FAT copies that differ) and
+//! finishes the edit.
 
 use std::cmp::Ordering;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use kiln_formats::fat::{FatOptions, FatReader, FatWriter};
-use kiln_formats::fstree::{self, Meta, Timestamp, Tree};
+use kiln_formats::fat::FatReader;
 use kiln_formats::gpt::{self, Gpt};
 use kiln_formats::repart;
-use kiln_formats::sink::MemSink;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -314,15 +314,15 @@ fn read_artifact(r: &NewReport, dir: &Path, file: &str) -> Result<Vec<u8>> {
 
 /// One A/B slot on the disk: indexes into `Gpt::partitions`.
 #[derive(Clone, Debug)]
-struct Slot {
-    data: usize,
-    hash: usize,
-    label: String,
+pub(crate) struct Slot {
+    pub data: usize,
+    pub hash: usize,
+    pub label: String,
 }
 
 /// Writes `bytes` at `off` and zeroes the rest of the `len`-byte range (plain writes: the
 /// range holds an older filesystem, so nothing may be skipped).
-fn write_range(f: &File, what: &str, off: u64, len: u64, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_range(f: &File, what: &str, off: u64, len: u64, bytes: &[u8]) -> Result<()> {
     if bytes.len() as u64 > len {
         bail!("{what}: {} bytes do not fit its {len}", bytes.len());
     }
@@ -339,18 +339,39 @@ fn write_range(f: &File, what: &str, off: u64, len: u64, bytes: &[u8]) -> Result
     Ok(())
 }
 
-fn flush(f: &File, image: &Path) -> Result<()> {
+pub(crate) fn flush(f: &File, image: &Path) -> Result<()> {
     f.sync_all()
         .with_context(|| format!("{}: flushing", image.display()))
 }
 
-/// Installs NEW into the inactive slot of `opts.image`.
-pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
-    let (new, dir) = load_new(&opts.with)?;
-    let nv = format!("{}_{}", new.name, new.version);
-    let src = opts.with.display();
+/// What installing needs to know about NEW, from its build report (`--with`) or from its
+/// signed update index (`--from`).
+#[derive(Clone, Debug)]
+pub(crate) struct NewBuild {
+    /// Where NEW came from, for messages.
+    pub src: String,
+    pub name: String,
+    pub version: String,
+    pub disk_uuid: repart::Uuid,
+    pub root_hash: [u8; 32],
+    pub data_type: repart::Uuid,
+    pub hash_type: repart::Uuid,
+    pub data_type_name: String,
+    pub hash_type_name: String,
+    /// The UKI's file name under `EFI/Linux/` (with its boot counter).
+    pub uki_name: String,
+    pub source_date_epoch: Option<i64>,
+}
 
-    // NEW's root pair: the data and verity partitions named NAME_VERSION.
+impl NewBuild {
+    pub fn nv(&self) -> String {
+        format!("{}_{}", self.name, self.version)
+    }
+}
+
+/// NEW from a build report.
+fn new_from_report(new: &NewReport, src: &str) -> Result<NewBuild> {
+    let nv = format!("{}_{}", new.name, new.version);
     let is_root = |t: &str| t.starts_with("root-") || t.starts_with("usr-");
     let data_p = new
         .partitions
@@ -366,70 +387,153 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
                 "{src}: {nv} has no verity partition; kiln update installs dm-verity roots only"
             )
         })?;
-    let data_type = repart::parse_uuid(&data_p.type_uuid)
-        .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", data_p.type_uuid))?;
-    let hash_type = repart::parse_uuid(&hash_p.type_uuid)
-        .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", hash_p.type_uuid))?;
-    let root_hash: [u8; 32] = new
-        .root_hash
-        .as_deref()
-        .and_then(|h| hex::decode(h).ok())
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| anyhow!("{src}: the report has no 32-byte root hash"))?;
-    let uki_name = new
-        .boot
-        .as_ref()
-        .map(|b| b.uki.clone())
-        .ok_or_else(|| anyhow!("{src}: {nv} has no [boot] section, so no UKI to install"))?;
-    let short = if data_p.type_name.starts_with("usr-") {
-        "usr"
-    } else {
-        "root"
-    };
-    let new_disk = repart::parse_uuid(&new.disk_uuid)
-        .ok_or_else(|| anyhow!("{src}: bad disk UUID {:?}", new.disk_uuid))?;
+    Ok(NewBuild {
+        src: src.to_string(),
+        name: new.name.clone(),
+        version: new.version.clone(),
+        disk_uuid: repart::parse_uuid(&new.disk_uuid)
+            .ok_or_else(|| anyhow!("{src}: bad disk UUID {:?}", new.disk_uuid))?,
+        root_hash: new
+            .root_hash
+            .as_deref()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| anyhow!("{src}: the report has no 32-byte root hash"))?,
+        data_type: repart::parse_uuid(&data_p.type_uuid)
+            .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", data_p.type_uuid))?,
+        hash_type: repart::parse_uuid(&hash_p.type_uuid)
+            .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", hash_p.type_uuid))?,
+        data_type_name: data_p.type_name.clone(),
+        hash_type_name: hash_p.type_name.clone(),
+        uki_name: new
+            .boot
+            .as_ref()
+            .map(|b| b.uki.clone())
+            .ok_or_else(|| anyhow!("{src}: {nv} has no [boot] section, so no UKI to install"))?,
+        source_date_epoch: new.source_date_epoch,
+    })
+}
 
-    // The image.
-    let img = &opts.image;
+/// The disk being updated, its A/B slots and the chosen target.
+pub(crate) struct Target {
+    pub img: PathBuf,
+    pub f: File,
+    pub disk_len: u64,
+    pub table: Gpt,
+    /// The slot to overwrite.
+    pub slot: Slot,
+    /// The slot kept (the running version, or `_empty`).
+    pub other: Slot,
+    /// The version kept, if any.
+    pub kept: Option<String>,
+    esp_off: u64,
+    esp_len: u64,
+    esp_where: String,
+    entries: Vec<(String, kiln_formats::fat::read::Entry)>,
+}
+
+impl Target {
+    /// GPT entry of the target's data partition.
+    pub fn data(&self) -> &gpt::Partition {
+        &self.table.partitions[self.slot.data]
+    }
+    /// GPT entry of the target's hash partition.
+    pub fn hash(&self) -> &gpt::Partition {
+        &self.table.partitions[self.slot.hash]
+    }
+    /// GPT entry of the kept slot's data partition.
+    pub fn other_data(&self) -> &gpt::Partition {
+        &self.table.partitions[self.other.data]
+    }
+    /// `IMAGE: partition N` of a partition index, for messages.
+    pub fn part_what(&self, i: usize) -> String {
+        format!("{}: partition {}", self.img.display(), self.table.number(i))
+    }
+
+    fn esp_reader(&self) -> Result<FatReader<impl Fn(u64, &mut [u8]) -> std::io::Result<()> + '_>> {
+        let (esp_off, esp_len, f) = (self.esp_off, self.esp_len, &self.f);
+        FatReader::open(move |off: u64, buf: &mut [u8]| {
+            if off + buf.len() as u64 > esp_len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("read at {off} past the end of the {esp_len}-byte ESP"),
+                ));
+            }
+            f.read_exact_at(buf, esp_off + off)
+        })
+        .with_context(|| self.esp_where.clone())
+    }
+
+    /// The UKIs of NEW's image on the ESP: their ESP paths and bytes (a source of blocks for
+    /// `--from`).
+    pub fn esp_ukis(&self, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let reader = self.esp_reader()?;
+        let mut out = Vec::new();
+        for (path, e) in &self.entries {
+            if e.is_dir()
+                || !path.to_ascii_lowercase().starts_with("/efi/linux/")
+                || parse_uki(name, &e.name).is_none()
+            {
+                continue;
+            }
+            let bytes = reader
+                .read_entry(e)
+                .with_context(|| format!("{}: reading {path}", self.esp_where))?;
+            out.push((path.clone(), bytes));
+        }
+        Ok(out)
+    }
+}
+
+/// Opens the disk (read-write unless `read_only`), checks it is of NEW's family and picks the
+/// target slot (see the module documentation).
+pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result<Target> {
+    let src = &new.src;
     let f = OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(!read_only)
         .open(img)
-        .with_context(|| format!("opening {} for writing", img.display()))?;
+        .with_context(|| {
+            format!(
+                "opening {}{}",
+                img.display(),
+                if read_only { "" } else { " for writing" }
+            )
+        })?;
     let disk_len = (&f)
         .seek(SeekFrom::End(0))
         .with_context(|| format!("{}: finding its size", img.display()))?;
-    let mut table = Gpt::read(&f).with_context(|| format!("{}: reading the GPT", img.display()))?;
+    let table = Gpt::read(&f).with_context(|| format!("{}: reading the GPT", img.display()))?;
     if let Some(why) = &table.primary_error {
         bail!(
             "{}: the primary GPT is damaged ({why}); repair it (sgdisk -e / gdisk) before updating",
             img.display()
         );
     }
-    if table.disk_guid != new_disk {
+    if table.disk_guid != new.disk_uuid {
         bail!(
             "{}: disk GUID {} differs from {src}'s {}: that build comes from another seed (another image family); refusing to install it",
             img.display(),
             repart::format_uuid(&table.disk_guid),
-            new.disk_uuid
+            repart::format_uuid(&new.disk_uuid)
         );
     }
 
     // The A/B slots.
     let datas: Vec<usize> = (0..table.partitions.len())
-        .filter(|&i| table.partitions[i].type_guid == data_type)
+        .filter(|&i| table.partitions[i].type_guid == new.data_type)
         .collect();
     let hashes: Vec<usize> = (0..table.partitions.len())
-        .filter(|&i| table.partitions[i].type_guid == hash_type)
+        .filter(|&i| table.partitions[i].type_guid == new.hash_type)
         .collect();
     if datas.len() != 2 || hashes.len() != 2 {
         bail!(
             "{}: {} {} and {} {} partitions; an A/B image has two of each",
             img.display(),
             datas.len(),
-            data_p.type_name,
+            new.data_type_name,
             hashes.len(),
-            hash_p.type_name
+            new.hash_type_name
         );
     }
     let slots: Vec<Slot> = datas
@@ -454,6 +558,18 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
             );
         }
     }
+    for s in &slots {
+        for i in [s.data, s.hash] {
+            let p = &table.partitions[i];
+            if p.offset() + p.size() > disk_len {
+                bail!(
+                    "{}: partition {} ends past the disk",
+                    img.display(),
+                    table.number(i)
+                );
+            }
+        }
+    }
     let version_of = |s: &Slot| s.label.strip_prefix(&prefix).map(str::to_string);
 
     // The ESP and the UKIs on it.
@@ -473,18 +589,26 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
         );
     }
     let esp_where = format!("{}: ESP (partition {})", img.display(), table.number(esp_i));
-    let reader = FatReader::open(|off: u64, buf: &mut [u8]| {
-        if off + buf.len() as u64 > esp_len {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("read at {off} past the end of the {esp_len}-byte ESP"),
-            ));
-        }
-        f.read_exact_at(buf, esp_off + off)
-    })
-    .with_context(|| esp_where.clone())?;
-    let entries = reader.walk().with_context(|| esp_where.clone())?;
-    let ukis: Vec<Uki> = entries
+    let mut t = Target {
+        img: img.to_path_buf(),
+        f,
+        disk_len,
+        slot: slots[0].clone(),
+        other: slots[1].clone(),
+        kept: None,
+        table,
+        esp_off,
+        esp_len,
+        esp_where,
+        entries: Vec::new(),
+    };
+    let entries = {
+        let reader = t.esp_reader()?;
+        reader.walk().with_context(|| t.esp_where.clone())?
+    };
+    t.entries = entries;
+    let ukis: Vec<Uki> = t
+        .entries
         .iter()
         .filter(|(p, e)| !e.is_dir() && p.to_ascii_lowercase().starts_with("/efi/linux/"))
         .filter_map(|(_, e)| parse_uki(&new.name, &e.name))
@@ -528,179 +652,240 @@ pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
             "{}: version {} is already installed (partition {}) and is the one kept; nothing to do",
             img.display(),
             new.version,
-            table.number(slots[1 - target].data)
+            t.table.number(slots[1 - target].data)
         );
     }
-    let slot = slots[target].clone();
-    let (d, h) = (
-        table.partitions[slot.data].clone(),
-        table.partitions[slot.hash].clone(),
-    );
+    t.slot = slots[target].clone();
+    t.other = slots[1 - target].clone();
+    t.kept = kept;
+    Ok(t)
+}
 
-    // NEW's bytes, checked against its report, and that they fit.
-    let data = read_artifact(&new, &dir, &format!("{nv}.{short}.raw"))?;
-    let hash = read_artifact(&new, &dir, &format!("{nv}.{short}-verity.raw"))?;
-    let uki = read_artifact(&new, &dir, &format!("{nv}.efi"))?;
-    for (what, bytes, p, i) in [
-        ("data", &data, &d, slot.data),
-        ("verity", &hash, &h, slot.hash),
-    ] {
-        if bytes.len() as u64 > p.size() {
-            bail!(
-                "{}: {nv}'s {what} image is {} bytes but partition {} holds only {}; rebuild with the same partition sizes",
-                img.display(),
-                bytes.len(),
-                table.number(i),
-                p.size()
-            );
-        }
-        if p.offset() + p.size() > disk_len {
-            bail!(
-                "{}: partition {} ends past the disk",
-                img.display(),
-                table.number(i)
-            );
-        }
+/// The ESP edit that installs NEW's UKI, checked before anything is written.
+pub(crate) struct EspPlan {
+    uki: Vec<u8>,
+    linux_dir: String,
+    mtime: i64,
+    installed: String,
+    removed: Vec<String>,
+}
+
+/// The ESP, edited in place through the image file (offsets relative to the ESP).
+struct EspDevice<'a> {
+    t: &'a Target,
+}
+
+impl kiln_formats::fat::edit::Device for EspDevice<'_> {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.check(offset, buf.len())?;
+        self.t.f.read_exact_at(buf, self.t.esp_off + offset)
     }
+    fn write(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.check(offset, bytes.len())?;
+        self.t.f.write_all_at(bytes, self.t.esp_off + offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.t.f.sync_data()
+    }
+}
 
-    // The new ESP, assembled in memory before anything is written.
-    let replaced_version = version_of(&slot);
+impl EspDevice<'_> {
+    fn check(&self, offset: u64, len: usize) -> std::io::Result<()> {
+        if offset + len as u64 > self.t.esp_len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("byte {offset} past the end of the {}-byte ESP", self.t.esp_len),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Plans the ESP edit that installs `uki` as NEW's UKI: the UKIs of the version being replaced
+/// (and any older copy of NEW's) go, NEW's comes in. Every other file stays where it is: the
+/// edit is made in place so that a power cut at any point leaves the kept version bootable
+/// (`kiln_formats::fat::edit`). Refused here, before anything is written, when it cannot fit.
+pub(crate) fn assemble_esp(t: &Target, new: &NewBuild, uki: Vec<u8>) -> Result<EspPlan> {
+    let prefix = format!("{}_", new.name);
+    let replaced_version = t.slot.label.strip_prefix(&prefix).map(str::to_string);
     let mut removed = Vec::new();
-    let mtime = new.source_date_epoch.unwrap_or(0);
-    let mut tree = Tree::new(Meta {
-        mtime: Timestamp::from_secs(mtime),
-        ..Meta::default()
-    });
-    for (path, e) in &entries {
-        let meta = Meta {
-            perm: if e.is_dir() { 0o755 } else { 0o644 },
-            mtime: Timestamp::from_secs(e.mtime),
-            ..Meta::default()
-        };
-        if e.is_dir() {
-            tree.mkdir_p(path.as_bytes(), &meta)?;
+    let mut freed = 0u64;
+    let dev = EspDevice { t };
+    let (need, free) = kiln_formats::fat::edit::space(&dev, uki.len() as u64)
+        .with_context(|| t.esp_where.clone())?;
+    let cluster = {
+        let r = t.esp_reader()?;
+        u64::from(r.geometry.cluster_size())
+    };
+    for (path, e) in &t.entries {
+        if e.is_dir() || !path.to_ascii_lowercase().starts_with("/efi/linux/") {
             continue;
         }
-        let in_linux = path.to_ascii_lowercase().starts_with("/efi/linux/");
-        if in_linux {
-            if let Some(u) = parse_uki(&new.name, &e.name) {
-                if Some(&u.version) == replaced_version.as_ref() || u.version == new.version {
-                    removed.push(path.clone());
-                    continue;
-                }
+        if let Some(u) = parse_uki(&new.name, &e.name) {
+            if Some(&u.version) == replaced_version.as_ref() || u.version == new.version {
+                removed.push(path.clone());
+                freed += u64::from(e.size).div_ceil(cluster);
             }
         }
-        let bytes = reader
-            .read_entry(e)
-            .with_context(|| format!("{esp_where}: reading {path}"))?;
-        tree.insert(
-            path.as_bytes(),
-            crate::boot::file(Arc::from(bytes), e.mtime),
-            &meta,
-        )?;
     }
-    let linux_dir = entries
+    let linux_dir = t
+        .entries
         .iter()
         .find(|(p, e)| e.is_dir() && p.eq_ignore_ascii_case("/efi/linux"))
         .map(|(p, _)| p.clone())
-        .unwrap_or_else(|| "/EFI/Linux".into());
-    let installed = format!("{linux_dir}/{uki_name}");
-    tree.insert(
-        installed.as_bytes(),
-        crate::boot::file(Arc::from(uki), mtime),
-        &Meta {
-            mtime: Timestamp::from_secs(mtime),
-            ..Meta::default()
-        },
-    )?;
-    let label = Some(reader.label.clone()).filter(|l| !l.is_empty() && l != "NO NAME");
-    let fat_opts = FatOptions {
-        size: esp_len,
-        fat_type: Some(reader.geometry.fat_type),
-        volume_id: reader.volume_id,
-        label,
-    };
-    let esp_len_usize = usize::try_from(esp_len)
-        .map_err(|_| anyhow!("{esp_where}: {esp_len} bytes is too large to rebuild in memory"))?;
-    let esp_sink = MemSink::new(esp_len_usize);
-    FatWriter::new(&tree, fat_opts)
-        .and_then(|w| w.write(&fstree::HostContents, &esp_sink))
-        .with_context(|| {
-            format!("{esp_where}: the ESP with {uki_name} does not fit or cannot be written")
-        })?;
-    let esp_bytes = esp_sink.into_inner();
+        .ok_or_else(|| anyhow!("{}: no /EFI/Linux directory for the UKI", t.esp_where))?;
+    // One more cluster in case the directory has to grow.
+    if free + freed < need + 1 {
+        bail!(
+            "{}: the ESP has {} free clusters of {cluster} bytes ({} once the replaced UKIs \
+             are removed) but {} needs {}",
+            t.esp_where,
+            free,
+            free + freed,
+            new.uki_name,
+            need + 1
+        );
+    }
+    let installed = format!("{linux_dir}/{}", new.uki_name);
+    Ok(EspPlan {
+        uki,
+        linux_dir,
+        mtime: new.source_date_epoch.unwrap_or(0),
+        installed,
+        removed,
+    })
+}
 
-    // 1. The slot's contents.
-    write_range(
-        &f,
-        &format!("{}: partition {}", img.display(), table.number(slot.data)),
-        d.offset(),
-        d.size(),
-        &data,
-    )?;
-    write_range(
-        &f,
-        &format!("{}: partition {}", img.display(), table.number(slot.hash)),
-        h.offset(),
-        h.size(),
-        &hash,
-    )?;
-    flush(&f, img)?;
+/// Step 3: the ESP edit, in place and crash-safe.
+fn edit_esp(t: &Target, new: &NewBuild, esp: &EspPlan) -> Result<()> {
+    use kiln_formats::fat::edit;
+    let dev = EspDevice { t };
+    for path in &esp.removed {
+        edit::remove_file(&dev, path)
+            .with_context(|| format!("{}: removing {path}", t.esp_where))?;
+    }
+    edit::add_file(&dev, &esp.linux_dir, &new.uki_name, &esp.uki, esp.mtime)
+        .with_context(|| format!("{}: adding {}", t.esp_where, esp.installed))?;
+    Ok(())
+}
 
-    // 2. The GPT: the root hash halves, raw, as UUIDs (what the UKI's roothash= looks for, as
-    //    kiln build sets them) and the version as names (what systemd-sysupdate and kiln.label= look for).
+/// Writes both GPT copies of `t.table` (checked first).
+fn write_gpt(t: &mut Target) -> Result<()> {
+    let img = t.img.display();
+    t.table
+        .validate()
+        .map_err(|e| anyhow!("{img}: the updated GPT: {e}"))?;
+    if t.table.disk_size() != t.disk_len - t.disk_len % 512 {
+        bail!(
+            "{img}: the GPT describes {} bytes but the disk has {}",
+            t.table.disk_size(),
+            t.disk_len
+        );
+    }
+    for (off, bytes) in t.table.regions().map_err(|e| anyhow!("{img}: GPT: {e}"))? {
+        t.f.write_all_at(&bytes, off)
+            .with_context(|| format!("{img}: writing the GPT at offset {off}"))?;
+    }
+    flush(&t.f, &t.img)
+}
+
+/// Names the target slot `_empty` in the GPT before its contents change, so that a run cut
+/// short leaves a slot every later `kiln update` picks again as its target (and resumes into),
+/// and no tool takes for a version.
+pub(crate) fn mark_target_empty(t: &mut Target) -> Result<()> {
+    if t.slot.label == EMPTY_LABEL {
+        return Ok(());
+    }
+    t.table.partitions[t.slot.data].name = EMPTY_LABEL.to_string();
+    t.table.partitions[t.slot.hash].name = EMPTY_LABEL.to_string();
+    write_gpt(t)
+}
+
+/// Steps 2 and 3 (see the module documentation), once the target slot holds NEW's data and
+/// hash images and they are flushed: the GPT, then the ESP.
+pub(crate) fn finish_install(t: &mut Target, new: &NewBuild, esp: EspPlan) -> Result<UpdateReport> {
+    let nv = new.nv();
+    let img = t.img.clone();
+    // The root hash halves, raw, as UUIDs (what the UKI's roothash= looks for, as kiln build
+    // sets them) and the version as names (what systemd-sysupdate and kiln.label= look for).
     let mut a = [0u8; 16];
     let mut b = [0u8; 16];
-    a.copy_from_slice(&root_hash[..16]);
-    b.copy_from_slice(&root_hash[16..]);
-    let dups =
-        table.partitions.iter().enumerate().any(|(i, p)| {
-            i != slot.data && i != slot.hash && (p.part_guid == a || p.part_guid == b)
-        });
+    a.copy_from_slice(&new.root_hash[..16]);
+    b.copy_from_slice(&new.root_hash[16..]);
+    let (sd, sh) = (t.slot.data, t.slot.hash);
+    let dups = t
+        .table
+        .partitions
+        .iter()
+        .enumerate()
+        .any(|(i, p)| i != sd && i != sh && (p.part_guid == a || p.part_guid == b));
     if dups {
         bail!(
             "{}: another partition already has the root hash of {nv} as its UUID",
             img.display()
         );
     }
-    table.partitions[slot.data].part_guid = a;
-    table.partitions[slot.hash].part_guid = b;
-    table.partitions[slot.data].name = nv.clone();
-    table.partitions[slot.hash].name = nv.clone();
-    table
-        .validate()
-        .map_err(|e| anyhow!("{}: the updated GPT: {e}", img.display()))?;
-    if table.disk_size() != disk_len - disk_len % 512 {
-        bail!(
-            "{}: the GPT describes {} bytes but the disk has {disk_len}",
-            img.display(),
-            table.disk_size()
-        );
-    }
-    for (off, bytes) in table
-        .regions()
-        .map_err(|e| anyhow!("{}: GPT: {e}", img.display()))?
-    {
-        f.write_all_at(&bytes, off)
-            .with_context(|| format!("{}: writing the GPT at offset {off}", img.display()))?;
-    }
-    flush(&f, img)?;
+    t.table.partitions[sd].part_guid = a;
+    t.table.partitions[sh].part_guid = b;
+    t.table.partitions[sd].name = nv.clone();
+    t.table.partitions[sh].name = nv.clone();
+    write_gpt(t)?;
 
     // 3. The ESP.
-    f.write_all_at(&esp_bytes, esp_off)
-        .with_context(|| format!("{esp_where}: writing"))?;
-    flush(&f, img)?;
+    edit_esp(t, new, &esp)?;
+    flush(&t.f, &img)?;
 
     Ok(UpdateReport {
         name: new.name.clone(),
         version: new.version.clone(),
-        data_partition: table.number(slot.data),
-        hash_partition: table.number(slot.hash),
-        replaced: slot.label,
-        kept,
-        installed_uki: installed,
-        removed_ukis: removed,
+        data_partition: t.table.number(sd),
+        hash_partition: t.table.number(sh),
+        replaced: t.slot.label.clone(),
+        kept: t.kept.clone(),
+        installed_uki: esp.installed,
+        removed_ukis: esp.removed,
     })
+}
+
+/// Installs NEW into the inactive slot of `opts.image`.
+pub fn update(opts: &UpdateOptions) -> Result<UpdateReport> {
+    let (report, dir) = load_new(&opts.with)?;
+    let new = new_from_report(&report, &opts.with.display().to_string())?;
+    let nv = new.nv();
+    let short = if new.data_type_name.starts_with("usr-") {
+        "usr"
+    } else {
+        "root"
+    };
+    let mut t = open_target(&opts.image, &new, false)?;
+    let img = opts.image.clone();
+
+    // NEW's bytes, checked against its report, and that they fit.
+    let data = read_artifact(&report, &dir, &format!("{nv}.{short}.raw"))?;
+    let hash = read_artifact(&report, &dir, &format!("{nv}.{short}-verity.raw"))?;
+    let uki = read_artifact(&report, &dir, &format!("{nv}.efi"))?;
+    for (what, bytes, i) in [("data", &data, t.slot.data), ("verity", &hash, t.slot.hash)] {
+        let p = &t.table.partitions[i];
+        if bytes.len() as u64 > p.size() {
+            bail!(
+                "{}: {nv}'s {what} image is {} bytes but partition {} holds only {}; rebuild with the same partition sizes",
+                img.display(),
+                bytes.len(),
+                t.table.number(i),
+                p.size()
+            );
+        }
+    }
+    let esp = assemble_esp(&t, &new, uki)?;
+
+    // 1. The slot's contents.
+    let (d, h) = (t.data().clone(), t.hash().clone());
+    write_range(&t.f, &t.part_what(t.slot.data), d.offset(), d.size(), &data)?;
+    write_range(&t.f, &t.part_what(t.slot.hash), h.offset(), h.size(), &hash)?;
+    flush(&t.f, &img)?;
+
+    // 2 and 3.
+    finish_install(&mut t, &new, esp)
 }
 
 #[cfg(test)]

@@ -578,6 +578,52 @@ pub fn verify(
     })
 }
 
+/// The level-0 digest of one data block: `sha256(salt ‖ block)` (format 1). Digests of a
+/// block fetched from elsewhere compare with the tree's level 0 only through this salted form.
+pub fn block_digest(salt: &[u8], block: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(block);
+    h.finalize().into()
+}
+
+/// The root hash of the tree whose level 0 is `level0` (`data_blocks * 32` bytes: the digests
+/// of the data blocks in order), computed the way [`format`] computes it: 128 digests per
+/// zero-padded 4 KiB hash block, level after level, the root being the digest of the top block
+/// (or the only data block's digest when there is one block). Lets an index of level-0 digests
+/// be checked against a root hash without the data.
+pub fn root_from_level0(params: &Params, level0: &[u8]) -> Result<[u8; 32], VerityError> {
+    params.check()?;
+    if level0.is_empty() || level0.len() % DIGEST_SIZE != 0 {
+        return Err(VerityError::BadParams(format!(
+            "{} bytes of level-0 digests is not a positive multiple of {DIGEST_SIZE}",
+            level0.len()
+        )));
+    }
+    let data_blocks = (level0.len() / DIGEST_SIZE) as u64;
+    let layout = Layout::new(data_blocks, params.hash_block_size);
+    let hbs = params.hash_block_size as usize;
+    let mut salted = Sha256::new();
+    salted.update(&params.salt);
+    let mut cur = level0.to_vec();
+    for _ in &layout.levels {
+        let next: Vec<u8> = cur
+            .par_chunks(hbs)
+            .flat_map_iter(|digests| {
+                let mut block = vec![0u8; hbs];
+                block[..digests.len()].copy_from_slice(digests);
+                let mut h = salted.clone();
+                h.update(&block);
+                <[u8; 32]>::from(h.finalize())
+            })
+            .collect();
+        cur = next;
+    }
+    let mut root = [0u8; 32];
+    root.copy_from_slice(&cur[..DIGEST_SIZE]);
+    Ok(root)
+}
+
 /// The device-mapper table line for a verity target whose superblock sits at the start of the
 /// hash device: `1 DATA HASH dbs hbs data_blocks hash_start sha256 ROOT SALT`.
 pub fn dm_table(
@@ -658,6 +704,34 @@ mod tests {
             let o = off as usize;
             buf.copy_from_slice(&v[o..o + buf.len()]);
             Ok(())
+        }
+    }
+
+    #[test]
+    fn root_from_level0_matches_format() {
+        for blocks in [1usize, 2, 127, 128, 129, 300, 16385] {
+            let data: Vec<u8> = (0..blocks * 4096)
+                .map(|i| (i * 7 + i / 4096) as u8)
+                .collect();
+            let params = Params::new(&[9u8; 32], [3u8; 16]);
+            let sink = crate::sink::MemSink::new(hash_size(data.len() as u64, &params) as usize);
+            let f = format(&params, data.len() as u64, &mem_reader(&data), &sink).unwrap();
+            let level0: Vec<u8> = data
+                .chunks(4096)
+                .flat_map(|b| block_digest(&params.salt, b))
+                .collect();
+            assert_eq!(
+                root_from_level0(&params, &level0).unwrap(),
+                f.root_hash,
+                "{blocks}"
+            );
+            let mut bad = level0.clone();
+            bad[5] ^= 1;
+            assert_ne!(
+                root_from_level0(&params, &bad).unwrap(),
+                f.root_hash,
+                "{blocks}"
+            );
         }
     }
 

@@ -625,3 +625,162 @@ fn corrupt_images_give_errors_not_panics() {
         }
     }
 }
+
+/// An ESP held in memory that loses power: writes past `budget` never land, and the write the
+/// power cut interrupts lands only its first `torn` 512-byte sectors.
+struct PowerCut {
+    img: std::cell::RefCell<Vec<u8>>,
+    budget: std::cell::Cell<usize>,
+    torn: usize,
+    writes: std::cell::Cell<usize>,
+}
+
+impl PowerCut {
+    fn new(img: Vec<u8>, budget: usize, torn: usize) -> Self {
+        PowerCut {
+            img: img.into(),
+            budget: budget.into(),
+            torn,
+            writes: 0.into(),
+        }
+    }
+}
+
+impl fat::edit::Device for PowerCut {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let img = self.img.borrow();
+        let a = offset as usize;
+        let src = img
+            .get(a..a + buf.len())
+            .ok_or_else(|| std::io::Error::other("read past the end"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn write(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.writes.set(self.writes.get() + 1);
+        let a = offset as usize;
+        if self.budget.get() == 0 {
+            // The cut: the first `torn` sectors of this write land (sector-aligned in the
+            // device, so count from the sector the write starts in).
+            let end = ((a / 512) + self.torn) * 512;
+            let n = end.saturating_sub(a).min(bytes.len());
+            self.img.borrow_mut()[a..a + n].copy_from_slice(&bytes[..n]);
+            return Err(std::io::Error::other("power cut"));
+        }
+        self.budget.set(self.budget.get() - 1);
+        self.img.borrow_mut()[a..a + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What `kiln update` does to the ESP: remove the replaced version's UKI and any earlier copy
+/// of the new one, then add the new one.
+fn install(dev: &PowerCut, name: &str, new: &[u8]) -> Result<(), fat::FatError> {
+    fat::edit::remove_file(dev, "/EFI/Linux/app_2+3.efi")?;
+    fat::edit::remove_file(dev, &format!("/EFI/Linux/{name}"))?;
+    fat::edit::add_file(dev, "/EFI/Linux", name, new, 1_700_000_300)
+}
+
+/// Reads a file with mtools (an independent FAT implementation, standing in for firmware).
+fn mread(img: &Path, path: &str) -> Option<Vec<u8>> {
+    let out = run(mtools("mtype").arg("-i").arg(img).arg(format!("::{path}")));
+    out.status.success().then_some(out.stdout)
+}
+
+// An update's ESP edit cut by a power loss after every write, and inside every multi-sector
+// write, leaves the kept version's UKI intact for kiln's reader and for mtools; running the
+// update again finishes it, and the result passes fsck.fat -n. FAT16 and FAT32, with a
+// directory that has free slots and one that must grow.
+#[test]
+fn esp_edit_survives_a_power_cut_at_every_write() {
+    let kept = pseudo_random(71, 300 << 10);
+    let new = pseudo_random(73, 250 << 10);
+    let mut points = 0;
+    for (size, ty) in [(16u64 << 20, FatType::Fat16), (40 << 20, FatType::Fat32)] {
+        for fill in [false, true] {
+            let mut t = Tree::new(meta(1_650_000_000));
+            add_dir(&mut t, "/EFI/BOOT");
+            add_file(&mut t, "/EFI/BOOT/BOOTX64.EFI", pseudo_random(70, 10_000), 1_700_000_000);
+            add_file(&mut t, "/EFI/Linux/app_1+3.efi", kept.clone(), 1_700_000_100);
+            add_file(&mut t, "/EFI/Linux/app_2+3.efi", pseudo_random(72, 200 << 10), 1_700_000_200);
+            add_file(&mut t, "/loader/loader.conf", b"timeout 0\n".to_vec(), 1_700_000_000);
+            let b = build(&t, size, Some(ty), Some("ESP"));
+            let mut base = fs::read(&b.img).unwrap();
+            if fill {
+                // Fill /EFI/Linux to its last slot, so that the new entry grows it by a cluster.
+                let dev = PowerCut::new(base, usize::MAX, 0);
+                let cs = {
+                    let r = FatReader::open(|o: u64, buf: &mut [u8]| {
+                        fat::edit::Device::read(&dev, o, buf)
+                    })
+                    .unwrap();
+                    r.geometry.cluster_size() as usize
+                };
+                // Slots: `.`, `..`, two per file (a long name and its 8.3 entry).
+                let files = (cs / 32 - 2) / 2;
+                for i in 0..files - 2 {
+                    fat::edit::add_file(&dev, "/EFI/Linux", &format!("x+{i:02}.efi"), b"x", 0).unwrap();
+                }
+                base = dev.img.into_inner();
+            }
+            // The new name needs three slots where the removed one frees two, so a full
+            // directory must grow.
+            let name = if fill { "app_3.0.0-rc.1+3.efi" } else { "app_3+3.efi" };
+            let img = b.img.clone();
+            let check_kept = |bytes: &[u8], what: &str| {
+                fs::write(&img, bytes).unwrap();
+                let r = FatReader::open(|o: u64, buf: &mut [u8]| {
+                    buf.copy_from_slice(&bytes[o as usize..o as usize + buf.len()]);
+                    Ok(())
+                })
+                .unwrap();
+                assert!(r.read_file("/EFI/Linux/app_1+3.efi").unwrap() == kept, "{what}: kiln reads the kept UKI wrong");
+                assert!(mread(&img, "/EFI/Linux/app_1+3.efi").as_deref() == Some(&kept[..]), "{what}: mtools reads the kept UKI wrong");
+            };
+
+            // The whole edit, to count its writes.
+            let dir_clusters = |bytes: &[u8]| {
+                let r = FatReader::open(|o: u64, buf: &mut [u8]| {
+                    buf.copy_from_slice(&bytes[o as usize..o as usize + buf.len()]);
+                    Ok(())
+                })
+                .unwrap();
+                let e = r.lookup("/EFI/Linux").unwrap().unwrap();
+                r.chain(e.first_cluster).unwrap().len()
+            };
+            let full = PowerCut::new(base.clone(), usize::MAX, 0);
+            install(&full, name, &new).unwrap();
+            let writes = full.writes.get();
+            let done = full.img.into_inner();
+            assert_eq!(dir_clusters(&done), dir_clusters(&base) + usize::from(fill));
+            check_kept(&done, "complete");
+            fsck_clean(&img);
+            assert!(mread(&img, &format!("/EFI/Linux/{name}")).as_deref() == Some(&new[..]));
+            assert!(mread(&img, "/EFI/Linux/app_2+3.efi").is_none());
+
+            for cut in 0..writes {
+                for torn in [0, 1, 3] {
+                    let what = format!("{ty:?}, directory full: {fill}, cut at write {cut}, {torn} sectors of it landed");
+                    let dev = PowerCut::new(base.clone(), cut, torn);
+                    assert!(install(&dev, name, &new).is_err(), "{what}: the cut was not reached");
+                    let after = dev.img.into_inner();
+                    check_kept(&after, &what);
+                    // Running the update again finishes the job, fsck-clean.
+                    let again = PowerCut::new(after, usize::MAX, 0);
+                    install(&again, name, &new).unwrap_or_else(|e| panic!("{what}: resuming: {e}"));
+                    let fin = again.img.into_inner();
+                    check_kept(&fin, &what);
+                    fsck_clean(&img);
+                    assert!(mread(&img, &format!("/EFI/Linux/{name}")).as_deref() == Some(&new[..]), "{what}: resumed");
+                    points += 1;
+                }
+            }
+            eprintln!("{ty:?}, directory full: {fill}: {writes} writes in an update");
+        }
+    }
+    assert!(points >= 20, "only {points} cut points");
+    eprintln!("{points} power cuts, each leaving the kept UKI readable and the update resumable");
+}

@@ -5,6 +5,7 @@
 //! - [`store`]: S3-compatible object stores (S3, R2, MinIO) with `.sha256` sidecars and
 //!   conditional puts.
 //! - [`manifest`]: versioned release manifests, slice merges, conditional publishing.
+//! - [`ranges`]: byte ranges of a remote file, in parallel, checked unit by unit, resumed.
 //! - [`sync`]: bring a local cache up to date with a manifest, downloading only what changed.
 //! - [`sign`]: minisign signatures compatible with the `minisign` CLI.
 //! - [`sbom`]: SPDX 2.3 JSON from a tree's dpkg and rpm databases.
@@ -23,6 +24,7 @@ pub mod manifest;
 pub mod oci;
 pub mod policy;
 pub mod provenance;
+pub mod ranges;
 pub mod sbom;
 pub mod sign;
 pub mod spool;

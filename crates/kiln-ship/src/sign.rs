@@ -197,6 +197,29 @@ pub fn verify_file(file: &Path, pubkey: &Path, sig: Option<&Path>) -> anyhow::Re
     Ok(Verified { trusted_comment })
 }
 
+/// Verifies `bytes` (a file fetched into memory, named `what` in errors) against the text of
+/// its `.minisig` with the public key file `pubkey`; the same checks as [`verify_file`].
+pub fn verify_bytes(
+    bytes: &[u8],
+    sig_text: &str,
+    pubkey: &Path,
+    what: &str,
+) -> anyhow::Result<Verified> {
+    let pk = load_public_key(pubkey)?;
+    let sbox = SignatureBox::from_string(sig_text)
+        .map_err(|e| anyhow::anyhow!("{what}.minisig: not a minisign signature: {e}"))?;
+    minisign::verify(&pk, &sbox, std::io::Cursor::new(bytes), true, false, false).map_err(|e| {
+        crate::Error::BadSignature {
+            path: what.to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    let trusted_comment = sbox
+        .trusted_comment()
+        .map_err(|e| anyhow::anyhow!("{what}.minisig: trusted comment: {e}"))?;
+    Ok(Verified { trusted_comment })
+}
+
 /// Generates an unencrypted key pair (`KEY` and `KEY.pub`), for tests and first setups.
 pub fn generate_unencrypted(secret: &Path, public: &Path) -> anyhow::Result<()> {
     let kp = minisign::KeyPair::generate_unencrypted_keypair()

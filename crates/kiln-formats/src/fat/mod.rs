@@ -16,6 +16,7 @@
 //! [`write`](mod@write) (the writer and slot reservations), [`read`] (reader and dump), [`slot`] (patches
 //! that resize a slot file in place).
 
+pub mod edit;
 pub mod layout;
 pub mod names;
 pub mod read;

@@ -198,7 +198,7 @@ impl<R: Fn(u64, &mut [u8]) -> io::Result<()>> FatReader<R> {
     }
 
     /// The raw bytes of a directory and the filesystem offset of each of its 32-byte slots.
-    fn dir_raw(&self, first: u32) -> Result<(Vec<u8>, Vec<u64>), FatError> {
+    pub(crate) fn dir_raw(&self, first: u32) -> Result<(Vec<u8>, Vec<u64>), FatError> {
         let g = &self.geometry;
         if first == 0 && g.fat_type != FatType::Fat32 {
             let len = g.root_entries as usize * DIRENT_SIZE as usize;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::bail;
 use clap::Args;
 
 use super::Outcome;
@@ -15,14 +16,36 @@ pub struct UpdateArgs {
     /// The disk image or block device to update in place.
     pub image: PathBuf,
     /// The new build: a `kiln build` output directory or its NAME.json report.
-    #[arg(long, value_name = "DIR_OR_REPORT")]
-    pub with: PathBuf,
+    #[arg(long, value_name = "DIR_OR_REPORT", conflicts_with = "from")]
+    pub with: Option<PathBuf>,
+    /// The new build's signed update index (`NAME_VERSION.index` from `kiln build`), by URL:
+    /// http(s)://, s3:// or a path. Only the blocks the disk does not already have are fetched.
+    #[arg(long, value_name = "URL", requires = "pubkey")]
+    pub from: Option<String>,
+    /// minisign public key the index must be signed with (`--from`).
+    #[arg(long = "pub", value_name = "KEY.pub")]
+    pub pubkey: Option<PathBuf>,
+    /// With `--from`: print what would be fetched, write nothing.
+    #[arg(long, requires = "from")]
+    pub dry_run: bool,
+    /// With `--from`: ranges fetched at once.
+    #[arg(long, default_value_t = 4, requires = "from")]
+    pub parallel: usize,
+    /// Print the result as JSON (`--from`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(a: UpdateArgs) -> Outcome {
+    if let Some(from) = &a.from {
+        return run_from(&a, from);
+    }
+    let Some(with) = a.with.clone() else {
+        bail!("kiln update: give --with DIR (a local build) or --from URL (a published index)");
+    };
     let r = kiln_build::update::update(&kiln_build::update::UpdateOptions {
         image: a.image.clone(),
-        with: a.with,
+        with,
     })?;
     println!(
         "{}: installed {} {} into partitions {} and {} (was {}){}",
@@ -40,6 +63,62 @@ pub fn run(a: UpdateArgs) -> Outcome {
     println!("  ESP: added {}", r.installed_uki);
     for u in &r.removed_ukis {
         println!("  ESP: removed {u}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_from(a: &UpdateArgs, from: &str) -> Outcome {
+    let Some(pubkey) = a.pubkey.clone() else {
+        bail!("kiln update --from needs --pub KEY.pub: the index must be signed");
+    };
+    let r = kiln_build::delta::update_from(&kiln_build::delta::FromOptions {
+        image: a.image.clone(),
+        from: from.to_string(),
+        pubkey,
+        dry_run: a.dry_run,
+        fetch: kiln_ship::ranges::FetchOptions {
+            parallel: a.parallel.max(1),
+            ..Default::default()
+        },
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "{}: {} {} {}: root {:.2} MiB of {:.2} MiB to fetch ({:.2} %; {} blocks in place, {} copied on the disk), UKI {:.2} of {:.2} MiB, index {:.2} MiB",
+        a.image.display(),
+        if r.dry_run { "would install" } else { "installed" },
+        r.name,
+        r.version,
+        mib(r.root_missing_bytes),
+        mib(r.root_bytes),
+        r.root_missing_percent,
+        r.blocks_in_place,
+        r.blocks_local,
+        mib(r.uki_missing_bytes),
+        mib(r.uki_bytes),
+        mib(r.index_bytes),
+    );
+    if !r.dry_run {
+        println!(
+            "  fetched {} bytes in {} requests ({} retried); partitions {} and {} (was {}){}",
+            r.fetched_bytes,
+            r.requests,
+            r.retries,
+            r.data_partition,
+            r.hash_partition,
+            r.replaced,
+            match &r.kept {
+                Some(k) => format!("; version {k} kept as the fallback"),
+                None => String::new(),
+            }
+        );
+        println!("  ESP: added {}", r.installed_uki);
+        for u in &r.removed_ukis {
+            println!("  ESP: removed {u}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,413 @@
+//! `kiln update --from URL` on the example appliance (examples/appliance): v1 and v2 (v1's
+//! tree plus one 256 KiB file) built with `--sign`; v2's index checked against the minisign CLI
+//! and veritysetup; a v1 disk turned into v2 through a local HTTP server that serves Range
+//! requests, once with every served root range tampered with (refused, the slot left
+//! unbootable, v1 kept), once with connections dropped halfway (resumed; the slot equals v2's
+//! split artifacts byte for byte), once with an index signed by another key (refused); the
+//! updated disk boots v2.
+//!
+//! The server is the test's own (a few lines over std::net: `GET` with one byte range, `HEAD`),
+//! so that it can tamper and drop connections on purpose.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_build::delta::Index;
+use kiln_build::qemu::{self, BootOptions, Firmware};
+use kiln_formats::fat::FatReader;
+use kiln_formats::gpt::Gpt;
+use kiln_testkit::{require_tool, run, run_ok};
+use serde_json::Value;
+use sha2::Digest;
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/appliance")
+}
+
+/// Faults the server injects.
+#[derive(Default)]
+struct Faults {
+    /// Flip the first byte of every ranged response for files ending like this.
+    tamper: Option<String>,
+    /// For this many more responses of files ending like this, send only this many body bytes
+    /// and close the connection.
+    drop: Option<(String, usize, u32)>,
+    /// Requests served with a Range header.
+    ranged: u32,
+}
+
+/// A static file server for `dir` on 127.0.0.1; returns its base URL.
+fn serve(dir: PathBuf, faults: Arc<Mutex<Faults>>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let (dir, faults) = (dir.clone(), faults.clone());
+            std::thread::spawn(move || {
+                let _ = answer(s, &dir, &faults);
+            });
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+fn answer(mut s: TcpStream, dir: &Path, faults: &Mutex<Faults>) -> std::io::Result<()> {
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let mut range = None;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                range = v.trim().strip_prefix("bytes=").map(str::to_string);
+            }
+        }
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let name = path.trim_start_matches('/');
+    let file = dir.join(name);
+    if name.contains("..") || !file.is_file() {
+        return s.write_all(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+    }
+    let len = fs::metadata(&file)?.len();
+    let (start, end) = match &range {
+        Some(r) => {
+            let (a, b) = r.split_once('-').unwrap();
+            let a: u64 = a.parse().unwrap();
+            let b: u64 = if b.is_empty() {
+                len - 1
+            } else {
+                b.parse::<u64>().unwrap().min(len - 1)
+            };
+            (a, b + 1)
+        }
+        None => (0, len),
+    };
+    let mut body = vec![0u8; (end - start) as usize];
+    fs::File::open(&file)?.read_exact_at(&mut body, start)?;
+    let mut cut = None;
+    {
+        let mut f = faults.lock().unwrap();
+        if range.is_some() {
+            f.ranged += 1;
+            if f.tamper
+                .as_ref()
+                .is_some_and(|t| name.ends_with(t.as_str()))
+                && !body.is_empty()
+            {
+                body[0] ^= 0xff;
+            }
+            if let Some((t, n, left)) = &mut f.drop {
+                if name.ends_with(t.as_str()) && *left > 0 && body.len() > *n {
+                    *left -= 1;
+                    cut = Some(*n);
+                }
+            }
+        }
+    }
+    let head = match &range {
+        Some(_) => format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{len}\r\nConnection: close\r\n\r\n",
+            end - start,
+            end - 1
+        ),
+        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"),
+    };
+    s.write_all(head.as_bytes())?;
+    if method == "GET" {
+        s.write_all(&body[..cut.unwrap_or(body.len())])?;
+    }
+    s.flush()?;
+    if cut.is_some() {
+        s.shutdown(std::net::Shutdown::Both)?;
+    }
+    Ok(())
+}
+
+fn build(src: &Path, version: &str, out: &Path, key: &Path) -> Value {
+    run_ok(
+        kiln()
+            .arg("build")
+            .arg(example())
+            .arg("--source")
+            .arg(src)
+            .args(["--image-version", version, "-o"])
+            .arg(out)
+            .arg("--sign")
+            .arg(key)
+            .arg("-q"),
+    );
+    serde_json::from_slice(&fs::read(out.join("appliance.json")).unwrap()).unwrap()
+}
+
+fn sha(p: &Path) -> String {
+    hex::encode(sha2::Sha256::digest(fs::read(p).unwrap()))
+}
+
+/// Bytes of GPT partition `name`'s first `len` bytes (whole partition when `None`).
+fn partition_bytes(disk: &Path, number: usize, len: Option<u64>) -> Vec<u8> {
+    let f = fs::File::open(disk).unwrap();
+    let g = Gpt::read(&f).unwrap();
+    let p = &g.partitions[number - 1];
+    let mut b = vec![0u8; len.unwrap_or(p.size()) as usize];
+    f.read_exact_at(&mut b, p.offset()).unwrap();
+    b
+}
+
+fn esp_ukis(disk: &Path) -> Vec<String> {
+    let f = fs::File::open(disk).unwrap();
+    let gpt = Gpt::read(&f).unwrap();
+    let esp = gpt.partitions.iter().find(|p| p.name == "esp").unwrap();
+    let off = esp.offset();
+    let r = FatReader::open(|o: u64, b: &mut [u8]| f.read_exact_at(b, off + o)).unwrap();
+    let mut names: Vec<String> = r
+        .list("/EFI/Linux")
+        .unwrap()
+        .into_iter()
+        .filter(|e| !e.is_dir())
+        .map(|e| e.name)
+        .collect();
+    names.sort();
+    names
+}
+
+fn gpt_names(disk: &Path) -> Vec<String> {
+    let f = fs::File::open(disk).unwrap();
+    Gpt::read(&f)
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+fn update_from(disk: &Path, url: &str, pubkey: &Path, extra: &[&str]) -> std::process::Output {
+    let t = Instant::now();
+    let o = run(kiln()
+        .arg("update")
+        .arg(disk)
+        .arg("--from")
+        .arg(url)
+        .arg("--pub")
+        .arg(pubkey)
+        .args(extra));
+    eprintln!(
+        "kiln update --from {url} {extra:?}: {:.1} s, {}\n{}",
+        t.elapsed().as_secs_f64(),
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+#[test]
+fn update_from_http_fetches_only_what_changed() {
+    for t in [
+        "busybox",
+        "minisign",
+        "veritysetup",
+        "fsck.fat",
+        "qemu-system-x86_64",
+    ] {
+        require_tool(t);
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let key = dir.join("release.key");
+    let pubkey = dir.join("release.pub");
+    kiln_ship::sign::generate_unencrypted(&key, &pubkey).unwrap();
+
+    // v1, and v2 = v1 plus one file.
+    let r1 = dir.join("root1");
+    run_ok(Command::new(example().join("make-rootfs")).arg(&r1));
+    let r2 = dir.join("root2");
+    run_ok(Command::new("cp").arg("-a").arg(&r1).arg(&r2));
+    fs::create_dir_all(r2.join("usr/share/delta")).unwrap();
+    fs::write(
+        r2.join("usr/share/delta/added.bin"),
+        kiln_testkit::pseudo_random(22, 256 << 10),
+    )
+    .unwrap();
+    build(&r1, "1", &dir.join("v1"), &key);
+    let v2 = build(&r2, "2", &dir.join("v2"), &key);
+    let out2 = dir.join("v2");
+
+    // The index: signed (the minisign CLI agrees), its digests are dm-verity's level 0 of the
+    // root image (recomputed here from the bytes), and the pair passes veritysetup.
+    let index = out2.join("appliance_2.index");
+    run_ok(
+        Command::new("minisign")
+            .arg("-Vm")
+            .arg(&index)
+            .arg("-p")
+            .arg(&pubkey),
+    );
+    let idx = Index::parse(&fs::read(&index).unwrap(), "index").unwrap();
+    let root = fs::read(out2.join("appliance_2.root.raw")).unwrap();
+    let salt = hex::decode(&idx.meta.salt).unwrap();
+    let mine: Vec<[u8; 32]> = root
+        .chunks(4096)
+        .map(|b| {
+            let mut h = sha2::Sha256::new();
+            h.update(&salt);
+            h.update(b);
+            h.finalize().into()
+        })
+        .collect();
+    assert_eq!(idx.data, mine, "index digests are not sha256(salt ‖ block)");
+    assert_eq!(idx.meta.root_hash, v2["root_hash"].as_str().unwrap());
+    run_ok(
+        Command::new("veritysetup")
+            .arg("verify")
+            .arg(out2.join("appliance_2.root.raw"))
+            .arg(out2.join("appliance_2.root-verity.raw"))
+            .arg(&idx.meta.root_hash),
+    );
+    let index_size = fs::metadata(&index).unwrap().len();
+    eprintln!(
+        "index: {index_size} bytes for a {} byte root ({:.2} %)",
+        root.len(),
+        100.0 * index_size as f64 / root.len() as f64
+    );
+
+    let faults = Arc::new(Mutex::new(Faults::default()));
+    let base = serve(out2.clone(), faults.clone());
+    let url = format!("{base}/appliance_2.index");
+    let disk = dir.join("disk.img");
+    fs::copy(dir.join("v1/appliance_1.img"), &disk).unwrap();
+    let before = sha(&disk);
+
+    // An index signed by another key is refused, before anything is written.
+    let other = dir.join("other.key");
+    kiln_ship::sign::generate_unencrypted(&other, &dir.join("other.pub")).unwrap();
+    let o = update_from(&disk, &url, &dir.join("other.pub"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("signature"), "{err}");
+    assert_eq!(sha(&disk), before);
+
+    // --dry-run: what would be fetched; nothing written.
+    let o = update_from(&disk, &url, &pubkey, &["--dry-run", "--json"]);
+    assert!(o.status.success());
+    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    eprintln!("dry run: {plan}");
+    let missing = plan["root_missing_bytes"].as_u64().unwrap();
+    let pct = plan["root_missing_percent"].as_f64().unwrap();
+    assert!(missing > 0 && missing < root.len() as u64 / 2, "{plan}");
+    assert_eq!(sha(&disk), before);
+
+    // Every root range tampered with: each bad block is fetched again, then refused; the slot
+    // is left named _empty with no UKI of v2, so v1 stays the only thing to boot.
+    faults.lock().unwrap().tamper = Some(".root.raw".into());
+    let o = update_from(&disk, &url, &pubkey, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("does not match the signed index"),
+        "{err}"
+    );
+    assert_eq!(esp_ukis(&disk), ["appliance_1+3.efi"]);
+    assert!(gpt_names(&disk).iter().filter(|n| *n == "_empty").count() == 2);
+    faults.lock().unwrap().tamper = None;
+
+    // Connections dropped after 10000 bytes, six times: resumed, and the result is v2's bytes.
+    faults.lock().unwrap().drop = Some((".root.raw".into(), 10_000, 6));
+    let o = update_from(&disk, &url, &pubkey, &["--json"]);
+    assert!(o.status.success());
+    let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
+    eprintln!("update: {rep}");
+    assert!(rep["retries"].as_u64().unwrap() >= 6, "{rep}");
+    assert_eq!(faults.lock().unwrap().drop.as_ref().unwrap().2, 0);
+    // A fetched byte is never more than what the plan said plus the retries' waste.
+    assert!(
+        rep["fetched_bytes"].as_u64().unwrap()
+            < missing + rep["uki_missing_bytes"].as_u64().unwrap() + 7 * (8 << 20)
+    );
+    let (dn, hn) = (
+        rep["data_partition"].as_u64().unwrap() as usize,
+        rep["hash_partition"].as_u64().unwrap() as usize,
+    );
+    let slot = partition_bytes(&disk, dn, Some(root.len() as u64));
+    assert!(
+        slot == root,
+        "the updated slot differs from v2's root image"
+    );
+    let verity = fs::read(out2.join("appliance_2.root-verity.raw")).unwrap();
+    assert!(partition_bytes(&disk, hn, Some(verity.len() as u64)) == verity);
+    assert_eq!(esp_ukis(&disk), ["appliance_1+3.efi", "appliance_2+3.efi"]);
+    let uki_on_esp = {
+        let f = fs::File::open(&disk).unwrap();
+        let gpt = Gpt::read(&f).unwrap();
+        let esp = gpt
+            .partitions
+            .iter()
+            .find(|p| p.name == "esp")
+            .unwrap()
+            .clone();
+        let r =
+            FatReader::open(|o: u64, b: &mut [u8]| f.read_exact_at(b, esp.offset() + o)).unwrap();
+        r.read_file("/EFI/Linux/appliance_2+3.efi").unwrap()
+    };
+    assert!(uki_on_esp == fs::read(out2.join("appliance_2.efi")).unwrap());
+    let names = gpt_names(&disk);
+    assert_eq!(names[dn - 1], "appliance_2");
+    eprintln!(
+        "delta: root {} of {} bytes fetched ({pct:.2} %), UKI {} of {} bytes, index {index_size} bytes",
+        missing,
+        root.len(),
+        rep["uki_missing_bytes"],
+        rep["uki_bytes"]
+    );
+
+    // The ESP passes fsck.fat, and the disk boots v2 under OVMF.
+    let f = fs::File::open(&disk).unwrap();
+    let gpt = Gpt::read(&f).unwrap();
+    let esp = gpt
+        .partitions
+        .iter()
+        .find(|p| p.name == "esp")
+        .unwrap()
+        .clone();
+    let mut eb = vec![0u8; esp.size() as usize];
+    f.read_exact_at(&mut eb, esp.offset()).unwrap();
+    let espf = dir.join("esp.img");
+    fs::write(&espf, &eb).unwrap();
+    run_ok(Command::new("fsck.fat").arg("-n").arg(&espf));
+    let out = qemu::boot(&BootOptions {
+        image: Some(disk.clone()),
+        firmware: Firmware::Ovmf(None),
+        expect: Some("APPLIANCE-DONE".into()),
+        timeout: Duration::from_secs(180),
+        keep: true,
+        ..BootOptions::default()
+    })
+    .unwrap();
+    eprintln!("boot of the updated disk: {}", out.summary());
+    assert!(
+        out.success()
+            && out
+                .console
+                .contains("APPLIANCE-BOOT image=appliance version=2"),
+        "{}\n{}",
+        out.summary(),
+        out.console
+    );
+}
