@@ -391,7 +391,8 @@ pub struct FromOptions {
     pub fetch: FetchOptions,
 }
 
-/// What a `--from` update did (or, with `--dry-run`, would do).
+/// What a `--from` update did (or, with `--dry-run`, would do). In JSON (`kiln.update/1`) byte
+/// counts end in `_size`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FromReport {
     /// Image name.
@@ -401,6 +402,7 @@ pub struct FromReport {
     /// Whether anything was written.
     pub dry_run: bool,
     /// Root image bytes.
+    #[serde(rename = "root_size")]
     pub root_bytes: u64,
     /// Root blocks already in place in the target slot.
     pub blocks_in_place: u64,
@@ -409,16 +411,21 @@ pub struct FromReport {
     /// Root blocks fetched.
     pub blocks_fetched: u64,
     /// Root bytes that had to be fetched (the plan), and their share of the root.
+    #[serde(rename = "root_missing_size")]
     pub root_missing_bytes: u64,
     /// `root_missing_bytes` as a percentage of `root_bytes`.
     pub root_missing_percent: f64,
     /// UKI bytes that had to be fetched (of `uki_bytes`).
+    #[serde(rename = "uki_missing_size")]
     pub uki_missing_bytes: u64,
     /// UKI size.
+    #[serde(rename = "uki_size")]
     pub uki_bytes: u64,
     /// Index and signature bytes.
+    #[serde(rename = "index_size")]
     pub index_bytes: u64,
     /// Body bytes actually received, retries included.
+    #[serde(rename = "fetched_size")]
     pub fetched_bytes: u64,
     /// Range requests sent.
     pub requests: u64,

@@ -19,6 +19,8 @@ use serde::{Serialize, Serializer};
 
 /// Schema name of the build report (`OUTDIR/NAME.json`, `kiln build --json`).
 pub const BUILD_SCHEMA: &str = "kiln.build/2";
+/// Schema name of `kiln update --json` (both `--with` and `--from`).
+pub const UPDATE_SCHEMA: &str = "kiln.update/1";
 /// Schema name of `kiln inspect --json`.
 pub const INSPECT_SCHEMA: &str = "kiln.inspect/1";
 

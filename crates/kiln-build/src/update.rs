@@ -694,7 +694,10 @@ impl EspDevice<'_> {
         if offset + len as u64 > self.t.esp_len {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("byte {offset} past the end of the {}-byte ESP", self.t.esp_len),
+                format!(
+                    "byte {offset} past the end of the {}-byte ESP",
+                    self.t.esp_len
+                ),
             ));
         }
         Ok(())

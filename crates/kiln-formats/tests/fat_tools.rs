@@ -703,10 +703,30 @@ fn esp_edit_survives_a_power_cut_at_every_write() {
         for fill in [false, true] {
             let mut t = Tree::new(meta(1_650_000_000));
             add_dir(&mut t, "/EFI/BOOT");
-            add_file(&mut t, "/EFI/BOOT/BOOTX64.EFI", pseudo_random(70, 10_000), 1_700_000_000);
-            add_file(&mut t, "/EFI/Linux/app_1+3.efi", kept.clone(), 1_700_000_100);
-            add_file(&mut t, "/EFI/Linux/app_2+3.efi", pseudo_random(72, 200 << 10), 1_700_000_200);
-            add_file(&mut t, "/loader/loader.conf", b"timeout 0\n".to_vec(), 1_700_000_000);
+            add_file(
+                &mut t,
+                "/EFI/BOOT/BOOTX64.EFI",
+                pseudo_random(70, 10_000),
+                1_700_000_000,
+            );
+            add_file(
+                &mut t,
+                "/EFI/Linux/app_1+3.efi",
+                kept.clone(),
+                1_700_000_100,
+            );
+            add_file(
+                &mut t,
+                "/EFI/Linux/app_2+3.efi",
+                pseudo_random(72, 200 << 10),
+                1_700_000_200,
+            );
+            add_file(
+                &mut t,
+                "/loader/loader.conf",
+                b"timeout 0\n".to_vec(),
+                1_700_000_000,
+            );
             let b = build(&t, size, Some(ty), Some("ESP"));
             let mut base = fs::read(&b.img).unwrap();
             if fill {
@@ -722,13 +742,18 @@ fn esp_edit_survives_a_power_cut_at_every_write() {
                 // Slots: `.`, `..`, two per file (a long name and its 8.3 entry).
                 let files = (cs / 32 - 2) / 2;
                 for i in 0..files - 2 {
-                    fat::edit::add_file(&dev, "/EFI/Linux", &format!("x+{i:02}.efi"), b"x", 0).unwrap();
+                    fat::edit::add_file(&dev, "/EFI/Linux", &format!("x+{i:02}.efi"), b"x", 0)
+                        .unwrap();
                 }
                 base = dev.img.into_inner();
             }
             // The new name needs three slots where the removed one frees two, so a full
             // directory must grow.
-            let name = if fill { "app_3.0.0-rc.1+3.efi" } else { "app_3+3.efi" };
+            let name = if fill {
+                "app_3.0.0-rc.1+3.efi"
+            } else {
+                "app_3+3.efi"
+            };
             let img = b.img.clone();
             let check_kept = |bytes: &[u8], what: &str| {
                 fs::write(&img, bytes).unwrap();
@@ -737,8 +762,14 @@ fn esp_edit_survives_a_power_cut_at_every_write() {
                     Ok(())
                 })
                 .unwrap();
-                assert!(r.read_file("/EFI/Linux/app_1+3.efi").unwrap() == kept, "{what}: kiln reads the kept UKI wrong");
-                assert!(mread(&img, "/EFI/Linux/app_1+3.efi").as_deref() == Some(&kept[..]), "{what}: mtools reads the kept UKI wrong");
+                assert!(
+                    r.read_file("/EFI/Linux/app_1+3.efi").unwrap() == kept,
+                    "{what}: kiln reads the kept UKI wrong"
+                );
+                assert!(
+                    mread(&img, "/EFI/Linux/app_1+3.efi").as_deref() == Some(&kept[..]),
+                    "{what}: mtools reads the kept UKI wrong"
+                );
             };
 
             // The whole edit, to count its writes.
@@ -765,7 +796,10 @@ fn esp_edit_survives_a_power_cut_at_every_write() {
                 for torn in [0, 1, 3] {
                     let what = format!("{ty:?}, directory full: {fill}, cut at write {cut}, {torn} sectors of it landed");
                     let dev = PowerCut::new(base.clone(), cut, torn);
-                    assert!(install(&dev, name, &new).is_err(), "{what}: the cut was not reached");
+                    assert!(
+                        install(&dev, name, &new).is_err(),
+                        "{what}: the cut was not reached"
+                    );
                     let after = dev.img.into_inner();
                     check_kept(&after, &what);
                     // Running the update again finishes the job, fsck-clean.
@@ -774,7 +808,10 @@ fn esp_edit_survives_a_power_cut_at_every_write() {
                     let fin = again.img.into_inner();
                     check_kept(&fin, &what);
                     fsck_clean(&img);
-                    assert!(mread(&img, &format!("/EFI/Linux/{name}")).as_deref() == Some(&new[..]), "{what}: resumed");
+                    assert!(
+                        mread(&img, &format!("/EFI/Linux/{name}")).as_deref() == Some(&new[..]),
+                        "{what}: resumed"
+                    );
                     points += 1;
                 }
             }

@@ -196,11 +196,24 @@ fn check_disk(disk: &Path, dir: &Path, name_version: &str, root_hash: &str) {
     }
 }
 
-/// `kiln update DISK --with NEW`, through a loop device when running as root.
-fn update(disk: &Path, with: &Path) -> String {
+/// `kiln update DISK --with NEW --json`, through a loop device when running as root; its
+/// report, checked against the `kiln.update/1` schema.
+fn update(disk: &Path, with: &Path) -> Value {
+    let out = update_text(disk, with);
+    kiln_testkit::schema::assert_valid_output("update", out.as_bytes())
+}
+
+fn update_text(disk: &Path, with: &Path) -> String {
     if !is_root() {
         eprintln!("skipped: kiln update through a loop device needs root; updating the file");
-        let o = run_ok(kiln().arg("update").arg(disk).arg("--with").arg(with));
+        let o = run_ok(
+            kiln()
+                .arg("update")
+                .arg(disk)
+                .arg("--with")
+                .arg(with)
+                .arg("--json"),
+        );
         return String::from_utf8_lossy(&o.stdout).into_owned();
     }
     let o = run(Command::new(require_tool("losetup"))
@@ -212,11 +225,23 @@ fn update(disk: &Path, with: &Path) -> String {
             "skipped: no loop device ({}); updating the file",
             String::from_utf8_lossy(&o.stderr).trim()
         );
-        let o = run_ok(kiln().arg("update").arg(disk).arg("--with").arg(with));
+        let o = run_ok(
+            kiln()
+                .arg("update")
+                .arg(disk)
+                .arg("--with")
+                .arg(with)
+                .arg("--json"),
+        );
         return String::from_utf8_lossy(&o.stdout).into_owned();
     }
     let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    let o = run(kiln().arg("update").arg(&dev).arg("--with").arg(with));
+    let o = run(kiln()
+        .arg("update")
+        .arg(&dev)
+        .arg("--with")
+        .arg(with)
+        .arg("--json"));
     run_ok(Command::new(require_tool("losetup")).arg("-d").arg(&dev));
     assert!(
         o.status.success(),
@@ -370,7 +395,7 @@ fn boots_blesses_updates_and_rolls_back() {
 
     // v2 into the empty slot; it boots first (newest) and blesses itself.
     let out = update(&disk, &dir.join("v2"));
-    assert!(out.contains("was _empty"), "{out}");
+    assert_eq!(out["replaced"], "_empty", "{out}");
     check_disk(&disk, dir, "appliance_2", v2["root_hash"].as_str().unwrap());
     assert_eq!(esp_ukis(&disk), ["appliance_1.efi", "appliance_2+3.efi"]);
     let o = boot(&disk, "APPLIANCE-DONE", "v2");
@@ -413,7 +438,7 @@ fn boots_blesses_updates_and_rolls_back() {
     // A broken v3 replaces v1 (v2 is the newest blessed version and stays).
     let out = update(&disk, &dir.join("v3/appliance.json"));
     assert!(
-        out.contains("was appliance_1") && out.contains("version 2 kept"),
+        out["replaced"] == "appliance_1" && out["kept"] == "2",
         "{out}"
     );
     check_disk(&disk, dir, "appliance_3", v3["root_hash"].as_str().unwrap());

@@ -220,6 +220,20 @@ fn update_from(disk: &Path, url: &str, pubkey: &Path, extra: &[&str]) -> std::pr
     o
 }
 
+/// Every top-level key of an update report, renamed, breaks its schema.
+fn assert_renames_caught(doc: &Value) {
+    for k in doc.as_object().unwrap().keys() {
+        let mut copy = doc.clone();
+        let m = copy.as_object_mut().unwrap();
+        let v = m.remove(k).unwrap();
+        m.insert(format!("{k}_renamed"), v);
+        assert!(
+            !kiln_testkit::schema::errors("update", &copy).is_empty(),
+            "renaming {k} still validates"
+        );
+    }
+}
+
 #[test]
 fn update_from_http_fetches_only_what_changed() {
     for t in [
@@ -308,9 +322,10 @@ fn update_from_http_fetches_only_what_changed() {
     // --dry-run: what would be fetched; nothing written.
     let o = update_from(&disk, &url, &pubkey, &["--dry-run", "--json"]);
     assert!(o.status.success());
-    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let plan = kiln_testkit::schema::assert_valid_output("update", &o.stdout);
     eprintln!("dry run: {plan}");
-    let missing = plan["root_missing_bytes"].as_u64().unwrap();
+    assert_renames_caught(&plan);
+    let missing = plan["root_missing_size"].as_u64().unwrap();
     let pct = plan["root_missing_percent"].as_f64().unwrap();
     assert!(missing > 0 && missing < root.len() as u64 / 2, "{plan}");
     assert_eq!(sha(&disk), before);
@@ -332,14 +347,14 @@ fn update_from_http_fetches_only_what_changed() {
     faults.lock().unwrap().drop = Some((".root.raw".into(), 10_000, 6));
     let o = update_from(&disk, &url, &pubkey, &["--json"]);
     assert!(o.status.success());
-    let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rep = kiln_testkit::schema::assert_valid_output("update", &o.stdout);
     eprintln!("update: {rep}");
     assert!(rep["retries"].as_u64().unwrap() >= 6, "{rep}");
     assert_eq!(faults.lock().unwrap().drop.as_ref().unwrap().2, 0);
     // A fetched byte is never more than what the plan said plus the retries' waste.
     assert!(
-        rep["fetched_bytes"].as_u64().unwrap()
-            < missing + rep["uki_missing_bytes"].as_u64().unwrap() + 7 * (8 << 20)
+        rep["fetched_size"].as_u64().unwrap()
+            < missing + rep["uki_missing_size"].as_u64().unwrap() + 7 * (8 << 20)
     );
     let (dn, hn) = (
         rep["data_partition"].as_u64().unwrap() as usize,
@@ -373,8 +388,8 @@ fn update_from_http_fetches_only_what_changed() {
         "delta: root {} of {} bytes fetched ({pct:.2} %), UKI {} of {} bytes, index {index_size} bytes",
         missing,
         root.len(),
-        rep["uki_missing_bytes"],
-        rep["uki_bytes"]
+        rep["uki_missing_size"],
+        rep["uki_size"]
     );
 
     // The ESP passes fsck.fat, and the disk boots v2 under OVMF.

@@ -65,7 +65,9 @@ impl<'d> Editor<'d> {
         })
     }
 
-    fn reader(&self) -> Result<FatReader<impl Fn(u64, &mut [u8]) -> io::Result<()> + '_>, FatError> {
+    fn reader(
+        &self,
+    ) -> Result<FatReader<impl Fn(u64, &mut [u8]) -> io::Result<()> + '_>, FatError> {
         FatReader::open(|o: u64, b: &mut [u8]| self.dev.read(o, b))
     }
 
@@ -114,7 +116,10 @@ impl<'d> Editor<'d> {
         }
         for copy in 0..self.g.num_fats {
             for &(a, b) in &runs {
-                self.write(self.g.fat_offset(copy) + a, &self.fat[a as usize..b as usize])?;
+                self.write(
+                    self.g.fat_offset(copy) + a,
+                    &self.fat[a as usize..b as usize],
+                )?;
             }
         }
         Ok(())
@@ -310,12 +315,11 @@ pub fn add_file(
         })?;
     let mut slots: Vec<u8> = Vec::new();
     if long {
-        let units = names::check_long_name(name.as_bytes()).map_err(|reason| {
-            FatError::Unsupported {
+        let units =
+            names::check_long_name(name.as_bytes()).map_err(|reason| FatError::Unsupported {
                 path: path.clone(),
                 reason,
-            }
-        })?;
+            })?;
         for l in names::lfn_entries(&units, &short) {
             slots.extend_from_slice(l.as_bytes());
         }
@@ -403,10 +407,7 @@ pub fn add_file(
 
     // 2. The chains (still unreachable).
     let eoc = ed.g.fat_type.eoc();
-    let mut chain: Vec<(u32, u32)> = file_clusters
-        .windows(2)
-        .map(|w| (w[0], w[1]))
-        .collect();
+    let mut chain: Vec<(u32, u32)> = file_clusters.windows(2).map(|w| (w[0], w[1])).collect();
     chain.extend(file_clusters.last().map(|&c| (c, eoc)));
     chain.extend(dir_cluster.first().map(|&c| (c, eoc)));
     ed.set_entries(&chain)?;

@@ -31,7 +31,7 @@ pub struct UpdateArgs {
     /// With `--from`: ranges fetched at once.
     #[arg(long, default_value_t = 4, requires = "from")]
     pub parallel: usize,
-    /// Print the result as JSON (`--from`).
+    /// Print the result as JSON (schema `kiln.update/1`).
     #[arg(long)]
     pub json: bool,
 }
@@ -47,6 +47,23 @@ pub fn run(a: UpdateArgs) -> Outcome {
         image: a.image.clone(),
         with,
     })?;
+    if a.json {
+        let doc = serde_json::json!({
+            "schema": kiln_build::json::UPDATE_SCHEMA,
+            "mode": "with",
+            "dry_run": false,
+            "name": r.name,
+            "version": r.version,
+            "data_partition": r.data_partition,
+            "hash_partition": r.hash_partition,
+            "replaced": r.replaced,
+            "kept": r.kept,
+            "installed_uki": r.installed_uki,
+            "removed_ukis": r.removed_ukis,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{}: installed {} {} into partitions {} and {} (was {}){}",
         a.image.display(),
@@ -82,7 +99,12 @@ fn run_from(a: &UpdateArgs, from: &str) -> Outcome {
         },
     })?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let mut doc = serde_json::to_value(&r)?;
+        if let Some(o) = doc.as_object_mut() {
+            o.insert("schema".into(), kiln_build::json::UPDATE_SCHEMA.into());
+            o.insert("mode".into(), "from".into());
+        }
+        println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(ExitCode::SUCCESS);
     }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
