@@ -76,10 +76,11 @@ fn rootfs_output_is_a_bare_filesystem_the_kernel_mounts() {
             .unwrap_or_else(|| panic!("{fs_name}: rootfs not in the report's artifacts"));
         let sha = run_ok(Command::new("sha256sum").arg(&img));
         assert_eq!(
-            listed["sha256"].as_str().unwrap(),
-            &String::from_utf8_lossy(&sha.stdout)[..64],
-            "{fs_name}: the report's sha256 is the file's"
+            listed["digest"].as_str().unwrap(),
+            format!("sha256:{}", &String::from_utf8_lossy(&sha.stdout)[..64]),
+            "{fs_name}: the report's digest is the file's"
         );
+        kiln_testkit::schema::assert_valid("build", &report);
         // No GPT: the filesystem starts at byte 0 (ext4's magic at 1080, EROFS's at 1024).
         let head = fs::read(&img).unwrap();
         match fs_name {
