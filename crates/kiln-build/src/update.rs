@@ -450,9 +450,9 @@ impl Target {
         format!("{}: partition {}", self.img.display(), self.table.number(i))
     }
 
-    fn esp_reader(&self) -> Result<FatReader<impl Fn(u64, &mut [u8]) -> std::io::Result<()> + '_>> {
+    fn esp_reader(&self) -> Result<FatReader<EspRead<'_>>> {
         let (esp_off, esp_len, f) = (self.esp_off, self.esp_len, &self.f);
-        FatReader::open(move |off: u64, buf: &mut [u8]| {
+        let read: EspRead<'_> = Box::new(move |off: u64, buf: &mut [u8]| {
             if off + buf.len() as u64 > esp_len {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -460,8 +460,8 @@ impl Target {
                 ));
             }
             f.read_exact_at(buf, esp_off + off)
-        })
-        .with_context(|| self.esp_where.clone())
+        });
+        FatReader::open(read).with_context(|| self.esp_where.clone())
     }
 
     /// The UKIs of NEW's image on the ESP: their ESP paths and bytes (a source of blocks for
@@ -669,6 +669,9 @@ pub(crate) struct EspPlan {
     installed: String,
     removed: Vec<String>,
 }
+
+/// Reads of the ESP within the image file, as [`FatReader`] takes them.
+type EspRead<'a> = Box<dyn Fn(u64, &mut [u8]) -> std::io::Result<()> + 'a>;
 
 /// The ESP, edited in place through the image file (offsets relative to the ESP).
 struct EspDevice<'a> {

@@ -55,6 +55,9 @@ impl Default for FetchOptions {
     }
 }
 
+/// Applies an update to the shared fetch statistics (one lock, taken by the caller).
+type StatsSink<'a> = &'a dyn Fn(&dyn Fn(&mut FetchStats));
+
 /// What the fetch cost.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FetchStats {
@@ -131,7 +134,7 @@ async fn fetch_one(
     r: Range<u64>,
     opts: &FetchOptions,
     sink: &dyn Fn(u64, &[u8]) -> anyhow::Result<Verdict>,
-    add: &dyn Fn(&dyn Fn(&mut FetchStats)),
+    add: StatsSink<'_>,
 ) -> anyhow::Result<()> {
     let mut pos = r.start;
     let mut tries = 0u32;
@@ -173,7 +176,7 @@ async fn one_try(
     want: Range<u64>,
     unit: u64,
     sink: &dyn Fn(u64, &[u8]) -> anyhow::Result<Verdict>,
-    add: &dyn Fn(&dyn Fn(&mut FetchStats)),
+    add: StatsSink<'_>,
     pos: &mut u64,
 ) -> Result<(), TryError> {
     let mut buf: Vec<u8> = Vec::new();

@@ -38,6 +38,9 @@ pub trait Device {
     fn sync(&self) -> io::Result<()>;
 }
 
+/// Reads through a [`Device`], as [`FatReader`] takes them.
+type DevRead<'a> = Box<dyn Fn(u64, &mut [u8]) -> io::Result<()> + 'a>;
+
 /// An open filesystem: its layout and an in-memory copy of the first FAT.
 struct Editor<'d> {
     dev: &'d dyn Device,
@@ -65,10 +68,8 @@ impl<'d> Editor<'d> {
         })
     }
 
-    fn reader(
-        &self,
-    ) -> Result<FatReader<impl Fn(u64, &mut [u8]) -> io::Result<()> + '_>, FatError> {
-        FatReader::open(|o: u64, b: &mut [u8]| self.dev.read(o, b))
+    fn reader(&self) -> Result<FatReader<DevRead<'_>>, FatError> {
+        FatReader::open(Box::new(|o: u64, b: &mut [u8]| self.dev.read(o, b)) as DevRead<'_>)
     }
 
     fn entry(&self, c: u32) -> u32 {
