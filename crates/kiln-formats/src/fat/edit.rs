@@ -152,31 +152,32 @@ impl<'d> Editor<'d> {
         Ok(())
     }
 
+    /// Per cluster number, whether a chain from the root or a directory entry reaches it.
+    fn reachable(&self) -> Result<Vec<bool>, FatError> {
+        let r = self.reader()?;
+        let mut firsts: Vec<u32> = r
+            .walk()?
+            .into_iter()
+            .map(|(_, e)| e.first_cluster)
+            .filter(|&c| c >= 2)
+            .collect();
+        if self.g.fat_type == FatType::Fat32 {
+            firsts.push(self.root_cluster);
+        }
+        let mut reachable = vec![false; self.g.cluster_count as usize + 2];
+        for c in firsts {
+            for x in r.chain(c)? {
+                reachable[x as usize] = true;
+            }
+        }
+        Ok(reachable)
+    }
+
     /// Frees clusters the FAT marks used that no directory entry reaches (after making the
     /// FAT copies agree).
     fn reclaim_lost(&mut self) -> Result<(), FatError> {
         self.mirror_fats()?;
-        let mut reachable = vec![false; self.g.cluster_count as usize + 2];
-        let walk = {
-            let r = self.reader()?;
-            let mut firsts: Vec<u32> = r
-                .walk()?
-                .into_iter()
-                .map(|(_, e)| e.first_cluster)
-                .filter(|&c| c >= 2)
-                .collect();
-            if self.g.fat_type == FatType::Fat32 {
-                firsts.push(self.root_cluster);
-            }
-            let mut chains = Vec::new();
-            for c in firsts {
-                chains.push(r.chain(c)?);
-            }
-            chains
-        };
-        for c in walk.into_iter().flatten() {
-            reachable[c as usize] = true;
-        }
+        let reachable = self.reachable()?;
         let bad = match self.g.fat_type {
             FatType::Fat12 => 0xFF7,
             FatType::Fat16 => 0xFFF7,
@@ -503,22 +504,7 @@ pub fn remove_file(dev: &dyn Device, path: &str) -> Result<bool, FatError> {
 /// counted as free (what [`add_file`] will find).
 pub fn space(dev: &dyn Device, len: u64) -> Result<(u64, u64), FatError> {
     let ed = Editor::open(dev)?;
-    let r = ed.reader()?;
-    let mut used = vec![false; ed.g.cluster_count as usize + 2];
-    let mut firsts: Vec<u32> = r
-        .walk()?
-        .into_iter()
-        .map(|(_, e)| e.first_cluster)
-        .filter(|&c| c >= 2)
-        .collect();
-    if ed.g.fat_type == FatType::Fat32 {
-        firsts.push(ed.root_cluster);
-    }
-    for c in firsts {
-        for x in r.chain(c)? {
-            used[x as usize] = true;
-        }
-    }
+    let used = ed.reachable()?;
     let free = ed.clusters().filter(|&c| !used[c as usize]).count() as u64;
     Ok((len.div_ceil(u64::from(ed.g.cluster_size())), free))
 }
