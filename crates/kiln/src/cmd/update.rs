@@ -72,15 +72,9 @@ pub fn run(a: UpdateArgs) -> Outcome {
         r.data_partition,
         r.hash_partition,
         r.replaced,
-        match &r.kept {
-            Some(k) => format!("; version {k} kept as the fallback"),
-            None => String::new(),
-        }
+        kept_note(&r.kept)
     );
-    println!("  ESP: added {}", r.installed_uki);
-    for u in &r.removed_ukis {
-        println!("  ESP: removed {u}");
-    }
+    print_esp(&r.installed_uki, &r.removed_ukis);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -132,15 +126,24 @@ fn run_from(a: &UpdateArgs, from: &str) -> Outcome {
             r.data_partition,
             r.hash_partition,
             r.replaced,
-            match &r.kept {
-                Some(k) => format!("; version {k} kept as the fallback"),
-                None => String::new(),
-            }
+            kept_note(&r.kept)
         );
-        println!("  ESP: added {}", r.installed_uki);
-        for u in &r.removed_ukis {
-            println!("  ESP: removed {u}");
-        }
+        print_esp(&r.installed_uki, &r.removed_ukis);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// "; version V kept as the fallback", or nothing.
+fn kept_note(kept: &Option<String>) -> String {
+    kept.as_ref()
+        .map(|k| format!("; version {k} kept as the fallback"))
+        .unwrap_or_default()
+}
+
+/// The ESP changes of an update, one line each.
+fn print_esp(installed: &str, removed: &[String]) {
+    println!("  ESP: added {installed}");
+    for u in removed {
+        println!("  ESP: removed {u}");
+    }
 }
