@@ -9,7 +9,7 @@
 //   MODE nojs NAME     JavaScript off: the form leads to the piece's page, whose link downloads
 // SHOTS is a path prefix for the screenshots (PNG, full page).
 import { chromium } from 'playwright-core';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -123,7 +123,9 @@ async function until(page, fn, timeout = 60000) {
 }
 
 // A persistent context on a fresh profile directory: Chromium gets its own --user-data-dir.
-const ctx = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'kiln-chromium-')), {
+// It is removed when the context closes.
+const profile = mkdtempSync(join(tmpdir(), 'kiln-chromium-'));
+const ctx = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
   headless: true,
   args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
@@ -210,5 +212,6 @@ try {
   }
 } finally {
   await ctx.close();
+  rmSync(profile, { recursive: true, force: true });
 }
 console.log(JSON.stringify(result));
