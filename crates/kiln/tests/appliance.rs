@@ -11,6 +11,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod ab_support;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -19,11 +21,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use kiln_build::qemu::{self, BootOptions, BootOutcome, Firmware};
-use kiln_formats::fat::FatReader;
 use kiln_formats::gpt::Gpt;
 use kiln_formats::{erofs, pe};
 use kiln_testkit::{is_root, require_tool, run, run_ok};
 use serde_json::Value;
+
+use ab_support::esp_ukis;
 
 /// TCG boots are CPU-bound; two at once on a small machine only make both slow.
 static QEMU: Mutex<()> = Mutex::new(());
@@ -117,24 +120,6 @@ fn markers(out: &BootOutcome) -> Vec<&str> {
         .map(str::trim)
         .filter(|l| l.starts_with("APPLIANCE-"))
         .collect()
-}
-
-/// File names in the ESP's EFI/Linux, read with kiln's FAT reader, sorted.
-fn esp_ukis(disk: &Path) -> Vec<String> {
-    let f = fs::File::open(disk).unwrap();
-    let gpt = Gpt::read(&f).unwrap();
-    let esp = gpt.partitions.iter().find(|p| p.name == "esp").unwrap();
-    let off = esp.offset();
-    let r = FatReader::open(|o: u64, b: &mut [u8]| f.read_exact_at(b, off + o)).unwrap();
-    let mut names: Vec<String> = r
-        .list("/EFI/Linux")
-        .unwrap()
-        .into_iter()
-        .filter(|e| !e.is_dir())
-        .map(|e| e.name)
-        .collect();
-    names.sort();
-    names
 }
 
 /// Copies `len` bytes at `off` of `disk` into `to`.

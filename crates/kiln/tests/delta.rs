@@ -6,24 +6,23 @@
 //! split artifacts byte for byte), once with an index signed by another key (refused); the
 //! updated disk boots v2.
 //!
-//! The server is the test's own (a few lines over std::net: `GET` with one byte range, `HEAD`),
-//! so that it can tamper and drop connections on purpose.
+//! The server is the test's own (`ab_support::serve`), so that it can tamper and drop
+//! connections on purpose.
 
 #![allow(clippy::unwrap_used)]
 
+mod ab_support;
+
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ab_support::{esp_file, esp_ukis, gpt_names, partition, partition_bytes, serve, Faults};
 use kiln_build::delta::Index;
 use kiln_build::qemu::{self, BootOptions, Firmware};
-use kiln_formats::fat::FatReader;
-use kiln_formats::gpt::Gpt;
 use kiln_testkit::{require_tool, run, run_ok};
 use serde_json::Value;
 use sha2::Digest;
@@ -34,114 +33,6 @@ fn kiln() -> Command {
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/appliance")
-}
-
-/// Faults the server injects.
-#[derive(Default)]
-struct Faults {
-    /// Flip the first byte of every ranged response for files ending like this.
-    tamper: Option<String>,
-    /// For this many more responses of files ending like this, send only this many body bytes
-    /// and close the connection.
-    drop: Option<(String, usize, u32)>,
-    /// Requests served with a Range header.
-    ranged: u32,
-}
-
-/// A static file server for `dir` on 127.0.0.1; returns its base URL.
-fn serve(dir: PathBuf, faults: Arc<Mutex<Faults>>) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let (dir, faults) = (dir.clone(), faults.clone());
-            std::thread::spawn(move || {
-                let _ = answer(s, &dir, &faults);
-            });
-        }
-    });
-    format!("http://127.0.0.1:{port}")
-}
-
-fn answer(mut s: TcpStream, dir: &Path, faults: &Mutex<Faults>) -> std::io::Result<()> {
-    let mut r = BufReader::new(s.try_clone()?);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let mut range = None;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h)?;
-        if h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("range") {
-                range = v.trim().strip_prefix("bytes=").map(str::to_string);
-            }
-        }
-    }
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let name = path.trim_start_matches('/');
-    let file = dir.join(name);
-    if name.contains("..") || !file.is_file() {
-        return s.write_all(
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        );
-    }
-    let len = fs::metadata(&file)?.len();
-    let (start, end) = match &range {
-        Some(r) => {
-            let (a, b) = r.split_once('-').unwrap();
-            let a: u64 = a.parse().unwrap();
-            let b: u64 = if b.is_empty() {
-                len - 1
-            } else {
-                b.parse::<u64>().unwrap().min(len - 1)
-            };
-            (a, b + 1)
-        }
-        None => (0, len),
-    };
-    let mut body = vec![0u8; (end - start) as usize];
-    fs::File::open(&file)?.read_exact_at(&mut body, start)?;
-    let mut cut = None;
-    {
-        let mut f = faults.lock().unwrap();
-        if range.is_some() {
-            f.ranged += 1;
-            if f.tamper
-                .as_ref()
-                .is_some_and(|t| name.ends_with(t.as_str()))
-                && !body.is_empty()
-            {
-                body[0] ^= 0xff;
-            }
-            if let Some((t, n, left)) = &mut f.drop {
-                if name.ends_with(t.as_str()) && *left > 0 && body.len() > *n {
-                    *left -= 1;
-                    cut = Some(*n);
-                }
-            }
-        }
-    }
-    let head = match &range {
-        Some(_) => format!(
-            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{len}\r\nConnection: close\r\n\r\n",
-            end - start,
-            end - 1
-        ),
-        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"),
-    };
-    s.write_all(head.as_bytes())?;
-    if method == "GET" {
-        s.write_all(&body[..cut.unwrap_or(body.len())])?;
-    }
-    s.flush()?;
-    if cut.is_some() {
-        s.shutdown(std::net::Shutdown::Both)?;
-    }
-    Ok(())
 }
 
 fn build(src: &Path, version: &str, out: &Path, key: &Path) -> Value {
@@ -162,43 +53,6 @@ fn build(src: &Path, version: &str, out: &Path, key: &Path) -> Value {
 
 fn sha(p: &Path) -> String {
     hex::encode(sha2::Sha256::digest(fs::read(p).unwrap()))
-}
-
-/// Bytes of GPT partition `name`'s first `len` bytes (whole partition when `None`).
-fn partition_bytes(disk: &Path, number: usize, len: Option<u64>) -> Vec<u8> {
-    let f = fs::File::open(disk).unwrap();
-    let g = Gpt::read(&f).unwrap();
-    let p = &g.partitions[number - 1];
-    let mut b = vec![0u8; len.unwrap_or(p.size()) as usize];
-    f.read_exact_at(&mut b, p.offset()).unwrap();
-    b
-}
-
-fn esp_ukis(disk: &Path) -> Vec<String> {
-    let f = fs::File::open(disk).unwrap();
-    let gpt = Gpt::read(&f).unwrap();
-    let esp = gpt.partitions.iter().find(|p| p.name == "esp").unwrap();
-    let off = esp.offset();
-    let r = FatReader::open(|o: u64, b: &mut [u8]| f.read_exact_at(b, off + o)).unwrap();
-    let mut names: Vec<String> = r
-        .list("/EFI/Linux")
-        .unwrap()
-        .into_iter()
-        .filter(|e| !e.is_dir())
-        .map(|e| e.name)
-        .collect();
-    names.sort();
-    names
-}
-
-fn gpt_names(disk: &Path) -> Vec<String> {
-    let f = fs::File::open(disk).unwrap();
-    Gpt::read(&f)
-        .unwrap()
-        .partitions
-        .iter()
-        .map(|p| p.name.clone())
-        .collect()
 }
 
 fn update_from(disk: &Path, url: &str, pubkey: &Path, extra: &[&str]) -> std::process::Output {
@@ -368,19 +222,7 @@ fn update_from_http_fetches_only_what_changed() {
     let verity = fs::read(out2.join("appliance_2.root-verity.raw")).unwrap();
     assert!(partition_bytes(&disk, hn, Some(verity.len() as u64)) == verity);
     assert_eq!(esp_ukis(&disk), ["appliance_1+3.efi", "appliance_2+3.efi"]);
-    let uki_on_esp = {
-        let f = fs::File::open(&disk).unwrap();
-        let gpt = Gpt::read(&f).unwrap();
-        let esp = gpt
-            .partitions
-            .iter()
-            .find(|p| p.name == "esp")
-            .unwrap()
-            .clone();
-        let r =
-            FatReader::open(|o: u64, b: &mut [u8]| f.read_exact_at(b, esp.offset() + o)).unwrap();
-        r.read_file("/EFI/Linux/appliance_2+3.efi").unwrap()
-    };
+    let uki_on_esp = esp_file(&disk, "/EFI/Linux/appliance_2+3.efi");
     assert!(uki_on_esp == fs::read(out2.join("appliance_2.efi")).unwrap());
     let names = gpt_names(&disk);
     assert_eq!(names[dn - 1], "appliance_2");
@@ -394,13 +236,7 @@ fn update_from_http_fetches_only_what_changed() {
 
     // The ESP passes fsck.fat, and the disk boots v2 under OVMF.
     let f = fs::File::open(&disk).unwrap();
-    let gpt = Gpt::read(&f).unwrap();
-    let esp = gpt
-        .partitions
-        .iter()
-        .find(|p| p.name == "esp")
-        .unwrap()
-        .clone();
+    let esp = partition(&disk, "esp");
     let mut eb = vec![0u8; esp.size() as usize];
     f.read_exact_at(&mut eb, esp.offset()).unwrap();
     let espf = dir.join("esp.img");

@@ -15,11 +15,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+mod ab_support;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_build::qemu::{self, Attach, BootOptions, BootOutcome, DirectKernel, Ending, Firmware};
@@ -27,6 +29,8 @@ use kiln_formats::fat::FatReader;
 use kiln_formats::gpt::Gpt;
 use kiln_testkit::{debian_tree, require_tool, run_ok};
 use serde_json::Value;
+
+use ab_support::{esp_ukis, partition_bytes, serve, Faults};
 
 /// TCG boots are CPU-bound; two at once on a small machine only make both slow.
 static QEMU: Mutex<()> = Mutex::new(());
@@ -90,6 +94,11 @@ fn project(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
 
 /// `kiln build PROJECT --source TAR -o OUT`; the report.
 fn build(project: &Path, tar: &Path, out: &Path, what: &str) -> Value {
+    build_with(project, tar, out, what, &[])
+}
+
+/// `kiln build PROJECT --source TAR -o OUT EXTRA...`; the report.
+fn build_with(project: &Path, tar: &Path, out: &Path, what: &str, extra: &[&str]) -> Value {
     let t = Instant::now();
     let o = run_ok(
         kiln()
@@ -98,7 +107,8 @@ fn build(project: &Path, tar: &Path, out: &Path, what: &str) -> Value {
             .arg("--source")
             .arg(tar)
             .arg("-o")
-            .arg(out),
+            .arg(out)
+            .args(extra),
     );
     eprintln!(
         "kiln build {what}: {:.1} s\n{}",
@@ -278,24 +288,6 @@ fn check_disk_boot(img: &Image, out: &BootOutcome, what: &str) -> BTreeMap<Strin
         out.elapsed.as_secs_f64()
     );
     r
-}
-
-/// File names in the ESP's EFI/Linux, read with kiln's FAT reader, sorted.
-fn esp_ukis(disk: &Path) -> Vec<String> {
-    let f = fs::File::open(disk).unwrap();
-    let gpt = Gpt::read(&f).unwrap();
-    let esp = gpt.partitions.iter().find(|p| p.name == "esp").unwrap();
-    let off = esp.offset();
-    let r = FatReader::open(|o: u64, b: &mut [u8]| f.read_exact_at(b, off + o)).unwrap();
-    let mut names: Vec<String> = r
-        .list("/EFI/Linux")
-        .unwrap()
-        .into_iter()
-        .filter(|e| !e.is_dir())
-        .map(|e| e.name)
-        .collect();
-    names.sort();
-    names
 }
 
 /// Builds with the image and checks what `kiln build` reports about the initrd: modules with
@@ -666,6 +658,180 @@ fn ab_update_with_failing_unit_falls_back_to_blessed_v1() {
     );
     assert_eq!(r["loader-entry"], "debian_1.efi");
     assert_eq!(esp_ukis(&disk), ["debian_1.efi", "debian_2+0-1.efi"]);
+}
+
+/// `Package Version` of every package in a tree's dpkg status.
+fn packages(tar: &Path) -> BTreeMap<String, String> {
+    let o = run_ok(
+        Command::new("tar")
+            .arg("-xOf")
+            .arg(tar)
+            .arg("./var/lib/dpkg/status"),
+    );
+    let mut m = BTreeMap::new();
+    for stanza in String::from_utf8(o.stdout).unwrap().split("\n\n") {
+        let field = |k: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        if let (Some(p), Some(v)) = (field("Package:"), field("Version:")) {
+            m.insert(p, v);
+        }
+    }
+    m
+}
+
+/// Must hold (#22): a Debian tree v1 and v2 = v1 with one package added (bookworm-cloud and
+/// bookworm-cloud-hello, made by mmdebstrap from one mirror state), each built into a signed
+/// A/B disk with an ext4 root and with an EROFS lz4 root. `kiln update --from` turns a v1 disk
+/// into v2 over HTTP with byte ranges: the slot equals v2's root image byte for byte, at most
+/// 15 % of the root is fetched, and the updated disk boots v2 (hello runs).
+#[test]
+fn debian_update_from_http_fetches_one_package() {
+    tools();
+    require_tool("tar");
+    let (Some(tar1), Some(tar2)) = (
+        debian_tree("bookworm-cloud"),
+        debian_tree("bookworm-cloud-hello"),
+    ) else {
+        return;
+    };
+    // The two trees differ by one package and nothing else.
+    let (p1, p2) = (packages(&tar1), packages(&tar2));
+    let mut added = p2.clone();
+    added.retain(|k, _| !p1.contains_key(k));
+    let changed: Vec<&String> = p1.keys().filter(|k| p2.get(*k) != p1.get(*k)).collect();
+    assert!(
+        added.keys().eq(["hello"]) && changed.is_empty(),
+        "the trees must differ by the hello package alone (added {added:?}, changed {changed:?}); \
+         made from different mirror states? remove both and run scripts/debian-tree bookworm-cloud-hello"
+    );
+
+    let dir = tmp_root().join("delta");
+    let key = dir.join("release.key");
+    let pubkey = dir.join("release.pub");
+    fs::create_dir_all(&dir).unwrap();
+    kiln_ship::sign::generate_unencrypted(&key, &pubkey).unwrap();
+    let key = key.to_str().unwrap();
+    for (fs_name, root_spec) in [
+        ("ext4", "fs = \"ext4\""),
+        ("erofs-lz4", "fs = \"erofs\"\ncompression = \"lz4\""),
+    ] {
+        let p = project(&dir.join(fs_name).join("project"), |s| {
+            s.replace("output = [\"disk\", \"iso\"]", "output = [\"disk\"]")
+                .replace("fs = \"erofs\"\ncompression = \"lz4\"", root_spec)
+        });
+        // The boot report also says what hello prints.
+        let report = p.join("files/usr/local/sbin/kiln-boot-report");
+        let script = fs::read_to_string(&report).unwrap().replace(
+            "echo KILN-REPORT-END",
+            "r hello \"$(hello 2>&1)\"\necho KILN-REPORT-END",
+        );
+        fs::write(&report, script).unwrap();
+        let out1 = dir.join(fs_name).join("v1");
+        let out2 = dir.join(fs_name).join("v2");
+        build_with(&p, &tar1, &out1, &format!("{fs_name} v1"), &["--sign", key]);
+        build_with(
+            &p,
+            &tar2,
+            &out2,
+            &format!("{fs_name} v2 (+hello)"),
+            &["--image-version", "2", "--sign", key],
+        );
+
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let url = format!("{}/debian_2.index", serve(out2.clone(), faults.clone()));
+        let disk = dir.join(fs_name).join("machine.img");
+        run_ok(
+            Command::new("cp")
+                .arg("--sparse=always")
+                .arg(out1.join("debian_1.img"))
+                .arg(&disk),
+        );
+        let t = Instant::now();
+        let o = run_ok(
+            kiln()
+                .arg("update")
+                .arg(&disk)
+                .arg("--from")
+                .arg(&url)
+                .arg("--pub")
+                .arg(&pubkey)
+                .arg("--json"),
+        );
+        let rep = kiln_testkit::schema::assert_valid_output("update", &o.stdout);
+        let secs = t.elapsed().as_secs_f64();
+        let root = fs::read(out2.join("debian_2.root.raw")).unwrap();
+        let (dn, hn) = (
+            rep["data_partition"].as_u64().unwrap() as usize,
+            rep["hash_partition"].as_u64().unwrap() as usize,
+        );
+        assert!(
+            partition_bytes(&disk, dn, Some(root.len() as u64)) == root,
+            "{fs_name}: the updated slot differs from v2's root image"
+        );
+        let verity = fs::read(out2.join("debian_2.root-verity.raw")).unwrap();
+        assert!(partition_bytes(&disk, hn, Some(verity.len() as u64)) == verity);
+        let missing = rep["root_missing_size"].as_u64().unwrap();
+        let pct = 100.0 * missing as f64 / root.len() as f64;
+        // The slot is fixed at 1 GiB; what the filesystem holds is its blocks that are not all
+        // zero, the fairer denominator.
+        let used = 4096
+            * root
+                .chunks(4096)
+                .filter(|b| b.iter().any(|&x| x != 0))
+                .count() as u64;
+        let pct_used = 100.0 * missing as f64 / used as f64;
+        let sent = faults.lock().unwrap().sent;
+        eprintln!(
+            "delta {fs_name}: root {missing} of {} bytes fetched ({pct:.2} %), {pct_used:.2} % of \
+             its {used} bytes in use (the tree's tar is {} bytes); UKI {} of {}; index {}; \
+             {sent} bytes served in all, {} requests, {secs:.1} s",
+            root.len(),
+            fs::metadata(&tar2).unwrap().len(),
+            rep["uki_missing_size"],
+            rep["uki_size"],
+            rep["index_size"],
+            rep["requests"],
+        );
+        assert_eq!(rep["root_size"].as_u64(), Some(root.len() as u64));
+        assert!(
+            pct_used <= 15.0,
+            "{fs_name}: {pct_used:.2} % of the root's blocks in use fetched for one package: {rep}"
+        );
+        // What was sent is what the report says was fetched, and the index.
+        assert_eq!(
+            rep["fetched_size"].as_u64().unwrap() + rep["index_size"].as_u64().unwrap(),
+            sent,
+            "{rep}"
+        );
+        assert_eq!(
+            esp_ukis(&disk),
+            ["debian_1+2.efi", "debian_2+2.efi"],
+            "{fs_name}"
+        );
+
+        let what = format!("{fs_name} v1 updated to v2 over HTTP");
+        let out = boot(&disk, Attach::Disk, false, &what);
+        let r = must_succeed(&out, &what);
+        let get = |k: &str| r.get(k).map(String::as_str).unwrap_or("<missing>");
+        assert_eq!(get("multi-user"), "active", "{what}: {r:?}");
+        assert_eq!(get("failed"), "", "{what}: failed units");
+        assert!(
+            get("cmdline").contains("kiln.label=debian_2"),
+            "{what}: {}",
+            get("cmdline")
+        );
+        let fstype = fs_name.split('-').next().unwrap();
+        assert!(
+            get("mount /").starts_with(&format!("/dev/mapper/root {fstype} ro")),
+            "{what}: root {}",
+            get("mount /")
+        );
+        assert_eq!(get("hello"), "Hello, world!", "{what}");
+    }
 }
 
 /// Must hold: a kernel with a module missing from the initrd fails with a message naming that
