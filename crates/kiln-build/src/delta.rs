@@ -469,6 +469,9 @@ pub struct FromReport {
     pub installed_uki: String,
     /// ESP paths of the UKIs removed.
     pub removed_ukis: Vec<String>,
+    /// Why the primary GPT was unusable, when it was (or, with `--dry-run`, would be)
+    /// rewritten from the valid backup.
+    pub gpt_restored: Option<String>,
 }
 
 /// Where a block of the new root comes from.
@@ -650,6 +653,7 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
         uki_missing_bytes: miss_bytes(&uki_missing, m.uki.size),
         uki_bytes: m.uki.size,
         index_bytes: (idx_bytes.len() + sig_text.len()) as u64,
+        gpt_restored: t.gpt_restored.clone(),
         ..FromReport::default()
     };
     // 4.

@@ -86,6 +86,8 @@ pub struct UpdateReport {
     pub installed_uki: String,
     /// ESP paths of the UKIs removed.
     pub removed_ukis: Vec<String>,
+    /// Why the primary GPT was unusable, when it was rewritten from the valid backup.
+    pub gpt_restored: Option<String>,
 }
 
 /// The parts of a build report `kiln update` reads.
@@ -430,6 +432,8 @@ pub(crate) struct Target {
     esp_len: u64,
     esp_where: String,
     entries: Vec<(String, kiln_formats::fat::read::Entry)>,
+    /// Why the primary GPT was unusable, when it was restored from the backup.
+    pub gpt_restored: Option<String>,
 }
 
 impl Target {
@@ -504,12 +508,10 @@ pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result
         .seek(SeekFrom::End(0))
         .with_context(|| format!("{}: finding its size", img.display()))?;
     let table = Gpt::read(&f).with_context(|| format!("{}: reading the GPT", img.display()))?;
-    if let Some(why) = &table.primary_error {
-        bail!(
-            "{}: the primary GPT is damaged ({why}); repair it (sgdisk -e / gdisk) before updating",
-            img.display()
-        );
-    }
+    // A damaged primary with a valid backup is what a power cut during an earlier GPT rewrite
+    // leaves (see write_gpt); firmware boots from the backup, so the backup is the table, and
+    // both copies are rewritten from it before anything else.
+    let gpt_restored = table.primary_error.clone();
     if table.disk_guid != new.disk_uuid {
         bail!(
             "{}: disk GUID {} differs from {src}'s {}: that build comes from another seed (another image family); refusing to install it",
@@ -601,7 +603,11 @@ pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result
         esp_len,
         esp_where,
         entries: Vec::new(),
+        gpt_restored,
     };
+    if t.gpt_restored.is_some() && !read_only {
+        write_gpt(&mut t)?;
+    }
     let entries = {
         let reader = t.esp_reader()?;
         reader.walk().with_context(|| t.esp_where.clone())?
@@ -775,7 +781,8 @@ fn edit_esp(t: &Target, new: &NewBuild, esp: &EspPlan) -> Result<()> {
     Ok(())
 }
 
-/// Writes both GPT copies of `t.table` (checked first).
+/// Writes both GPT copies of `t.table` (checked first), in an order a power cut cannot turn
+/// into a disk whose firmware sees neither the old table nor the new one.
 fn write_gpt(t: &mut Target) -> Result<()> {
     let img = t.img.display();
     t.table
@@ -788,11 +795,19 @@ fn write_gpt(t: &mut Target) -> Result<()> {
             t.disk_len
         );
     }
-    for (off, bytes) in t.table.regions().map_err(|e| anyhow!("{img}: GPT: {e}"))? {
-        t.f.write_all_at(&bytes, off)
-            .with_context(|| format!("{img}: writing the GPT at offset {off}"))?;
+    // Backup first, then primary, each header after its entries (see Gpt::rewrite_batches).
+    for batch in t
+        .table
+        .rewrite_batches()
+        .map_err(|e| anyhow!("{img}: GPT: {e}"))?
+    {
+        for (off, bytes) in batch {
+            t.f.write_all_at(&bytes, off)
+                .with_context(|| format!("{img}: writing the GPT at offset {off}"))?;
+        }
+        flush(&t.f, &t.img)?;
     }
-    flush(&t.f, &t.img)
+    Ok(())
 }
 
 /// Names the target slot `_empty` in the GPT before its contents change, so that a run cut
@@ -850,6 +865,7 @@ pub(crate) fn finish_install(t: &mut Target, new: &NewBuild, esp: EspPlan) -> Re
         kept: t.kept.clone(),
         installed_uki: esp.installed,
         removed_ukis: esp.removed,
+        gpt_restored: t.gpt_restored.clone(),
     })
 }
 

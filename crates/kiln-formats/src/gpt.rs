@@ -689,6 +689,23 @@ impl Gpt {
         ])
     }
 
+    /// The same regions in the order an in-place rewrite must write them to survive a power
+    /// cut, as two batches with a flush between: first the backup (entries, then header), then
+    /// the primary (entries, header, the protective MBR tail). A copy whose header is written
+    /// after its entries is never valid with the other copy's contents; so a cut in the first
+    /// batch leaves the primary (old, valid) in charge, and a cut in the second leaves either
+    /// a valid new primary or a primary whose CRC fails, which readers (firmware, and
+    /// [`Gpt::read`]) answer with the backup, already new and flushed.
+    pub fn rewrite_batches(&self) -> Result<[Vec<(u64, Vec<u8>)>; 2], GptError> {
+        let mut r = self.regions()?.into_iter();
+        let (Some(mbr), Some(ph), Some(pe), Some(be), Some(bh)) =
+            (r.next(), r.next(), r.next(), r.next(), r.next())
+        else {
+            unreachable!("regions() has five entries");
+        };
+        Ok([vec![be, bh], vec![pe, ph, mbr]])
+    }
+
     /// Writes the protective MBR tail, both headers and both entry arrays into `sink`, whose
     /// window must be the whole disk.
     pub fn write(&self, sink: &dyn Sink) -> Result<(), GptError> {

@@ -60,6 +60,7 @@ pub fn run(a: UpdateArgs) -> Outcome {
             "kept": r.kept,
             "installed_uki": r.installed_uki,
             "removed_ukis": r.removed_ukis,
+            "gpt_restored": r.gpt_restored,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(ExitCode::SUCCESS);
@@ -74,6 +75,7 @@ pub fn run(a: UpdateArgs) -> Outcome {
         r.replaced,
         kept_note(&r.kept)
     );
+    print_gpt_restored(&r.gpt_restored, false);
     print_esp(&r.installed_uki, &r.removed_ukis);
     Ok(ExitCode::SUCCESS)
 }
@@ -117,6 +119,7 @@ fn run_from(a: &UpdateArgs, from: &str) -> Outcome {
         mib(r.uki_bytes),
         mib(r.index_bytes),
     );
+    print_gpt_restored(&r.gpt_restored, r.dry_run);
     if !r.dry_run {
         println!(
             "  fetched {} bytes in {} requests ({} retried); partitions {} and {} (was {}){}",
@@ -138,6 +141,16 @@ fn kept_note(kept: &Option<String>) -> String {
     kept.as_ref()
         .map(|k| format!("; version {k} kept as the fallback"))
         .unwrap_or_default()
+}
+
+/// The note for a primary GPT that an interrupted earlier run (or anything else) left damaged.
+fn print_gpt_restored(why: &Option<String>, dry_run: bool) {
+    if let Some(why) = why {
+        println!(
+            "  GPT: the primary copy is damaged ({why}); {} from the backup, which firmware boots from",
+            if dry_run { "would be rewritten" } else { "rewritten" }
+        );
+    }
 }
 
 /// The ESP changes of an update, one line each.

@@ -44,6 +44,15 @@ pub fn partition_bytes(disk: &Path, number: usize, len: Option<u64>) -> Vec<u8> 
     b
 }
 
+/// All bytes of the partition named `name` (the first one of that name).
+pub fn partition_named_bytes(disk: &Path, name: &str) -> Vec<u8> {
+    let p = partition(disk, name);
+    let f = fs::File::open(disk).unwrap();
+    let mut b = vec![0u8; p.size() as usize];
+    f.read_exact_at(&mut b, p.offset()).unwrap();
+    b
+}
+
 /// File names in the ESP's EFI/Linux, read with kiln's FAT reader, sorted.
 pub fn esp_ukis(disk: &Path) -> Vec<String> {
     let esp = partition(disk, "esp");
