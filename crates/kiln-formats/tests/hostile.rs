@@ -148,3 +148,54 @@ fn ext4_block_count_does_not_size_an_allocation() {
         .expect("a block count past the image is refused");
     assert!(err.to_string().contains("at byte"), "{err}");
 }
+
+// Found by scripts/fuzz-smoke (target ext4): a 64-byte group descriptor carries the high half
+// of its inode table's block number, and the reader multiplied that number by the block size
+// unchecked, so a descriptor naming block 2^63 overflowed (debug) or wrapped to a small offset
+// (release) and inodes were read from the wrong place. The table must lie inside the
+// filesystem; every inode of the group is refused with an error naming it.
+#[test]
+fn ext4_inode_table_past_the_end_is_refused() {
+    let mut t = Tree::default();
+    t.insert(b"/a", file(b"hello"), &Meta::default()).unwrap();
+    let o = ext4::Options::from_seed(
+        None,
+        ext4::Size::Minimize {
+            extra_bytes: 0,
+            extra_inodes: 0,
+        },
+    );
+    let plan = ext4::plan(&t, &o).unwrap();
+    let sink = MemSink::new(plan.size_bytes() as usize);
+    plan.write(&t, &HostContents, &sink).unwrap();
+    let mut img = sink.into_inner();
+    let seed = {
+        let r = ext4::reader::Reader::open(&img[..]).unwrap();
+        assert_eq!(
+            r.read_data(r.resolve(b"/a").unwrap().unwrap()).unwrap(),
+            b"hello"
+        );
+        r.checksum_seed()
+    };
+    // Group 0's descriptor is the first 64 bytes of block 1: inode_table_hi at 0x28, then the
+    // descriptor's checksum at 0x1E.
+    let d = 4096;
+    img[d + 0x28..d + 0x2C].copy_from_slice(&0x8000_0000u32.to_le_bytes());
+    let desc: [u8; 64] = img[d..d + 64].try_into().unwrap();
+    let sum = ext4::csum::group_desc(seed, 0, &desc);
+    img[d + 0x1E..d + 0x20].copy_from_slice(&sum.to_le_bytes());
+    let r = ext4::reader::Reader::open(&img[..]).unwrap();
+    for ino in [1, 2, 11, 12] {
+        let err = r
+            .inode(ino)
+            .err()
+            .expect("an inode table past the end is refused");
+        assert!(
+            err.to_string().contains("past the end"),
+            "inode {ino}: {err}"
+        );
+        assert!(r.read_data(ino).is_err());
+        assert!(ext4::dump::inode(&r, ino).is_err());
+    }
+    assert!(ext4::dump::tree(&r).is_err());
+}

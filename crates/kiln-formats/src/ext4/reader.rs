@@ -179,7 +179,16 @@ impl<R: ReadAt> Reader<R> {
             .descs
             .get(g as usize)
             .ok_or_else(|| corrupt(0, format!("inode {ino}: group {g} has no descriptor")))?;
-        Ok(d.inode_table() * BLOCK_SIZE + u64::from(i) * u64::from(self.sb.inode_size.get()))
+        // The inode table is a 64-bit block number in a 64-bit descriptor: it must lie in the
+        // filesystem before its byte offset is worked out.
+        let table = d.inode_table();
+        if table >= self.blocks() {
+            return Err(corrupt(
+                0,
+                format!("inode {ino}: group {g}'s inode table at block {table} is past the end"),
+            ));
+        }
+        Ok(table * BLOCK_SIZE + u64::from(i) * u64::from(self.sb.inode_size.get()))
     }
 
     /// The raw 256 bytes of inode `ino` (checksum verified).
@@ -361,7 +370,7 @@ impl<R: ReadAt> Reader<R> {
         let block_of = |l: u32| -> Result<Vec<u8>> {
             let e = exts
                 .iter()
-                .find(|e| l >= e.lblk && l < e.lblk + e.len)
+                .find(|e| l >= e.lblk && u64::from(l) < u64::from(e.lblk) + u64::from(e.len))
                 .ok_or_else(|| {
                     corrupt(0, format!("directory {dir}: logical block {l} unmapped"))
                 })?;
