@@ -121,34 +121,41 @@ fn rootfs_output_is_a_bare_filesystem_the_kernel_mounts() {
     }
 }
 
-/// A Debian tree (the cloud kernel: virtio-mmio and virtio-blk are modules) with a plain
-/// systemd unit that prints a marker, built as `output = ["rootfs"]` and booted with
-/// `kiln boot --microvm` under TCG from the kernel and initrd the build wrote beside it.
+/// Must hold (#18): a Debian image with a systemd service made from the image config boots as
+/// a microVM rootfs. The Debian tree (the cloud kernel: virtio-mmio and virtio-blk are
+/// modules) is the first layer of an OCI image layout, a second layer adds /srv/agent.txt, and
+/// the config's Entrypoint/Cmd/WorkingDir (`cat agent.txt` in /srv) become the unit of
+/// `[source] service = "agent"`; built as `output = ["rootfs"]` and booted with
+/// `kiln boot --microvm` under TCG from the kernel and initrd the build wrote beside it. The
+/// marker reaches the console only through that unit, run where the config says, reading
+/// the second layer's file.
 #[test]
 fn debian_rootfs_boots_as_a_microvm_and_runs_its_service() {
     let Some(tar) = kiln_testkit::debian_tree("bookworm-cloud") else {
         return;
     };
     require_tool("qemu-system-x86_64");
+    require_tool("python3");
     let d = tempfile::tempdir().unwrap();
-    let files = d.path().join("files/etc/systemd/system");
-    fs::create_dir_all(files.join("multi-user.target.wants")).unwrap();
-    fs::write(
-        files.join("kiln-marker.service"),
-        "[Unit]\nDescription=microVM marker\nAfter=multi-user.target\n\n\
-         [Service]\nType=oneshot\nExecStart=/bin/echo KILN-MICROVM-SERVICE-RAN\n\
-         StandardOutput=tty\nTTYPath=/dev/console\n\n[Install]\nWantedBy=multi-user.target\n",
-    )
-    .unwrap();
-    std::os::unix::fs::symlink(
-        "/etc/systemd/system/kiln-marker.service",
-        files.join("multi-user.target.wants/kiln-marker.service"),
-    )
-    .unwrap();
+    let layout = d.path().join("layout");
+    run_ok(
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/oci_support/layout.py"
+            ))
+            .arg(&layout)
+            .arg("agent")
+            .arg(&tar),
+    );
     fs::write(
         d.path().join("kiln.toml"),
-        "[image]\nname = \"vm\"\nversion = \"1\"\noutput = [\"rootfs\"]\n\n\
-         [source]\nadd = \"files\"\n\n[[partition]]\ntype = \"root\"\nfs = \"ext4\"\n",
+        format!(
+            "[image]\nname = \"vm\"\nversion = \"1\"\noutput = [\"rootfs\"]\n\n\
+             [source]\ntree = \"oci-layout:{}:v1\"\nservice = \"agent\"\n\n\
+             [[partition]]\ntype = \"root\"\nfs = \"ext4\"\n",
+            layout.display()
+        ),
     )
     .unwrap();
     let out = d.path().join("out");
@@ -159,8 +166,6 @@ fn debian_rootfs_boots_as_a_microvm_and_runs_its_service() {
             .arg(d.path())
             .arg("-o")
             .arg(&out)
-            .arg("--source")
-            .arg(&tar)
             .arg("-q"),
     );
     eprintln!("built in {:.1?}", t.elapsed());

@@ -8,6 +8,9 @@ usage: layout.py DIR CASE
              umoci 0.4, which reads no zstd
   escape     one layer holding the whiteout ../.wh.x
   noarch     tag v1 names an image index whose only manifest is linux/arm64
+  agent TAR  TAR (a whole root filesystem, e.g. a Debian tree) as an uncompressed first layer,
+             a second layer adding /srv/agent.txt, tagged v1, config Entrypoint/Cmd that echo a
+             marker: the image a microVM's agent service is made from
 """
 import gzip, hashlib, io, json, os, subprocess, sys, tarfile
 
@@ -86,10 +89,31 @@ class Layout:
             blob, mt = raw, "application/vnd.oci.image.layer.v1.tar"
         return {"mediaType": mt, "digest": self.blob(blob), "size": len(blob)}, sha(raw)
 
+    def file_layer(self, path):
+        """An uncompressed layer copied from a tar file, hashed as it streams."""
+        h = hashlib.sha256()
+        tmp = os.path.join(self.root, "blobs", "sha256", ".partial")
+        size = 0
+        with open(path, "rb") as i, open(tmp, "wb") as o:
+            while True:
+                chunk = i.read(1 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+                o.write(chunk)
+                size += len(chunk)
+        dg = "sha256:" + h.hexdigest()
+        os.replace(tmp, os.path.join(self.root, "blobs", "sha256", dg[7:]))
+        return {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": dg,
+                "size": size}, dg
+
     def manifest(self, layers, arch="amd64", config_extra=None):
         descs, diffs = [], []
         for entries, comp in layers:
-            desc, diff = self.layer(entries, comp)
+            if comp == "file":
+                desc, diff = self.file_layer(entries)
+            else:
+                desc, diff = self.layer(entries, comp)
             descs.append(desc)
             diffs.append(diff)
         config = {"architecture": arch, "os": "linux",
@@ -173,6 +197,12 @@ def main():
                          "manifests": [m]}).encode()
         lay.index([{"mediaType": "application/vnd.oci.image.index.v1+json",
                     "digest": lay.blob(ib), "size": len(ib)}], "v1")
+    elif case == "agent":
+        top = [d("srv"), f("srv/agent.txt", b"KILN-MICROVM-SERVICE-RAN\n")]
+        m = lay.manifest([(sys.argv[3], "file"), (top, "gzip")], config_extra={
+            "Entrypoint": ["/bin/cat"], "Cmd": ["agent.txt"], "WorkingDir": "/srv",
+            "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]})
+        lay.index([m], "v1")
     else:
         sys.exit("unknown case " + case)
 
