@@ -137,7 +137,7 @@ pub(crate) fn summary(
         "-".to_string()
     };
     r.summary(&format!(
-        "{}: {} ({size} bytes), {entries} entries, ratio {ratio} to {} of file data, {:.1} s",
+        "{}: {} ({size} bytes), {entries} entries, {} of file data, ratio {ratio}, {:.1} s",
         path.display(),
         indicatif::HumanBytes(size),
         indicatif::HumanBytes(input),
