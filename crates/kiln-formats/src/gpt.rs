@@ -473,6 +473,9 @@ pub struct Gpt {
     pub primary_error: Option<String>,
 }
 
+/// Bytes the table puts on disk at a byte offset: `(offset, bytes)`.
+pub type Region = (u64, Vec<u8>);
+
 impl Gpt {
     /// An empty table for a disk of `disk_size` bytes (a multiple of 512) with the standard
     /// 128-entry arrays: usable LBAs `34..=sectors-34`.
@@ -676,7 +679,7 @@ impl Gpt {
 
     /// Everything the table puts on disk, as `(byte offset, bytes)` in ascending order: the
     /// protective MBR tail, the primary header and entries, the backup entries and header.
-    pub fn regions(&self) -> Result<Vec<(u64, Vec<u8>)>, GptError> {
+    pub fn regions(&self) -> Result<Vec<Region>, GptError> {
         let arr = self.entry_array()?;
         let crc = crc32fast::hash(&arr);
         let last = self.disk_sectors - 1;
@@ -696,7 +699,7 @@ impl Gpt {
     /// batch leaves the primary (old, valid) in charge, and a cut in the second leaves either
     /// a valid new primary or a primary whose CRC fails, which readers (firmware, and
     /// [`Gpt::read`]) answer with the backup, already new and flushed.
-    pub fn rewrite_batches(&self) -> Result<[Vec<(u64, Vec<u8>)>; 2], GptError> {
+    pub fn rewrite_batches(&self) -> Result<[Vec<Region>; 2], GptError> {
         let mut r = self.regions()?.into_iter();
         let (Some(mbr), Some(ph), Some(pe), Some(be), Some(bh)) =
             (r.next(), r.next(), r.next(), r.next(), r.next())

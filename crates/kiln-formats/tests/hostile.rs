@@ -188,8 +188,7 @@ fn ext4_inode_table_past_the_end_is_refused() {
     for ino in [1, 2, 11, 12] {
         let err = r
             .inode(ino)
-            .err()
-            .expect("an inode table past the end is refused");
+            .expect_err("an inode table past the end is refused");
         assert!(
             err.to_string().contains("past the end"),
             "inode {ino}: {err}"
