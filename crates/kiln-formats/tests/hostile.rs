@@ -41,6 +41,23 @@ fn erofs_image(t: &Tree) -> Vec<u8> {
     v
 }
 
+/// A minimal ext4 image holding `/a` = "hello".
+fn ext4_image_of_a_file() -> Vec<u8> {
+    let mut t = Tree::default();
+    t.insert(b"/a", file(b"hello"), &Meta::default()).unwrap();
+    let o = ext4::Options::from_seed(
+        None,
+        ext4::Size::Minimize {
+            extra_bytes: 0,
+            extra_inodes: 0,
+        },
+    );
+    let plan = ext4::plan(&t, &o).unwrap();
+    let sink = MemSink::new(plan.size_bytes() as usize);
+    plan.write(&t, &HostContents, &sink).unwrap();
+    sink.into_inner()
+}
+
 // 13. The EROFS reader computed `meta_blkaddr * BLOCK + nid * ISLOT` from a dirent's nid
 // unchecked: a nid of 2^59 + root wrapped around to the root inode (release) or overflowed
 // (debug).
@@ -122,19 +139,7 @@ fn files_past_a_format_limit_are_refused_before_writing() {
 // descriptor block the image does not hold.
 #[test]
 fn ext4_block_count_does_not_size_an_allocation() {
-    let mut t = Tree::default();
-    t.insert(b"/a", file(b"hello"), &Meta::default()).unwrap();
-    let o = ext4::Options::from_seed(
-        None,
-        ext4::Size::Minimize {
-            extra_bytes: 0,
-            extra_inodes: 0,
-        },
-    );
-    let plan = ext4::plan(&t, &o).unwrap();
-    let sink = MemSink::new(plan.size_bytes() as usize);
-    plan.write(&t, &HostContents, &sink).unwrap();
-    let mut img = sink.into_inner();
+    let mut img = ext4_image_of_a_file();
     ext4::reader::Reader::open(&img[..]).unwrap();
     // blocks_count_hi (superblock offset 0x150), then the superblock checksum (0x3FC).
     let sb = 1024;
@@ -156,19 +161,7 @@ fn ext4_block_count_does_not_size_an_allocation() {
 // filesystem; every inode of the group is refused with an error naming it.
 #[test]
 fn ext4_inode_table_past_the_end_is_refused() {
-    let mut t = Tree::default();
-    t.insert(b"/a", file(b"hello"), &Meta::default()).unwrap();
-    let o = ext4::Options::from_seed(
-        None,
-        ext4::Size::Minimize {
-            extra_bytes: 0,
-            extra_inodes: 0,
-        },
-    );
-    let plan = ext4::plan(&t, &o).unwrap();
-    let sink = MemSink::new(plan.size_bytes() as usize);
-    plan.write(&t, &HostContents, &sink).unwrap();
-    let mut img = sink.into_inner();
+    let mut img = ext4_image_of_a_file();
     let seed = {
         let r = ext4::reader::Reader::open(&img[..]).unwrap();
         assert_eq!(

@@ -76,6 +76,28 @@ fn update_from(disk: &Path, url: &str, pubkey: &Path, extra: &[&str]) -> std::pr
     o
 }
 
+/// A signing key pair in `dir` and two signed builds of the example appliance, `dir/v1` and
+/// `dir/v2`: v2 is v1 plus one 256 KiB file of pseudo-random bytes from `seed`. Returns the
+/// public key and v2's build report.
+fn v1_and_v2(dir: &Path, seed: u64) -> (PathBuf, Value) {
+    let key = dir.join("release.key");
+    let pubkey = dir.join("release.pub");
+    kiln_ship::sign::generate_unencrypted(&key, &pubkey).unwrap();
+    let r1 = dir.join("root1");
+    run_ok(Command::new(example().join("make-rootfs")).arg(&r1));
+    let r2 = dir.join("root2");
+    run_ok(Command::new("cp").arg("-a").arg(&r1).arg(&r2));
+    fs::create_dir_all(r2.join("usr/share/delta")).unwrap();
+    fs::write(
+        r2.join("usr/share/delta/added.bin"),
+        kiln_testkit::pseudo_random(seed, 256 << 10),
+    )
+    .unwrap();
+    build(&r1, "1", &dir.join("v1"), &key);
+    let v2 = build(&r2, "2", &dir.join("v2"), &key);
+    (pubkey, v2)
+}
+
 /// Every top-level key of an update report, renamed, breaks its schema.
 fn assert_renames_caught(doc: &Value) {
     for k in doc.as_object().unwrap().keys() {
@@ -103,23 +125,7 @@ fn update_from_http_fetches_only_what_changed() {
     }
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let key = dir.join("release.key");
-    let pubkey = dir.join("release.pub");
-    kiln_ship::sign::generate_unencrypted(&key, &pubkey).unwrap();
-
-    // v1, and v2 = v1 plus one file.
-    let r1 = dir.join("root1");
-    run_ok(Command::new(example().join("make-rootfs")).arg(&r1));
-    let r2 = dir.join("root2");
-    run_ok(Command::new("cp").arg("-a").arg(&r1).arg(&r2));
-    fs::create_dir_all(r2.join("usr/share/delta")).unwrap();
-    fs::write(
-        r2.join("usr/share/delta/added.bin"),
-        kiln_testkit::pseudo_random(22, 256 << 10),
-    )
-    .unwrap();
-    build(&r1, "1", &dir.join("v1"), &key);
-    let v2 = build(&r2, "2", &dir.join("v2"), &key);
+    let (pubkey, v2) = v1_and_v2(dir, 22);
     let out2 = dir.join("v2");
 
     // The index: signed (the minisign CLI agrees), its digests are dm-verity's level 0 of the
@@ -355,7 +361,8 @@ fn esp_after_cut(esp: &Path, what: &str) {
 /// slot that the GPT names for version 2 holds exactly v2's data and hash tree, and v2's UKI
 /// is on the ESP only then; the disk boots version 1 or, when v2's UKI is there, version 2
 /// (booted once for each distinct GPT + ESP); rerunning the update succeeds and leaves v2's
-/// exact slot; and the ESP it leaves passes fsck.fat clean. Not modelled: a disk that reorders writes kiln did not sync.
+/// exact slot; and the ESP it leaves passes fsck.fat clean. Not modelled: a disk that
+/// reorders writes kiln did not sync.
 #[test]
 fn update_cut_at_every_write_boots() {
     for t in ["busybox", "strace", "fsck.fat", "qemu-system-x86_64"] {
@@ -363,21 +370,7 @@ fn update_cut_at_every_write_boots() {
     }
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let key = dir.join("release.key");
-    let pubkey = dir.join("release.pub");
-    kiln_ship::sign::generate_unencrypted(&key, &pubkey).unwrap();
-    let r1 = dir.join("root1");
-    run_ok(Command::new(example().join("make-rootfs")).arg(&r1));
-    let r2 = dir.join("root2");
-    run_ok(Command::new("cp").arg("-a").arg(&r1).arg(&r2));
-    fs::create_dir_all(r2.join("usr/share/delta")).unwrap();
-    fs::write(
-        r2.join("usr/share/delta/added.bin"),
-        kiln_testkit::pseudo_random(23, 256 << 10),
-    )
-    .unwrap();
-    build(&r1, "1", &dir.join("v1"), &key);
-    build(&r2, "2", &dir.join("v2"), &key);
+    let (pubkey, _) = v1_and_v2(dir, 23);
     let out2 = dir.join("v2");
     let root = fs::read(out2.join("appliance_2.root.raw")).unwrap();
     let verity = fs::read(out2.join("appliance_2.root-verity.raw")).unwrap();
