@@ -8,7 +8,7 @@
 //! which hold the GPT headers and so the disk GUID: the same image gives the same bytes.
 
 use std::fs::File;
-use std::io::{BufWriter, Read};
+use std::io::BufWriter;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -198,21 +198,36 @@ pub fn convert_file(
     ))
 }
 
+/// The length and SHA-256 of `f`. Only its data runs are read (`SEEK_DATA`); its holes are
+/// hashed as the zeroes they read as, without reading them: a fixed VHD is mostly holes.
 fn sha256_file(f: &File) -> std::io::Result<(u64, [u8; 32])> {
-    use std::io::Seek;
-    let mut f = f;
-    f.seek(std::io::SeekFrom::Start(0))?;
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata()?.len();
     let mut h = Sha256::new();
+    let zeros = vec![0u8; 1 << 20];
     let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+    let mut pos = 0u64;
+    let zeroes_to = |h: &mut Sha256, from: u64, to: u64| {
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(zeros.len() as u64);
+            h.update(&zeros[..n as usize]);
+            at += n;
         }
-        h.update(&buf[..n]);
-        len += n as u64;
+    };
+    for (off, run) in kiln_os::data_runs(f, len)? {
+        zeroes_to(&mut h, pos, off);
+        let end = off + run;
+        let mut at = off;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], at)?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        pos = end;
     }
+    zeroes_to(&mut h, pos, len);
     Ok((len, h.finalize().into()))
 }
 
