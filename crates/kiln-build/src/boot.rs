@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use kiln_formats::fstree::{
     self, Contents, DataRef, FileData, Meta, Node, NodeKind, Timestamp, Tree,
 };
+use kiln_formats::arch::{self, Arch};
 use kiln_formats::pe;
 
 use crate::initrd::{self, InitrdOptions, KernelInfo};
@@ -63,10 +64,58 @@ fn tree_or_host(
     }
 }
 
+/// kiln-init for `arch` (embedded, or the `KILN_INIT_<ARCH>`/`KILN_INIT` override), checked
+/// to be an executable of that machine.
+pub fn kiln_init(arch: Arch) -> Result<Vec<u8>> {
+    let b = kiln_init_embed::kiln_init(arch.rust_name())
+        .with_context(|| format!("the kiln-init binary for {arch}"))?;
+    match arch::elf_machine(&b) {
+        Some(m) if m.arch() == Some(arch) => Ok(b.into_owned()),
+        Some(m) => bail!(
+            "the kiln-init binary for {arch} is an executable for {} (check KILN_INIT_{} / KILN_INIT)",
+            m.describe(),
+            arch.rust_name().to_ascii_uppercase()
+        ),
+        None => bail!(
+            "the kiln-init binary for {arch} is not an ELF executable (check KILN_INIT_{} / KILN_INIT)",
+            arch.rust_name().to_ascii_uppercase()
+        ),
+    }
+}
+
+/// The kernel image `path` of the tree as the UKI's `.linux` section takes it: a gzip-
+/// compressed arm64 `Image` (as some distributions ship `vmlinuz`) is decompressed, since the
+/// stub starts the kernel as a PE image. Errors when the image is for another architecture
+/// than `arch`.
+pub fn kernel_image(bytes: Vec<u8>, path: &str, arch: Arch) -> Result<Vec<u8>> {
+    let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
+        use std::io::Read;
+        let mut out = Vec::with_capacity(bytes.len() * 3);
+        flate2::read::GzDecoder::new(&bytes[..])
+            .take(1 << 30)
+            .read_to_end(&mut out)
+            .with_context(|| format!("[boot] kernel {path}: decompressing (gzip)"))?;
+        out
+    } else {
+        bytes
+    };
+    match arch::kernel_image_arch(&bytes) {
+        Some(a) if a == arch => Ok(bytes),
+        Some(a) => bail!(
+            "[boot] kernel {path} is a {a} kernel, but the image is {arch} ([image] arch)"
+        ),
+        None => bail!(
+            "[boot] kernel {path} is neither an x86 bzImage nor an arm64 Image (compressed with something other than gzip?)"
+        ),
+    }
+}
+
 /// Gathers the kernel, initrd, stub and loader for `boot`. `root_fs` is the root filesystem's
 /// kind (its module becomes required), `init_config` kiln-init's configuration.
+#[allow(clippy::too_many_arguments)]
 pub fn prepare(
     boot: &Boot,
+    arch: Arch,
     tree: &Tree,
     contents: &dyn Contents,
     root_fs: Option<&str>,
@@ -77,6 +126,7 @@ pub fn prepare(
     let kernel = initrd::find_kernel(tree, boot.kernel.as_deref()).context("[boot] kernel")?;
     let linux = initrd::read_tree_file(tree, contents, &kernel.image)
         .with_context(|| format!("[boot] reading the kernel {}", kernel.image))?;
+    let linux = kernel_image(linux, &kernel.image, arch)?;
     let built = match &boot.initrd {
         Some(path) => {
             let b =
@@ -92,7 +142,7 @@ pub fn prepare(
             }
         }
         None => {
-            let kiln_init = kiln_init_embed::kiln_init().context("[boot] the kiln-init binary")?;
+            let kiln_init = kiln_init(arch).context("[boot]")?;
             initrd::build_initrd(
                 tree,
                 contents,
@@ -102,7 +152,7 @@ pub fn prepare(
                     extra_modules: boot.modules.clone(),
                     no_optional_modules: false,
                     config: init_config,
-                    kiln_init: kiln_init.into_owned(),
+                    kiln_init,
                     mtime,
                     compression: Default::default(),
                     module_files: Default::default(),
@@ -111,11 +161,12 @@ pub fn prepare(
             .context("[boot] building the initrd")?
         }
     };
+    let sfx = arch.efi_suffix();
     let (stub, stub_from) = match &boot.stub {
         Some(p) => (
             std::fs::read(p).with_context(|| {
                 format!(
-                    "[boot] stub {}: cannot read the UKI stub (systemd's linuxx64.efi.stub)",
+                    "[boot] stub {}: cannot read the UKI stub (systemd's linux{sfx}.efi.stub)",
                     p.display()
                 )
             })?,
@@ -124,16 +175,29 @@ pub fn prepare(
         None => tree_or_host(
             tree,
             contents,
-            &format!("{EFI_DIR}/linuxx64.efi.stub"),
-            "UKI stub (linuxx64.efi.stub)",
+            &format!("{EFI_DIR}/linux{sfx}.efi.stub"),
+            &format!("UKI stub (linux{sfx}.efi.stub)"),
         )?,
     };
     let (systemd_boot, _) = tree_or_host(
         tree,
         contents,
-        &format!("{EFI_DIR}/systemd-bootx64.efi"),
-        "systemd-boot (systemd-bootx64.efi)",
+        &format!("{EFI_DIR}/systemd-boot{sfx}.efi"),
+        &format!("systemd-boot (systemd-boot{sfx}.efi)"),
     )?;
+    for (what, b) in [("UKI stub", &stub), ("systemd-boot", &systemd_boot)] {
+        let m = pe::Pe::parse(b, what)
+            .with_context(|| format!("[boot] {what}"))?
+            .coff
+            .machine
+            .get();
+        if m != arch.pe_machine() {
+            bail!(
+                "[boot] the {what} is an EFI binary for machine {m:#06x} ({}), but the image is {arch} ([image] arch)",
+                Arch::from_pe_machine(m).map(Arch::name).unwrap_or("unknown")
+            );
+        }
+    }
     Ok(BootParts {
         kernel,
         linux,
@@ -251,6 +315,7 @@ pub fn file(bytes: Arc<[u8]>, mtime: i64) -> Node {
 
 /// The ESP: the spec's own ESP contents (if any) plus systemd-boot, loader.conf and the UKI.
 pub fn esp_tree(
+    arch: Arch,
     base: Option<Tree>,
     sdboot: &[u8],
     uki_file: &str,
@@ -265,9 +330,13 @@ pub fn esp_tree(
         ..Meta::default()
     };
     let sd: Arc<[u8]> = sdboot.into();
-    t.insert(b"/EFI/BOOT/BOOTX64.EFI", file(sd.clone(), mtime), &dir_meta)?;
     t.insert(
-        b"/EFI/systemd/systemd-bootx64.efi",
+        format!("/{}", arch.efi_removable_path()).as_bytes(),
+        file(sd.clone(), mtime),
+        &dir_meta,
+    )?;
+    t.insert(
+        format!("/EFI/systemd/systemd-boot{}.efi", arch.efi_suffix()).as_bytes(),
         file(sd, mtime),
         &dir_meta,
     )?;

@@ -411,6 +411,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         source.display(),
         tree.walk().len()
     ));
+    prepare::check_arch(&tree, &contents, spec.arch).context("source tree")?;
     if boot::add_esp_mount_point(&spec, &mut tree, mtime)? {
         stages.done(format_args!(
             "root: added /efi, where systemd mounts the ESP to bless a counted boot"
@@ -534,6 +535,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
             };
             let parts = boot::prepare(
                 b,
+                spec.arch,
                 &tree,
                 &contents,
                 root_fs,
@@ -563,6 +565,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
     if let (Some(i), Some(bp), Some(uki)) = (esp_index, &boot_parts, &placeholder_uki) {
         let base = trees[i].take();
         trees[i] = Some(boot::esp_tree(
+            spec.arch,
             base,
             &bp.systemd_boot,
             &uki_file,
@@ -1153,6 +1156,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         // the rootfs, for `kiln boot --microvm` or a Firecracker config.
         if let Ok(kernel) = crate::initrd::find_kernel(&tree, None) {
             for (f, a) in microvm_boot_files(
+                spec.arch,
                 &tree,
                 &contents,
                 &kernel,
@@ -1224,6 +1228,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
 /// `NAME_VERSION.initrd`: kiln-init with virtio_mmio, virtio_blk and the root filesystem's
 /// module (those the kernel does not build in), mounting `root=/dev/vda`, no /var partition.
 fn microvm_boot_files(
+    arch: kiln_formats::arch::Arch,
     tree: &Tree,
     contents: &dyn Contents,
     kernel: &crate::initrd::KernelInfo,
@@ -1234,7 +1239,8 @@ fn microvm_boot_files(
 ) -> Result<Vec<(AtomicFile, Artifact)>> {
     let linux = crate::initrd::read_tree_file(tree, contents, &kernel.image)
         .with_context(|| format!("rootfs: reading the kernel {}", kernel.image))?;
-    let kiln_init = kiln_init_embed::kiln_init().context("rootfs: the kiln-init binary")?;
+    let linux = boot::kernel_image(linux, &kernel.image, arch)?;
+    let kiln_init = boot::kiln_init(arch).context("rootfs")?;
     // kiln-init mounts the root read-only; tmpfs overlays make /etc, /var and /tmp writable
     // for the guest's life (systemd writes its machine-id, journald and units their state).
     let overlays: Vec<String> = ["/etc", "/var", "/tmp"]
@@ -1259,7 +1265,7 @@ fn microvm_boot_files(
             extra_modules: vec!["virtio_mmio".into(), "overlay".into()],
             no_optional_modules: true,
             config,
-            kiln_init: kiln_init.into_owned(),
+            kiln_init,
             mtime: u32::try_from(mtime.max(0)).unwrap_or(u32::MAX),
             compression: Default::default(),
             module_files: Default::default(),

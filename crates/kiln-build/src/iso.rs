@@ -362,6 +362,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
     };
     let bp = boot::prepare(
         &live_boot,
+        spec.arch,
         inp.tree,
         inp.contents,
         Some("erofs"),
@@ -390,6 +391,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
     let placeholder_uki: Arc<[u8]> = bp.uki(&placeholder)?.into();
     let timeout = boot_spec.timeout;
     let esp_tree = boot::esp_tree(
+        spec.arch,
         esp_base.clone(),
         &bp.systemd_boot,
         &uki_file,
@@ -531,6 +533,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         bail!("internal: the live UKI changed size between sizing and writing the ESP");
     }
     let esp_tree = boot::esp_tree(
+        spec.arch,
         esp_base,
         &bp.systemd_boot,
         &uki_file,

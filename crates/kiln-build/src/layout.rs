@@ -380,7 +380,8 @@ fn place(parts: &mut [Part], order: &[usize]) -> u64 {
 /// The verity hash partition type for a data partition type.
 fn verity_type_of(type_name: &str) -> (String, Uuid) {
     let name = format!("{type_name}-verity");
-    let (n, u) = spec::resolve_type(&name).unwrap_or_else(|| {
+    let arch = spec::dps_arch(type_name).unwrap_or(kiln_formats::arch::Arch::X86_64);
+    let (n, u) = spec::resolve_type(&name, arch).unwrap_or_else(|| {
         // Data types without a DPS verity type are refused by the spec parser.
         unreachable!("no verity type for {type_name}")
     });

@@ -1,6 +1,7 @@
-//! Booting images in QEMU to prove they work: `qemu-system-x86_64 -machine q35` under TCG
-//! (KVM guests hang on these machines), UEFI firmware from OVMF (code read-only, a private copy
-//! of the variables), the serial console streamed to stdout while it is scanned for a marker.
+//! Booting images in QEMU to prove they work: `qemu-system-x86_64 -machine q35` or
+//! `qemu-system-aarch64 -machine virt` under TCG (KVM guests hang on these machines), UEFI
+//! firmware from OVMF or AAVMF (code read-only, a private copy of the variables), the serial
+//! console streamed to stdout while it is scanned for a marker.
 //! `-no-reboot` makes one call one boot: a guest that reboots ends the run, so A/B tests drive
 //! several boots and look at the disk in between.
 
@@ -11,6 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use kiln_formats::arch::Arch;
 use regex::Regex;
 
 /// How the image is attached to the guest: every storage path a generic kernel boots from.
@@ -93,8 +95,10 @@ impl std::str::FromStr for Attach {
 /// Firmware to boot with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Firmware {
-    /// OVMF: a directory holding OVMF_CODE*.fd and OVMF_VARS*.fd, or the code file itself (the
-    /// variables file is found beside it). `None`: /usr/share/OVMF.
+    /// UEFI firmware: a directory holding OVMF_CODE*.fd and OVMF_VARS*.fd (AAVMF_CODE.fd and
+    /// AAVMF_VARS.fd for arm64), or the code file itself (the variables file is found beside
+    /// it). `None`: /usr/share/OVMF, or /usr/share/AAVMF for arm64 (Debian's ovmf and
+    /// qemu-efi-aarch64).
     Ovmf(Option<PathBuf>),
     /// QEMU's default BIOS (for direct kernel boot, which needs no UEFI).
     Bios,
@@ -103,7 +107,9 @@ pub enum Firmware {
 /// The machine QEMU emulates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Machine {
-    /// A PC (`-machine q35`): firmware or a direct kernel, PCI storage of any [`Attach`] kind.
+    /// A PC (`-machine q35`) for x86-64, QEMU's `-machine virt` (a Cortex-A57, PL011 serial
+    /// console `ttyAMA0`) for arm64: firmware or a direct kernel, PCI storage of any [`Attach`]
+    /// kind.
     #[default]
     Q35,
     /// QEMU's Firecracker-like `-machine microvm`: no PCI, no firmware disk, a direct kernel
@@ -160,8 +166,11 @@ pub struct BootOptions {
     pub keep: bool,
     /// Copy the console to this process's stdout as it arrives.
     pub echo: bool,
-    /// The QEMU executable (default: `$KILN_QEMU` or `qemu-system-x86_64` from PATH).
+    /// The QEMU executable (default: `$KILN_QEMU` or `qemu-system-x86_64` from PATH for
+    /// x86-64, `$KILN_QEMU_ARM64` or `qemu-system-aarch64` for arm64).
     pub qemu: Option<PathBuf>,
+    /// The guest's architecture.
+    pub arch: Arch,
 }
 
 impl Default for BootOptions {
@@ -183,6 +192,7 @@ impl Default for BootOptions {
             keep: false,
             echo: true,
             qemu: None,
+            arch: Arch::host().unwrap_or(Arch::X86_64),
         }
     }
 }
@@ -239,14 +249,25 @@ impl BootOutcome {
     }
 }
 
-/// The OVMF code and variables files for `spec`.
-pub fn ovmf_files(spec: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
-    let spec = spec.unwrap_or(Path::new("/usr/share/OVMF"));
-    let pairs = [
-        ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"),
-        ("OVMF_CODE.fd", "OVMF_VARS.fd"),
-        ("OVMF_CODE.4m.fd", "OVMF_VARS.4m.fd"),
-    ];
+/// The UEFI firmware code and variables files for `spec` and `arch`.
+pub fn ovmf_files(spec: Option<&Path>, arch: Arch) -> Result<(PathBuf, PathBuf)> {
+    let (dir, pairs, package): (&str, &[(&str, &str)], &str) = match arch {
+        Arch::X86_64 => (
+            "/usr/share/OVMF",
+            &[
+                ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"),
+                ("OVMF_CODE.fd", "OVMF_VARS.fd"),
+                ("OVMF_CODE.4m.fd", "OVMF_VARS.4m.fd"),
+            ],
+            "ovmf",
+        ),
+        Arch::Arm64 => (
+            "/usr/share/AAVMF",
+            &[("AAVMF_CODE.fd", "AAVMF_VARS.fd")],
+            "qemu-efi-aarch64",
+        ),
+    };
+    let spec = spec.unwrap_or(Path::new(dir));
     if spec.is_dir() {
         for (c, v) in pairs {
             let (c, v) = (spec.join(c), spec.join(v));
@@ -255,8 +276,10 @@ pub fn ovmf_files(spec: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
             }
         }
         bail!(
-            "{}: no OVMF_CODE*.fd with a matching OVMF_VARS*.fd (install the ovmf package, or pass --ovmf)",
-            spec.display()
+            "{}: no {} with a matching {} for {arch} (install the {package} package, or pass --ovmf)",
+            spec.display(),
+            pairs[0].0,
+            pairs[0].1,
         );
     }
     if !spec.is_file() {
@@ -308,18 +331,30 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
         .iter()
         .map(|f| Regex::new(f).with_context(|| format!("failure pattern {f:?}")))
         .collect::<Result<Vec<_>>>()?;
+    let (var, exe, package) = match opts.arch {
+        Arch::X86_64 => ("KILN_QEMU", "qemu-system-x86_64", "qemu-system-x86"),
+        Arch::Arm64 => ("KILN_QEMU_ARM64", "qemu-system-aarch64", "qemu-system-arm"),
+    };
     let qemu = match &opts.qemu {
         Some(q) => q.clone(),
-        None => match std::env::var_os("KILN_QEMU") {
+        None => match std::env::var_os(var) {
             Some(q) => PathBuf::from(q),
-            None => find_in_path("qemu-system-x86_64").context(
-                "qemu-system-x86_64 not found in PATH (install qemu-system-x86, or set KILN_QEMU)",
-            )?,
+            None => find_in_path(exe).with_context(|| {
+                format!("{exe} not found in PATH (install {package}, or set {var})")
+            })?,
         },
     };
     if let (Firmware::Ovmf(_), None, Some(img)) = (&opts.firmware, &opts.direct, &opts.image) {
         if !matches!(opts.attach, Attach::Cdrom | Attach::CdromAhci) {
-            firmware_can_boot(img)?;
+            firmware_can_boot(img, opts.arch)?;
+        }
+    }
+    if opts.arch == Arch::Arm64 {
+        if opts.machine == Machine::Microvm {
+            bail!("QEMU's microvm machine is x86-64 only: boot arm64 kernels on the virt machine");
+        }
+        if opts.firmware == Firmware::Bios && opts.direct.is_none() {
+            bail!("arm64 has no BIOS: boot with UEFI firmware (AAVMF) or a direct kernel");
         }
     }
     let scratch =
@@ -338,10 +373,16 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
     let mut cmd = Command::new(&qemu);
     cmd.args([
         "-machine",
-        match opts.machine {
-            Machine::Q35 => "q35",
-            Machine::Microvm => "microvm",
+        match (opts.arch, opts.machine) {
+            (Arch::Arm64, _) => "virt",
+            (_, Machine::Q35) => "q35",
+            (_, Machine::Microvm) => "microvm",
         },
+    ]);
+    if opts.arch == Arch::Arm64 {
+        cmd.args(["-cpu", "cortex-a57"]);
+    }
+    cmd.args([
         "-accel",
         "tcg",
         "-nodefaults",
@@ -354,7 +395,7 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
     .arg("-smp")
     .arg(opts.cpus.max(1).to_string());
     if let Firmware::Ovmf(spec) = &opts.firmware {
-        let (code, vars) = ovmf_files(spec.as_deref())?;
+        let (code, vars) = ovmf_files(spec.as_deref(), opts.arch)?;
         let private = scratch.path().join("OVMF_VARS.fd");
         std::fs::copy(&vars, &private)
             .with_context(|| format!("copying {} to {}", vars.display(), private.display()))?;
@@ -397,6 +438,16 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
             .map(|f| f.qemu_format())
             .unwrap_or("raw");
         let none_drive = format!("file={file},format={fmt},if=none,id=d0{snap}");
+        // q35 has an AHCI controller on board (`ide.0`); virt has none, so one is added.
+        let ide = match opts.arch {
+            Arch::X86_64 => "ide.0",
+            Arch::Arm64 => {
+                if matches!(opts.attach, Attach::Ahci | Attach::CdromAhci) {
+                    cmd.args(["-device", "ich9-ahci,id=ahci"]);
+                }
+                "ahci.0"
+            }
+        };
         match opts.attach {
             Attach::Disk if opts.machine == Machine::Microvm => {
                 cmd.args(["-drive", &none_drive])
@@ -417,7 +468,7 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
             }
             Attach::Ahci => {
                 cmd.args(["-drive", &none_drive])
-                    .args(["-device", "ide-hd,bus=ide.0,drive=d0,bootindex=0"]);
+                    .args(["-device", &format!("ide-hd,bus={ide},drive=d0,bootindex=0")]);
             }
             Attach::Usb => {
                 cmd.args(["-device", "qemu-xhci,id=xhci"])
@@ -454,7 +505,7 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
                     .arg(format!(
                         "file={file},format=raw,if=none,id=cd,media=cdrom,readonly=on"
                     ))
-                    .args(["-device", "ide-cd,bus=ide.0,drive=cd"]);
+                    .args(["-device", &format!("ide-cd,bus={ide},drive=cd")]);
             }
         }
     } else if opts.direct.is_none() {
@@ -580,18 +631,33 @@ fn qemu_path(p: &Path) -> Result<String> {
     Ok(s.to_string())
 }
 
-/// Fails at once, saying why, when firmware could not boot the disk `image`: it has a GPT but
-/// no EFI system partition, or its ESP has no `EFI/BOOT/BOOTX64.EFI` (the removable-media
-/// path OVMF boots when no boot entry is stored). Without this, QEMU would sit in the firmware's
-/// boot manager until the timeout. Images without a GPT (an MBR disk, a hybrid ISO) are left to
-/// the firmware.
-pub fn firmware_can_boot(image: &Path) -> Result<()> {
+/// The architectures whose removable-media boot loader (`EFI/BOOT/BOOTX64.EFI`,
+/// `BOOTAA64.EFI`) the EFI system partition of the disk `image` holds; `None` when the image
+/// has no GPT or no ESP with a readable FAT.
+pub fn esp_arches(image: &Path) -> Option<Vec<Arch>> {
+    let f = std::fs::File::open(image).ok()?;
+    let fat = esp_fat(&f).ok()??.1;
+    Some(
+        Arch::ALL
+            .iter()
+            .copied()
+            .filter(|a| {
+                matches!(fat.lookup(&format!("/{}", a.efi_removable_path())), Ok(Some(e)) if !e.is_dir())
+            })
+            .collect(),
+    )
+}
+
+type EspFat = kiln_formats::fat::FatReader<Box<dyn Fn(u64, &mut [u8]) -> std::io::Result<()>>>;
+
+/// The FAT of the first EFI system partition of the disk in `f`, with its partition index;
+/// `Ok(None)` when `f` has no GPT; an error when it has no ESP or the ESP holds no FAT.
+fn esp_fat(f: &std::fs::File) -> Result<Option<(usize, EspFat)>> {
     use kiln_formats::fat::FatReader;
     use kiln_formats::gpt::{Gpt, TYPE_ESP};
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
-    let Ok(table) = Gpt::read(&f) else {
-        return Ok(());
+    let Ok(table) = Gpt::read(f) else {
+        return Ok(None);
     };
     let Some((i, esp)) = table
         .partitions
@@ -599,29 +665,64 @@ pub fn firmware_can_boot(image: &Path) -> Result<()> {
         .enumerate()
         .find(|(_, p)| p.type_guid == TYPE_ESP)
     else {
-        bail!(
+        bail!("no EFI system partition");
+    };
+    let base = esp.offset();
+    let f = f.try_clone()?;
+    let read: Box<dyn Fn(u64, &mut [u8]) -> std::io::Result<()>> =
+        Box::new(move |off: u64, buf: &mut [u8]| f.read_exact_at(buf, base + off));
+    let fat = FatReader::open(read).with_context(|| {
+        format!(
+            "the EFI system partition (partition {}) holds no readable FAT filesystem",
+            i + 1
+        )
+    })?;
+    Ok(Some((i, fat)))
+}
+
+/// Fails at once, saying why, when `arch`'s firmware could not boot the disk `image`: it has a
+/// GPT but no EFI system partition, or its ESP has no `EFI/BOOT/BOOTX64.EFI` (`BOOTAA64.EFI`
+/// for arm64: the removable-media path the firmware boots when no boot entry is stored).
+/// Without this, QEMU would sit in the firmware's boot manager until the timeout. Images
+/// without a GPT (an MBR disk, a hybrid ISO) are left to the firmware.
+pub fn firmware_can_boot(image: &Path, arch: Arch) -> Result<()> {
+    let f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let (i, fat) = match esp_fat(&f) {
+        Ok(Some(x)) => x,
+        Ok(None) => return Ok(()),
+        Err(e) if e.to_string() == "no EFI system partition" => bail!(
             "{}: no EFI system partition, so the firmware has nothing to boot (build it with \
              [boot] in its spec, or boot a kernel directly with --kernel and --initrd)",
             image.display()
-        );
-    };
-    let base = esp.offset();
-    let fat = FatReader::open(|off: u64, buf: &mut [u8]| f.read_exact_at(buf, base + off))
-        .with_context(|| {
-            format!(
-                "{}: the EFI system partition (partition {}) holds no readable FAT filesystem",
-                image.display(),
-                i + 1
-            )
-        })?;
-    match fat.lookup("/EFI/BOOT/BOOTX64.EFI") {
-        Ok(Some(e)) if !e.is_dir() => Ok(()),
-        _ => bail!(
-            "{}: the EFI system partition (partition {}) has no EFI/BOOT/BOOTX64.EFI, so the \
-             firmware has no boot entry (build it with [boot] in its spec)",
-            image.display(),
-            i + 1
         ),
+        Err(e) => return Err(e.context(image.display().to_string())),
+    };
+    let path = arch.efi_removable_path();
+    match fat.lookup(&format!("/{path}")) {
+        Ok(Some(e)) if !e.is_dir() => Ok(()),
+        _ => {
+            let other: Vec<&str> = Arch::ALL
+                .iter()
+                .filter(|a| **a != arch)
+                .filter(|a| matches!(fat.lookup(&format!("/{}", a.efi_removable_path())), Ok(Some(e)) if !e.is_dir()))
+                .map(|a| a.name())
+                .collect();
+            if other.is_empty() {
+                bail!(
+                    "{}: the EFI system partition (partition {}) has no {path}, so the \
+                     firmware has no boot entry (build it with [boot] in its spec)",
+                    image.display(),
+                    i + 1
+                )
+            }
+            bail!(
+                "{}: the EFI system partition (partition {}) has no {path} but boots {}: boot it with --arch {}",
+                image.display(),
+                i + 1,
+                other.join(", "),
+                other[0]
+            )
+        }
     }
 }
 
@@ -633,14 +734,14 @@ mod tests {
     #[test]
     fn ovmf_lookup() {
         let d = tempfile::tempdir().unwrap();
-        assert!(ovmf_files(Some(d.path())).is_err());
+        assert!(ovmf_files(Some(d.path()), Arch::X86_64).is_err());
         std::fs::write(d.path().join("OVMF_CODE.fd"), b"c").unwrap();
         std::fs::write(d.path().join("OVMF_VARS.fd"), b"v").unwrap();
-        let (c, v) = ovmf_files(Some(d.path())).unwrap();
+        let (c, v) = ovmf_files(Some(d.path()), Arch::X86_64).unwrap();
         assert!(c.ends_with("OVMF_CODE.fd") && v.ends_with("OVMF_VARS.fd"));
-        let (c2, v2) = ovmf_files(Some(&c)).unwrap();
+        let (c2, v2) = ovmf_files(Some(&c), Arch::X86_64).unwrap();
         assert_eq!((c2, v2), (c, v));
-        let e = ovmf_files(Some(&d.path().join("nope"))).unwrap_err();
+        let e = ovmf_files(Some(&d.path().join("nope")), Arch::X86_64).unwrap_err();
         assert!(e.to_string().contains("nope"));
         assert_eq!("cdrom".parse::<Attach>(), Ok(Attach::Cdrom));
         for a in Attach::ALL {

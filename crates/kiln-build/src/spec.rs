@@ -5,6 +5,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use kiln_formats::arch::Arch;
 use kiln_formats::gpt;
 use kiln_formats::repart::{self, Uuid};
 use serde::de::{self, Deserializer};
@@ -193,6 +194,8 @@ pub struct ImageSection {
     pub source_date_epoch: Option<i64>,
     /// Upper bound for the whole disk image.
     pub budget: Option<Spanned<Size>>,
+    /// Target architecture, `x86-64` or `arm64` (default: the machine kiln runs on).
+    pub arch: Option<Spanned<String>>,
     /// Fixed total disk size; partitions must fit (`size = "fill"` is not supported).
     pub size: Option<Spanned<Size>>,
     /// What to emit: `disk` (default), `iso`, and VM disks made from the disk: `qcow2`,
@@ -514,6 +517,8 @@ pub struct Spec {
     pub version: String,
     /// Seed bytes.
     pub seed: Uuid,
+    /// Target architecture: partition types, EFI binaries, kernel format, kiln-init build.
+    pub arch: Arch,
     /// `SOURCE_DATE_EPOCH` from the spec.
     pub source_date_epoch: Option<i64>,
     /// Whole-image budget.
@@ -559,23 +564,38 @@ pub struct Spec {
     pub digest: [u8; 32],
 }
 
-/// Resolves a DPS type name (with `root`/`usr` as aliases of the x86-64 types) or a GUID to
-/// (canonical name, type UUID). Unnamed GUIDs keep their text as the name.
-pub fn resolve_type(s: &str) -> Option<(String, Uuid)> {
+/// Resolves a DPS type name (with `root`/`usr` as aliases of `arch`'s types, as
+/// systemd-repart reads them) or a GUID to (canonical name, type UUID). Unnamed GUIDs keep
+/// their text as the name.
+pub fn resolve_type(s: &str, arch: Arch) -> Option<(String, Uuid)> {
     let key = match s {
-        "root" => "root-x86-64",
-        "root-verity" => "root-x86-64-verity",
-        "root-verity-sig" => "root-x86-64-verity-sig",
-        "usr" => "usr-x86-64",
-        "usr-verity" => "usr-x86-64-verity",
-        "generic" | "linux" => "linux-generic",
-        other => other,
+        "root" | "root-verity" | "root-verity-sig" | "usr" | "usr-verity" => {
+            let (base, rest) = s.split_once('-').unwrap_or((s, ""));
+            if rest.is_empty() {
+                format!("{base}-{}", arch.name())
+            } else {
+                format!("{base}-{}-{rest}", arch.name())
+            }
+        }
+        "generic" | "linux" => "linux-generic".into(),
+        other => other.into(),
     };
-    let guid = gpt::parse_type(key)?;
+    let guid = gpt::parse_type(&key)?;
     let name = type_name(&guid)
         .map(str::to_string)
         .unwrap_or_else(|| repart::format_uuid(&guid));
     Some((name, guid))
+}
+
+/// The architecture a DPS root or /usr type (or its verity types) is for.
+pub fn dps_arch(type_name: &str) -> Option<Arch> {
+    let rest = type_name
+        .strip_prefix("root-")
+        .or_else(|| type_name.strip_prefix("usr-"))?;
+    Arch::ALL.iter().copied().find(|a| {
+        rest.strip_prefix(a.name())
+            .is_some_and(|r| r.is_empty() || r.starts_with('-'))
+    })
 }
 
 /// The DPS name of a type UUID, if it has one.
@@ -700,6 +720,32 @@ impl Spec {
             // Deterministic without a seed: derive one from the name, so two specs with
             // different names never share UUIDs by accident.
             None => repart::derive_uuid(&[0; 16], &format!("kiln-image:{name}")),
+        };
+        let arch = match &img.arch {
+            Some(a) => match Arch::parse(a.get_ref()) {
+                Some(arch) => arch,
+                None => {
+                    return cx.err(
+                        a.span(),
+                        format!(
+                            "unknown arch {:?}: expected \"x86-64\" or \"arm64\"",
+                            a.get_ref()
+                        ),
+                    )
+                }
+            },
+            None => match Arch::host() {
+                Some(a) => a,
+                None => {
+                    return cx.err(
+                        img.name.span(),
+                        format!(
+                            "this machine is {}, which kiln does not build for: set [image] arch = \"x86-64\" or \"arm64\"",
+                            std::env::consts::ARCH
+                        ),
+                    )
+                }
+            },
         };
         let (mut disk, mut iso, mut rootfs) = (true, false, false);
         let mut vm_formats = Vec::new();
@@ -846,9 +892,18 @@ impl Spec {
                     "partition without `type` (a DPS name like \"root\" or a GUID)",
                 );
             };
-            let Some((type_name, type_uuid)) = resolve_type(t.get_ref()) else {
+            let Some((type_name, type_uuid)) = resolve_type(t.get_ref(), arch) else {
                 return cx.err(t.span(), format!("unknown partition type {:?}: use a DPS name (esp, root, usr, var, home, swap, linux-generic, ...) or a GUID", t.get_ref()));
             };
+            if let Some(other) = dps_arch(&type_name).filter(|a| *a != arch) {
+                return cx.err(
+                    t.span(),
+                    format!(
+                        "partition type {type_name} is for {other}, but the image is {arch} ([image] arch); write \"{}\" for the image's own",
+                        if type_name.starts_with("usr-") { "usr" } else { "root" }
+                    ),
+                );
+            }
             let is_root = type_name.starts_with("root-") && !type_name.contains("verity");
             let is_usr = type_name.starts_with("usr-") && !type_name.contains("verity");
             if type_name.contains("verity") {
@@ -1147,6 +1202,7 @@ impl Spec {
         Ok(Spec {
             file: file.to_path_buf(),
             dir,
+            arch,
             name,
             version,
             seed,
@@ -1245,6 +1301,9 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
             ("[image]\nname = \"a\"\nversion = \"1\"\noutput = [\"iso\"]\n", "needs a [boot] section", 4),
             ("[image]\nname = \"a\"\nversion = \"1\"\noutput = [\"rootfs\"]\n[[partition]]\ntype = \"var\"\n", "needs a root partition", 4),
             ("[image\n", "", 1),
+            ("[image]\nname = \"a\"\nversion = \"1\"\narch = \"riscv64\"\n", "unknown arch", 4),
+            ("[image]\nname = \"a\"\nversion = \"1\"\narch = \"arm64\"\n[[partition]]\ntype = \"root-x86-64\"\n", "is for x86-64, but the image is arm64", 6),
+            ("[image]\nname = \"a\"\nversion = \"1\"\narch = \"x86-64\"\n[[partition]]\ntype = \"usr-arm64\"\n", "is for arm64, but the image is x86-64", 6),
         ];
         for (text, want, line) in cases {
             let e = parse(text).unwrap_err();
@@ -1252,6 +1311,22 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
             assert_eq!(e.line, *line, "{text:?}: got {e}");
             assert!(e.column > 0, "{e}");
         }
+    }
+
+    #[test]
+    fn arch_picks_the_dps_types_of_root_and_usr() {
+        let s = parse("[image]\nname = \"a\"\nversion = \"1\"\narch = \"arm64\"\n[[partition]]\ntype = \"usr\"\nverity = true\n[[partition]]\ntype = \"root\"\n").unwrap();
+        assert_eq!(s.arch, Arch::Arm64);
+        assert_eq!(s.partitions[0].type_name, "usr-arm64");
+        assert_eq!(s.partitions[0].type_uuid, gpt::TYPE_USR_ARM64);
+        assert_eq!(s.partitions[1].type_name, "root-arm64");
+        assert_eq!(s.partitions[1].type_uuid, gpt::TYPE_ROOT_ARM64);
+        let s = parse("[image]\nname = \"a\"\nversion = \"1\"\narch = \"amd64\"\n[[partition]]\ntype = \"root\"\n").unwrap();
+        assert_eq!(s.arch, Arch::X86_64);
+        assert_eq!(s.partitions[0].type_uuid, gpt::TYPE_ROOT_X86_64);
+        assert_eq!(dps_arch("root-arm64-verity"), Some(Arch::Arm64));
+        assert_eq!(dps_arch("usr-x86-64"), Some(Arch::X86_64));
+        assert_eq!(dps_arch("var"), None);
     }
 
     #[test]

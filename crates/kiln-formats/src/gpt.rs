@@ -149,6 +149,16 @@ pub const TYPE_ROOT_X86_64_VERITY_SIG: Uuid = uuid("41092b05-9fc8-4523-994f-2def
 pub const TYPE_USR_X86_64: Uuid = uuid("8484680c-9521-48c6-9c11-b0720656f69e");
 /// dm-verity hash data for the x86-64 /usr.
 pub const TYPE_USR_X86_64_VERITY: Uuid = uuid("77ff5f63-e7b6-4633-acf4-1565b864c0e6");
+/// Root filesystem for arm64 (AArch64).
+pub const TYPE_ROOT_ARM64: Uuid = uuid("b921b045-1df0-41c3-af44-4c6f280d3fae");
+/// dm-verity hash data for the arm64 root.
+pub const TYPE_ROOT_ARM64_VERITY: Uuid = uuid("df3300ce-d69f-4c92-978c-9bfb0f38d820");
+/// Signature of the arm64 root's verity root hash.
+pub const TYPE_ROOT_ARM64_VERITY_SIG: Uuid = uuid("6db69de6-29f4-4758-a7a5-962190f00ce3");
+/// /usr for arm64.
+pub const TYPE_USR_ARM64: Uuid = uuid("b0e01050-ee5f-4390-949a-9101b17104e9");
+/// dm-verity hash data for the arm64 /usr.
+pub const TYPE_USR_ARM64_VERITY: Uuid = uuid("6e11a4e7-fbca-4ded-b9e9-e1a512bb664e");
 /// /var.
 pub const TYPE_VAR: Uuid = uuid("4d21b016-b534-45c2-a9fb-5c16e091fd2d");
 /// /home.
@@ -187,6 +197,26 @@ pub const TYPES: &[PartType] = &[
     PartType {
         name: "usr-x86-64-verity",
         guid: TYPE_USR_X86_64_VERITY,
+    },
+    PartType {
+        name: "root-arm64",
+        guid: TYPE_ROOT_ARM64,
+    },
+    PartType {
+        name: "root-arm64-verity",
+        guid: TYPE_ROOT_ARM64_VERITY,
+    },
+    PartType {
+        name: "root-arm64-verity-sig",
+        guid: TYPE_ROOT_ARM64_VERITY_SIG,
+    },
+    PartType {
+        name: "usr-arm64",
+        guid: TYPE_USR_ARM64,
+    },
+    PartType {
+        name: "usr-arm64-verity",
+        guid: TYPE_USR_ARM64_VERITY,
     },
     PartType {
         name: "var",

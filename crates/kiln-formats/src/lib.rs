@@ -8,6 +8,7 @@ pub mod fstree;
 pub mod io;
 pub mod sink;
 
+pub mod arch;
 pub mod calendar;
 pub mod cpio;
 pub mod erofs;

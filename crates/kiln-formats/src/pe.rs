@@ -13,6 +13,8 @@ use std::fmt::Write as _;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use crate::arch::Arch;
+
 /// `MZ`, the DOS header magic.
 pub const DOS_MAGIC: u16 = 0x5a4d;
 /// `PE\0\0`, the signature at `e_lfanew`.
@@ -21,6 +23,8 @@ pub const PE_SIGNATURE: [u8; 4] = *b"PE\0\0";
 pub const PE32PLUS_MAGIC: u16 = 0x20b;
 /// COFF machine type of x86-64 images.
 pub const MACHINE_AMD64: u16 = 0x8664;
+/// COFF machine type of arm64 (AArch64) images.
+pub const MACHINE_ARM64: u16 = 0xaa64;
 /// Section flags: contains code, readable (used for `.linux` by ukify).
 pub const SCN_CODE_READ: u32 = 0x4000_0020;
 /// Section flags: initialised data, readable (every other UKI section).
@@ -417,7 +421,8 @@ impl<'a> Pe<'a> {
 /// The payloads of a Unified Kernel Image.
 #[derive(Clone, Debug, Default)]
 pub struct UkiParts<'a> {
-    /// The kernel: a PE image (x86 bzImage with the EFI stub).
+    /// The kernel: a PE image (x86 bzImage or arm64 `Image` with the EFI stub), of the
+    /// stub's machine.
     pub linux: &'a [u8],
     /// The initrd (one compressed cpio, or several concatenated).
     pub initrd: &'a [u8],
@@ -439,7 +444,7 @@ pub struct UkiParts<'a> {
 pub const SBAT_HEADER: &[u8] =
     b"sbat,1,SBAT Version,sbat,1,https://github.com/rhboot/shim/blob/main/SBAT.md\n";
 
-/// Appends UKI sections to `stub` (systemd's `linuxx64.efi.stub`): `.osrel .cmdline` (`.dtb`)
+/// Appends UKI sections to `stub` (systemd's `linuxx64.efi.stub` or `linuxaa64.efi.stub`): `.osrel .cmdline` (`.dtb`)
 /// `.uname` (`.splash`) `.initrd .linux`, and SBAT. A trailing COFF symbol table is stripped
 /// first. When the stub already has `.sbat` and extra SBAT lines are given, they are merged
 /// into the stub's section in place if they fit (two `.sbat` sections are rejected by shim);
@@ -448,15 +453,13 @@ pub fn assemble_uki(stub: &[u8], parts: &UkiParts<'_>) -> Result<Vec<u8>, PeErro
     const STUB: &str = "UKI stub";
     const KERNEL: &str = "kernel";
     let pe = Pe::parse(stub, STUB)?;
-    if pe.coff.machine.get() != MACHINE_AMD64 {
-        return Err(PeError::Unsupported {
-            what: STUB.into(),
-            msg: format!(
-                "machine {:#06x}, expected x86-64 ({MACHINE_AMD64:#06x})",
-                pe.coff.machine.get()
-            ),
-        });
-    }
+    let arch = Arch::from_pe_machine(pe.coff.machine.get()).ok_or_else(|| PeError::Unsupported {
+        what: STUB.into(),
+        msg: format!(
+            "machine {:#06x}, expected x86-64 ({MACHINE_AMD64:#06x}) or arm64 ({MACHINE_ARM64:#06x})",
+            pe.coff.machine.get()
+        ),
+    })?;
     if pe.section(".linux").is_some() {
         return Err(PeError::Unsupported {
             what: STUB.into(),
@@ -472,23 +475,27 @@ pub fn assemble_uki(stub: &[u8], parts: &UkiParts<'_>) -> Result<Vec<u8>, PeErro
         }
     }
     let kernel = Pe::parse(parts.linux, KERNEL)?;
-    if kernel.coff.machine.get() != MACHINE_AMD64 {
+    if kernel.coff.machine.get() != pe.coff.machine.get() {
         return Err(PeError::Unsupported {
             what: KERNEL.into(),
             msg: format!(
-                "machine {:#06x}, expected x86-64 ({MACHINE_AMD64:#06x})",
-                kernel.coff.machine.get()
+                "machine {:#06x}, but the stub is {arch} ({:#06x})",
+                kernel.coff.machine.get(),
+                pe.coff.machine.get()
             ),
         });
     }
-    if parts
-        .linux
-        .get(BZIMAGE_HDRS_OFFSET..BZIMAGE_HDRS_OFFSET + 4)
-        != Some(b"HdrS")
-    {
+    if crate::arch::kernel_image_arch(parts.linux) != Some(arch) {
         return Err(PeError::Unsupported {
             what: KERNEL.into(),
-            msg: "a PE image but not a Linux bzImage (no \"HdrS\" boot header at 0x202)".into(),
+            msg: match arch {
+                Arch::X86_64 => {
+                    "a PE image but not a Linux bzImage (no \"HdrS\" boot header at 0x202)".into()
+                }
+                Arch::Arm64 => {
+                    "a PE image but not a Linux arm64 Image (no \"ARM\\x64\" magic at 0x38)".into()
+                }
+            },
         });
     }
 

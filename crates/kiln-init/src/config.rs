@@ -26,7 +26,7 @@
 //! |---|---|
 //! | `roothash=HEX` | dm-verity root hash (64 hex digits for sha256); the data and hash partitions are the ones whose GPT partition UUIDs are its first and last 16 bytes |
 //! | `kiln.label=NAME` | with `roothash=`: when no partitions carry the root hash halves as UUIDs, take the root (root/usr x86-64) and verity partitions whose GPT names are `NAME` on one disk — how systemd-sysupdate marks a slot it filled (it cannot set UUIDs). dm-verity still checks the root hash, so a wrong pair cannot mount |
-//! | `root=PARTUUID=U` / `root=/dev/X` | unprotected root by partition UUID or device name (without `roothash=`; default: the first root-x86-64 partition by DPS type) |
+//! | `root=PARTUUID=U` / `root=/dev/X` | unprotected root by partition UUID or device name (without `roothash=`; default: the first root partition of kiln-init's architecture by DPS type) |
 //! | `rootfstype=T` | filesystem of the root (default: detected by magic: ext4, erofs, squashfs, iso9660) |
 //! | `init=PATH` | program to run in the new root (default `/sbin/init`) |
 //! | `kiln.timeout=S` | seconds to wait for the boot disk (default 30) |
@@ -99,7 +99,7 @@ pub enum RootSpec {
     PartUuid([u8; 16]),
     /// A device node, e.g. `/dev/vda2`.
     Device(String),
-    /// The first partition of DPS type root-x86-64 (not labelled `_empty`).
+    /// The first root partition of kiln-init's architecture by DPS type (not labelled `_empty`).
     DpsType,
     /// Live mode: a root image file on the boot medium.
     Live {

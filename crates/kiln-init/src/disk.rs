@@ -6,26 +6,28 @@ use std::os::unix::fs::FileExt;
 
 use kiln_formats::gpt::{Gpt, Partition};
 
-/// DPS type of the x86-64 root partition (SPECS.md), RFC byte order.
-pub const ROOT_X86_64: [u8; 16] = [
-    0x4f, 0x68, 0xbc, 0xe3, 0xe8, 0xcd, 0x4d, 0xb1, 0x96, 0xe7, 0xfb, 0xca, 0xf9, 0x84, 0xb7, 0x09,
-];
-/// DPS type of the x86-64 /usr partition, RFC byte order.
-pub const USR_X86_64: [u8; 16] = [
-    0x84, 0x84, 0x68, 0x0c, 0x95, 0x21, 0x48, 0xc6, 0x9c, 0x11, 0xb0, 0x72, 0x06, 0x56, 0xf6, 0x9e,
-];
-/// DPS type of the x86-64 root verity (hash tree) partition, RFC byte order.
-pub const ROOT_X86_64_VERITY: [u8; 16] = [
-    0x2c, 0x73, 0x57, 0xed, 0xeb, 0xd2, 0x46, 0xd9, 0xae, 0xc1, 0x23, 0xd4, 0x37, 0xec, 0x2b, 0xf5,
-];
-/// DPS type of the x86-64 /usr verity partition, RFC byte order.
-pub const USR_X86_64_VERITY: [u8; 16] = [
-    0x77, 0xff, 0x5f, 0x63, 0xe7, 0xb6, 0x46, 0x33, 0xac, 0xf4, 0x15, 0x65, 0xb8, 0x64, 0xc0, 0xe6,
-];
-/// DPS type of /var, RFC byte order.
-pub const VAR: [u8; 16] = [
-    0x4d, 0x21, 0xb0, 0x16, 0xb5, 0x34, 0x45, 0xc2, 0xa9, 0xfb, 0x5c, 0x16, 0xe0, 0x91, 0xfd, 0x2d,
-];
+/// DPS types of the root and /usr partitions and their verity partitions for the
+/// architecture kiln-init is built for (SPECS.md), RFC byte order.
+#[cfg(target_arch = "aarch64")]
+mod native {
+    pub use kiln_formats::gpt::{
+        TYPE_ROOT_ARM64 as ROOT, TYPE_ROOT_ARM64_VERITY as ROOT_VERITY, TYPE_USR_ARM64 as USR,
+        TYPE_USR_ARM64_VERITY as USR_VERITY,
+    };
+    /// The DPS name of [`ROOT`], for messages.
+    pub const ROOT_NAME: &str = "root-arm64";
+}
+#[cfg(not(target_arch = "aarch64"))]
+mod native {
+    pub use kiln_formats::gpt::{
+        TYPE_ROOT_X86_64 as ROOT, TYPE_ROOT_X86_64_VERITY as ROOT_VERITY,
+        TYPE_USR_X86_64 as USR, TYPE_USR_X86_64_VERITY as USR_VERITY,
+    };
+    /// The DPS name of [`ROOT`], for messages.
+    pub const ROOT_NAME: &str = "root-x86-64";
+}
+pub use kiln_formats::gpt::TYPE_VAR as VAR;
+pub use native::{ROOT, ROOT_NAME, ROOT_VERITY, USR, USR_VERITY};
 
 /// A block device the kernel knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,8 +170,8 @@ pub fn gpt_partitions(devs: &[BlockDev]) -> Vec<Found> {
 pub fn verity_pair_by_name(parts: &[Found], name: &str) -> Option<(Found, Found)> {
     parts.iter().filter(|d| d.entry.name == name).find_map(|d| {
         let hash_type = match d.entry.type_guid {
-            ROOT_X86_64 => ROOT_X86_64_VERITY,
-            USR_X86_64 => USR_X86_64_VERITY,
+            ROOT => ROOT_VERITY,
+            USR => USR_VERITY,
             _ => return None,
         };
         parts
@@ -233,15 +235,15 @@ mod tests {
     #[test]
     fn pair_by_name_matches_types_and_disk() {
         let parts = vec![
-            found("vda", 2, ROOT_X86_64, "os_1"),
-            found("vda", 3, ROOT_X86_64_VERITY, "os_1"),
-            found("vda", 4, ROOT_X86_64, "os_2"),
+            found("vda", 2, ROOT, "os_1"),
+            found("vda", 3, ROOT_VERITY, "os_1"),
+            found("vda", 4, ROOT, "os_2"),
             // The hash partition named os_2 lives on another disk: not a pair.
-            found("vdb", 1, ROOT_X86_64_VERITY, "os_2"),
-            found("vda", 5, USR_X86_64, "usr_3"),
-            found("vda", 6, USR_X86_64_VERITY, "usr_3"),
+            found("vdb", 1, ROOT_VERITY, "os_2"),
+            found("vda", 5, USR, "usr_3"),
+            found("vda", 6, USR_VERITY, "usr_3"),
             found("vda", 7, VAR, "var_4"),
-            found("vda", 8, ROOT_X86_64_VERITY, "var_4"),
+            found("vda", 8, ROOT_VERITY, "var_4"),
         ];
         let (d, h) = verity_pair_by_name(&parts, "os_1").unwrap();
         assert_eq!((d.dev.name.as_str(), h.dev.name.as_str()), ("vda2", "vda3"));

@@ -168,7 +168,7 @@ mod linux {
             ),
             RootSpec::PartUuid(u) => format!("PARTUUID={}", format_uuid(u)),
             RootSpec::Device(d) => d.clone(),
-            RootSpec::DpsType => "first root-x86-64 partition (no verity)".into(),
+            RootSpec::DpsType => format!("first {} partition (no verity)", disk::ROOT_NAME),
             RootSpec::Live {
                 medium,
                 image,
@@ -377,10 +377,10 @@ mod linux {
             RootSpec::DpsType => {
                 let f = wait_for(
                     plan.timeout,
-                    "a root-x86-64 partition",
+                    &format!("a {} partition", disk::ROOT_NAME),
                     || {
                         Ok(disk::gpt_partitions(&disk::list()).into_iter().find(|p| {
-                            p.entry.type_guid == disk::ROOT_X86_64 && p.entry.name != "_empty"
+                            p.entry.type_guid == disk::ROOT && p.entry.name != "_empty"
                         }))
                     },
                     || explain(loader),

@@ -212,7 +212,7 @@ fn build_fixture() -> Fixture {
 
     // Initrd and UKI.
     let tree = kernel_tree(&ver);
-    let init = kiln_init_embed::kiln_init().expect("kiln-init is embedded in this build");
+    let init = kiln_init_embed::kiln_init(std::env::consts::ARCH).expect("kiln-init is embedded in this build");
     let t0 = std::time::Instant::now();
     let ird = initrd::build_initrd(
         &tree,
@@ -618,7 +618,7 @@ fn live_iso_root_with_verity_and_ram_overlay() {
 fn initrd_and_uki_are_reproducible() {
     let ver = kernel_version();
     let tree = kernel_tree(&ver);
-    let init = kiln_init_embed::kiln_init().expect("embedded kiln-init");
+    let init = kiln_init_embed::kiln_init(std::env::consts::ARCH).expect("embedded kiln-init");
     let opts = InitrdOptions {
         root_fs: Some("erofs".into()),
         kiln_init: init.to_vec(),

@@ -1,5 +1,5 @@
-//! `kiln boot`: boot an image in QEMU (q35, TCG, OVMF) and wait for a marker on the serial
-//! console. Exit status 0 when the marker appears; 1 on a timeout, a kernel panic, a failed
+//! `kiln boot`: boot an image in QEMU (q35 with OVMF for x86-64, virt with AAVMF for arm64;
+//! TCG) and wait for a marker on the serial console. Exit status 0 when the marker appears; 1 on a timeout, a kernel panic, a failed
 //! kiln-init, or QEMU exiting first.
 
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use kiln_build::qemu::{self, Attach, BootOptions, DirectKernel, Firmware, Machine};
+use kiln_formats::arch::Arch;
 
 use super::Outcome;
 
@@ -23,7 +24,12 @@ pub struct BootArgs {
     /// Seconds to wait before giving up.
     #[arg(long, value_name = "S", default_value_t = 120)]
     pub timeout: u64,
-    /// OVMF directory or OVMF_CODE file (default /usr/share/OVMF).
+    /// The guest's architecture, x86-64 or arm64 [default: the one the image's EFI system
+    /// partition (or --kernel) boots, else this machine's].
+    #[arg(long, value_name = "ARCH", value_parser = parse_arch)]
+    pub arch: Option<Arch>,
+    /// UEFI firmware directory or code file (default /usr/share/OVMF, /usr/share/AAVMF for
+    /// arm64).
     #[arg(long, value_name = "DIR_OR_CODE_FILE")]
     pub ovmf: Option<PathBuf>,
     /// How to attach the image: disk (virtio-blk), scsi (virtio-scsi), nvme, ahci (SATA), usb
@@ -48,8 +54,8 @@ pub struct BootArgs {
     /// `kiln build` writes beside a rootfs).
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line for --kernel [default: console=ttyS0 panic=-1; with --microvm:
-    /// console=ttyS0 root=/dev/vda ro panic=-1]
+    /// Kernel command line for --kernel [default: console=ttyS0 panic=-1 (console=ttyAMA0 on
+    /// arm64); with --microvm: console=ttyS0 root=/dev/vda ro panic=-1]
     #[arg(long)]
     pub append: Option<String>,
     /// Boot IMAGE, a bare filesystem (`output = ["rootfs"]`), as a microVM: `-machine
@@ -62,12 +68,46 @@ pub struct BootArgs {
     pub fail: Vec<String>,
 }
 
+fn parse_arch(s: &str) -> Result<Arch, String> {
+    Arch::parse(s).ok_or_else(|| format!("{s:?}: expected x86-64 or arm64"))
+}
+
+/// The architecture to boot as: the one asked for, else the only one the image's ESP boots
+/// (or the direct kernel's), else this machine's.
+fn guest_arch(a: &BootArgs) -> Arch {
+    if let Some(arch) = a.arch {
+        return arch;
+    }
+    if let Some(k) = &a.kernel {
+        let mut head = vec![0u8; 1024];
+        if let Ok(f) = std::fs::File::open(k) {
+            use std::os::unix::fs::FileExt;
+            if f.read_exact_at(&mut head, 0).is_ok() {
+                if let Some(arch) = kiln_formats::arch::kernel_image_arch(&head) {
+                    return arch;
+                }
+            }
+        }
+    }
+    if let Some(found) = a.image.as_deref().and_then(qemu::esp_arches) {
+        if let [arch] = found[..] {
+            return arch;
+        }
+    }
+    Arch::host().unwrap_or(Arch::X86_64)
+}
+
 pub fn run(a: BootArgs) -> Outcome {
+    let arch = guest_arch(&a);
+    let console = match arch {
+        Arch::X86_64 => "ttyS0",
+        Arch::Arm64 => "ttyAMA0",
+    };
     let append = a.append.unwrap_or_else(|| {
         if a.microvm {
-            "console=ttyS0 root=/dev/vda ro panic=-1".into()
+            format!("console={console} root=/dev/vda ro panic=-1")
         } else {
-            "console=ttyS0 panic=-1".into()
+            format!("console={console} panic=-1")
         }
     });
     let direct = a.kernel.map(|kernel| DirectKernel {
@@ -95,6 +135,7 @@ pub fn run(a: BootArgs) -> Outcome {
         cpus: a.cpus,
         keep: a.keep,
         echo: true,
+        arch,
         ..BootOptions::default()
     };
     opts.fail.extend(a.fail);
