@@ -84,9 +84,7 @@ fn main() {
     } else {
         "x86_64"
     };
-    println!(
-        "cargo::rerun-if-env-changed=CC_{foreign_arch}_unknown_linux_musl"
-    );
+    println!("cargo::rerun-if-env-changed=CC_{foreign_arch}_unknown_linux_musl");
     if env::var("KILN_INIT_EMBED").as_deref() == Ok("native") {
         return;
     }
@@ -121,7 +119,9 @@ impl Nested<'_> {
             let added = Command::new("rustup")
                 .args(["target", "add", &triple])
                 .output()
-                .map_err(|e| format!("the Rust target {triple} is not installed and rustup cannot run ({e})"))?;
+                .map_err(|e| {
+                    format!("the Rust target {triple} is not installed and rustup cannot run ({e})")
+                })?;
             if !added.status.success() || !std_dir.is_dir() {
                 return Err(format!(
                     "the Rust target {triple} is not installed and `rustup target add {triple}` failed: {}",
@@ -143,11 +143,17 @@ impl Nested<'_> {
                 gcc
             }
         };
-        let linker = format!("CARGO_TARGET_{}_LINKER", triple.replace('-', "_").to_ascii_uppercase());
+        let linker = format!(
+            "CARGO_TARGET_{}_LINKER",
+            triple.replace('-', "_").to_ascii_uppercase()
+        );
         self.build(
             &triple,
             arch,
-            &[(cc_var.as_str(), cc.as_str()), (linker.as_str(), "rust-lld")],
+            &[
+                (cc_var.as_str(), cc.as_str()),
+                (linker.as_str(), "rust-lld"),
+            ],
         )
     }
 
@@ -174,7 +180,9 @@ impl Nested<'_> {
         // all, then set exactly the flags kiln-init needs.
         for (k, _) in env::vars_os() {
             let k = k.to_string_lossy();
-            if k.starts_with("CARGO_") && k != "CARGO_HOME" || k == "RUSTFLAGS" || k == "RUSTDOCFLAGS"
+            if k.starts_with("CARGO_") && k != "CARGO_HOME"
+                || k == "RUSTFLAGS"
+                || k == "RUSTDOCFLAGS"
             {
                 cmd.env_remove(k.as_ref());
             }
@@ -186,9 +194,9 @@ impl Nested<'_> {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let out = cmd
-            .output()
-            .map_err(|e| format!("kiln-init-embed: cannot run cargo for the nested kiln-init build: {e}"))?;
+        let out = cmd.output().map_err(|e| {
+            format!("kiln-init-embed: cannot run cargo for the nested kiln-init build: {e}")
+        })?;
         if !out.status.success() {
             return Err(format!(
                 "kiln-init-embed: the nested static build of kiln-init for {target} failed ({}):\n{}",
@@ -196,7 +204,11 @@ impl Nested<'_> {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let bin = self.target_dir.join(target).join("release").join("kiln-init");
+        let bin = self
+            .target_dir
+            .join(target)
+            .join("release")
+            .join("kiln-init");
         if !bin.is_file() {
             return Err(format!(
                 "kiln-init-embed: nested build succeeded but {} is missing",

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use kiln_formats::arch::{self, Arch};
 use kiln_formats::fstree::{
     self, Contents, DataRef, FileData, Meta, Node, NodeKind, Timestamp, Tree,
 };
-use kiln_formats::arch::{self, Arch};
 use kiln_formats::pe;
 
 use crate::initrd::{self, InitrdOptions, KernelInfo};

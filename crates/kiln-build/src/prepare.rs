@@ -519,7 +519,11 @@ const EXECUTABLE_DIRS: &[&str] = &[
 /// `/usr/lib/systemd` may be a 64-bit ELF file of another architecture kiln builds for (32-bit
 /// and other machines are left alone: multilib and emulators have them legitimately). The
 /// error names the first file at fault. Returns how many ELF files were looked at.
-pub fn check_arch(tree: &Tree, contents: &dyn Contents, arch: kiln_formats::arch::Arch) -> Result<usize> {
+pub fn check_arch(
+    tree: &Tree,
+    contents: &dyn Contents,
+    arch: kiln_formats::arch::Arch,
+) -> Result<usize> {
     use kiln_formats::arch::elf_machine;
     let head = |id: NodeId| -> Result<Option<kiln_formats::arch::ElfMachine>> {
         let NodeKind::File(fd) = &tree.node(id).kind else {

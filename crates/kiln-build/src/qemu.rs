@@ -382,18 +382,12 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
     if opts.arch == Arch::Arm64 {
         cmd.args(["-cpu", "cortex-a57"]);
     }
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-nodefaults",
-        "-display",
-        "none",
-    ])
-    .args(["-serial", "stdio", "-no-reboot"])
-    .arg("-m")
-    .arg(opts.memory_mib.to_string())
-    .arg("-smp")
-    .arg(opts.cpus.max(1).to_string());
+    cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .arg("-m")
+        .arg(opts.memory_mib.to_string())
+        .arg("-smp")
+        .arg(opts.cpus.max(1).to_string());
     if let Firmware::Ovmf(spec) = &opts.firmware {
         let (code, vars) = ovmf_files(spec.as_deref(), opts.arch)?;
         let private = scratch.path().join("OVMF_VARS.fd");

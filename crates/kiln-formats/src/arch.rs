@@ -143,10 +143,7 @@ impl ElfMachine {
             None => match (self.machine, self.class64) {
                 (3, false) => "i386 (32-bit x86)".into(),
                 (40, false) => "32-bit ARM".into(),
-                (m, c) => format!(
-                    "ELF machine {m} ({})",
-                    if c { "64-bit" } else { "32-bit" }
-                ),
+                (m, c) => format!("ELF machine {m} ({})", if c { "64-bit" } else { "32-bit" }),
             },
         }
     }

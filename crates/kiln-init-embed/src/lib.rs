@@ -63,12 +63,10 @@ pub fn kiln_init(arch: &str) -> Result<Cow<'static, [u8]>, Error> {
                 });
         }
     }
-    embedded(arch)
-        .map(Cow::Borrowed)
-        .ok_or(Error::NotEmbedded {
-            arch: arch.to_string(),
-            var: own,
-        })
+    embedded(arch).map(Cow::Borrowed).ok_or(Error::NotEmbedded {
+        arch: arch.to_string(),
+        var: own,
+    })
 }
 
 #[cfg(test)]
@@ -120,7 +118,10 @@ mod tests {
         assert_eq!(&*super::kiln_init("x86_64").unwrap(), b"#!/bin/sh\n");
         std::env::set_var("KILN_INIT_AARCH64", dir.join("missing-aarch64"));
         let e = super::kiln_init("aarch64").unwrap_err().to_string();
-        assert!(e.starts_with("KILN_INIT_AARCH64=") && e.contains("missing-aarch64"), "{e}");
+        assert!(
+            e.starts_with("KILN_INIT_AARCH64=") && e.contains("missing-aarch64"),
+            "{e}"
+        );
         std::env::remove_var("KILN_INIT_AARCH64");
         std::env::set_var(super::OVERRIDE_ENV, dir.join("missing"));
         let e = super::kiln_init("aarch64").unwrap_err().to_string();

@@ -20,8 +20,8 @@ mod native {
 #[cfg(not(target_arch = "aarch64"))]
 mod native {
     pub use kiln_formats::gpt::{
-        TYPE_ROOT_X86_64 as ROOT, TYPE_ROOT_X86_64_VERITY as ROOT_VERITY,
-        TYPE_USR_X86_64 as USR, TYPE_USR_X86_64_VERITY as USR_VERITY,
+        TYPE_ROOT_X86_64 as ROOT, TYPE_ROOT_X86_64_VERITY as ROOT_VERITY, TYPE_USR_X86_64 as USR,
+        TYPE_USR_X86_64_VERITY as USR_VERITY,
     };
     /// The DPS name of [`ROOT`], for messages.
     pub const ROOT_NAME: &str = "root-x86-64";

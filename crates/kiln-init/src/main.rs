@@ -379,9 +379,9 @@ mod linux {
                     plan.timeout,
                     &format!("a {} partition", disk::ROOT_NAME),
                     || {
-                        Ok(disk::gpt_partitions(&disk::list()).into_iter().find(|p| {
-                            p.entry.type_guid == disk::ROOT && p.entry.name != "_empty"
-                        }))
+                        Ok(disk::gpt_partitions(&disk::list())
+                            .into_iter()
+                            .find(|p| p.entry.type_guid == disk::ROOT && p.entry.name != "_empty"))
                     },
                     || explain(loader),
                 )?;

@@ -212,7 +212,8 @@ fn build_fixture() -> Fixture {
 
     // Initrd and UKI.
     let tree = kernel_tree(&ver);
-    let init = kiln_init_embed::kiln_init(std::env::consts::ARCH).expect("kiln-init is embedded in this build");
+    let init = kiln_init_embed::kiln_init(std::env::consts::ARCH)
+        .expect("kiln-init is embedded in this build");
     let t0 = std::time::Instant::now();
     let ird = initrd::build_initrd(
         &tree,

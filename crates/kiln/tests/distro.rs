@@ -884,7 +884,9 @@ fn missing_crc32c_is_named_at_build_and_at_boot() {
         &contents,
         &InitrdOptions {
             root_fs: Some("erofs".into()),
-            kiln_init: kiln_init_embed::kiln_init(std::env::consts::ARCH).unwrap().to_vec(),
+            kiln_init: kiln_init_embed::kiln_init(std::env::consts::ARCH)
+                .unwrap()
+                .to_vec(),
             ..InitrdOptions::default()
         },
     )
@@ -1108,7 +1110,9 @@ fn compressed_modules_by_the_kernel_and_by_kiln_init() {
     );
     let opts = InitrdOptions {
         root_fs: Some("erofs".into()),
-        kiln_init: kiln_init_embed::kiln_init(std::env::consts::ARCH).unwrap().to_vec(),
+        kiln_init: kiln_init_embed::kiln_init(std::env::consts::ARCH)
+            .unwrap()
+            .to_vec(),
         module_files: ModuleFiles::AsShipped,
         ..InitrdOptions::default()
     };
