@@ -89,6 +89,13 @@ fn main() {
         return;
     }
     if let Err(e) = nested.foreign(foreign_arch) {
+        // A cargo warning is one line: the error lines of the nested build's output, joined.
+        let e: Vec<&str> = e
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("Compiling"))
+            .take(8)
+            .collect();
+        let e = e.join(" | ");
         println!(
             "cargo::warning=kiln-init for {foreign_arch} is not embedded: {e}; images for {foreign_arch} need KILN_INIT_{}=path at run time",
             foreign_arch.to_ascii_uppercase()
@@ -180,9 +187,16 @@ impl Nested<'_> {
         // all, then set exactly the flags kiln-init needs.
         for (k, _) in env::vars_os() {
             let k = k.to_string_lossy();
+            // (clippy sets RUSTC_WORKSPACE_WRAPPER and CLIPPY_ARGS: the nested build is a
+            // plain build whatever the outer one is.)
             if k.starts_with("CARGO_") && k != "CARGO_HOME"
-                || k == "RUSTFLAGS"
-                || k == "RUSTDOCFLAGS"
+                || [
+                    "RUSTFLAGS",
+                    "RUSTDOCFLAGS",
+                    "RUSTC_WORKSPACE_WRAPPER",
+                    "CLIPPY_ARGS",
+                ]
+                .contains(&k.as_ref())
             {
                 cmd.env_remove(k.as_ref());
             }

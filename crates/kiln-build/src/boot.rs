@@ -102,7 +102,7 @@ pub fn kernel_image(bytes: Vec<u8>, path: &str, arch: Arch) -> Result<Vec<u8>> {
     match arch::kernel_image_arch(&bytes) {
         Some(a) if a == arch => Ok(bytes),
         Some(a) => bail!(
-            "[boot] kernel {path} is a {a} kernel, but the image is {arch} ([image] arch)"
+            "[boot] kernel {path} is an {a} kernel, but the image is {arch} ([image] arch)"
         ),
         None => bail!(
             "[boot] kernel {path} is neither an x86 bzImage nor an arm64 Image (compressed with something other than gzip?)"
@@ -354,4 +354,45 @@ pub fn esp_tree(
         &dir_meta,
     )?;
     Ok(t)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn arm64_image() -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        b[..2].copy_from_slice(b"MZ");
+        b[arch::ARM64_IMAGE_MAGIC_OFFSET..][..4].copy_from_slice(&arch::ARM64_IMAGE_MAGIC);
+        b
+    }
+
+    #[test]
+    fn kernel_images_are_decompressed_and_checked_against_the_arch() {
+        let plain = arm64_image();
+        assert_eq!(
+            kernel_image(plain.clone(), "/boot/vmlinuz-6", Arch::Arm64).unwrap(),
+            plain
+        );
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &plain).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(
+            kernel_image(gz, "/boot/vmlinuz-6", Arch::Arm64).unwrap(),
+            plain
+        );
+        let e = kernel_image(plain, "/boot/vmlinuz-6", Arch::X86_64).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("/boot/vmlinuz-6 is an arm64 kernel, but the image is x86-64"),
+            "{e}"
+        );
+        let e = kernel_image(vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0], "/k", Arch::Arm64).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("neither an x86 bzImage nor an arm64 Image"),
+            "{e}"
+        );
+    }
 }

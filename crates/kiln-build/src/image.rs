@@ -1155,16 +1155,9 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         // modules: with a kernel in the tree, its image and an initrd that loads them go beside
         // the rootfs, for `kiln boot --microvm` or a Firecracker config.
         if let Ok(kernel) = crate::initrd::find_kernel(&tree, None) {
-            for (f, a) in microvm_boot_files(
-                spec.arch,
-                &tree,
-                &contents,
-                &kernel,
-                &fs_name,
-                mtime,
-                opts,
-                &name_version,
-            )? {
+            for (f, a) in
+                microvm_boot_files(&spec, &tree, &contents, &kernel, &fs_name, mtime, opts)?
+            {
                 stages.done(format_args!("{} ({})", a.file, spec::human_size(a.size)));
                 artifacts.push(a);
                 pending.push(f);
@@ -1228,15 +1221,15 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
 /// `NAME_VERSION.initrd`: kiln-init with virtio_mmio, virtio_blk and the root filesystem's
 /// module (those the kernel does not build in), mounting `root=/dev/vda`, no /var partition.
 fn microvm_boot_files(
-    arch: kiln_formats::arch::Arch,
+    spec: &Spec,
     tree: &Tree,
     contents: &dyn Contents,
     kernel: &crate::initrd::KernelInfo,
     fs_name: &str,
     mtime: i64,
     opts: &BuildOptions,
-    name_version: &str,
 ) -> Result<Vec<(AtomicFile, Artifact)>> {
+    let (arch, name_version) = (spec.arch, format!("{}_{}", spec.name, spec.version));
     let linux = crate::initrd::read_tree_file(tree, contents, &kernel.image)
         .with_context(|| format!("rootfs: reading the kernel {}", kernel.image))?;
     let linux = boot::kernel_image(linux, &kernel.image, arch)?;

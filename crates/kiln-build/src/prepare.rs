@@ -399,6 +399,88 @@ pub fn image_service(
     Ok(path)
 }
 
+/// Where a tree's own executables live: every regular executable file directly in these
+/// directories (following a merged-/usr symlink) is checked by [`check_arch`].
+const EXECUTABLE_DIRS: &[&str] = &[
+    "/bin",
+    "/sbin",
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/libexec",
+    "/usr/lib/systemd",
+];
+
+/// Checks that the tree's executables are for `arch`: its init (`/sbin/init`, else `/init`)
+/// must be an ELF executable of that machine when it is an ELF file at all, and no
+/// executable directly in `/bin`, `/sbin`, `/usr/bin`, `/usr/sbin`, `/usr/libexec` or
+/// `/usr/lib/systemd` may be a 64-bit ELF file of another architecture kiln builds for (32-bit
+/// and other machines are left alone: multilib and emulators have them legitimately). The
+/// error names the first file at fault. Returns how many ELF files were looked at.
+pub fn check_arch(
+    tree: &Tree,
+    contents: &dyn Contents,
+    arch: kiln_formats::arch::Arch,
+) -> Result<usize> {
+    use kiln_formats::arch::elf_machine;
+    let head = |id: NodeId| -> Result<Option<kiln_formats::arch::ElfMachine>> {
+        let NodeKind::File(fd) = &tree.node(id).kind else {
+            return Ok(None);
+        };
+        let Some(first) = fd.runs().first().copied() else {
+            return Ok(None);
+        };
+        if first.offset != 0 || first.len < 20 {
+            return Ok(None);
+        }
+        let mut b = [0u8; 20];
+        contents.read_at(fd, 0, &mut b)?;
+        Ok(elf_machine(&b))
+    };
+    let wrong = |path: &str, m: kiln_formats::arch::ElfMachine| {
+        anyhow::anyhow!(
+            "{path} is an ELF executable for {}, but the image is {arch} ([image] arch = \"{}\"): set [image] arch to the tree's architecture, or build from a tree for {arch}",
+            m.describe(),
+            m.arch().map(|a| a.name()).unwrap_or("?"),
+        )
+    };
+    let mut seen = 0;
+    for init in ["/sbin/init", "/init"] {
+        if let Some(id) = tree.resolve_follow(init.as_bytes()) {
+            if let Some(m) = head(id).with_context(|| format!("reading {init}"))? {
+                seen += 1;
+                if m.arch() != Some(arch) {
+                    return Err(wrong(init, m));
+                }
+            }
+            break;
+        }
+    }
+    let mut dirs_seen = Vec::new();
+    for dir in EXECUTABLE_DIRS {
+        let Some(d) = tree.resolve_follow(dir.as_bytes()) else {
+            continue;
+        };
+        if !tree.node(d).is_dir() || dirs_seen.contains(&d) {
+            continue;
+        }
+        dirs_seen.push(d);
+        for e in tree.entries(d) {
+            let n = tree.node(e.node);
+            if n.meta.perm & 0o111 == 0 {
+                continue;
+            }
+            let path = format!("{dir}/{}", String::from_utf8_lossy(&e.name));
+            if let Some(m) = head(e.node).with_context(|| format!("reading {path}"))? {
+                seen += 1;
+                if m.arch().is_some_and(|a| a != arch) {
+                    return Err(wrong(&path, m));
+                }
+            }
+        }
+    }
+    Ok(seen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,86 +582,4 @@ mod tests {
             tree_digest(&b, &HostContents).unwrap()
         );
     }
-}
-
-/// Where a tree's own executables live: every regular executable file directly in these
-/// directories (following a merged-/usr symlink) is checked by [`check_arch`].
-const EXECUTABLE_DIRS: &[&str] = &[
-    "/bin",
-    "/sbin",
-    "/usr/bin",
-    "/usr/sbin",
-    "/usr/libexec",
-    "/usr/lib/systemd",
-];
-
-/// Checks that the tree's executables are for `arch`: its init (`/sbin/init`, else `/init`)
-/// must be an ELF executable of that machine when it is an ELF file at all, and no
-/// executable directly in `/bin`, `/sbin`, `/usr/bin`, `/usr/sbin`, `/usr/libexec` or
-/// `/usr/lib/systemd` may be a 64-bit ELF file of another architecture kiln builds for (32-bit
-/// and other machines are left alone: multilib and emulators have them legitimately). The
-/// error names the first file at fault. Returns how many ELF files were looked at.
-pub fn check_arch(
-    tree: &Tree,
-    contents: &dyn Contents,
-    arch: kiln_formats::arch::Arch,
-) -> Result<usize> {
-    use kiln_formats::arch::elf_machine;
-    let head = |id: NodeId| -> Result<Option<kiln_formats::arch::ElfMachine>> {
-        let NodeKind::File(fd) = &tree.node(id).kind else {
-            return Ok(None);
-        };
-        let Some(first) = fd.runs().first().copied() else {
-            return Ok(None);
-        };
-        if first.offset != 0 || first.len < 20 {
-            return Ok(None);
-        }
-        let mut b = [0u8; 20];
-        contents.read_at(fd, 0, &mut b)?;
-        Ok(elf_machine(&b))
-    };
-    let wrong = |path: &str, m: kiln_formats::arch::ElfMachine| {
-        anyhow::anyhow!(
-            "{path} is an ELF executable for {}, but the image is {arch} ([image] arch = \"{}\"): set [image] arch to the tree's architecture, or build from a tree for {arch}",
-            m.describe(),
-            m.arch().map(|a| a.name()).unwrap_or("?"),
-        )
-    };
-    let mut seen = 0;
-    for init in ["/sbin/init", "/init"] {
-        if let Some(id) = tree.resolve_follow(init.as_bytes()) {
-            if let Some(m) = head(id).with_context(|| format!("reading {init}"))? {
-                seen += 1;
-                if m.arch() != Some(arch) {
-                    return Err(wrong(init, m));
-                }
-            }
-            break;
-        }
-    }
-    let mut dirs_seen = Vec::new();
-    for dir in EXECUTABLE_DIRS {
-        let Some(d) = tree.resolve_follow(dir.as_bytes()) else {
-            continue;
-        };
-        if !tree.node(d).is_dir() || dirs_seen.contains(&d) {
-            continue;
-        }
-        dirs_seen.push(d);
-        for e in tree.entries(d) {
-            let n = tree.node(e.node);
-            if n.meta.perm & 0o111 == 0 {
-                continue;
-            }
-            let path = format!("{dir}/{}", String::from_utf8_lossy(&e.name));
-            if let Some(m) = head(e.node).with_context(|| format!("reading {path}"))? {
-                seen += 1;
-                if m.arch().is_some_and(|a| a != arch) {
-                    return Err(wrong(&path, m));
-                }
-            }
-        }
-    }
-    Ok(seen)
 }

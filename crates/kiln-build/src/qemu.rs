@@ -642,7 +642,9 @@ pub fn esp_arches(image: &Path) -> Option<Vec<Arch>> {
     )
 }
 
-type EspFat = kiln_formats::fat::FatReader<Box<dyn Fn(u64, &mut [u8]) -> std::io::Result<()>>>;
+/// Reads `buf.len()` bytes at an offset of a partition.
+type PartRead = Box<dyn Fn(u64, &mut [u8]) -> std::io::Result<()>>;
+type EspFat = kiln_formats::fat::FatReader<PartRead>;
 
 /// The FAT of the first EFI system partition of the disk in `f`, with its partition index;
 /// `Ok(None)` when `f` has no GPT; an error when it has no ESP or the ESP holds no FAT.
@@ -663,8 +665,7 @@ fn esp_fat(f: &std::fs::File) -> Result<Option<(usize, EspFat)>> {
     };
     let base = esp.offset();
     let f = f.try_clone()?;
-    let read: Box<dyn Fn(u64, &mut [u8]) -> std::io::Result<()>> =
-        Box::new(move |off: u64, buf: &mut [u8]| f.read_exact_at(buf, base + off));
+    let read: PartRead = Box::new(move |off: u64, buf: &mut [u8]| f.read_exact_at(buf, base + off));
     let fat = FatReader::open(read).with_context(|| {
         format!(
             "the EFI system partition (partition {}) holds no readable FAT filesystem",

@@ -36,6 +36,8 @@ const MODULE_INIT_COMPRESSED_FILE: libc::c_int = 4;
 const MAX_LOG_LINES: usize = 6;
 
 /// The kernel release (`uname -r`).
+// `c_char` is i8 on x86-64 and u8 on aarch64: the cast is needed on one of them.
+#[allow(clippy::unnecessary_cast)]
 pub fn kernel_release() -> Result<String, String> {
     // SAFETY: utsname is plain data; uname fills it.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
