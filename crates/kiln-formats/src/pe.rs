@@ -444,9 +444,10 @@ pub struct UkiParts<'a> {
 pub const SBAT_HEADER: &[u8] =
     b"sbat,1,SBAT Version,sbat,1,https://github.com/rhboot/shim/blob/main/SBAT.md\n";
 
-/// Appends UKI sections to `stub` (systemd's `linuxx64.efi.stub` or `linuxaa64.efi.stub`): `.osrel .cmdline` (`.dtb`)
-/// `.uname` (`.splash`) `.initrd .linux`, and SBAT. A trailing COFF symbol table is stripped
-/// first. When the stub already has `.sbat` and extra SBAT lines are given, they are merged
+/// Appends UKI sections to `stub` (systemd's `linuxx64.efi.stub` or `linuxaa64.efi.stub`):
+/// `.osrel .cmdline` (`.dtb`) `.uname` (`.splash`) `.initrd .linux`, and SBAT. The kernel must
+/// be a Linux image (bzImage, arm64 `Image`) for the stub's machine. A trailing COFF symbol
+/// table is stripped first. When the stub already has `.sbat` and extra SBAT lines are given, they are merged
 /// into the stub's section in place if they fit (two `.sbat` sections are rejected by shim);
 /// without a stub `.sbat` a new section is added.
 pub fn assemble_uki(stub: &[u8], parts: &UkiParts<'_>) -> Result<Vec<u8>, PeError> {
