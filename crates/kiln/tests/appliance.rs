@@ -26,7 +26,7 @@ use kiln_formats::{erofs, pe};
 use kiln_testkit::{is_root, require_tool, run, run_ok};
 use serde_json::Value;
 
-use ab_support::esp_ukis;
+use ab_support::{esp_ukis, markers, must_succeed};
 
 /// TCG boots are CPU-bound; two at once on a small machine only make both slow.
 static QEMU: Mutex<()> = Mutex::new(());
@@ -103,23 +103,8 @@ fn boot(disk: &Path, expect: &str, what: &str) -> BootOutcome {
     })
     .unwrap();
     eprintln!("boot {what}: {}", out.summary());
-    assert!(
-        out.success(),
-        "boot {what}: {}\n--- console ---\n{}\n--- qemu ---\n{}",
-        out.summary(),
-        out.console,
-        out.qemu_stderr
-    );
+    must_succeed(&out, what);
     out
-}
-
-/// Lines of the console that start with a marker.
-fn markers(out: &BootOutcome) -> Vec<&str> {
-    out.console
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("APPLIANCE-"))
-        .collect()
 }
 
 /// Copies `len` bytes at `off` of `disk` into `to`.

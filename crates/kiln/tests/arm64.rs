@@ -27,7 +27,7 @@ use kiln_formats::gpt::{self, Gpt};
 use kiln_formats::pe;
 use kiln_testkit::{debian_tree, require_tool, run, run_ok};
 
-use ab_support::esp_ukis;
+use ab_support::{check_systemd_disk_boot, esp_ukis, markers, must_succeed, report_of};
 
 /// TCG boots are CPU-bound; two at once on a small machine only make both slow.
 static QEMU: Mutex<()> = Mutex::new(());
@@ -88,35 +88,35 @@ fn build(spec: &Path, src: &Path, version: &str, out: &Path) {
 }
 
 fn boot(disk: &Path, expect: &str, timeout: u64, what: &str) -> BootOutcome {
+    boot_with(disk, Attach::Disk, true, expect, timeout, what)
+}
+
+/// Boots `image` on the virt machine with AAVMF until `expect`; fails the test if it does not
+/// get there. `keep` lets the guest write to the image (boot counting).
+fn boot_with(
+    image: &Path,
+    attach: Attach,
+    keep: bool,
+    expect: &str,
+    timeout: u64,
+    what: &str,
+) -> BootOutcome {
     let _one = QEMU.lock().unwrap_or_else(|p| p.into_inner());
     let out = qemu::boot(&BootOptions {
-        image: Some(disk.to_path_buf()),
+        image: Some(image.to_path_buf()),
+        attach,
         firmware: Firmware::Ovmf(None),
         arch: Arch::Arm64,
         expect: Some(expect.into()),
         timeout: Duration::from_secs(timeout),
-        keep: true,
+        keep,
         echo: false,
         ..BootOptions::default()
     })
     .unwrap();
     eprintln!("boot {what}: {}", out.summary());
-    assert!(
-        out.success(),
-        "boot {what}: {}\n--- console ---\n{}\n--- qemu ---\n{}",
-        out.summary(),
-        out.console,
-        out.qemu_stderr
-    );
+    must_succeed(&out, what);
     out
-}
-
-fn markers(out: &BootOutcome) -> Vec<&str> {
-    out.console
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("APPLIANCE-"))
-        .collect()
 }
 
 /// Must hold 1: the arm64 verity disk boots to its marker with the injected slot content;
@@ -307,59 +307,34 @@ fn debian_arm64_reaches_multi_user_with_systemd() {
         "kiln build (Debian arm64): {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    // The disk, booted from its qcow2 container.
-    let o = boot(
+    // The disk, booted from its qcow2 container: what the x86-64 Debian boots show.
+    let what = "Debian bookworm arm64 (qcow2)";
+    let o = boot_with(
         &out.join("debian_1.qcow2"),
+        Attach::Disk,
+        true,
         "KILN-REPORT-END",
         600,
-        "Debian bookworm arm64 (qcow2)",
+        what,
     );
-    let report = report_of(&o.console);
+    let report = check_systemd_disk_boot(&o, "/dev/ttyAMA0", what);
     let get = |k: &str| report.get(k).map(String::as_str).unwrap_or("<missing>");
-    let c = &o.console;
-    assert_eq!(get("multi-user"), "active", "{report:?}\n{c}");
-    assert!(
-        get("init").ends_with("/systemd"),
-        "PID 1 is {}",
-        get("init")
-    );
     assert!(get("kernel").ends_with("-arm64"), "{}", get("kernel"));
-    assert!(
-        get("mount /").starts_with("/dev/mapper/root erofs ro"),
-        "root {}",
-        get("mount /")
-    );
-    assert!(
-        get("mount /var").contains(" ext4 rw"),
-        "/var {}",
-        get("mount /var")
-    );
-    assert_eq!(get("getty"), "active", "{report:?}");
-    assert_eq!(get("getty-tty"), "/dev/ttyAMA0", "{report:?}");
-    assert_eq!(get("failed"), "", "failed units\n{c}");
     // systemd-boot (aa64) chose the counted UKI (the tree has no systemd-boot package, so
     // nothing blesses it: the appliance test covers boot counting on arm64).
     assert_eq!(get("loader-entry"), "debian_1+2.efi", "{report:?}");
     assert!(get("cmdline").contains("roothash="), "{report:?}");
 
     // The live ISO from a CD on virtio-scsi: El Torito's UEFI image holds BOOTAA64.EFI.
-    let _one = QEMU.lock().unwrap_or_else(|p| p.into_inner());
-    let o = qemu::boot(&BootOptions {
-        image: Some(out.join("debian_1.iso")),
-        attach: Attach::Cdrom,
-        firmware: Firmware::Ovmf(None),
-        arch: Arch::Arm64,
-        expect: Some("KILN-REPORT-END".into()),
-        timeout: Duration::from_secs(600),
-        echo: false,
-        ..BootOptions::default()
-    })
-    .unwrap();
-    eprintln!(
-        "boot Debian bookworm arm64 live ISO (cdrom): {}",
-        o.summary()
+    let what = "Debian bookworm arm64 live ISO (cdrom)";
+    let o = boot_with(
+        &out.join("debian_1.iso"),
+        Attach::Cdrom,
+        false,
+        "KILN-REPORT-END",
+        600,
+        what,
     );
-    assert!(o.success(), "{}\n{}", o.summary(), o.console);
     let report = report_of(&o.console);
     let get = |k: &str| report.get(k).map(String::as_str).unwrap_or("<missing>");
     assert_eq!(get("multi-user"), "active", "{report:?}");
@@ -370,18 +345,4 @@ fn debian_arm64_reaches_multi_user_with_systemd() {
     assert_eq!(get("piece"), "<h1>debian: default piece</h1>", "{report:?}");
     assert_eq!(get("getty-tty"), "/dev/ttyAMA0", "{report:?}");
     assert_eq!(get("failed"), "", "{report:?}");
-}
-
-/// The `KILN key: value` lines of the last boot report on the console.
-fn report_of(console: &str) -> std::collections::BTreeMap<String, String> {
-    let start = console.rfind("KILN-REPORT-BEGIN").unwrap_or(0);
-    console[start..]
-        .lines()
-        .filter_map(|l| l.find("KILN ").map(|i| &l[i + 5..]))
-        .filter_map(|l| {
-            l.split_once(": ")
-                .or_else(|| l.trim_end().strip_suffix(':').map(|k| (k, "")))
-        })
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect()
 }

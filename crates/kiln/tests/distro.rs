@@ -30,7 +30,7 @@ use kiln_formats::gpt::Gpt;
 use kiln_testkit::{debian_tree, require_tool, run_ok};
 use serde_json::Value;
 
-use ab_support::{esp_ukis, partition_bytes, serve, Faults};
+use ab_support::{check_systemd_disk_boot, esp_ukis, must_succeed, partition_bytes, serve, Faults};
 
 /// TCG boots are CPU-bound; two at once on a small machine only make both slow.
 static QEMU: Mutex<()> = Mutex::new(());
@@ -156,22 +156,6 @@ fn tools() {
     }
 }
 
-/// The `KILN key: value` lines of the boot report (the last report on the console). A line
-/// may start with what the getty or systemd's terminal probing wrote to the same console
-/// (`vm login: `, escape sequences), so the key is looked for anywhere in it.
-fn report_of(console: &str) -> BTreeMap<String, String> {
-    let start = console.rfind("KILN-REPORT-BEGIN").unwrap_or(0);
-    console[start..]
-        .lines()
-        .filter_map(|l| l.find("KILN ").map(|i| &l[i + 5..]))
-        .filter_map(|l| {
-            l.split_once(": ")
-                .or_else(|| l.trim_end().strip_suffix(':').map(|k| (k, "")))
-        })
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect()
-}
-
 /// Boots `image` attached as `attach` until the boot report ends.
 fn boot_with(opts: BootOptions, what: &str) -> BootOutcome {
     let _one = QEMU.lock().unwrap_or_else(|p| p.into_inner());
@@ -200,17 +184,6 @@ fn boot(image: &Path, attach: Attach, keep: bool, what: &str) -> BootOutcome {
     )
 }
 
-fn must_succeed(out: &BootOutcome, what: &str) -> BTreeMap<String, String> {
-    assert!(
-        out.success(),
-        "boot {what}: {}\n--- console ---\n{}\n--- qemu ---\n{}",
-        out.summary(),
-        out.console,
-        out.qemu_stderr
-    );
-    report_of(&out.console)
-}
-
 /// Seconds of guest uptime at which multi-user.target was reached.
 fn multi_user_secs(r: &BTreeMap<String, String>) -> f64 {
     r.get("multi-user-usec")
@@ -221,66 +194,12 @@ fn multi_user_secs(r: &BTreeMap<String, String>) -> f64 {
 
 /// What every systemd boot from the verity disk must show.
 fn check_disk_boot(img: &Image, out: &BootOutcome, what: &str) -> BTreeMap<String, String> {
-    let r = must_succeed(out, what);
-    let c = &out.console;
+    let r = check_systemd_disk_boot(out, "/dev/ttyS0", what);
     let get = |k: &str| r.get(k).map(String::as_str).unwrap_or("<missing>");
-    assert_eq!(get("multi-user"), "active", "{what}: {r:?}\n{c}");
-    assert!(
-        get("init").ends_with("/systemd"),
-        "{what}: PID 1 is {}",
-        get("init")
-    );
-    assert!(
-        c.contains("kiln-init: [") && c.contains("switching root to /sbin/init"),
-        "{what}: kiln-init did not switch root:\n{c}"
-    );
-    // The root: dm-verity over EROFS, read-only; /var from its partition, writable.
-    assert!(
-        get("mount /").starts_with("/dev/mapper/root erofs ro"),
-        "{what}: root {}",
-        get("mount /")
-    );
-    assert_eq!(get("root-writable"), "no", "{what}");
-    assert!(
-        get("mount /var").contains(" ext4 rw"),
-        "{what}: /var {}",
-        get("mount /var")
-    );
-    assert_eq!(get("var-writable"), "yes", "{what}");
-    // The spec's overlays.
-    assert!(
-        get("mount /etc").starts_with("overlay overlay rw"),
-        "{what}: /etc {}",
-        get("mount /etc")
-    );
-    assert!(
-        get("mount /tmp").starts_with("overlay overlay rw"),
-        "{what}: /tmp {}",
-        get("mount /tmp")
-    );
-    // Empty machine-id in the image: systemd made one up for this boot.
-    assert_eq!(
-        get("machine-id").len(),
-        32,
-        "{what}: machine-id {:?}",
-        get("machine-id")
-    );
-    // A getty on the serial console.
-    assert_eq!(get("getty"), "active", "{what}");
-    // The getty holds the serial console. (Its prompt is not looked for: agetty prints it on
-    // its own schedule, and under load that can come after the report has ended.)
-    assert_eq!(get("getty-tty"), "/dev/ttyS0", "{what}");
-    assert_eq!(get("failed"), "", "{what}: failed units");
     assert_eq!(
         get("kernel"),
         img.report["boot"]["kernel"].as_str().unwrap(),
         "{what}"
-    );
-    // kiln-init did dm-verity; systemd's generator is told not to wait for it again.
-    assert!(
-        get("cmdline").contains("systemd.verity=no"),
-        "{what}: {}",
-        get("cmdline")
     );
     eprintln!(
         "{what}: multi-user.target at {:.1} s guest uptime, {:.1} s from QEMU start",

@@ -1,8 +1,10 @@
-//! Shared by the A/B tests (appliance, delta, distro): what a disk's GPT and ESP hold, and a
+//! Shared by the A/B and distribution tests (appliance, arm64, delta, distro): what a disk's
+//! GPT and ESP hold, the boot report of the Debian example, and a
 //! static HTTP server with byte ranges that can tamper with what it serves and drop
 //! connections on purpose (a few lines over std::net: `GET` with one byte range, `HEAD`).
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,6 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use kiln_build::qemu::BootOutcome;
 use kiln_formats::fat::FatReader;
 use kiln_formats::gpt::{Gpt, Partition};
 
@@ -188,4 +191,108 @@ fn answer(mut s: TcpStream, dir: &Path, faults: &Mutex<Faults>) -> std::io::Resu
         s.shutdown(std::net::Shutdown::Both)?;
     }
     Ok(())
+}
+
+/// The `KILN key: value` lines of the boot report (the last report on the console). A line
+/// may start with what the getty or systemd's terminal probing wrote to the same console
+/// (`vm login: `, escape sequences), so the key is looked for anywhere in it.
+pub fn report_of(console: &str) -> BTreeMap<String, String> {
+    let start = console.rfind("KILN-REPORT-BEGIN").unwrap_or(0);
+    console[start..]
+        .lines()
+        .filter_map(|l| l.find("KILN ").map(|i| &l[i + 5..]))
+        .filter_map(|l| {
+            l.split_once(": ")
+                .or_else(|| l.trim_end().strip_suffix(':').map(|k| (k, "")))
+        })
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Asserts that the boot matched, with its console and QEMU's messages when it did not; the
+/// boot report it printed.
+pub fn must_succeed(out: &BootOutcome, what: &str) -> BTreeMap<String, String> {
+    assert!(
+        out.success(),
+        "boot {what}: {}\n--- console ---\n{}\n--- qemu ---\n{}",
+        out.summary(),
+        out.console,
+        out.qemu_stderr
+    );
+    report_of(&out.console)
+}
+
+/// What every systemd boot of the Debian example from its verity disk must show (its boot
+/// report), with the serial getty on `tty`; the report.
+pub fn check_systemd_disk_boot(
+    out: &BootOutcome,
+    tty: &str,
+    what: &str,
+) -> BTreeMap<String, String> {
+    let r = must_succeed(out, what);
+    let c = &out.console;
+    let get = |k: &str| r.get(k).map(String::as_str).unwrap_or("<missing>");
+    assert_eq!(get("multi-user"), "active", "{what}: {r:?}\n{c}");
+    assert!(
+        get("init").ends_with("/systemd"),
+        "{what}: PID 1 is {}",
+        get("init")
+    );
+    assert!(
+        c.contains("kiln-init: [") && c.contains("switching root to /sbin/init"),
+        "{what}: kiln-init did not switch root:\n{c}"
+    );
+    // The root: dm-verity over EROFS, read-only; /var from its partition, writable.
+    assert!(
+        get("mount /").starts_with("/dev/mapper/root erofs ro"),
+        "{what}: root {}",
+        get("mount /")
+    );
+    assert_eq!(get("root-writable"), "no", "{what}");
+    assert!(
+        get("mount /var").contains(" ext4 rw"),
+        "{what}: /var {}",
+        get("mount /var")
+    );
+    assert_eq!(get("var-writable"), "yes", "{what}");
+    // The spec's overlays.
+    assert!(
+        get("mount /etc").starts_with("overlay overlay rw"),
+        "{what}: /etc {}",
+        get("mount /etc")
+    );
+    assert!(
+        get("mount /tmp").starts_with("overlay overlay rw"),
+        "{what}: /tmp {}",
+        get("mount /tmp")
+    );
+    // Empty machine-id in the image: systemd made one up for this boot.
+    assert_eq!(
+        get("machine-id").len(),
+        32,
+        "{what}: machine-id {:?}",
+        get("machine-id")
+    );
+    // A getty on the serial console.
+    assert_eq!(get("getty"), "active", "{what}");
+    // The getty holds the serial console. (Its prompt is not looked for: agetty prints it on
+    // its own schedule, and under load that can come after the report has ended.)
+    assert_eq!(get("getty-tty"), tty, "{what}");
+    assert_eq!(get("failed"), "", "{what}: failed units");
+    // kiln-init did dm-verity; systemd's generator is told not to wait for it again.
+    assert!(
+        get("cmdline").contains("systemd.verity=no"),
+        "{what}: {}",
+        get("cmdline")
+    );
+    r
+}
+
+/// The example appliance's marker lines (`APPLIANCE-…`) on the console.
+pub fn markers(out: &BootOutcome) -> Vec<&str> {
+    out.console
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("APPLIANCE-"))
+        .collect()
 }
