@@ -325,9 +325,159 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
 
 /// Builds the image described by `opts`, telling `progress` about every stage: a line per
 /// finished stage, and the bytes of the long ones (writing a filesystem, verity, digests).
+///
+/// The stages, in order: load the spec; open, normalise and check the source; stamp the
+/// image's identity into the tree; prepare the boot pieces; plan every filesystem and lay the
+/// disk out; write the partitions (data, verity, then the ESP with the final UKI); write the
+/// GPT and the slot table; digests; side artifacts; the ISO; then [`finish`].
 pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report> {
     let stages = Stages { progress };
-    let mut spec = Spec::load(&opts.spec).map_err(|e| anyhow!("{e}"))?;
+    let spec = load_spec(opts, progress)?;
+    let epoch = match spec.source_date_epoch {
+        Some(e) => Some(e),
+        None => Normalize::from_env(false)?.source_date_epoch,
+    };
+    let mtime = epoch.unwrap_or(0);
+    let mut src = open_source(opts, &spec, &stages, epoch, mtime)?;
+    let ident = stamp_identity(&spec, &mut src, mtime)?;
+    let src = src;
+
+    let finish_with = Finish {
+        opts,
+        spec: &spec,
+        tree: &src.tree,
+        contents: &src.contents,
+        source: &src.path,
+        epoch,
+        input_digest: src.input_digest,
+        stages: &stages,
+    };
+    let iso_inputs = crate::iso::IsoInputs {
+        spec: &spec,
+        tree: &src.tree,
+        contents: &src.contents,
+        osrel: &ident.osrel,
+        epoch,
+        outdir: &opts.outdir,
+        name_version: &ident.name_version,
+    };
+    if !spec.disk {
+        // `output = ["iso"]`: no disk is laid out.
+        std::fs::create_dir_all(&opts.outdir)
+            .with_context(|| format!("creating {}", opts.outdir.display()))?;
+        let iso = crate::iso::build(&iso_inputs, &stages)?;
+        let report = src.report(&spec, epoch);
+        return finish(&finish_with, report, Vec::new(), None, Some(iso));
+    }
+
+    // Per-partition trees and slots.
+    let mut trees = prepare::split(&spec, &src.tree)?;
+    for (p, t) in spec.partitions.iter().zip(trees.iter_mut()) {
+        if let Some(t) = t {
+            prepare::place_slots(p, t, &src.contents, mtime)?;
+        }
+    }
+    let boot_parts = prepare_boot(&spec, &src, &ident, mtime, &stages)?;
+    let esp = EspPlan::new(&spec, &ident, boot_parts.as_ref())?;
+    esp.add_to(&spec, &mut trees, mtime)?;
+    let mut plan = plan_disk(&spec, &src.tree, &trees, &ident, epoch, mtime)?;
+    stages.done(format_args!("plan: {} partitions", plan.lay.parts.len()));
+
+    // Write.
+    std::fs::create_dir_all(&opts.outdir)
+        .with_context(|| format!("creating {}", opts.outdir.display()))?;
+    let disk_name = format!("{}.img", ident.name_version);
+    let disk_path = opts.outdir.join(&disk_name);
+    let out = AtomicFile::create(&disk_path)
+        .with_context(|| format!("creating {}", disk_path.display()))?;
+    let file = out.file();
+    let mut parts = write_partitions(&spec, &mut plan, &trees, &src.contents, file, &esp, &stages)?;
+    let booted = write_esp(
+        &spec,
+        &plan,
+        &trees,
+        &src.contents,
+        file,
+        &esp,
+        &mut parts,
+        mtime,
+        &stages,
+    )?;
+    // Every filesystem is written: the plans (which borrow the trees) are done with.
+    let (mut lay, provisional) = (plan.lay, plan.provisional);
+    let booted = booted.map(|(report, uki, (i, esp_tree))| {
+        trees[i] = Some(esp_tree);
+        (report, uki)
+    });
+    let disk_size = write_gpt(&spec, &mut lay, file, &src.tree, &parts, &out)?;
+
+    // Slots, digests and what the report says about each partition.
+    let slot_list = slots_of(&spec, &lay, &trees, &parts.written, &src.contents)?;
+    let mut outs = Outputs::default();
+    let slot_table = write_slot_table(&slot_list, disk_size, file, &disk_path, &mut outs, &stages)?;
+    let digests = digests(
+        &out,
+        &disk_path,
+        disk_size,
+        &slot_table,
+        &lay,
+        &mut outs,
+        &stages,
+    )?;
+    let partitions = partition_reports(&spec, &lay, &provisional, &parts, &digests.parts);
+
+    let ctx = SideOutputs {
+        opts,
+        spec: &spec,
+        lay: &lay,
+        file,
+        name_version: &ident.name_version,
+        part_shas: &digests.parts,
+        epoch,
+    };
+    ctx.update_artifacts(&parts.verity_reports, booted.as_ref(), &ident, &mut outs)?;
+    if spec.rootfs {
+        ctx.rootfs(&src, mtime, &stages, &mut outs)?;
+    }
+    if !spec.keep_disk {
+        // Only the rootfs was asked for: the disk and its sidecars were scaffolding.
+        outs.drop_prefixed(&disk_name);
+    }
+
+    ctx.vm_disks(disk_size, &stages, &mut outs)?;
+
+    // The hybrid ISO, from the same tree.
+    let iso = if spec.iso {
+        Some(crate::iso::build(&iso_inputs, &stages)?)
+    } else {
+        None
+    };
+
+    let (boot_report, _) = booted.unzip();
+    let report = Report {
+        disk: spec.keep_disk.then(|| Artifact {
+            file: disk_name.clone(),
+            size: disk_size,
+            sha256: hex32(&digests.disk),
+        }),
+        disk_uuid: Some(uuid_text(&lay.disk_uuid)),
+        chunked_digest: Some(digests.chunked),
+        partitions,
+        root_hash: parts.root_hash.map(|h| hex32(&h)),
+        verity: parts.verity_reports,
+        boot: boot_report,
+        slots: slot_list,
+        artifacts: outs.artifacts,
+        ..src.report(&spec, epoch)
+    };
+    let disk = spec.keep_disk.then_some(out);
+    finish(&finish_with, report, outs.pending, disk, iso)
+}
+
+/// The spec at `opts.spec` with the command line's overrides (seed, version); notes each fixed
+/// partition size that gets rounded up to the 1 MiB alignment.
+fn load_spec(opts: &BuildOptions, progress: &dyn Progress) -> Result<Spec> {
+    let mut spec = Spec::load(&opts.spec)?;
     if let Some(seed) = opts.seed {
         spec.seed = seed;
     }
@@ -335,13 +485,58 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         spec::check_version(v).map_err(|e| anyhow!("--version: {e}"))?;
         spec.version = v.clone();
     }
-    let epoch = match spec.source_date_epoch {
-        Some(e) => Some(e),
-        None => Normalize::from_env(false)?.source_date_epoch,
-    };
-    let mtime = epoch.unwrap_or(0);
+    for (i, p) in spec.partitions.iter().enumerate() {
+        if let PartSize::Fixed(sz) = p.size {
+            if sz.0 % ALIGN != 0 {
+                progress.note(&format!(
+                    "{}:{}: partition {} size {} rounded up to {} (partitions are 1 MiB aligned)",
+                    spec.file.display(),
+                    p.at.line,
+                    i + 1,
+                    spec::human_size(sz.0),
+                    spec::human_size(align_up(sz.0, ALIGN))
+                ));
+            }
+        }
+    }
+    Ok(spec)
+}
 
-    // Source.
+/// The source tree, read, laid over, normalised and checked.
+struct Source {
+    /// Where it came from (`--source` or `[source] tree`).
+    path: PathBuf,
+    tree: Tree,
+    contents: kiln_tree::SourceContents,
+    /// A container image's config, when the source is one.
+    image: Option<kiln_tree::oci::ImageConfig>,
+    /// The digest of the normalised tree (provenance).
+    input_digest: [u8; 32],
+}
+
+impl Source {
+    /// The report's fields that describe what was built from what, with no outputs yet.
+    fn report(&self, spec: &Spec, epoch: Option<i64>) -> Report {
+        Report::describing(
+            spec,
+            &self.path,
+            epoch,
+            &self.input_digest,
+            self.image.as_ref(),
+        )
+    }
+}
+
+/// Opens the source: `--source` or the spec's tree, a container image's service unit, the
+/// `[source] add` overlay, normalisation, the digest, the architecture check, the ESP mount
+/// point and the content policy.
+fn open_source(
+    opts: &BuildOptions,
+    spec: &Spec,
+    stages: &Stages<'_>,
+    epoch: Option<i64>,
+    mtime: i64,
+) -> Result<Source> {
     let source = opts
         .source
         .clone()
@@ -364,20 +559,6 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
                 at.column,
                 source.display()
             );
-        }
-    }
-    for (i, p) in spec.partitions.iter().enumerate() {
-        if let PartSize::Fixed(sz) = p.size {
-            if sz.0 % ALIGN != 0 {
-                progress.note(&format!(
-                    "{}:{}: partition {} size {} rounded up to {} (partitions are 1 MiB aligned)",
-                    spec.file.display(),
-                    p.at.line,
-                    i + 1,
-                    spec::human_size(sz.0),
-                    spec::human_size(align_up(sz.0, ALIGN))
-                ));
-            }
         }
     }
     let arg = SourceArg::parse(&source);
@@ -412,7 +593,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         tree.walk().len()
     ));
     prepare::check_arch(&tree, &contents, spec.arch).context("source tree")?;
-    if boot::add_esp_mount_point(&spec, &mut tree, mtime)? {
+    if boot::add_esp_mount_point(spec, &mut tree, mtime)? {
         stages.done(format_args!(
             "root: added /efi, where systemd mounts the ESP to bless a counted boot"
         ));
@@ -433,11 +614,35 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         }
         stages.done("policy: clean");
     }
+    Ok(Source {
+        path: source,
+        tree,
+        contents,
+        image,
+        input_digest,
+    })
+}
 
-    let machine_id = prepare::machine_id(&tree, &contents)?;
+/// Who the image is: stamped into its tree before anything is planned.
+struct Identity {
+    /// `/etc/machine-id` of the tree, if it has one (the /var partition's UUID derives from it).
+    machine_id: Option<[u8; 16]>,
+    /// `NAME_VERSION`.
+    name_version: String,
+    /// os-release with IMAGE_ID and IMAGE_VERSION.
+    osrel: String,
+    /// The sysupdate transfers of an A/B image, also written into its tree.
+    transfers: Option<Vec<sysupdate::Transfer>>,
+}
+
+/// Stamps os-release and, for an A/B image, the sysupdate transfers that fill its inactive
+/// slot into the tree.
+fn stamp_identity(spec: &Spec, src: &mut Source, mtime: i64) -> Result<Identity> {
+    let (tree, contents) = (&mut src.tree, &src.contents);
+    let machine_id = prepare::machine_id(tree, contents)?;
     let name_version = format!("{}_{}", spec.name, spec.version);
-    let osrel = prepare::os_release(&tree, &contents, &spec.name, &spec.version)?;
-    prepare::stamp_os_release(&mut tree, &osrel)?;
+    let osrel = prepare::os_release(tree, contents, &spec.name, &spec.version)?;
+    prepare::stamp_os_release(tree, &osrel)?;
 
     // A/B images carry the sysupdate transfers that fill their inactive slot.
     let ab = spec
@@ -454,130 +659,148 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
             &Default::default(),
         )
     });
-    if let Some(ts) = &transfers {
-        for t in ts {
-            let path = format!("/usr/lib/sysupdate.d/{}", t.file);
-            if tree.resolve(path.as_bytes()).is_none() {
-                let node = fstree::Node {
-                    kind: NodeKind::File(fstree::FileData::dense(
-                        t.text.len() as u64,
-                        fstree::DataRef::Inline(t.text.as_bytes().into()),
-                    )),
-                    meta: fstree::Meta {
-                        perm: 0o644,
-                        mtime: Timestamp::from_secs(mtime),
-                        ..Default::default()
-                    },
-                    slot: None,
-                };
-                tree.insert(
-                    path.as_bytes(),
-                    node,
-                    &fstree::Meta {
-                        perm: 0o755,
-                        mtime: Timestamp::from_secs(mtime),
-                        ..Default::default()
-                    },
-                )?;
-            }
+    let meta = |perm| fstree::Meta {
+        perm,
+        mtime: Timestamp::from_secs(mtime),
+        ..Default::default()
+    };
+    for t in transfers.iter().flatten() {
+        let path = format!("/usr/lib/sysupdate.d/{}", t.file);
+        if tree.resolve(path.as_bytes()).is_none() {
+            let node = fstree::Node {
+                kind: NodeKind::File(fstree::FileData::dense(
+                    t.text.len() as u64,
+                    fstree::DataRef::Inline(t.text.as_bytes().into()),
+                )),
+                meta: meta(0o644),
+                slot: None,
+            };
+            tree.insert(path.as_bytes(), node, &meta(0o755))?;
         }
     }
+    Ok(Identity {
+        machine_id,
+        name_version,
+        osrel,
+        transfers,
+    })
+}
 
-    let finish_with = Finish {
-        opts,
-        spec: &spec,
-        tree: &tree,
-        contents: &contents,
-        source: &source,
-        epoch,
-        input_digest,
-        stages: &stages,
+/// Everything the UKI needs but the root hash, so the ESP can be sized up front.
+fn prepare_boot(
+    spec: &Spec,
+    src: &Source,
+    ident: &Identity,
+    mtime: i64,
+    stages: &Stages<'_>,
+) -> Result<Option<boot::BootParts>> {
+    let Some(b) = &spec.boot else {
+        return Ok(None);
     };
-    let iso_inputs = crate::iso::IsoInputs {
-        spec: &spec,
-        tree: &tree,
-        contents: &contents,
-        osrel: &osrel,
-        epoch,
-        outdir: &opts.outdir,
-        name_version: &name_version,
-    };
-    if !spec.disk {
-        // `output = ["iso"]`: no disk is laid out.
-        std::fs::create_dir_all(&opts.outdir)
-            .with_context(|| format!("creating {}", opts.outdir.display()))?;
-        let iso = crate::iso::build(&iso_inputs, &stages)?;
-        let report = Report::describing(&spec, &source, epoch, &input_digest, image.as_ref());
-        return finish(&finish_with, report, Vec::new(), None, Some(iso));
-    }
-
-    // Per-partition trees and slots.
-    let mut trees = prepare::split(&spec, &tree)?;
-    for (p, t) in spec.partitions.iter().zip(trees.iter_mut()) {
-        if let Some(t) = t {
-            prepare::place_slots(p, t, &contents, mtime)?;
-        }
-    }
-
-    // Boot: everything but the root hash, so the ESP can be sized up front.
     let root_index = spec
         .partitions
         .iter()
         .position(|p| p.type_name.starts_with("root-") || p.type_name.starts_with("usr-"));
-    let boot_parts = match &spec.boot {
-        None => None,
-        Some(b) => {
-            let root_fs = root_index.map(|i| spec.partitions[i].fs.name());
-            let cfg = kiln_init::config::Config {
-                overlays: b.overlays.clone(),
-                rootfstype: root_fs.map(str::to_string),
-                ..Default::default()
-            };
-            let parts = boot::prepare(
-                b,
-                spec.arch,
-                &tree,
-                &contents,
-                root_fs,
-                cfg,
-                osrel.clone(),
-                mtime.clamp(0, u32::MAX as i64) as u32,
-            )?;
-            stages.done(format_args!("initrd: {}", parts.summary()));
-            Some(parts)
-        }
+    let root_fs = root_index.map(|i| spec.partitions[i].fs.name());
+    let cfg = kiln_init::config::Config {
+        overlays: b.overlays.clone(),
+        rootfstype: root_fs.map(str::to_string),
+        ..Default::default()
     };
-    let tries = spec.boot.as_ref().map(|b| b.tries).unwrap_or(0);
-    let uki_file = boot::uki_name(&name_version, tries);
+    let parts = boot::prepare(
+        b,
+        spec.arch,
+        &src.tree,
+        &src.contents,
+        root_fs,
+        cfg,
+        ident.osrel.clone(),
+        mtime.clamp(0, u32::MAX as i64) as u32,
+    )?;
+    stages.done(format_args!("initrd: {}", parts.summary()));
+    Ok(Some(parts))
+}
 
-    // Plan every filesystem.
-    let mut planned: Vec<Planned<'_>> = Vec::new();
-    let mut sizes = Vec::new();
-    let esp_index = spec.partitions.iter().position(|p| p.type_name == "esp");
-    // The ESP tree with a UKI of final length (the root hash is a fixed-length hex string).
-    let placeholder_cmdline = boot_parts
-        .as_ref()
-        .map(|_| cmdline(&spec, None, &[0u8; 32]));
-    let placeholder_uki: Option<Arc<[u8]>> = match (&boot_parts, &placeholder_cmdline) {
-        (Some(bp), Some(c)) => Some(bp.uki(c)?.into()),
-        _ => None,
-    };
-    if let (Some(i), Some(bp), Some(uki)) = (esp_index, &boot_parts, &placeholder_uki) {
-        let base = trees[i].take();
-        trees[i] = Some(boot::esp_tree(
-            spec.arch,
-            base,
-            &bp.systemd_boot,
-            &uki_file,
-            uki.clone(),
-            spec.boot.as_ref().map(|b| b.timeout).unwrap_or(0),
-            mtime,
-        )?);
+/// The ESP of a bootable disk: which partition it is, the UKI's name, and a UKI of the final
+/// length (the root hash is a fixed-length hex string) that sizes it before the root exists.
+struct EspPlan<'b> {
+    /// The spec's ESP partition, when the disk boots.
+    index: Option<usize>,
+    boot: Option<&'b boot::BootParts>,
+    /// `NAME_VERSION(+TRIES).efi`.
+    uki_file: String,
+    placeholder_uki: Option<Arc<[u8]>>,
+}
+
+impl<'b> EspPlan<'b> {
+    fn new(spec: &Spec, ident: &Identity, boot: Option<&'b boot::BootParts>) -> Result<Self> {
+        let tries = spec.boot.as_ref().map(|b| b.tries).unwrap_or(0);
+        let placeholder_uki = match boot {
+            Some(bp) => Some(bp.uki(&cmdline(spec, None, &[0u8; 32]))?.into()),
+            None => None,
+        };
+        Ok(Self {
+            index: spec.partitions.iter().position(|p| p.type_name == "esp"),
+            boot,
+            uki_file: boot::uki_name(&ident.name_version, tries),
+            placeholder_uki,
+        })
     }
-    // Provisional partition UUIDs: filesystem UUIDs derive from them (as systemd-repart does,
-    // from the UUID before verity replaces it).
+
+    /// Puts systemd-boot, loader.conf and the placeholder UKI into the ESP's tree.
+    fn add_to(&self, spec: &Spec, trees: &mut [Option<Tree>], mtime: i64) -> Result<()> {
+        if let (Some(i), Some(bp), Some(uki)) = (self.index, self.boot, &self.placeholder_uki) {
+            let base = trees[i].take();
+            trees[i] = Some(boot::esp_tree(
+                spec.arch,
+                base,
+                &bp.systemd_boot,
+                &self.uki_file,
+                uki.clone(),
+                spec.boot.as_ref().map(|b| b.timeout).unwrap_or(0),
+                mtime,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// True for the partition that gets the ESP written last.
+    fn is_esp(&self, spec_index: usize) -> bool {
+        Some(spec_index) == self.index && self.boot.is_some()
+    }
+}
+
+/// Every filesystem planned and the disk laid out.
+struct DiskPlan<'t> {
+    /// Per spec partition.
+    planned: Vec<Planned<'t>>,
+    lay: Layout,
+    /// The layout before sizes were known: its partition UUIDs are what the filesystem UUIDs
+    /// derive from (as systemd-repart does, from the UUID before verity replaces it).
+    provisional: Layout,
+}
+
+/// The UUID spec partition `spec_i`'s data partition has in the `provisional` layout.
+fn provisional_uuid(provisional: &Layout, spec_i: usize) -> Uuid {
+    provisional
+        .parts
+        .iter()
+        .find(|p| p.spec == spec_i && p.role == Role::Data)
+        .map(|p| p.uuid)
+        .unwrap_or([0; 16])
+}
+
+/// Plans every partition's filesystem from its tree, checks the budgets, and lays the disk out.
+fn plan_disk<'t>(
+    spec: &Spec,
+    tree: &Tree,
+    trees: &'t [Option<Tree>],
+    ident: &Identity,
+    epoch: Option<i64>,
+    mtime: i64,
+) -> Result<DiskPlan<'t>> {
     let provisional = layout::layout(
-        &spec,
+        spec,
         // Provisional: no size is known yet, so no budget is judged on it.
         &vec![
             FsSize {
@@ -586,178 +809,186 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
             };
             spec.partitions.len()
         ],
-        machine_id.as_ref(),
-    )
-    .map_err(|e| anyhow!("{e}"))?;
-    let part_uuid_of = |spec_i: usize| -> Uuid {
-        provisional
-            .parts
-            .iter()
-            .find(|p| p.spec == spec_i && p.role == Role::Data)
-            .map(|p| p.uuid)
-            .unwrap_or([0; 16])
+        ident.machine_id.as_ref(),
+    )?;
+    let mut plan = DiskPlan {
+        planned: Vec::new(),
+        lay: provisional.clone(),
+        provisional,
     };
+    let mut sizes = Vec::new();
     for (i, p) in spec.partitions.iter().enumerate() {
         let t = trees[i].as_ref();
-        let fs_uuid = repart::filesystem_uuid(&part_uuid_of(i));
-        let label = p
-            .label
-            .clone()
-            .unwrap_or_else(|| repart::label(&p.type_name, 0));
-        let mut upper_bound = false;
-        let (pl, need) = match (p.fs, t) {
-            (FsKind::None, _) | (_, None) => (Planned::None, 0),
-            (FsKind::Ext4, Some(t)) => {
-                let size = match p.size {
-                    PartSize::Fixed(s) => ext4::Size::Fixed(align_up(s.0, ALIGN)),
-                    // The free space gets inodes at mke2fs's default density (one per
-                    // 16 KiB): a writable /var with room for data but no free inode cannot
-                    // create a file (journald, logind and dpkg all do at boot).
-                    PartSize::Auto => ext4::Size::Minimize {
-                        extra_bytes: p.extra,
-                        extra_inodes: p.extra / EXTRA_BYTES_PER_INODE,
-                    },
-                };
-                let mut o = ext4::Options::from_seed(Some(&part_uuid_of(i)), size);
-                o.label = truncate_label(&label, 16);
-                o.timestamp = mtime;
-                // An auto-sized filesystem stays minimized (with `extra` free space); the rest
-                // of its 1 MiB-aligned partition is padding. Re-planning it as fixed-size would
-                // switch to fixed-size inode density and need more room than it has.
-                let plan = ext4::plan(t, &o).map_err(|e| part_error(p, &e.to_string(), t))?;
-                let need = plan.size_bytes();
-                (Planned::Ext4(plan), need)
-            }
-            (FsKind::Erofs, Some(t)) => {
-                let o = erofs::Options {
-                    compression: match p.compression {
-                        Compression::None => erofs::Compression::None,
-                        Compression::Lz4 => erofs::Compression::Lz4,
-                        Compression::Lz4hc => erofs::Compression::Lz4hc {
-                            level: erofs::LZ4HC_DEFAULT_LEVEL,
-                        },
-                    },
-                    uuid: fs_uuid,
-                    timestamp: epoch.map(Timestamp::from_secs),
-                    volume_name: truncate_label(&label, 16).into_bytes(),
-                    ..Default::default()
-                };
-                let plan = erofs::plan(t, &o).map_err(|e| part_error(p, &e.to_string(), t))?;
-                let need = plan.size().bytes;
-                upper_bound = !plan.size().exact;
-                (Planned::Erofs(plan), need)
-            }
-            (FsKind::Vfat, Some(t)) => {
-                let fat_label = fat_label(&label);
-                let (size, fat_type) = match p.size {
-                    PartSize::Fixed(s) => (align_up(s.0, ALIGN), None),
-                    PartSize::Auto => {
-                        fat::auto_size(t, None, fat_label.clone(), p.extra.max(64 << 10))
-                            .map_err(|e| part_error(p, &e.to_string(), t))?
-                    }
-                };
-                let o = fat::FatOptions {
-                    size,
-                    fat_type,
-                    volume_id: fat_volume_id(&fs_uuid),
-                    label: fat_label,
-                };
-                fat::FatWriter::new(t, o.clone()).map_err(|e| part_error(p, &e.to_string(), t))?;
-                (Planned::Fat(o), size)
-            }
-        };
-        if let (Some(b), Some(t), false) = (p.budget, t, upper_bound) {
-            if need > b {
+        let (pl, size) =
+            plan_partition(p, t, &provisional_uuid(&plan.provisional, i), epoch, mtime)?;
+        if let (Some(b), Some(t), false) = (p.budget, t, size.upper_bound) {
+            if size.bytes > b {
                 bail!(
                     "partition {} (line {}) needs {}, over its budget of {}; the heaviest paths:\n{}",
                     p.label.as_deref().unwrap_or(&p.type_name),
                     p.at.line,
-                    spec::human_size(need),
+                    spec::human_size(size.bytes),
                     spec::human_size(b),
                     crate::budget::report(t, 20)
                 );
             }
         }
-        planned.push(pl);
-        sizes.push(FsSize {
-            bytes: need,
-            upper_bound,
-        });
+        plan.planned.push(pl);
+        sizes.push(size);
     }
-    let mut lay = layout::layout(&spec, &sizes, machine_id.as_ref()).map_err(|e| match e.spec {
-        Some(i) => match &trees[i] {
-            Some(t) => anyhow!("{e}; the heaviest paths:\n{}", crate::budget::report(t, 20)),
-            None => anyhow!("{e}"),
-        },
-        None => anyhow!(
-            "{e}; the heaviest paths of the source:\n{}",
-            crate::budget::report(&tree, 20)
-        ),
-    })?;
-    stages.done(format_args!("plan: {} partitions", lay.parts.len()));
+    plan.lay =
+        layout::layout(spec, &sizes, ident.machine_id.as_ref()).map_err(|e| match e.spec {
+            Some(i) => match &trees[i] {
+                Some(t) => anyhow!("{e}; the heaviest paths:\n{}", crate::budget::report(t, 20)),
+                None => anyhow!("{e}"),
+            },
+            None => anyhow!(
+                "{e}; the heaviest paths of the source:\n{}",
+                crate::budget::report(tree, 20)
+            ),
+        })?;
+    Ok(plan)
+}
 
-    // Write.
-    std::fs::create_dir_all(&opts.outdir)
-        .with_context(|| format!("creating {}", opts.outdir.display()))?;
-    let disk_name = format!("{name_version}.img");
-    let disk_path = opts.outdir.join(&disk_name);
-    let out = AtomicFile::create(&disk_path)
-        .with_context(|| format!("creating {}", disk_path.display()))?;
-    let file = out.file();
-    let mut written: BTreeMap<usize, Written> = BTreeMap::new();
-    let mut fs_sizes: BTreeMap<usize, u64> = BTreeMap::new();
-    let mut verity_reports = Vec::new();
-    let mut root_hash: Option<[u8; 32]> = None;
-    let mut esp_part: Option<usize> = None;
-    let salt = repart::verity_salt(&spec.seed);
-    let vuuid = repart::verity_uuid(&spec.seed);
+/// Plans the filesystem of partition `p` holding `t`: the plan and the size it needs (an
+/// upper bound for compressed EROFS).
+fn plan_partition<'t>(
+    p: &spec::Partition,
+    t: Option<&'t Tree>,
+    part_uuid: &Uuid,
+    epoch: Option<i64>,
+    mtime: i64,
+) -> Result<(Planned<'t>, FsSize)> {
+    let fs_uuid = repart::filesystem_uuid(part_uuid);
+    let label = p
+        .label
+        .clone()
+        .unwrap_or_else(|| repart::label(&p.type_name, 0));
+    let exact = |bytes| FsSize {
+        bytes,
+        upper_bound: false,
+    };
+    let t = match (p.fs, t) {
+        (FsKind::None, _) | (_, None) => return Ok((Planned::None, exact(0))),
+        (_, Some(t)) => t,
+    };
+    Ok(match p.fs {
+        FsKind::None => unreachable!("handled above"),
+        FsKind::Ext4 => {
+            let size = match p.size {
+                PartSize::Fixed(s) => ext4::Size::Fixed(align_up(s.0, ALIGN)),
+                // The free space gets inodes at mke2fs's default density (one per 16 KiB): a
+                // writable /var with room for data but no free inode cannot create a file
+                // (journald, logind and dpkg all do at boot).
+                PartSize::Auto => ext4::Size::Minimize {
+                    extra_bytes: p.extra,
+                    extra_inodes: p.extra / EXTRA_BYTES_PER_INODE,
+                },
+            };
+            let mut o = ext4::Options::from_seed(Some(part_uuid), size);
+            o.label = truncate_label(&label, 16);
+            o.timestamp = mtime;
+            // An auto-sized filesystem stays minimized (with `extra` free space); the rest of
+            // its 1 MiB-aligned partition is padding. Re-planning it as fixed-size would switch
+            // to fixed-size inode density and need more room than it has.
+            let plan = ext4::plan(t, &o).map_err(|e| part_error(p, &e.to_string(), t))?;
+            let need = plan.size_bytes();
+            (Planned::Ext4(plan), exact(need))
+        }
+        FsKind::Erofs => {
+            let o = erofs::Options {
+                compression: match p.compression {
+                    Compression::None => erofs::Compression::None,
+                    Compression::Lz4 => erofs::Compression::Lz4,
+                    Compression::Lz4hc => erofs::Compression::Lz4hc {
+                        level: erofs::LZ4HC_DEFAULT_LEVEL,
+                    },
+                },
+                uuid: fs_uuid,
+                timestamp: epoch.map(Timestamp::from_secs),
+                volume_name: truncate_label(&label, 16).into_bytes(),
+                ..Default::default()
+            };
+            let plan = erofs::plan(t, &o).map_err(|e| part_error(p, &e.to_string(), t))?;
+            let size = FsSize {
+                bytes: plan.size().bytes,
+                upper_bound: !plan.size().exact,
+            };
+            (Planned::Erofs(plan), size)
+        }
+        FsKind::Vfat => {
+            let fat_label = fat_label(&label);
+            let (size, fat_type) = match p.size {
+                PartSize::Fixed(s) => (align_up(s.0, ALIGN), None),
+                PartSize::Auto => fat::auto_size(t, None, fat_label.clone(), p.extra.max(64 << 10))
+                    .map_err(|e| part_error(p, &e.to_string(), t))?,
+            };
+            let o = fat::FatOptions {
+                size,
+                fat_type,
+                volume_id: fat_volume_id(&fs_uuid),
+                label: fat_label,
+            };
+            fat::FatWriter::new(t, o.clone()).map_err(|e| part_error(p, &e.to_string(), t))?;
+            (Planned::Fat(o), exact(size))
+        }
+    })
+}
 
-    // In disk order: a partition is written after every partition before it on the disk, so
-    // shrinking an auto-sized one moves only partitions not yet written.
-    for idx in lay.order.clone() {
-        reflow(&mut lay);
-        let part = lay.parts[idx].clone();
+/// What writing the partitions produced.
+struct Partitions {
+    /// Filesystems written, by layout index.
+    written: BTreeMap<usize, Written>,
+    /// Their sizes, by layout index.
+    fs_sizes: BTreeMap<usize, u64>,
+    verity_reports: Vec<VerityReport>,
+    /// The first verity root hash (the root's, which goes on the command line).
+    root_hash: Option<[u8; 32]>,
+    /// The ESP's layout index, written last by [`write_esp`].
+    esp_part: Option<usize>,
+}
+
+/// Writes every data and verity partition into `file`, in disk order: a partition is written
+/// after every partition before it on the disk, so shrinking an auto-sized one moves only
+/// partitions not yet written. The ESP of a bootable disk is left for [`write_esp`].
+fn write_partitions(
+    spec: &Spec,
+    plan: &mut DiskPlan<'_>,
+    trees: &[Option<Tree>],
+    contents: &dyn Contents,
+    file: &File,
+    esp: &EspPlan<'_>,
+    stages: &Stages<'_>,
+) -> Result<Partitions> {
+    let mut w = Partitions {
+        written: BTreeMap::new(),
+        fs_sizes: BTreeMap::new(),
+        verity_reports: Vec::new(),
+        root_hash: None,
+        esp_part: None,
+    };
+    for idx in plan.lay.order.clone() {
+        reflow(&mut plan.lay);
+        let part = plan.lay.parts[idx].clone();
         match part.role {
+            Role::Data if esp.is_esp(part.spec) => w.esp_part = Some(idx),
             Role::Data => {
                 let sp = &spec.partitions[part.spec];
-                if Some(part.spec) == esp_index && boot_parts.is_some() {
-                    esp_part = Some(idx);
-                    continue;
-                }
                 let Some(t) = trees[part.spec].as_ref() else {
                     continue;
                 };
                 let window = FileSink::new(file, part.offset, part.size);
-                let (w, used) = match &planned[part.spec] {
-                    Planned::None => continue,
-                    Planned::Ext4(plan) => {
-                        stages.begin(format_args!("{} (ext4)", part.label), plan.data_bytes(t));
-                        let inc = progress::advancing(stages.progress());
-                        let r = plan
-                            .write_with_progress(t, &contents, &window, &inc)
-                            .map_err(|e| {
-                                anyhow!("partition {} (line {}): {e}", part.label, sp.at.line)
-                            })?;
-                        let used = r.size_bytes;
-                        (Written::Ext4(r), used)
-                    }
-                    Planned::Erofs(plan) => {
-                        stages.begin(format_args!("{} (erofs)", part.label), data_bytes(t));
-                        let at = progress::positioning(stages.progress());
-                        let s = plan.write(&contents, &window, &at).map_err(|e| {
-                            anyhow!("partition {} (line {}): {e}", part.label, sp.at.line)
-                        })?;
-                        let used = s.size;
-                        (Written::Erofs(s), used)
-                    }
-                    Planned::Fat(o) => {
-                        let r = fat::FatWriter::new(t, o.clone())?
-                            .write(&contents, &window)
-                            .map_err(|e| {
-                                anyhow!("partition {} (line {}): {e}", part.label, sp.at.line)
-                            })?;
-                        (Written::Fat(r), o.size)
-                    }
+                let Some((written, used)) = write_filesystem(
+                    &plan.planned[part.spec],
+                    t,
+                    contents,
+                    &window,
+                    &part,
+                    sp,
+                    stages,
+                )?
+                else {
+                    continue;
                 };
                 if let Some(b) = sp.budget {
                     if used > b {
@@ -772,7 +1003,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
                     }
                 }
                 if matches!(sp.size, PartSize::Auto) {
-                    lay.parts[idx].size = align_up(used.max(1), ALIGN);
+                    plan.lay.parts[idx].size = align_up(used.max(1), ALIGN);
                 }
                 stages.done(format_args!(
                     "{} ({}): {}",
@@ -780,85 +1011,175 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
                     sp.fs.name(),
                     spec::human_size(used)
                 ));
-                written.insert(idx, w);
-                fs_sizes.insert(idx, used);
+                w.written.insert(idx, written);
+                w.fs_sizes.insert(idx, used);
             }
             Role::Verity { of } => {
-                let data = lay.parts[of].clone();
-                let params = verity::Params::new(&salt, vuuid);
-                stages.begin(format_args!("verity of {}", data.label), data.size);
-                let read = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
-                    // Past the end of what was written, the file reads short: zeroes.
-                    let n = read_full_at(file, buf, data.offset + off)?;
-                    buf[n..].fill(0);
-                    stages.progress().advance(buf.len() as u64);
-                    Ok(())
-                };
-                let hash_sink = FileSink::new(file, part.offset, part.size);
-                let f = verity::format(&params, data.size, &read, &hash_sink)
-                    .map_err(|e| anyhow!("verity for {}: {e}", data.label))?;
-                if root_hash.is_none() {
-                    root_hash = Some(f.root_hash);
+                let r = write_verity(spec, &mut plan.lay, of, idx, file, stages)?;
+                if w.root_hash.is_none() {
+                    w.root_hash = Some(r.1);
                 }
-                lay.set_root_hash(of, &f.root_hash);
-                verity_reports.push(VerityReport {
-                    data_partition: of + 1,
-                    hash_partition: idx + 1,
-                    root_hash: hex32(&f.root_hash),
-                    salt: hex32(&salt),
-                    uuid: uuid_text(&vuuid),
-                    data_blocks: f.data_blocks,
-                });
-                stages.done(format_args!(
-                    "verity of {}: root hash {}",
-                    data.label,
-                    hex32(&f.root_hash)
-                ));
+                w.verity_reports.push(r.0);
             }
             Role::EmptyTwin | Role::EmptyVerityTwin => {}
         }
     }
-    reflow(&mut lay);
+    reflow(&mut plan.lay);
+    Ok(w)
+}
 
-    // The UKI with the real root hash, and the ESP.
-    let mut boot_report = None;
-    let mut uki_bytes: Option<Vec<u8>> = None;
-    if let (Some(idx), Some(bp)) = (esp_part, &boot_parts) {
-        let c = cmdline(&spec, Some(&lay), &root_hash.unwrap_or([0; 32]));
-        let uki = bp.uki(&c)?;
-        if Some(uki.len()) != placeholder_uki.as_ref().map(|u| u.len()) {
-            bail!("internal: the UKI changed size between sizing and writing the ESP");
+/// Writes the planned filesystem of one partition through `window`; what was written and
+/// its size, `None` for a partition without one.
+fn write_filesystem(
+    planned: &Planned<'_>,
+    t: &Tree,
+    contents: &dyn Contents,
+    window: &FileSink<'_>,
+    part: &layout::Part,
+    sp: &spec::Partition,
+    stages: &Stages<'_>,
+) -> Result<Option<(Written, u64)>> {
+    let at_fault =
+        |e: &dyn std::fmt::Display| anyhow!("partition {} (line {}): {e}", part.label, sp.at.line);
+    Ok(Some(match planned {
+        Planned::None => return Ok(None),
+        Planned::Ext4(plan) => {
+            stages.begin(format_args!("{} (ext4)", part.label), plan.data_bytes(t));
+            let inc = progress::advancing(stages.progress());
+            let r = plan
+                .write_with_progress(t, contents, window, &inc)
+                .map_err(|e| at_fault(&e))?;
+            let used = r.size_bytes;
+            (Written::Ext4(r), used)
         }
-        let part = lay.parts[idx].clone();
-        let sp = &spec.partitions[part.spec];
-        let mut esp = trees[part.spec]
-            .clone()
-            .ok_or_else(|| anyhow!("internal: no ESP tree"))?;
-        let uki_node = boot::file(uki.clone().into(), mtime);
-        esp.insert(
-            format!("/EFI/Linux/{uki_file}").as_bytes(),
-            uki_node,
-            &fstree::Meta::default(),
-        )?;
-        let Planned::Fat(o) = &planned[part.spec] else {
-            bail!("the ESP must be vfat")
-        };
-        let window = FileSink::new(file, part.offset, part.size);
-        let r = fat::FatWriter::new(&esp, o.clone())?
-            .write(&contents, &window)
-            .map_err(|e| anyhow!("ESP (line {}): {e}", sp.at.line))?;
-        written.insert(idx, Written::Fat(r));
-        fs_sizes.insert(idx, o.size);
-        trees[part.spec] = Some(esp);
-        stages.done(format_args!(
-            "esp: systemd-boot + EFI/Linux/{uki_file} ({} KiB)",
-            uki.len() / 1024
-        ));
-        boot_report = Some(BootReport::new(bp, c, uki_file.clone()));
-        uki_bytes = Some(uki);
-    }
+        Planned::Erofs(plan) => {
+            stages.begin(format_args!("{} (erofs)", part.label), data_bytes(t));
+            let at = progress::positioning(stages.progress());
+            let s = plan
+                .write(contents, window, &at)
+                .map_err(|e| at_fault(&e))?;
+            let used = s.size;
+            (Written::Erofs(s), used)
+        }
+        Planned::Fat(o) => {
+            let r = fat::FatWriter::new(t, o.clone())?
+                .write(contents, window)
+                .map_err(|e| at_fault(&e))?;
+            (Written::Fat(r), o.size)
+        }
+    }))
+}
 
-    // The disk's size, GPT and budget.
+/// Hashes data partition `of` into verity partition `idx` and gives the data partition the
+/// UUIDs the root hash names; the report and the root hash.
+fn write_verity(
+    spec: &Spec,
+    lay: &mut Layout,
+    of: usize,
+    idx: usize,
+    file: &File,
+    stages: &Stages<'_>,
+) -> Result<(VerityReport, [u8; 32])> {
+    let salt = repart::verity_salt(&spec.seed);
+    let vuuid = repart::verity_uuid(&spec.seed);
+    let data = lay.parts[of].clone();
+    let part = lay.parts[idx].clone();
+    let params = verity::Params::new(&salt, vuuid);
+    stages.begin(format_args!("verity of {}", data.label), data.size);
+    let read = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
+        // Past the end of what was written, the file reads short: zeroes.
+        let n = read_full_at(file, buf, data.offset + off)?;
+        buf[n..].fill(0);
+        stages.progress().advance(buf.len() as u64);
+        Ok(())
+    };
+    let hash_sink = FileSink::new(file, part.offset, part.size);
+    let f = verity::format(&params, data.size, &read, &hash_sink)
+        .with_context(|| format!("verity for {}", data.label))?;
+    lay.set_root_hash(of, &f.root_hash);
+    stages.done(format_args!(
+        "verity of {}: root hash {}",
+        data.label,
+        hex32(&f.root_hash)
+    ));
+    Ok((
+        VerityReport {
+            data_partition: of + 1,
+            hash_partition: idx + 1,
+            root_hash: hex32(&f.root_hash),
+            salt: hex32(&salt),
+            uuid: uuid_text(&vuuid),
+            data_blocks: f.data_blocks,
+        },
+        f.root_hash,
+    ))
+}
+
+/// Builds the UKI with the real root hash and writes the ESP (sized up front from a UKI of
+/// the same length); for a bootable disk, the boot report, the UKI, and the ESP's tree with
+/// it (with the ESP's spec index).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn write_esp(
+    spec: &Spec,
+    plan: &DiskPlan<'_>,
+    trees: &[Option<Tree>],
+    contents: &dyn Contents,
+    file: &File,
+    esp: &EspPlan<'_>,
+    parts: &mut Partitions,
+    mtime: i64,
+    stages: &Stages<'_>,
+) -> Result<Option<(BootReport, Vec<u8>, (usize, Tree))>> {
+    let (Some(idx), Some(bp)) = (parts.esp_part, esp.boot) else {
+        return Ok(None);
+    };
+    let c = cmdline(spec, Some(&plan.lay), &parts.root_hash.unwrap_or([0; 32]));
+    let uki = bp.uki(&c)?;
+    if Some(uki.len()) != esp.placeholder_uki.as_ref().map(|u| u.len()) {
+        bail!("internal: the UKI changed size between sizing and writing the ESP");
+    }
+    let part = plan.lay.parts[idx].clone();
+    let sp = &spec.partitions[part.spec];
+    let mut esp_tree = trees[part.spec]
+        .clone()
+        .ok_or_else(|| anyhow!("internal: no ESP tree"))?;
+    let uki_node = boot::file(uki.clone().into(), mtime);
+    esp_tree.insert(
+        format!("/EFI/Linux/{}", esp.uki_file).as_bytes(),
+        uki_node,
+        &fstree::Meta::default(),
+    )?;
+    let Planned::Fat(o) = &plan.planned[part.spec] else {
+        bail!("the ESP must be vfat")
+    };
+    let window = FileSink::new(file, part.offset, part.size);
+    let r = fat::FatWriter::new(&esp_tree, o.clone())?
+        .write(contents, &window)
+        .with_context(|| format!("ESP (line {})", sp.at.line))?;
+    parts.written.insert(idx, Written::Fat(r));
+    parts.fs_sizes.insert(idx, o.size);
+    stages.done(format_args!(
+        "esp: systemd-boot + EFI/Linux/{} ({} KiB)",
+        esp.uki_file,
+        uki.len() / 1024
+    ));
+    Ok(Some((
+        BootReport::new(bp, c, esp.uki_file.clone()),
+        uki,
+        (part.spec, esp_tree),
+    )))
+}
+
+/// Sizes the disk (`[image] size`, else the partitions' end plus the backup GPT), checks the
+/// image budget and writes the GPT; the disk's size.
+fn write_gpt(
+    spec: &Spec,
+    lay: &mut Layout,
+    file: &File,
+    tree: &Tree,
+    parts: &Partitions,
+    out: &AtomicFile,
+) -> Result<u64> {
     let end = lay
         .parts
         .iter()
@@ -882,13 +1203,13 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
                 "the disk image is {}, over the image budget of {}; the heaviest paths by their share of the written filesystems:\n{}",
                 spec::human_size(disk_size),
                 spec::human_size(b),
-                crate::budget::report_share(&tree, 20, fs_sizes.values().sum())
+                crate::budget::report_share(tree, 20, parts.fs_sizes.values().sum())
             );
         }
     }
     file.set_len(disk_size)
         .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
-    let mut table = gpt::Gpt::new(disk_size, lay.disk_uuid).map_err(|e| anyhow!("GPT: {e}"))?;
+    let mut table = gpt::Gpt::new(disk_size, lay.disk_uuid).context("GPT")?;
     for p in &lay.parts {
         table.partitions.push(gpt::Partition {
             type_guid: p.type_uuid,
@@ -901,111 +1222,190 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
     }
     table
         .write(&FileSink::new(file, 0, disk_size))
-        .map_err(|e| anyhow!("GPT: {e}"))?;
+        .context("GPT")?;
+    Ok(disk_size)
+}
 
-    // Slots.
+/// The slots of every written filesystem, as the slot table records them.
+fn slots_of(
+    spec: &Spec,
+    lay: &Layout,
+    trees: &[Option<Tree>],
+    written: &BTreeMap<usize, Written>,
+    contents: &dyn Contents,
+) -> Result<Vec<islots::Slot>> {
     let mut slot_list = Vec::new();
-    for (&idx, w) in &written {
+    for (&idx, w) in written {
         let part = &lay.parts[idx];
         let sp = &spec.partitions[part.spec];
         let t = trees[part.spec].as_ref();
         for s in &sp.slot {
-            let default = default_payload(t, &contents, &s.path)?;
-            let fs = part.offset;
-            // Only one arm runs, so the closure may take `default` by value.
-            let slot_of = move |data: ByteRange, meta: SlotMeta| islots::Slot {
+            let (data, meta) = slot_place(w, part.offset, &s.name)?;
+            slot_list.push(islots::Slot {
                 name: s.name.clone(),
                 path: s.path.clone(),
                 capacity: s.capacity,
                 data: vec![data],
                 meta,
-                default,
-            };
-            let slot = match w {
-                Written::Ext4(r) => {
-                    let l = r.slots.iter().find(|l| l.name == s.name).ok_or_else(|| {
-                        anyhow!("slot {}: not reported by the ext4 writer", s.name)
-                    })?;
-                    slot_of(
-                        ByteRange {
-                            offset: fs + l.data_offset,
-                            len: align_up(l.capacity, 4096),
-                        },
-                        SlotMeta::Ext4(islots::Ext4Meta {
-                            fs_offset: fs,
-                            inode: l.inode,
-                            inode_offset: fs + l.inode_offset,
-                        }),
-                    )
-                }
-                Written::Erofs(sum) => {
-                    let l = sum.slots.iter().find(|l| l.name == s.name).ok_or_else(|| {
-                        anyhow!("slot {}: not reported by the EROFS writer", s.name)
-                    })?;
-                    slot_of(
-                        ByteRange {
-                            offset: fs + l.data_offset,
-                            len: align_up(l.capacity, 4096),
-                        },
-                        SlotMeta::Erofs(islots::ErofsMeta {
-                            fs_offset: fs,
-                            nid: l.nid,
-                            inode_offset: fs + l.inode_offset,
-                            extended: l.extended,
-                        }),
-                    )
-                }
-                Written::Fat(r) => {
-                    let l = r.slots.iter().find(|l| l.name == s.name).ok_or_else(|| {
-                        anyhow!("slot {}: not reported by the FAT writer", s.name)
-                    })?;
-                    slot_of(
-                        ByteRange {
-                            offset: fs + l.data_offset,
-                            len: u64::from(l.cluster_count) * u64::from(l.cluster_size),
-                        },
-                        SlotMeta::Fat(islots::FatMeta {
-                            fs_offset: fs,
-                            dirent_offset: fs + l.dirent_offset,
-                            first_cluster: l.first_cluster,
-                            cluster_count: l.cluster_count,
-                            fat_offsets: l.fat_offsets.iter().map(|o| fs + o).collect(),
-                            fsinfo_offset: l.fsinfo_offset.map(|o| fs + o),
-                            cluster_size: l.cluster_size,
-                            fat_bits: fat_bits(l.fat_type),
-                        }),
-                    )
-                }
-            };
-            slot_list.push(slot);
+                default: default_payload(t, contents, &s.path)?,
+            });
         }
     }
-    let slot_table = islots::SlotTable {
-        image_len: disk_size,
-        slots: slot_list.clone(),
-    };
-    let mut pending: Vec<AtomicFile> = Vec::new();
-    let mut artifacts: Vec<Artifact> = Vec::new();
-    if !slot_list.is_empty() {
-        slot_table.validate()?;
-        slot_table.write_into(file, &disk_path.display().to_string())?;
-        let side = AtomicFile::create(&islots::sidecar_path(&disk_path))?;
-        let json = slot_table.to_sidecar_json()?;
-        side.file().write_all(json.as_bytes())?;
-        artifacts.push(artifact_of_bytes(&side, json.as_bytes()));
-        pending.push(side);
-        stages.done(format_args!(
-            "slots: {}",
-            slot_list
+    Ok(slot_list)
+}
+
+/// Where slot `name` of the filesystem `w` (at disk offset `fs`) lies: its reserved bytes and
+/// what must be patched to change its length.
+fn slot_place(w: &Written, fs: u64, name: &str) -> Result<(ByteRange, SlotMeta)> {
+    let missing = |writer: &str| anyhow!("slot {name}: not reported by the {writer} writer");
+    Ok(match w {
+        Written::Ext4(r) => {
+            let l = r
+                .slots
                 .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+                .find(|l| l.name == name)
+                .ok_or_else(|| missing("ext4"))?;
+            (
+                ByteRange {
+                    offset: fs + l.data_offset,
+                    len: align_up(l.capacity, 4096),
+                },
+                SlotMeta::Ext4(islots::Ext4Meta {
+                    fs_offset: fs,
+                    inode: l.inode,
+                    inode_offset: fs + l.inode_offset,
+                }),
+            )
+        }
+        Written::Erofs(sum) => {
+            let l = sum
+                .slots
+                .iter()
+                .find(|l| l.name == name)
+                .ok_or_else(|| missing("EROFS"))?;
+            (
+                ByteRange {
+                    offset: fs + l.data_offset,
+                    len: align_up(l.capacity, 4096),
+                },
+                SlotMeta::Erofs(islots::ErofsMeta {
+                    fs_offset: fs,
+                    nid: l.nid,
+                    inode_offset: fs + l.inode_offset,
+                    extended: l.extended,
+                }),
+            )
+        }
+        Written::Fat(r) => {
+            let l = r
+                .slots
+                .iter()
+                .find(|l| l.name == name)
+                .ok_or_else(|| missing("FAT"))?;
+            (
+                ByteRange {
+                    offset: fs + l.data_offset,
+                    len: u64::from(l.cluster_count) * u64::from(l.cluster_size),
+                },
+                SlotMeta::Fat(islots::FatMeta {
+                    fs_offset: fs,
+                    dirent_offset: fs + l.dirent_offset,
+                    first_cluster: l.first_cluster,
+                    cluster_count: l.cluster_count,
+                    fat_offsets: l.fat_offsets.iter().map(|o| fs + o).collect(),
+                    fsinfo_offset: l.fsinfo_offset.map(|o| fs + o),
+                    cluster_size: l.cluster_size,
+                    fat_bits: fat_bits(l.fat_type),
+                }),
+            )
+        }
+    })
+}
+
+/// Files that go out with the image, committed by [`finish`], and what the report lists.
+#[derive(Default)]
+struct Outputs {
+    artifacts: Vec<Artifact>,
+    pending: Vec<AtomicFile>,
+}
+
+impl Outputs {
+    fn add(&mut self, (file, artifact): (AtomicFile, Artifact)) {
+        self.artifacts.push(artifact);
+        self.pending.push(file);
     }
 
-    // Digests: the chunk table (with the plain sha256 and the SHA-256 midstates at each slot's
-    // first patchable byte, for `kiln serve`) and every partition.
+    /// Forgets every output whose file name starts with `prefix`.
+    fn drop_prefixed(&mut self, prefix: &str) {
+        self.artifacts.retain(|a| !a.file.starts_with(prefix));
+        self.pending.retain(|f| {
+            f.dest()
+                .file_name()
+                .is_none_or(|n| !n.to_string_lossy().starts_with(prefix))
+        });
+    }
+}
+
+/// `bytes` written to a temporary file for `dest`, and its artifact entry.
+fn write_artifact(dest: &Path, bytes: &[u8]) -> Result<(AtomicFile, Artifact)> {
+    let f = AtomicFile::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    f.file()
+        .write_all(bytes)
+        .with_context(|| format!("writing {}", dest.display()))?;
+    let a = artifact_of_bytes(&f, bytes);
+    Ok((f, a))
+}
+
+/// The slot table of `slots` written into the disk and beside it as a sidecar (when there are
+/// slots).
+fn write_slot_table(
+    slots: &[islots::Slot],
+    disk_size: u64,
+    file: &File,
+    disk_path: &Path,
+    outs: &mut Outputs,
+    stages: &Stages<'_>,
+) -> Result<islots::SlotTable> {
+    let slot_table = islots::SlotTable {
+        image_len: disk_size,
+        slots: slots.to_vec(),
+    };
+    if !slots.is_empty() {
+        slot_table.validate()?;
+        slot_table.write_into(file, &disk_path.display().to_string())?;
+        let json = slot_table.to_sidecar_json()?;
+        outs.add(write_artifact(
+            &islots::sidecar_path(disk_path),
+            json.as_bytes(),
+        )?);
+        let names: Vec<&str> = slots.iter().map(|s| s.name.as_str()).collect();
+        stages.done(format_args!("slots: {}", names.join(", ")));
+    }
+    Ok(slot_table)
+}
+
+/// The disk's digests.
+struct Digests {
+    /// sha256 of the whole disk.
+    disk: [u8; 32],
+    /// The chunk table's digest.
+    chunked: String,
+    /// sha256 of each partition, by layout index.
+    parts: Vec<[u8; 32]>,
+}
+
+/// The chunk table (with the plain sha256 and the SHA-256 midstates at each slot's first
+/// patchable byte, for `kiln serve`), written as a sidecar, and every partition's sha256.
+fn digests(
+    out: &AtomicFile,
+    disk_path: &Path,
+    disk_size: u64,
+    slot_table: &islots::SlotTable,
+    lay: &Layout,
+    outs: &mut Outputs,
+    stages: &Stages<'_>,
+) -> Result<Digests> {
+    let file = out.file();
     let src = kiln_inject::FileSource::from_file(file.try_clone()?, out.tmp_path())?;
     // Two passes read the disk: the chunks in parallel and the plain sha256 in sequence.
     stages.begin("digests", 2 * disk_size);
@@ -1014,28 +1414,46 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
         progress: stages.progress(),
     };
     let chunks = kiln_inject::ChunkTable::compute_resumable(&src, &slot_table.resume_points())?;
-    let disk_sha = chunks
+    let disk = chunks
         .sha256
         .ok_or_else(|| anyhow!("internal: no plain sha256 from the chunk table"))?;
-    let chunk_file = AtomicFile::create(&kiln_inject::chunks::sidecar_path(&disk_path))?;
-    let cbytes = chunks.to_bytes();
-    chunk_file.file().write_all(&cbytes)?;
-    artifacts.push(artifact_of_bytes(&chunk_file, &cbytes));
-    pending.push(chunk_file);
-    let part_shas: Vec<[u8; 32]> = lay
+    outs.add(write_artifact(
+        &kiln_inject::chunks::sidecar_path(disk_path),
+        &chunks.to_bytes(),
+    )?);
+    let parts: Vec<[u8; 32]> = lay
         .parts
         .par_iter()
         .map(|p| sha256_range(file, p.offset, p.size))
         .collect::<std::io::Result<_>>()?;
-    stages.done(format_args!("digests: disk sha256 {}", hex32(&disk_sha)));
+    stages.done(format_args!("digests: disk sha256 {}", hex32(&disk)));
+    Ok(Digests {
+        disk,
+        chunked: chunks.digest().to_string(),
+        parts,
+    })
+}
 
-    let partitions: Vec<PartitionReport> = lay
-        .parts
+/// What the report says about each partition of the disk.
+fn partition_reports(
+    spec: &Spec,
+    lay: &Layout,
+    provisional: &Layout,
+    parts: &Partitions,
+    part_shas: &[[u8; 32]],
+) -> Vec<PartitionReport> {
+    lay.parts
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let sp = &spec.partitions[p.spec];
-            let has_fs = written.contains_key(&i);
+            let has_fs = parts.written.contains_key(&i);
+            let fs_uuid = || {
+                uuid_text(&repart::filesystem_uuid(&provisional_uuid(
+                    provisional,
+                    p.spec,
+                )))
+            };
             PartitionReport {
                 number: i + 1,
                 role: p.role,
@@ -1046,175 +1464,161 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
                 offset: p.offset,
                 size: p.size,
                 filesystem: has_fs.then(|| sp.fs.name().to_string()),
-                fs_uuid: has_fs.then(|| uuid_text(&repart::filesystem_uuid(&part_uuid_of(p.spec)))),
-                fs_size: fs_sizes.get(&i).copied(),
+                fs_uuid: has_fs.then(fs_uuid),
+                fs_size: parts.fs_sizes.get(&i).copied(),
                 attributes: p.flags,
                 sha256: hex32(&part_shas[i]),
             }
         })
-        .collect();
+        .collect()
+}
 
-    // Split artifacts for updates: what `kiln update` and systemd-sysupdate install into the
-    // inactive slot. Only A/B images have one, so only they get the (full-size) copies.
-    if let Some(ri) = lay.parts.iter().position(|p| {
-        p.role == Role::Data
-            && (p.type_name.starts_with("root-") || p.type_name.starts_with("usr-"))
-            && spec.partitions[p.spec].slots == 2
-    }) {
-        let short = short_type(&lay.parts[ri].type_name);
-        let p = lay.parts[ri].clone();
-        let a = copy_out(
-            file,
-            p.offset,
-            p.size,
-            &opts.outdir.join(format!("{name_version}.{short}.raw")),
-        )?;
-        artifacts.push(Artifact {
-            file: a.0,
-            size: p.size,
-            sha256: hex32(&part_shas[ri]),
-        });
-        pending.push(a.1);
-        if let Some(vi) = lay.verity_of(ri) {
-            let v = lay.parts[vi].clone();
-            let a = copy_out(
+/// What the side outputs of a disk build read: the finished disk and its layout.
+struct SideOutputs<'a> {
+    opts: &'a BuildOptions,
+    spec: &'a Spec,
+    lay: &'a Layout,
+    file: &'a File,
+    name_version: &'a str,
+    part_shas: &'a [[u8; 32]],
+    epoch: Option<i64>,
+}
+
+impl SideOutputs<'_> {
+    /// Layout partition `i` copied out to `OUTDIR/NAME_VERSION.SUFFIX`.
+    fn copy_partition(&self, i: usize, suffix: &str) -> Result<(AtomicFile, Artifact)> {
+        let p = &self.lay.parts[i];
+        let dest = self
+            .opts
+            .outdir
+            .join(format!("{}.{suffix}", self.name_version));
+        let (file, f) = copy_out(self.file, p.offset, p.size, &dest)?;
+        Ok((
+            f,
+            Artifact {
                 file,
-                v.offset,
-                v.size,
-                &opts
-                    .outdir
-                    .join(format!("{name_version}.{short}-verity.raw")),
-            )?;
-            artifacts.push(Artifact {
-                file: a.0,
-                size: v.size,
-                sha256: hex32(&part_shas[vi]),
-            });
-            pending.push(a.1);
-        }
-    }
-    if let Some(uki) = &uki_bytes {
-        let f = AtomicFile::create(&opts.outdir.join(format!("{name_version}.efi")))?;
-        f.file().write_all(uki)?;
-        artifacts.push(artifact_of_bytes(&f, uki));
-        pending.push(f);
-    }
-    // The signed update index for `kiln update --from` (crate::delta), from the verity tree's
-    // level 0: only for a verity A/B root with a UKI, the ones `kiln update` installs.
-    if let Some(ix) = update_index(
-        &spec,
-        &lay,
-        &verity_reports,
-        &artifacts,
-        boot_report.as_ref(),
-        uki_bytes.as_deref(),
-        file,
-        epoch,
-    )? {
-        let f = AtomicFile::create(&opts.outdir.join(format!("{name_version}.index")))?;
-        f.file().write_all(&ix)?;
-        artifacts.push(artifact_of_bytes(&f, &ix));
-        pending.push(f);
-    }
-    if let Some(ts) = &transfers {
-        let dir = opts.outdir.join("sysupdate.d");
-        std::fs::create_dir_all(&dir)?;
-        for t in ts {
-            let f = AtomicFile::create(&dir.join(&t.file))?;
-            f.file().write_all(t.text.as_bytes())?;
-            let mut a = artifact_of_bytes(&f, t.text.as_bytes());
-            a.file = format!("sysupdate.d/{}", t.file);
-            artifacts.push(a);
-            pending.push(f);
-        }
+                size: p.size,
+                sha256: hex32(&self.part_shas[i]),
+            },
+        ))
     }
 
-    // The root partition's filesystem as a bare image: a microVM's root drive.
-    if spec.rootfs {
-        let ri = lay
+    /// What `kiln update` and systemd-sysupdate install into the inactive slot: the split root
+    /// (and verity) partition, the UKI, the signed update index and the sysupdate transfers.
+    /// Only A/B images have an inactive slot, so only they get the (full-size) copies.
+    fn update_artifacts(
+        &self,
+        verity_reports: &[VerityReport],
+        booted: Option<&(BootReport, Vec<u8>)>,
+        ident: &Identity,
+        outs: &mut Outputs,
+    ) -> Result<()> {
+        let (spec, lay) = (self.spec, self.lay);
+        if let Some(ri) = lay.parts.iter().position(|p| {
+            p.role == Role::Data
+                && (p.type_name.starts_with("root-") || p.type_name.starts_with("usr-"))
+                && spec.partitions[p.spec].slots == 2
+        }) {
+            let short = short_type(&lay.parts[ri].type_name);
+            outs.add(self.copy_partition(ri, &format!("{short}.raw"))?);
+            if let Some(vi) = lay.verity_of(ri) {
+                outs.add(self.copy_partition(vi, &format!("{short}-verity.raw"))?);
+            }
+        }
+        let outdir = &self.opts.outdir;
+        if let Some((_, uki)) = booted {
+            outs.add(write_artifact(
+                &outdir.join(format!("{}.efi", self.name_version)),
+                uki,
+            )?);
+        }
+        // The signed update index for `kiln update --from` (crate::delta), from the verity
+        // tree's level 0: only for a verity A/B root with a UKI, the ones `kiln update` installs.
+        if let Some(ix) = update_index(
+            spec,
+            lay,
+            verity_reports,
+            &outs.artifacts,
+            booted.map(|b| &b.0),
+            booted.map(|b| b.1.as_slice()),
+            self.file,
+            self.epoch,
+        )? {
+            outs.add(write_artifact(
+                &outdir.join(format!("{}.index", self.name_version)),
+                &ix,
+            )?);
+        }
+        if let Some(ts) = &ident.transfers {
+            let dir = outdir.join("sysupdate.d");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for t in ts {
+                let (f, mut a) = write_artifact(&dir.join(&t.file), t.text.as_bytes())?;
+                a.file = format!("sysupdate.d/{}", t.file);
+                outs.add((f, a));
+            }
+        }
+        Ok(())
+    }
+
+    /// VM disk containers (`[image] output` qcow2, vhd, vmdk), streamed from the finished raw
+    /// disk.
+    fn vm_disks(&self, disk_size: u64, stages: &Stages<'_>, outs: &mut Outputs) -> Result<()> {
+        let spec = self.spec;
+        for (f, a) in crate::vmdisk::outputs(
+            self.file,
+            disk_size,
+            &self.opts.outdir,
+            self.name_version,
+            &spec.vm_formats,
+            spec.qcow2_compression,
+            spec.vhd_dynamic,
+        )? {
+            stages.done(format_args!("{} ({})", a.file, spec::human_size(a.size)));
+            outs.add((f, a));
+        }
+        Ok(())
+    }
+
+    /// The root partition's filesystem as a bare image (a microVM's root drive) and, when the
+    /// tree has a kernel, the kernel and an initrd for it.
+    fn rootfs(
+        &self,
+        src: &Source,
+        mtime: i64,
+        stages: &Stages<'_>,
+        outs: &mut Outputs,
+    ) -> Result<()> {
+        let ri = self
+            .lay
             .parts
             .iter()
             .position(|p| p.role == Role::Data && p.type_name.starts_with("root-"))
             .ok_or_else(|| anyhow!("output \"rootfs\" needs a root partition"))?;
-        let p = lay.parts[ri].clone();
-        let fs_name = spec.partitions[p.spec].fs.name().to_string();
-        let a = copy_out(
-            file,
-            p.offset,
-            p.size,
-            &opts.outdir.join(format!("{name_version}.rootfs.{fs_name}")),
-        )?;
-        stages.done(format_args!("{} ({})", a.0, spec::human_size(p.size)));
-        artifacts.push(Artifact {
-            file: a.0,
-            size: p.size,
-            sha256: hex32(&part_shas[ri]),
-        });
-        pending.push(a.1);
+        let p = &self.lay.parts[ri];
+        let fs_name = self.spec.partitions[p.spec].fs.name().to_string();
+        let (f, a) = self.copy_partition(ri, &format!("rootfs.{fs_name}"))?;
+        stages.done(format_args!("{} ({})", a.file, spec::human_size(p.size)));
+        outs.add((f, a));
         // A distribution kernel has virtio-mmio and virtio-blk (and maybe the filesystem) as
         // modules: with a kernel in the tree, its image and an initrd that loads them go beside
         // the rootfs, for `kiln boot --microvm` or a Firecracker config.
-        if let Ok(kernel) = crate::initrd::find_kernel(&tree, None) {
-            for (f, a) in
-                microvm_boot_files(&spec, &tree, &contents, &kernel, &fs_name, mtime, opts)?
-            {
+        if let Ok(kernel) = crate::initrd::find_kernel(&src.tree, None) {
+            for (f, a) in microvm_boot_files(
+                self.spec,
+                &src.tree,
+                &src.contents,
+                &kernel,
+                &fs_name,
+                mtime,
+                self.opts,
+            )? {
                 stages.done(format_args!("{} ({})", a.file, spec::human_size(a.size)));
-                artifacts.push(a);
-                pending.push(f);
+                outs.add((f, a));
             }
         }
+        Ok(())
     }
-    if !spec.keep_disk {
-        // Only the rootfs was asked for: the disk and its sidecars were scaffolding.
-        let disk_prefix = disk_name.clone();
-        artifacts.retain(|a| !a.file.starts_with(&disk_prefix));
-        pending.retain(|f| {
-            f.dest()
-                .file_name()
-                .is_none_or(|n| !n.to_string_lossy().starts_with(&disk_prefix))
-        });
-    }
-
-    // VM disk containers, streamed from the finished raw disk.
-    for (f, a) in crate::vmdisk::outputs(
-        file,
-        disk_size,
-        &opts.outdir,
-        &name_version,
-        &spec.vm_formats,
-        spec.qcow2_compression,
-        spec.vhd_dynamic,
-    )? {
-        stages.done(format_args!("{} ({})", a.file, spec::human_size(a.size)));
-        artifacts.push(a);
-        pending.push(f);
-    }
-
-    // The hybrid ISO, from the same tree.
-    let iso = if spec.iso {
-        Some(crate::iso::build(&iso_inputs, &stages)?)
-    } else {
-        None
-    };
-
-    let report = Report {
-        disk: spec.keep_disk.then(|| Artifact {
-            file: disk_name.clone(),
-            size: disk_size,
-            sha256: hex32(&disk_sha),
-        }),
-        disk_uuid: Some(uuid_text(&lay.disk_uuid)),
-        chunked_digest: Some(chunks.digest().to_string()),
-        partitions,
-        root_hash: root_hash.map(|h| hex32(&h)),
-        verity: verity_reports,
-        boot: boot_report,
-        slots: slot_list,
-        artifacts,
-        ..Report::describing(&spec, &source, epoch, &input_digest, image.as_ref())
-    };
-    let disk = spec.keep_disk.then_some(out);
-    finish(&finish_with, report, pending, disk, iso)
 }
 
 /// The tree's kernel as `NAME_VERSION.vmlinuz` and a kiln initrd for it as

@@ -103,6 +103,8 @@ impl std::fmt::Display for LayoutError {
     }
 }
 
+impl std::error::Error for LayoutError {}
+
 /// Rounds up to a multiple of `a` (a power of two).
 pub fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
