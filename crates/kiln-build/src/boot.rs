@@ -2,6 +2,7 @@
 //! the UKI on systemd's stub, and the ESP's contents — systemd-boot as the fallback loader and
 //! the UKI under `EFI/Linux/` with boot counting (Boot Loader Specification, type #2 entries).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +11,7 @@ use kiln_formats::fstree::{
     self, Contents, DataRef, FileData, Meta, Node, NodeKind, Timestamp, Tree,
 };
 use kiln_formats::pe;
+use serde::Serialize;
 
 use crate::initrd::{self, InitrdOptions, KernelInfo};
 use crate::spec::Boot;
@@ -354,6 +356,64 @@ pub fn esp_tree(
         &dir_meta,
     )?;
     Ok(t)
+}
+
+/// Keeps systemd's veritysetup generator from acting on `roothash=` in the booted system:
+/// kiln-init has set up dm-verity already, and the generator would have systemd wait 90 s for
+/// the root hash halves as partition UUIDs, which a live medium or a slot filled by
+/// systemd-sysupdate does not have (systemd-veritysetup-generator(8): `systemd.verity=`).
+pub(crate) const NO_SYSTEMD_VERITY: &str = "systemd.verity=no";
+
+/// The boot stage's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct BootReport {
+    /// Kernel version.
+    pub kernel: String,
+    /// Kernel path in the tree.
+    pub kernel_path: String,
+    /// The UKI's command line.
+    pub cmdline: String,
+    /// File name under `EFI/Linux/` on the ESP.
+    pub uki: String,
+    /// Where the stub came from.
+    pub stub: String,
+    /// Initrd size in bytes.
+    pub initrd_size: u64,
+    /// Modules in the initrd, in load order.
+    pub modules: Vec<String>,
+    /// Module → why it is in the initrd (what asked for it).
+    pub module_reasons: BTreeMap<String, String>,
+    /// Requested modules built into the kernel.
+    pub builtin: Vec<String>,
+    /// Optional modules this kernel does not have.
+    pub skipped: Vec<String>,
+    /// Soft dependencies and run-time aliases nothing in the kernel provides, with who wanted
+    /// them.
+    pub unresolved: Vec<String>,
+}
+
+impl BootReport {
+    /// The report of a boot stage whose UKI has command line `cmdline` and file name `uki`.
+    pub fn new(bp: &BootParts, cmdline: String, uki: String) -> Self {
+        BootReport {
+            kernel: bp.kernel.version.clone(),
+            kernel_path: bp.kernel.image.clone(),
+            cmdline,
+            uki,
+            stub: bp.stub_from.clone(),
+            initrd_size: bp.initrd.len() as u64,
+            modules: bp.modules.clone(),
+            module_reasons: bp
+                .modules
+                .iter()
+                .cloned()
+                .zip(bp.reasons.iter().cloned())
+                .collect(),
+            builtin: bp.builtin.clone(),
+            skipped: bp.skipped.clone(),
+            unresolved: bp.unresolved.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -73,7 +73,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::image::Artifact;
+use crate::artifacts::Artifact;
 use crate::update::{self, NewBuild};
 
 /// First 8 bytes of an index.

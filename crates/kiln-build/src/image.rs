@@ -29,9 +29,14 @@ use kiln_tree::progress::{self, Progress};
 use kiln_tree::{Normalize, SourceArg};
 use rayon::prelude::*;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
-use crate::boot;
+pub use crate::artifacts::Artifact;
+use crate::artifacts::{
+    artifact_of_bytes, chunk_table, copy_out, fat_label, fat_volume_id, read_full_at, sha256_range,
+    truncate_label, write_artifact, write_slot_table, Outputs, Stages,
+};
+pub use crate::boot::BootReport;
+use crate::boot::{self, NO_SYSTEMD_VERITY};
 use crate::layout::{self, align_up, FsSize, Layout, Role, ALIGN, SECTOR};
 use crate::prepare;
 use crate::spec::{self, Compression, FsKind, PartSize, Spec};
@@ -55,18 +60,6 @@ pub struct BuildOptions {
     pub sign_key: Option<PathBuf>,
     /// Kept for callers that set it; the library never prints (see [`build_with`]).
     pub quiet: bool,
-}
-
-/// One output file.
-#[derive(Clone, Debug, Serialize)]
-pub struct Artifact {
-    /// File name in the output directory.
-    pub file: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// sha256, hex (`digest`, `"sha256:HEX"`, in JSON).
-    #[serde(rename = "digest", serialize_with = "crate::json::sha256")]
-    pub sha256: String,
 }
 
 /// One GPT entry as built.
@@ -124,58 +117,6 @@ pub struct VerityReport {
 /// Bytes of `extra` free space per extra free inode of an auto-sized ext4 filesystem:
 /// mke2fs's default inode ratio (`mke2fs.conf`, `inode_ratio = 16384`).
 const EXTRA_BYTES_PER_INODE: u64 = 16384;
-
-/// The boot stage's result.
-#[derive(Clone, Debug, Serialize)]
-pub struct BootReport {
-    /// Kernel version.
-    pub kernel: String,
-    /// Kernel path in the tree.
-    pub kernel_path: String,
-    /// The UKI's command line.
-    pub cmdline: String,
-    /// File name under `EFI/Linux/` on the ESP.
-    pub uki: String,
-    /// Where the stub came from.
-    pub stub: String,
-    /// Initrd size in bytes.
-    pub initrd_size: u64,
-    /// Modules in the initrd, in load order.
-    pub modules: Vec<String>,
-    /// Module → why it is in the initrd (what asked for it).
-    pub module_reasons: BTreeMap<String, String>,
-    /// Requested modules built into the kernel.
-    pub builtin: Vec<String>,
-    /// Optional modules this kernel does not have.
-    pub skipped: Vec<String>,
-    /// Soft dependencies and run-time aliases nothing in the kernel provides, with who wanted
-    /// them.
-    pub unresolved: Vec<String>,
-}
-
-impl BootReport {
-    /// The report of a boot stage whose UKI has command line `cmdline` and file name `uki`.
-    pub fn new(bp: &boot::BootParts, cmdline: String, uki: String) -> Self {
-        BootReport {
-            kernel: bp.kernel.version.clone(),
-            kernel_path: bp.kernel.image.clone(),
-            cmdline,
-            uki,
-            stub: bp.stub_from.clone(),
-            initrd_size: bp.initrd.len() as u64,
-            modules: bp.modules.clone(),
-            module_reasons: bp
-                .modules
-                .iter()
-                .cloned()
-                .zip(bp.reasons.iter().cloned())
-                .collect(),
-            builtin: bp.builtin.clone(),
-            skipped: bp.skipped.clone(),
-            unresolved: bp.unresolved.clone(),
-        }
-    }
-}
 
 /// `OUTDIR/NAME.json`.
 #[derive(Clone, Debug, Serialize)]
@@ -261,26 +202,6 @@ impl Report {
             iso: None,
             image: image.cloned(),
         }
-    }
-}
-
-/// Tells the build's observer about each stage.
-pub(crate) struct Stages<'p> {
-    progress: &'p dyn Progress,
-}
-
-impl Stages<'_> {
-    pub(crate) fn done(&self, what: impl std::fmt::Display) {
-        self.progress.done(&what.to_string());
-    }
-
-    /// A long stage of about `total` bytes starts; its bytes go to [`Stages::progress`].
-    pub(crate) fn begin(&self, what: impl std::fmt::Display, total: u64) {
-        self.progress.begin(&what.to_string(), Some(total));
-    }
-
-    pub(crate) fn progress(&self) -> &dyn Progress {
-        self.progress
     }
 }
 
@@ -414,7 +335,11 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
     // Slots, digests and what the report says about each partition.
     let slot_list = slots_of(&spec, &lay, &trees, &parts.written, &src.contents)?;
     let mut outs = Outputs::default();
-    let slot_table = write_slot_table(&slot_list, disk_size, file, &disk_path, &mut outs, &stages)?;
+    let slot_table = write_slot_table(&slot_list, disk_size, file, &disk_path, &mut outs)?;
+    if !slot_list.is_empty() {
+        let names: Vec<&str> = slot_list.iter().map(|s| s.name.as_str()).collect();
+        stages.done(format_args!("slots: {}", names.join(", ")));
+    }
     let digests = digests(
         &out,
         &disk_path,
@@ -1322,68 +1247,6 @@ fn slot_place(w: &Written, fs: u64, name: &str) -> Result<(ByteRange, SlotMeta)>
     })
 }
 
-/// Files that go out with the image, committed by [`finish`], and what the report lists.
-#[derive(Default)]
-struct Outputs {
-    artifacts: Vec<Artifact>,
-    pending: Vec<AtomicFile>,
-}
-
-impl Outputs {
-    fn add(&mut self, (file, artifact): (AtomicFile, Artifact)) {
-        self.artifacts.push(artifact);
-        self.pending.push(file);
-    }
-
-    /// Forgets every output whose file name starts with `prefix`.
-    fn drop_prefixed(&mut self, prefix: &str) {
-        self.artifacts.retain(|a| !a.file.starts_with(prefix));
-        self.pending.retain(|f| {
-            f.dest()
-                .file_name()
-                .is_none_or(|n| !n.to_string_lossy().starts_with(prefix))
-        });
-    }
-}
-
-/// `bytes` written to a temporary file for `dest`, and its artifact entry.
-fn write_artifact(dest: &Path, bytes: &[u8]) -> Result<(AtomicFile, Artifact)> {
-    let f = AtomicFile::create(dest).with_context(|| format!("creating {}", dest.display()))?;
-    f.file()
-        .write_all(bytes)
-        .with_context(|| format!("writing {}", dest.display()))?;
-    let a = artifact_of_bytes(&f, bytes);
-    Ok((f, a))
-}
-
-/// The slot table of `slots` written into the disk and beside it as a sidecar (when there are
-/// slots).
-fn write_slot_table(
-    slots: &[islots::Slot],
-    disk_size: u64,
-    file: &File,
-    disk_path: &Path,
-    outs: &mut Outputs,
-    stages: &Stages<'_>,
-) -> Result<islots::SlotTable> {
-    let slot_table = islots::SlotTable {
-        image_len: disk_size,
-        slots: slots.to_vec(),
-    };
-    if !slots.is_empty() {
-        slot_table.validate()?;
-        slot_table.write_into(file, &disk_path.display().to_string())?;
-        let json = slot_table.to_sidecar_json()?;
-        outs.add(write_artifact(
-            &islots::sidecar_path(disk_path),
-            json.as_bytes(),
-        )?);
-        let names: Vec<&str> = slots.iter().map(|s| s.name.as_str()).collect();
-        stages.done(format_args!("slots: {}", names.join(", ")));
-    }
-    Ok(slot_table)
-}
-
 /// The disk's digests.
 struct Digests {
     /// sha256 of the whole disk.
@@ -1394,8 +1257,7 @@ struct Digests {
     parts: Vec<[u8; 32]>,
 }
 
-/// The chunk table (with the plain sha256 and the SHA-256 midstates at each slot's first
-/// patchable byte, for `kiln serve`), written as a sidecar, and every partition's sha256.
+/// The chunk table, written as a sidecar, and every partition's sha256.
 fn digests(
     out: &AtomicFile,
     disk_path: &Path,
@@ -1405,31 +1267,16 @@ fn digests(
     outs: &mut Outputs,
     stages: &Stages<'_>,
 ) -> Result<Digests> {
-    let file = out.file();
-    let src = kiln_inject::FileSource::from_file(file.try_clone()?, out.tmp_path())?;
-    // Two passes read the disk: the chunks in parallel and the plain sha256 in sequence.
-    stages.begin("digests", 2 * disk_size);
-    let src = Counted {
-        inner: src,
-        progress: stages.progress(),
-    };
-    let chunks = kiln_inject::ChunkTable::compute_resumable(&src, &slot_table.resume_points())?;
-    let disk = chunks
-        .sha256
-        .ok_or_else(|| anyhow!("internal: no plain sha256 from the chunk table"))?;
-    outs.add(write_artifact(
-        &kiln_inject::chunks::sidecar_path(disk_path),
-        &chunks.to_bytes(),
-    )?);
+    let (disk, chunked) = chunk_table(out, disk_path, disk_size, slot_table, outs, stages)?;
     let parts: Vec<[u8; 32]> = lay
         .parts
         .par_iter()
-        .map(|p| sha256_range(file, p.offset, p.size))
+        .map(|p| sha256_range(out.file(), p.offset, p.size))
         .collect::<std::io::Result<_>>()?;
     stages.done(format_args!("digests: disk sha256 {}", hex32(&disk)));
     Ok(Digests {
         disk,
-        chunked: chunks.digest().to_string(),
+        chunked,
         parts,
     })
 }
@@ -1679,24 +1526,6 @@ fn microvm_boot_files(
     Ok(out)
 }
 
-/// A source that tells the observer how many bytes were read through it.
-struct Counted<'p, R> {
-    inner: R,
-    progress: &'p dyn Progress,
-}
-
-impl<R: kiln_inject::ReadAt> kiln_inject::ReadAt for Counted<'_, R> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read_at(offset, buf)?;
-        self.progress.advance(n as u64);
-        Ok(n)
-    }
-
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-}
-
 /// What the last stage needs from the build.
 struct Finish<'a> {
     opts: &'a BuildOptions,
@@ -1835,87 +1664,6 @@ fn finish(
     Ok(report)
 }
 
-/// Reads as much of `buf` as the file holds at `off` (short at EOF), returning the count.
-pub(crate) fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], off + done as u64)? {
-            0 => break,
-            n => done += n,
-        }
-    }
-    Ok(done)
-}
-
-fn sha256_range(f: &File, off: u64, len: u64) -> std::io::Result<[u8; 32]> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0;
-    while pos < len {
-        let n = (len - pos).min(buf.len() as u64) as usize;
-        let got = read_full_at(f, &mut buf[..n], off + pos)?;
-        buf[got..n].fill(0);
-        h.update(&buf[..n]);
-        pos += n as u64;
-    }
-    Ok(h.finalize().into())
-}
-
-/// Copies `[off, off + len)` of `src` to a new atomic file at `dest` (kernel-side copy; holes
-/// stay holes where the filesystem supports it).
-fn copy_out(src: &File, off: u64, len: u64, dest: &Path) -> Result<(String, AtomicFile)> {
-    let a = AtomicFile::create(dest).with_context(|| format!("creating {}", dest.display()))?;
-    copy_file_range(src, off, a.file(), len)
-        .with_context(|| format!("writing {}", dest.display()))?;
-    a.file().set_len(len)?;
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Ok((name, a))
-}
-
-/// `len` bytes from `src` at `off` to the start of `dst`: copy_file_range (reflinks where the
-/// filesystem can), falling back to read/write; zero blocks are left as holes either way.
-fn copy_file_range(src: &File, off: u64, dst: &File, len: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut done = 0u64;
-    match kiln_os::copy_range(src, off, dst, 0, len)? {
-        // The end of the source: the rest is zeroes (set_len covers it).
-        kiln_os::Copied::All | kiln_os::Copied::Short(_) => {}
-        kiln_os::Copied::Unsupported => {
-            // A filesystem pair without copy_file_range: copy the rest by hand.
-            let mut buf = vec![0u8; 1 << 20];
-            while done < len {
-                let n = (len - done).min(buf.len() as u64) as usize;
-                let got = read_full_at(src, &mut buf[..n], off + done)?;
-                if got == 0 {
-                    break;
-                }
-                if buf[..got].iter().any(|&b| b != 0) {
-                    dst.write_all_at(&buf[..got], done)?;
-                }
-                done += got as u64;
-            }
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn artifact_of_bytes(f: &AtomicFile, bytes: &[u8]) -> Artifact {
-    let file = f
-        .dest()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Artifact {
-        file,
-        size: bytes.len() as u64,
-        sha256: hex32(&Sha256::digest(bytes)),
-    }
-}
-
 /// The update index of an A/B verity root with a UKI (see [`crate::delta`]), or `None`.
 #[allow(clippy::too_many_arguments)]
 fn update_index(
@@ -2017,12 +1765,6 @@ fn reflow(lay: &mut Layout) {
     lay.place();
 }
 
-/// Keeps systemd's veritysetup generator from acting on `roothash=` in the booted system:
-/// kiln-init has set up dm-verity already, and the generator would have systemd wait 90 s for
-/// the root hash halves as partition UUIDs, which a live medium or a slot filled by
-/// systemd-sysupdate does not have (systemd-veritysetup-generator(8): `systemd.verity=`).
-pub(crate) const NO_SYSTEMD_VERITY: &str = "systemd.verity=no";
-
 /// The UKI command line: the spec's, then how kiln-init finds the root.
 fn cmdline(spec: &Spec, lay: Option<&Layout>, root_hash: &[u8; 32]) -> String {
     let mut c = spec
@@ -2074,34 +1816,6 @@ fn short_type(t: &str) -> &'static str {
     } else {
         "root"
     }
-}
-
-pub(crate) fn truncate_label(l: &str, max: usize) -> String {
-    let mut s = String::new();
-    for ch in l.chars() {
-        if s.len() + ch.len_utf8() > max {
-            break;
-        }
-        s.push(ch);
-    }
-    s
-}
-
-/// FAT volume labels: at most 11 characters of upper-case ASCII without specials.
-pub(crate) fn fat_label(l: &str) -> Option<String> {
-    let s: String = l
-        .chars()
-        .map(|c| c.to_ascii_uppercase())
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-        .take(11)
-        .collect();
-    (!s.is_empty()).then_some(s)
-}
-
-/// FAT volume serial from the filesystem UUID (its first four bytes, as repart's mkfs.vfat
-/// call derives it).
-pub(crate) fn fat_volume_id(fs_uuid: &Uuid) -> [u8; 4] {
-    [fs_uuid[0], fs_uuid[1], fs_uuid[2], fs_uuid[3]]
 }
 
 fn fat_bits(t: fat::FatType) -> u8 {

@@ -44,7 +44,6 @@
 //! from `derive_uuid(seed, "kiln-iso")`, so that an ISO and the disk image of the same spec,
 //! attached to one machine, never share a disk or partition GUID.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -60,8 +59,11 @@ use kiln_inject::slots::{self as islots, ByteRange, IsoMeta, PayloadInfo, SlotMe
 use kiln_tree::output::AtomicFile;
 use serde::Serialize;
 
-use crate::boot;
-use crate::image::{self, Artifact, BootReport, Stages};
+use crate::artifacts::{
+    chunk_table, fat_label, fat_volume_id, read_full_at, truncate_label, write_slot_table,
+    Artifact, Outputs, Stages,
+};
+use crate::boot::{self, BootReport};
 use crate::prepare;
 use crate::spec::{self, Compression, FsKind, Spec};
 
@@ -208,7 +210,7 @@ pub fn live_cmdline(spec: &Spec, label: &str, root_hash: Option<&[u8; 32]>) -> S
         c.push_str(&format!(
             " roothash={} {}",
             hex::encode(h),
-            image::NO_SYSTEMD_VERITY
+            boot::NO_SYSTEMD_VERITY
         ));
     }
     c
@@ -403,14 +405,14 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
     let esp_fs_uuid = repart::filesystem_uuid(&hybrid.esp_part_guid);
     let esp_label = esp_index
         .and_then(|i| spec.partitions[i].label.as_deref())
-        .and_then(image::fat_label)
+        .and_then(fat_label)
         .or_else(|| Some("ESP".to_string()));
     let (esp_size, fat_type) = fat::auto_size(&esp_tree, None, esp_label.clone(), 64 << 10)
         .map_err(|e| anyhow!("the ISO's ESP: {e}"))?;
     let fat_opts = fat::FatOptions {
         size: esp_size,
         fat_type,
-        volume_id: image::fat_volume_id(&esp_fs_uuid),
+        volume_id: fat_volume_id(&esp_fs_uuid),
         label: esp_label,
     };
 
@@ -424,7 +426,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         },
         uuid: repart::derive_uuid(&spec.seed, "kiln-iso-root"),
         timestamp: inp.epoch.map(Timestamp::from_secs),
-        volume_name: image::truncate_label(&label, 16).into_bytes(),
+        volume_name: truncate_label(&label, 16).into_bytes(),
         ..Default::default()
     };
     let eplan = erofs::plan(inp.tree, &eo).map_err(|e| {
@@ -497,7 +499,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
             .extent(v)
             .ok_or_else(|| anyhow!("internal: no extent for the verity file"))?;
         let read = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
-            let n = image::read_full_at(file, buf, root_at + off)?;
+            let n = read_full_at(file, buf, root_at + off)?;
             buf[n..].fill(0);
             Ok(())
         };
@@ -592,19 +594,9 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
             });
         }
     }
-    let mut sidecars = Vec::new();
-    let table = islots::SlotTable {
-        image_len: size,
-        slots: slots.clone(),
-    };
+    let mut sidecars = Outputs::default();
+    let table = write_slot_table(&slots, size, file, &iso_path, &mut sidecars)?;
     if !slots.is_empty() {
-        table.validate()?;
-        table.write_into(file, &iso_path.display().to_string())?;
-        let side = AtomicFile::create(&islots::sidecar_path(&iso_path))?;
-        let json = table.to_sidecar_json()?;
-        side.file().write_all(json.as_bytes())?;
-        let a = image::artifact_of_bytes(&side, json.as_bytes());
-        sidecars.push((side, a));
         stages.done(format_args!(
             "iso slots: {}",
             slots
@@ -614,18 +606,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
                 .join(", ")
         ));
     }
-
-    // Digests.
-    let src = kiln_inject::FileSource::from_file(file.try_clone()?, out.tmp_path())?;
-    let chunks = kiln_inject::ChunkTable::compute_resumable(&src, &table.resume_points())?;
-    let sha = chunks
-        .sha256
-        .ok_or_else(|| anyhow!("internal: no plain sha256 from the chunk table"))?;
-    let chunk_file = AtomicFile::create(&kiln_inject::chunks::sidecar_path(&iso_path))?;
-    let cbytes = chunks.to_bytes();
-    chunk_file.file().write_all(&cbytes)?;
-    let a = image::artifact_of_bytes(&chunk_file, &cbytes);
-    sidecars.push((chunk_file, a));
+    let (sha, chunked_digest) = chunk_table(&out, &iso_path, size, &table, &mut sidecars, stages)?;
 
     let gpt = plan
         .gpt()
@@ -650,7 +631,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         file: iso_name.clone(),
         size,
         sha256: hex::encode(sha),
-        chunked_digest: chunks.digest().to_string(),
+        chunked_digest,
         volume_id: label.clone(),
         volume_uuid: opts.uuid.to_string(),
         disk_uuid: repart::format_uuid(&hybrid.disk_guid),
@@ -687,6 +668,10 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         report,
         image: out,
         artifact,
-        sidecars,
+        sidecars: sidecars
+            .pending
+            .into_iter()
+            .zip(sidecars.artifacts)
+            .collect(),
     })
 }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod artifacts;
 pub mod boot;
 pub mod budget;
 pub mod delta;

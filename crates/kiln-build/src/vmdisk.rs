@@ -16,7 +16,7 @@ use kiln_formats::vmdisk::{self, qcow2, vhd, vmdk, Compression, Raw};
 use kiln_tree::output::AtomicFile;
 use sha2::{Digest, Sha256};
 
-use crate::image::Artifact;
+use crate::artifacts::Artifact;
 
 /// A VM disk container.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -70,7 +70,7 @@ impl Image {
         let short;
         let piece = match label {
             Some(l) => l,
-            None if crate::pieces::is_upload_id(piece) => {
+            None if crate::store::is_upload_id(piece) => {
                 short = piece[..10].to_string();
                 &short
             }

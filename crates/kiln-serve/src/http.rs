@@ -56,7 +56,7 @@ use crate::catalog::piece_label;
 use crate::config::valid_name;
 use crate::error::ApiError;
 use crate::limits::Refused;
-use crate::pieces::upload_id;
+use crate::store::upload_id;
 use crate::state::{AppState, Prepared, Step};
 
 /// The client's address, put into every request by the accept loop.
@@ -90,7 +90,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// `Cache-Control` for an image (or its checksum, signature or manifest) of `piece`: upload
 /// ids are content-addressed, so their responses never change; a named piece's source may.
 fn cache_control(piece: &str) -> HeaderValue {
-    if crate::pieces::is_upload_id(piece) {
+    if crate::store::is_upload_id(piece) {
         HeaderValue::from_static("public, max-age=31536000, immutable")
     } else {
         HeaderValue::from_static("public, no-cache")

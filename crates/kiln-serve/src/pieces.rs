@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 
 use crate::config::{valid_name, SourceConfig};
 use crate::error::ApiError;
-use crate::store::SharedStore;
+use crate::store::{is_upload_id, SharedStore};
 
 /// A resolved piece.
 #[derive(Clone, Debug)]
@@ -24,20 +23,6 @@ pub struct Piece {
     pub data: Bytes,
     /// Where it came from, for logs.
     pub origin: String,
-}
-
-/// Upload ids: `u-` + the first 16 bytes of the payload's sha256, hex.
-pub fn upload_id(data: &[u8]) -> String {
-    format!("u-{}", hex::encode(&Sha256::digest(data)[..16]))
-}
-
-/// True for an upload id (`u-` and 32 lowercase hex digits).
-pub fn is_upload_id(p: &str) -> bool {
-    p.len() == 34
-        && p.starts_with("u-")
-        && p[2..]
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// True for addresses a server-side fetch must never reach.
@@ -382,7 +367,7 @@ mod tests {
 
     #[test]
     fn upload_ids() {
-        let id = upload_id(b"hello");
+        let id = crate::store::upload_id(b"hello");
         assert!(is_upload_id(&id) && valid_name(&id), "{id}");
         assert!(!is_upload_id("u-../../etc/passwd"));
     }

@@ -359,7 +359,7 @@ impl AppState {
         let shared = self
             .sources
             .uploads()
-            .filter(|s| s.shares_prepared() && !crate::pieces::is_upload_id(piece));
+            .filter(|s| s.shares_prepared() && !crate::store::is_upload_id(piece));
         let Some(shared) = shared else {
             return self.sources.fetch(piece, limit).await;
         };

@@ -33,6 +33,20 @@ use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 
+/// Upload ids: `u-` + the first 16 bytes of the payload's sha256, hex.
+pub fn upload_id(data: &[u8]) -> String {
+    format!("u-{}", hex::encode(&Sha256::digest(data)[..16]))
+}
+
+/// True for an upload id (`u-` and 32 lowercase hex digits).
+pub fn is_upload_id(p: &str) -> bool {
+    p.len() == 34
+        && p.starts_with("u-")
+        && p[2..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
 /// An S3-compatible store for `s3://bucket/key` with `options` (`endpoint`, `region`,
 /// `access_key_id`, …; AWS_* environment variables also apply). Returns the store and the key.
 pub fn s3(
@@ -236,7 +250,7 @@ impl SharedStore {
         let Some(data) = self.get(id, limit).await? else {
             return Ok(None);
         };
-        if crate::pieces::upload_id(&data) != id {
+        if upload_id(&data) != id {
             return Err(ApiError::bad_gateway(format!(
                 "{} does not hash to its id",
                 self.describe(id)
@@ -322,7 +336,7 @@ mod tests {
         ];
         for st in &stores {
             let page = Bytes::from_static(b"<p>hi</p>");
-            let id = crate::pieces::upload_id(&page);
+            let id = upload_id(&page);
             assert_eq!(st.get_upload(&id, 100).await.unwrap(), None);
             st.put_upload(&id, page.clone()).await.unwrap();
             st.put_upload(&id, page.clone()).await.unwrap();
