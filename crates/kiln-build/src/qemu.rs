@@ -320,22 +320,46 @@ enum Event {
 /// Boots once and reports how it went. Errors are for things that prevent booting at all
 /// (no QEMU, no firmware, a bad pattern); a boot that fails is an `Ok` with its [`Ending`].
 pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
-    let expect = opts
-        .expect
-        .as_deref()
-        .map(Regex::new)
-        .transpose()
-        .context("--expect is not a valid regular expression")?;
-    let fails = opts
-        .fail
-        .iter()
-        .map(|f| Regex::new(f).with_context(|| format!("failure pattern {f:?}")))
-        .collect::<Result<Vec<_>>>()?;
+    let watch = Watch::new(opts)?;
+    let qemu = qemu_binary(opts)?;
+    check_options(opts)?;
+    let scratch =
+        tempfile::tempdir().context("creating a temporary directory for OVMF variables")?;
+    let mut cmd = Command::new(&qemu);
+    machine_args(&mut cmd, opts);
+    if let Firmware::Ovmf(spec) = &opts.firmware {
+        let (code, vars) = ovmf_files(spec.as_deref(), opts.arch)?;
+        let private = scratch.path().join("OVMF_VARS.fd");
+        std::fs::copy(&vars, &private)
+            .with_context(|| format!("copying {} to {}", vars.display(), private.display()))?;
+        cmd.arg("-drive").arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            qemu_path(&code)?
+        ));
+        cmd.arg("-drive").arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            qemu_path(&private)?
+        ));
+    }
+    if let Some(d) = &opts.direct {
+        direct_kernel_args(&mut cmd, d, opts.machine)?;
+    }
+    if let Some(img) = &opts.image {
+        drive_args(&mut cmd, img, opts)?;
+    } else if opts.direct.is_none() {
+        bail!("nothing to boot: give an image or a direct kernel");
+    }
+    run(cmd, &qemu, opts, &watch)
+}
+
+/// The QEMU executable for the guest's architecture: `opts.qemu`, `$KILN_QEMU` (x86-64) or
+/// `$KILN_QEMU_ARM64`, else `qemu-system-x86_64` or `qemu-system-aarch64` from PATH.
+fn qemu_binary(opts: &BootOptions) -> Result<PathBuf> {
     let (var, exe, package) = match opts.arch {
         Arch::X86_64 => ("KILN_QEMU", "qemu-system-x86_64", "qemu-system-x86"),
         Arch::Arm64 => ("KILN_QEMU_ARM64", "qemu-system-aarch64", "qemu-system-arm"),
     };
-    let qemu = match &opts.qemu {
+    Ok(match &opts.qemu {
         Some(q) => q.clone(),
         None => match std::env::var_os(var) {
             Some(q) => PathBuf::from(q),
@@ -343,7 +367,12 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
                 format!("{exe} not found in PATH (install {package}, or set {var})")
             })?,
         },
-    };
+    })
+}
+
+/// Refuses, before QEMU starts, what cannot boot: an image the firmware would not find a
+/// loader on, and machine, firmware and disk combinations that do not exist.
+fn check_options(opts: &BootOptions) -> Result<()> {
     if let (Firmware::Ovmf(_), None, Some(img)) = (&opts.firmware, &opts.direct, &opts.image) {
         if !matches!(opts.attach, Attach::Cdrom | Attach::CdromAhci) {
             firmware_can_boot(img, opts.arch)?;
@@ -357,8 +386,6 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
             bail!("arm64 has no BIOS: boot with UEFI firmware (AAVMF) or a direct kernel");
         }
     }
-    let scratch =
-        tempfile::tempdir().context("creating a temporary directory for OVMF variables")?;
     if opts.machine == Machine::Microvm {
         if opts.direct.is_none() {
             bail!("a microvm boots a kernel directly: give --kernel");
@@ -370,7 +397,11 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
             bail!("a microvm has one kind of disk, virtio-mmio (--as disk)");
         }
     }
-    let mut cmd = Command::new(&qemu);
+    Ok(())
+}
+
+/// The machine, accelerator, serial console, memory and CPUs.
+fn machine_args(cmd: &mut Command, opts: &BootOptions) {
     cmd.args([
         "-machine",
         match (opts.arch, opts.machine) {
@@ -388,123 +419,168 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
         .arg(opts.memory_mib.to_string())
         .arg("-smp")
         .arg(opts.cpus.max(1).to_string());
-    if let Firmware::Ovmf(spec) = &opts.firmware {
-        let (code, vars) = ovmf_files(spec.as_deref(), opts.arch)?;
-        let private = scratch.path().join("OVMF_VARS.fd");
-        std::fs::copy(&vars, &private)
-            .with_context(|| format!("copying {} to {}", vars.display(), private.display()))?;
-        cmd.arg("-drive").arg(format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={}",
-            qemu_path(&code)?
-        ));
-        cmd.arg("-drive").arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            qemu_path(&private)?
-        ));
+}
+
+/// `-kernel -initrd -append` for a direct kernel boot.
+fn direct_kernel_args(cmd: &mut Command, d: &DirectKernel, machine: Machine) -> Result<()> {
+    for p in std::iter::once(&d.kernel).chain(d.initrd.as_ref()) {
+        if !p.is_file() {
+            bail!("{}: no such file", p.display());
+        }
     }
-    if let Some(d) = &opts.direct {
-        for p in std::iter::once(&d.kernel).chain(d.initrd.as_ref()) {
-            if !p.is_file() {
-                bail!("{}: no such file", p.display());
-            }
-        }
-        cmd.arg("-kernel").arg(&d.kernel);
-        if let Some(initrd) = &d.initrd {
-            cmd.arg("-initrd").arg(initrd);
-        }
-        let mut append = d.append.clone();
-        // microvm has neither HPET nor an ACPI PM timer, so under TCG Linux cannot calibrate
-        // the TSC and hangs after "Marking TSC unstable"; a stated TSC frequency lets it go on
-        // (TCG's TSC runs at no real frequency anyway).
-        if opts.machine == Machine::Microvm && !append.contains("tsc_early_khz=") {
-            append.push_str(" tsc_early_khz=2000000");
-        }
-        cmd.arg("-append").arg(&append);
+    cmd.arg("-kernel").arg(&d.kernel);
+    if let Some(initrd) = &d.initrd {
+        cmd.arg("-initrd").arg(initrd);
     }
-    if let Some(img) = &opts.image {
-        if !img.is_file() {
-            bail!("{}: no such image file", img.display());
-        }
-        let file = qemu_path(img)?;
-        let snap = if opts.keep { "" } else { ",snapshot=on" };
-        // qcow2, VHD and VMDK images by their magic; anything else is raw.
-        let fmt = crate::vmdisk::VmFormat::detect(img)?
-            .map(|f| f.qemu_format())
-            .unwrap_or("raw");
-        let none_drive = format!("file={file},format={fmt},if=none,id=d0{snap}");
-        // q35 has an AHCI controller on board (`ide.0`); virt has none, so one is added.
-        let ide = match opts.arch {
-            Arch::X86_64 => "ide.0",
-            Arch::Arm64 => {
-                if matches!(opts.attach, Attach::Ahci | Attach::CdromAhci) {
-                    cmd.args(["-device", "ich9-ahci,id=ahci"]);
-                }
-                "ahci.0"
-            }
-        };
-        match opts.attach {
-            Attach::Disk if opts.machine == Machine::Microvm => {
-                cmd.args(["-drive", &none_drive])
-                    .args(["-device", "virtio-blk-device,drive=d0"]);
-            }
-            Attach::Disk => {
-                cmd.arg("-drive")
-                    .arg(format!("file={file},format={fmt},if=virtio{snap}"));
-            }
-            Attach::Scsi => {
-                cmd.args(["-device", "virtio-scsi-pci,id=scsi"])
-                    .args(["-drive", &none_drive])
-                    .args(["-device", "scsi-hd,bus=scsi.0,drive=d0,bootindex=0"]);
-            }
-            Attach::Nvme => {
-                cmd.args(["-drive", &none_drive])
-                    .args(["-device", "nvme,serial=kiln0001,drive=d0,bootindex=0"]);
-            }
-            Attach::Ahci => {
-                cmd.args(["-drive", &none_drive])
-                    .args(["-device", &format!("ide-hd,bus={ide},drive=d0,bootindex=0")]);
-            }
-            Attach::Usb => {
-                cmd.args(["-device", "qemu-xhci,id=xhci"])
-                    .args(["-drive", &none_drive])
-                    .args([
-                        "-device",
-                        "usb-storage,bus=xhci.0,drive=d0,removable=on,bootindex=0",
-                    ]);
-            }
-            Attach::UsbEhci => {
-                cmd.args(["-device", "usb-ehci,id=ehci"])
-                    .args(["-drive", &none_drive])
-                    .args([
-                        "-device",
-                        "usb-storage,bus=ehci.0,drive=d0,removable=on,bootindex=0",
-                    ]);
-            }
-            Attach::Uas => {
-                cmd.args(["-device", "qemu-xhci,id=xhci"])
-                    .args(["-device", "usb-uas,id=uas,bus=xhci.0"])
-                    .args(["-drive", &none_drive])
-                    .args(["-device", "scsi-hd,bus=uas.0,scsi-id=0,lun=0,drive=d0"]);
-            }
-            Attach::Cdrom => {
-                cmd.args(["-device", "virtio-scsi-pci,id=scsi"])
-                    .arg("-drive")
-                    .arg(format!(
-                        "file={file},format=raw,if=none,id=cd,media=cdrom,readonly=on"
-                    ))
-                    .args(["-device", "scsi-cd,bus=scsi.0,drive=cd"]);
-            }
-            Attach::CdromAhci => {
-                cmd.arg("-drive")
-                    .arg(format!(
-                        "file={file},format=raw,if=none,id=cd,media=cdrom,readonly=on"
-                    ))
-                    .args(["-device", &format!("ide-cd,bus={ide},drive=cd")]);
-            }
-        }
-    } else if opts.direct.is_none() {
-        bail!("nothing to boot: give an image or a direct kernel");
+    let mut append = d.append.clone();
+    // microvm has neither HPET nor an ACPI PM timer, so under TCG Linux cannot calibrate the
+    // TSC and hangs after "Marking TSC unstable"; a stated TSC frequency lets it go on (TCG's
+    // TSC runs at no real frequency anyway).
+    if machine == Machine::Microvm && !append.contains("tsc_early_khz=") {
+        append.push_str(" tsc_early_khz=2000000");
     }
+    cmd.arg("-append").arg(&append);
+    Ok(())
+}
+
+/// The image `img` attached as `opts.attach`.
+fn drive_args(cmd: &mut Command, img: &Path, opts: &BootOptions) -> Result<()> {
+    if !img.is_file() {
+        bail!("{}: no such image file", img.display());
+    }
+    let file = qemu_path(img)?;
+    let snap = if opts.keep { "" } else { ",snapshot=on" };
+    // qcow2, VHD and VMDK images by their magic; anything else is raw.
+    let fmt = crate::vmdisk::VmFormat::detect(img)?
+        .map(|f| f.qemu_format())
+        .unwrap_or("raw");
+    let none_drive = format!("file={file},format={fmt},if=none,id=d0{snap}");
+    // q35 has an AHCI controller on board (`ide.0`); virt has none, so one is added.
+    let ide = match opts.arch {
+        Arch::X86_64 => "ide.0",
+        Arch::Arm64 => {
+            if matches!(opts.attach, Attach::Ahci | Attach::CdromAhci) {
+                cmd.args(["-device", "ich9-ahci,id=ahci"]);
+            }
+            "ahci.0"
+        }
+    };
+    match opts.attach {
+        Attach::Disk if opts.machine == Machine::Microvm => {
+            cmd.args(["-drive", &none_drive])
+                .args(["-device", "virtio-blk-device,drive=d0"]);
+        }
+        Attach::Disk => {
+            cmd.arg("-drive")
+                .arg(format!("file={file},format={fmt},if=virtio{snap}"));
+        }
+        Attach::Scsi => {
+            cmd.args(["-device", "virtio-scsi-pci,id=scsi"])
+                .args(["-drive", &none_drive])
+                .args(["-device", "scsi-hd,bus=scsi.0,drive=d0,bootindex=0"]);
+        }
+        Attach::Nvme => {
+            cmd.args(["-drive", &none_drive])
+                .args(["-device", "nvme,serial=kiln0001,drive=d0,bootindex=0"]);
+        }
+        Attach::Ahci => {
+            cmd.args(["-drive", &none_drive])
+                .args(["-device", &format!("ide-hd,bus={ide},drive=d0,bootindex=0")]);
+        }
+        Attach::Usb => {
+            cmd.args(["-device", "qemu-xhci,id=xhci"])
+                .args(["-drive", &none_drive])
+                .args([
+                    "-device",
+                    "usb-storage,bus=xhci.0,drive=d0,removable=on,bootindex=0",
+                ]);
+        }
+        Attach::UsbEhci => {
+            cmd.args(["-device", "usb-ehci,id=ehci"])
+                .args(["-drive", &none_drive])
+                .args([
+                    "-device",
+                    "usb-storage,bus=ehci.0,drive=d0,removable=on,bootindex=0",
+                ]);
+        }
+        Attach::Uas => {
+            cmd.args(["-device", "qemu-xhci,id=xhci"])
+                .args(["-device", "usb-uas,id=uas,bus=xhci.0"])
+                .args(["-drive", &none_drive])
+                .args(["-device", "scsi-hd,bus=uas.0,scsi-id=0,lun=0,drive=d0"]);
+        }
+        Attach::Cdrom => {
+            cmd.args(["-device", "virtio-scsi-pci,id=scsi"])
+                .arg("-drive")
+                .arg(format!(
+                    "file={file},format=raw,if=none,id=cd,media=cdrom,readonly=on"
+                ))
+                .args(["-device", "scsi-cd,bus=scsi.0,drive=cd"]);
+        }
+        Attach::CdromAhci => {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "file={file},format=raw,if=none,id=cd,media=cdrom,readonly=on"
+                ))
+                .args(["-device", &format!("ide-cd,bus={ide},drive=cd")]);
+        }
+    }
+    Ok(())
+}
+
+/// What ends a boot: the expected pattern, or a failure pattern.
+struct Watch {
+    expect: Option<Regex>,
+    fails: Vec<Regex>,
+}
+
+impl Watch {
+    fn new(opts: &BootOptions) -> Result<Self> {
+        let expect = opts
+            .expect
+            .as_deref()
+            .map(Regex::new)
+            .transpose()
+            .context("--expect is not a valid regular expression")?;
+        let fails = opts
+            .fail
+            .iter()
+            .map(|f| Regex::new(f).with_context(|| format!("failure pattern {f:?}")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { expect, fails })
+    }
+
+    /// How a complete console line ends the boot, if it does.
+    fn line(&self, line: &str) -> Option<Ending> {
+        if self.fails.iter().any(|f| f.is_match(line)) {
+            return Some(Ending::Failed(line.trim().to_string()));
+        }
+        if self.expect.as_ref().is_some_and(|e| e.is_match(line)) {
+            return Some(Ending::Matched);
+        }
+        None
+    }
+
+    /// Checks the lines completed since `line_start` (moving it past them), then the
+    /// partial line after them against the expected pattern (a prompt has no newline).
+    fn scan(&self, console: &[u8], line_start: &mut usize) -> Option<Ending> {
+        while let Some(nl) = console[*line_start..].iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&console[*line_start..*line_start + nl]);
+            *line_start += nl + 1;
+            if let Some(e) = self.line(&line.replace('\r', "")) {
+                return Some(e);
+            }
+        }
+        let partial = String::from_utf8_lossy(&console[*line_start..]);
+        self.expect
+            .as_ref()
+            .is_some_and(|e| e.is_match(&partial))
+            .then_some(Ending::Matched)
+    }
+}
+
+/// Starts QEMU and watches its console until the boot ends.
+fn run(mut cmd: Command, qemu: &Path, opts: &BootOptions, watch: &Watch) -> Result<BootOutcome> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -542,15 +618,6 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
     let mut console: Vec<u8> = Vec::new();
     let mut line_start = 0usize;
     let mut out = std::io::stdout();
-    let check = |line: &str| -> Option<Ending> {
-        if fails.iter().any(|f| f.is_match(line)) {
-            return Some(Ending::Failed(line.trim().to_string()));
-        }
-        if expect.as_ref().is_some_and(|e| e.is_match(line)) {
-            return Some(Ending::Matched);
-        }
-        None
-    };
     let ending = loop {
         let now = Instant::now();
         if now >= deadline {
@@ -563,23 +630,8 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
                     let _ = out.flush();
                 }
                 console.extend_from_slice(&d);
-                // Check each completed line; a partial line is checked again once complete.
-                let mut found = None;
-                while let Some(nl) = console[line_start..].iter().position(|&b| b == b'\n') {
-                    let line = String::from_utf8_lossy(&console[line_start..line_start + nl]);
-                    line_start += nl + 1;
-                    if let Some(e) = check(&line.replace('\r', "")) {
-                        found = Some(e);
-                        break;
-                    }
-                }
-                if found.is_none() {
-                    let partial = String::from_utf8_lossy(&console[line_start..]);
-                    if expect.as_ref().is_some_and(|e| e.is_match(&partial)) {
-                        found = Some(Ending::Matched);
-                    }
-                }
-                if let Some(e) = found {
+                // A partial line is checked again once complete.
+                if let Some(e) = watch.scan(&console, &mut line_start) {
                     break e;
                 }
             }
@@ -588,7 +640,7 @@ pub fn boot(opts: &BootOptions) -> Result<BootOutcome> {
                 let code = status.and_then(|s| s.code());
                 // With -no-reboot a guest reset also ends QEMU with status 0; only a power-off
                 // (the kernel's last words are "reboot: Power down") counts as success.
-                if expect.is_none()
+                if watch.expect.is_none()
                     && code == Some(0)
                     && String::from_utf8_lossy(&console).contains(POWER_DOWN)
                 {

@@ -56,8 +56,8 @@ use crate::catalog::piece_label;
 use crate::config::valid_name;
 use crate::error::ApiError;
 use crate::limits::Refused;
-use crate::store::upload_id;
 use crate::state::{AppState, Prepared, Step};
+use crate::store::upload_id;
 
 /// The client's address, put into every request by the accept loop.
 #[derive(Clone, Copy, Debug)]
