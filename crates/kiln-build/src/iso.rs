@@ -329,148 +329,46 @@ fn iso_options(spec: &Spec, label: &str, mtime: i64, esp_len: u64) -> IsoOptions
 }
 
 /// Builds the ISO into a temp file beside `OUTDIR/NAME_VERSION.iso` (not committed).
+///
+/// The steps: the live boot pieces; the ESP sized from a UKI of final length; the ISO 9660
+/// tree and a first plan that places the root image; the root image written at its extent;
+/// the final plan and dm-verity over the root image; the ESP with the real UKI; the rest of
+/// the ISO (descriptors, directories, El Torito, slot files, GPT); slot table and digests.
 pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
     let spec = inp.spec;
     let mtime = inp.epoch.unwrap_or(0);
-    let Some(boot_spec) = &spec.boot else {
-        bail!(
-            "{}: output \"iso\" needs a [boot] section: the ISO boots a kernel from the tree \
-             through systemd-boot",
-            spec.file.display()
-        );
-    };
-    if let Some(p) = &boot_spec.initrd {
-        bail!(
-            "{}: output \"iso\" boots with kiln's initrd in live mode; [boot] initrd = {} \
-             cannot find a live root (remove it or drop \"iso\" from [image] output)",
-            spec.file.display(),
-            p.display()
-        );
-    }
+    let boot_spec = live_boot_spec(spec)?;
     let (compression, with_verity) = root_settings(spec);
     let label = volume_label(inp.name_version);
-
-    // The live initrd and the boot pieces: kiln-init finds the medium, loop-mounts the EROFS
-    // image and overlays it with RAM. The spec's overlays are moot: the whole root is.
-    let mut live_boot = boot_spec.clone();
-    for m in LIVE_MODULES {
-        if !live_boot.modules.iter().any(|x| x == m) {
-            live_boot.modules.push((*m).to_string());
-        }
-    }
-    let cfg = kiln_init::config::Config {
-        rootfstype: Some("erofs".into()),
-        ..Default::default()
-    };
-    let bp = boot::prepare(
-        &live_boot,
-        spec.arch,
-        inp.tree,
-        inp.contents,
-        Some("erofs"),
-        cfg,
-        inp.osrel.to_string(),
-        mtime.clamp(0, u32::MAX as i64) as u32,
-    )
-    .context("the ISO's live boot")?;
-    stages.done(format_args!("iso initrd (live): {}", bp.summary()));
-    // No boot counting: systemd-boot would rename the UKI on a stick, and nothing may write
-    // to a live medium.
-    let uki_file = boot::uki_name(inp.name_version, 0);
+    let bp = live_boot_parts(inp, boot_spec, stages)?;
 
     // Slot defaults come from each partition's tree, exactly as on the disk.
     let mut part_trees = prepare::split(spec, inp.tree)?;
     for (p, t) in spec.partitions.iter().zip(part_trees.iter_mut()) {
         if let Some(t) = t {
-            prepare::place_slots(p, t, inp.contents, inp.epoch.unwrap_or(0))?;
+            prepare::place_slots(p, t, inp.contents, mtime)?;
         }
     }
-    let esp_index = spec.partitions.iter().position(|p| p.type_name == "esp");
-    let esp_base = esp_index.and_then(|i| part_trees[i].clone());
+    let esp = LiveEsp::plan(inp, &bp, &part_trees, &label, with_verity)?;
 
-    // The ESP with a UKI of final length: the root hash is fixed-length hex.
-    let placeholder = live_cmdline(spec, &label, with_verity.then_some(&[0u8; 32]));
-    let placeholder_uki: Arc<[u8]> = bp.uki(&placeholder)?.into();
-    let timeout = boot_spec.timeout;
-    let esp_tree = boot::esp_tree(
-        spec.arch,
-        esp_base.clone(),
-        &bp.systemd_boot,
-        &uki_file,
-        placeholder_uki.clone(),
-        timeout,
-        mtime,
-    )?;
-    let hybrid = HybridOptions::from_seed(&repart::derive_uuid(&spec.seed, "kiln-iso"));
-    let esp_fs_uuid = repart::filesystem_uuid(&hybrid.esp_part_guid);
-    let esp_label = esp_index
-        .and_then(|i| spec.partitions[i].label.as_deref())
-        .and_then(fat_label)
-        .or_else(|| Some("ESP".to_string()));
-    let (esp_size, fat_type) = fat::auto_size(&esp_tree, None, esp_label.clone(), 64 << 10)
-        .map_err(|e| anyhow!("the ISO's ESP: {e}"))?;
-    let fat_opts = fat::FatOptions {
-        size: esp_size,
-        fat_type,
-        volume_id: fat_volume_id(&esp_fs_uuid),
-        label: esp_label,
-    };
-
-    // The ISO 9660 tree, and a first plan to learn where the root image starts.
+    // The ISO 9660 tree, a first plan to learn where the root image starts, and the root
+    // image written there.
     let (mut tree, root_node, verity_node) = iso_tree(spec, &part_trees, with_verity, mtime)?;
-    let eo = erofs::Options {
-        compression: match compression {
-            Compression::None => erofs::Compression::None,
-            Compression::Lz4 => erofs::Compression::Lz4,
-            Compression::Lz4hc => erofs::Compression::Lz4hc { level: 9 },
-        },
-        uuid: repart::derive_uuid(&spec.seed, "kiln-iso-root"),
-        timestamp: inp.epoch.map(Timestamp::from_secs),
-        volume_name: truncate_label(&label, 16).into_bytes(),
-        ..Default::default()
-    };
-    let eplan = erofs::plan(inp.tree, &eo).map_err(|e| {
-        anyhow!(
-            "the ISO's root image: {e}; the heaviest paths:\n{}",
-            crate::budget::report(inp.tree, 20)
-        )
-    })?;
-    let bound = eplan.size().bytes;
-    set_size(&mut tree, root_node, bound.clamp(4096, MAX_ISO_FILE));
-    let opts = iso_options(spec, &label, mtime, esp_size);
-    let plan1 = IsoPlan::new(&tree, &opts).map_err(|e| anyhow!("ISO layout: {e}"))?;
-    let root_at = plan1
-        .extent(root_node)
-        .map(|e| e.offset())
-        .ok_or_else(|| anyhow!("internal: no extent for {ROOT_IMAGE}"))?;
-
+    let opts = iso_options(spec, &label, mtime, esp.fat.size);
     let iso_name = format!("{}.iso", inp.name_version);
     let iso_path = inp.outdir.join(&iso_name);
     let out = AtomicFile::create(&iso_path)
         .with_context(|| format!("creating {}", iso_path.display()))?;
     let file = out.file();
-
-    // The root image, straight at its extent (the window may reach past the first plan's
-    // extent: only the real size counts, and nothing else is written yet).
-    let written = eplan
-        .write(inp.contents, &FileSink::new(file, root_at, bound), &|_| {})
-        .map_err(|e| anyhow!("the ISO's root image: {e}"))?;
-    let root_size = written.size;
-    if root_size > MAX_ISO_FILE {
-        bail!(
-            "the root image is {} ({root_size} bytes); an ISO 9660 file holds less than 4 GiB \
-             and kiln writes no multi-extent files; the heaviest paths:\n{}",
-            spec::human_size(root_size),
-            crate::budget::report(inp.tree, 20)
-        );
-    }
+    let (root_at, root_size) =
+        write_root_image(inp, compression, &label, &mut tree, root_node, &opts, file)?;
     stages.done(format_args!(
         "iso {ROOT_IMAGE} (erofs, {}): {}",
         compression_name(compression),
         spec::human_size(root_size)
     ));
 
-    // The final plan.
+    // The final plan, dm-verity over the root image, and the ESP with the real UKI.
     let vparams = verity::Params::new(
         &repart::verity_salt(&spec.seed),
         repart::verity_uuid(&spec.seed),
@@ -490,70 +388,14 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
             root_ext.offset()
         );
     }
-
-    // dm-verity over the root image, into the hash file's extent.
-    let mut root_hash = None;
-    let mut verity_report = None;
-    if let Some(v) = verity_node {
-        let ext = plan
-            .extent(v)
-            .ok_or_else(|| anyhow!("internal: no extent for the verity file"))?;
-        let read = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
-            let n = read_full_at(file, buf, root_at + off)?;
-            buf[n..].fill(0);
-            Ok(())
-        };
-        let f = verity::format(
-            &vparams,
-            root_size,
-            &read,
-            &FileSink::new(file, ext.offset(), hash_size),
-        )
-        .map_err(|e| anyhow!("verity of the ISO's root image: {e}"))?;
-        stages.done(format_args!(
-            "iso {ROOT_IMAGE}.verity: root hash {}",
-            hex::encode(f.root_hash)
-        ));
-        root_hash = Some(f.root_hash);
-        verity_report = Some(IsoVerity {
-            file: IsoFile {
-                path: format!("{ROOT_IMAGE}.verity"),
-                offset: ext.offset(),
-                size: hash_size,
-            },
-            root_hash: hex::encode(f.root_hash),
-            salt: hex::encode(&vparams.salt),
-            uuid: repart::format_uuid(&vparams.uuid),
-            data_blocks: f.data_blocks,
-        });
-    }
-
-    // The UKI with the real root hash, and the ESP at its place.
-    let cmdline = live_cmdline(spec, &label, root_hash.as_ref());
-    let uki = bp.uki(&cmdline)?;
-    if uki.len() != placeholder_uki.len() {
-        bail!("internal: the live UKI changed size between sizing and writing the ESP");
-    }
-    let esp_tree = boot::esp_tree(
-        spec.arch,
-        esp_base,
-        &bp.systemd_boot,
-        &uki_file,
-        uki.clone().into(),
-        timeout,
-        mtime,
-    )?;
-    let (esp_at, esp_len) = plan
-        .esp_range()
-        .ok_or_else(|| anyhow!("internal: the ISO plan has no ESP"))?;
-    fat::FatWriter::new(&esp_tree, fat_opts.clone())
-        .and_then(|w| w.write(inp.contents, &FileSink::new(file, esp_at, esp_len)))
-        .map_err(|e| anyhow!("the ISO's ESP: {e}"))?;
-    stages.done(format_args!(
-        "iso esp: systemd-boot + EFI/Linux/{uki_file} ({} KiB), {}",
-        uki.len() / 1024,
-        spec::human_size(esp_len)
-    ));
+    let verity = match verity_node {
+        Some(v) => Some(root_verity(
+            &plan, v, &vparams, root_at, root_size, file, stages,
+        )?),
+        None => None,
+    };
+    let cmdline = live_cmdline(spec, &label, verity.as_ref().map(|v| &v.0));
+    let (esp_at, esp_len) = esp.write(inp, &bp, &plan, &cmdline, file, stages)?;
 
     // Everything else: descriptors, directories, El Torito, slot files, the GPT.
     let size = plan.size();
@@ -562,38 +404,8 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
     file.set_len(size)
         .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
 
-    // Slots: the table at byte 24576 (kept free by the writer) and the sidecar.
-    let mut slots = Vec::new();
-    for (p, pt) in spec.partitions.iter().zip(&part_trees) {
-        for s in &p.slot {
-            let loc = plan
-                .slots()
-                .iter()
-                .find(|l| l.name == s.name)
-                .ok_or_else(|| anyhow!("slot {}: not reported by the ISO writer", s.name))?;
-            let default = match pt {
-                Some(t) => {
-                    fstree::read_file(t, inp.contents, &s.path, u64::MAX)?.unwrap_or_default()
-                }
-                None => Vec::new(),
-            };
-            slots.push(islots::Slot {
-                name: s.name.clone(),
-                path: s.path.clone(),
-                capacity: s.capacity,
-                data: vec![ByteRange {
-                    offset: loc.data_offset,
-                    len: loc.reserved_len(),
-                }],
-                meta: SlotMeta::Iso9660(IsoMeta {
-                    fs_offset: 0,
-                    extent_lba: loc.extent_lba,
-                    record_offsets: loc.record_offsets.clone(),
-                }),
-                default: PayloadInfo::of(&default),
-            });
-        }
-    }
+    // Slots: the table at byte 24576 (kept free by the writer) and the sidecar; digests.
+    let slots = iso_slots(spec, &plan, &part_trees, inp.contents)?;
     let mut sidecars = Outputs::default();
     let table = write_slot_table(&slots, size, file, &iso_path, &mut sidecars)?;
     if !slots.is_empty() {
@@ -608,25 +420,6 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
     }
     let (sha, chunked_digest) = chunk_table(&out, &iso_path, size, &table, &mut sidecars, stages)?;
 
-    let gpt = plan
-        .gpt()
-        .ok_or_else(|| anyhow!("internal: hybrid ISO without a GPT"))?;
-    let partitions = gpt
-        .partitions
-        .iter()
-        .enumerate()
-        .map(|(i, p)| IsoPartition {
-            number: i + 1,
-            role: if p.type_guid == kiln_formats::gpt::TYPE_ESP {
-                "esp"
-            } else {
-                "iso9660"
-            },
-            uuid: repart::format_uuid(&p.part_guid),
-            offset: p.first_lba * kiln_formats::gpt::SECTOR,
-            size: (p.last_lba + 1 - p.first_lba) * kiln_formats::gpt::SECTOR,
-        })
-        .collect();
     let report = IsoReport {
         file: iso_name.clone(),
         size,
@@ -634,8 +427,8 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         chunked_digest,
         volume_id: label.clone(),
         volume_uuid: opts.uuid.to_string(),
-        disk_uuid: repart::format_uuid(&hybrid.disk_guid),
-        partitions,
+        disk_uuid: repart::format_uuid(&esp.hybrid.disk_guid),
+        partitions: iso_partitions(&plan)?,
         root: IsoFile {
             path: ROOT_IMAGE.into(),
             offset: root_at,
@@ -643,14 +436,14 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         },
         root_filesystem: "erofs",
         root_compression: compression_name(compression),
-        verity: verity_report,
+        verity: verity.map(|v| v.1),
         esp: IsoFile {
             path: "(El Torito UEFI image, GPT partition 2)".into(),
             offset: esp_at,
             size: esp_len,
         },
         medium_mount: MEDIUM_MOUNT.into(),
-        boot: BootReport::new(&bp, cmdline, uki_file),
+        boot: BootReport::new(&bp, cmdline, esp.uki_file.clone()),
         slots,
     };
     stages.done(format_args!(
@@ -674,4 +467,319 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
             .zip(sidecars.artifacts)
             .collect(),
     })
+}
+
+/// The spec's `[boot]`, which the ISO boots with in live mode; an error without one, or with
+/// a prebuilt initrd (which cannot find a live root).
+fn live_boot_spec(spec: &Spec) -> Result<&spec::Boot> {
+    let Some(boot_spec) = &spec.boot else {
+        bail!(
+            "{}: output \"iso\" needs a [boot] section: the ISO boots a kernel from the tree \
+             through systemd-boot",
+            spec.file.display()
+        );
+    };
+    if let Some(p) = &boot_spec.initrd {
+        bail!(
+            "{}: output \"iso\" boots with kiln's initrd in live mode; [boot] initrd = {} \
+             cannot find a live root (remove it or drop \"iso\" from [image] output)",
+            spec.file.display(),
+            p.display()
+        );
+    }
+    Ok(boot_spec)
+}
+
+/// The live initrd and the boot pieces: kiln-init finds the medium, loop-mounts the EROFS
+/// image and overlays it with RAM. The spec's overlays are moot: the whole root is.
+fn live_boot_parts(
+    inp: &IsoInputs<'_>,
+    boot_spec: &spec::Boot,
+    stages: &Stages,
+) -> Result<boot::BootParts> {
+    let mut live_boot = boot_spec.clone();
+    for m in LIVE_MODULES {
+        if !live_boot.modules.iter().any(|x| x == m) {
+            live_boot.modules.push((*m).to_string());
+        }
+    }
+    let cfg = kiln_init::config::Config {
+        rootfstype: Some("erofs".into()),
+        ..Default::default()
+    };
+    let bp = boot::prepare(
+        &live_boot,
+        inp.spec.arch,
+        inp.tree,
+        inp.contents,
+        Some("erofs"),
+        cfg,
+        inp.osrel.to_string(),
+        inp.epoch.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+    )
+    .context("the ISO's live boot")?;
+    stages.done(format_args!("iso initrd (live): {}", bp.summary()));
+    Ok(bp)
+}
+
+/// The ISO's ESP: its base tree (the spec's ESP contents), its FAT sized from a UKI of final
+/// length (the root hash is fixed-length hex), and the hybrid layout's identifiers.
+struct LiveEsp {
+    base: Option<Tree>,
+    /// `NAME_VERSION.efi`: no boot counting, since systemd-boot would rename the UKI on a
+    /// stick, and nothing may write to a live medium.
+    uki_file: String,
+    placeholder_len: usize,
+    fat: fat::FatOptions,
+    timeout: u32,
+    mtime: i64,
+    hybrid: HybridOptions,
+}
+
+impl LiveEsp {
+    fn plan(
+        inp: &IsoInputs<'_>,
+        bp: &boot::BootParts,
+        part_trees: &[Option<Tree>],
+        label: &str,
+        with_verity: bool,
+    ) -> Result<Self> {
+        let spec = inp.spec;
+        let mtime = inp.epoch.unwrap_or(0);
+        let esp_index = spec.partitions.iter().position(|p| p.type_name == "esp");
+        let base = esp_index.and_then(|i| part_trees[i].clone());
+        let uki_file = boot::uki_name(inp.name_version, 0);
+        let placeholder = live_cmdline(spec, label, with_verity.then_some(&[0u8; 32]));
+        let placeholder_uki: Arc<[u8]> = bp.uki(&placeholder)?.into();
+        let timeout = spec.boot.as_ref().map(|b| b.timeout).unwrap_or(0);
+        let esp_tree = boot::esp_tree(
+            spec.arch,
+            base.clone(),
+            &bp.systemd_boot,
+            &uki_file,
+            placeholder_uki.clone(),
+            timeout,
+            mtime,
+        )?;
+        let hybrid = HybridOptions::from_seed(&repart::derive_uuid(&spec.seed, "kiln-iso"));
+        let esp_fs_uuid = repart::filesystem_uuid(&hybrid.esp_part_guid);
+        let esp_label = esp_index
+            .and_then(|i| spec.partitions[i].label.as_deref())
+            .and_then(fat_label)
+            .or_else(|| Some("ESP".to_string()));
+        let (esp_size, fat_type) = fat::auto_size(&esp_tree, None, esp_label.clone(), 64 << 10)
+            .map_err(|e| anyhow!("the ISO's ESP: {e}"))?;
+        Ok(Self {
+            base,
+            uki_file,
+            placeholder_len: placeholder_uki.len(),
+            fat: fat::FatOptions {
+                size: esp_size,
+                fat_type,
+                volume_id: fat_volume_id(&esp_fs_uuid),
+                label: esp_label,
+            },
+            timeout,
+            mtime,
+            hybrid,
+        })
+    }
+
+    /// The UKI with `cmdline` (the real root hash) and the ESP written at its place in
+    /// `plan`; where the ESP is.
+    fn write(
+        &self,
+        inp: &IsoInputs<'_>,
+        bp: &boot::BootParts,
+        plan: &IsoPlan,
+        cmdline: &str,
+        file: &std::fs::File,
+        stages: &Stages,
+    ) -> Result<(u64, u64)> {
+        let uki = bp.uki(cmdline)?;
+        if uki.len() != self.placeholder_len {
+            bail!("internal: the live UKI changed size between sizing and writing the ESP");
+        }
+        let esp_tree = boot::esp_tree(
+            inp.spec.arch,
+            self.base.clone(),
+            &bp.systemd_boot,
+            &self.uki_file,
+            uki.clone().into(),
+            self.timeout,
+            self.mtime,
+        )?;
+        let (esp_at, esp_len) = plan
+            .esp_range()
+            .ok_or_else(|| anyhow!("internal: the ISO plan has no ESP"))?;
+        fat::FatWriter::new(&esp_tree, self.fat.clone())
+            .and_then(|w| w.write(inp.contents, &FileSink::new(file, esp_at, esp_len)))
+            .map_err(|e| anyhow!("the ISO's ESP: {e}"))?;
+        stages.done(format_args!(
+            "iso esp: systemd-boot + EFI/Linux/{} ({} KiB), {}",
+            self.uki_file,
+            uki.len() / 1024,
+            spec::human_size(esp_len)
+        ));
+        Ok((esp_at, esp_len))
+    }
+}
+
+/// Plans the root image (EROFS of the whole tree), places it with a first ISO plan and
+/// writes it straight at its extent (the window may reach past the first plan's extent: only
+/// the real size counts, and nothing else is written yet); its offset and size.
+fn write_root_image(
+    inp: &IsoInputs<'_>,
+    compression: Compression,
+    label: &str,
+    tree: &mut Tree,
+    root_node: NodeId,
+    opts: &IsoOptions,
+    file: &std::fs::File,
+) -> Result<(u64, u64)> {
+    let eo = erofs::Options {
+        compression: match compression {
+            Compression::None => erofs::Compression::None,
+            Compression::Lz4 => erofs::Compression::Lz4,
+            Compression::Lz4hc => erofs::Compression::Lz4hc { level: 9 },
+        },
+        uuid: repart::derive_uuid(&inp.spec.seed, "kiln-iso-root"),
+        timestamp: inp.epoch.map(Timestamp::from_secs),
+        volume_name: truncate_label(label, 16).into_bytes(),
+        ..Default::default()
+    };
+    let eplan = erofs::plan(inp.tree, &eo).map_err(|e| {
+        anyhow!(
+            "the ISO's root image: {e}; the heaviest paths:\n{}",
+            crate::budget::report(inp.tree, 20)
+        )
+    })?;
+    let bound = eplan.size().bytes;
+    set_size(tree, root_node, bound.clamp(4096, MAX_ISO_FILE));
+    let plan1 = IsoPlan::new(tree, opts).map_err(|e| anyhow!("ISO layout: {e}"))?;
+    let root_at = plan1
+        .extent(root_node)
+        .map(|e| e.offset())
+        .ok_or_else(|| anyhow!("internal: no extent for {ROOT_IMAGE}"))?;
+    let written = eplan
+        .write(inp.contents, &FileSink::new(file, root_at, bound), &|_| {})
+        .map_err(|e| anyhow!("the ISO's root image: {e}"))?;
+    let root_size = written.size;
+    if root_size > MAX_ISO_FILE {
+        bail!(
+            "the root image is {} ({root_size} bytes); an ISO 9660 file holds less than 4 GiB \
+             and kiln writes no multi-extent files; the heaviest paths:\n{}",
+            spec::human_size(root_size),
+            crate::budget::report(inp.tree, 20)
+        );
+    }
+    Ok((root_at, root_size))
+}
+
+/// dm-verity over the root image, into the hash file's extent; the root hash and the report.
+fn root_verity(
+    plan: &IsoPlan,
+    v: NodeId,
+    vparams: &verity::Params,
+    root_at: u64,
+    root_size: u64,
+    file: &std::fs::File,
+    stages: &Stages,
+) -> Result<([u8; 32], IsoVerity)> {
+    let hash_size = verity::hash_size(root_size, vparams);
+    let ext = plan
+        .extent(v)
+        .ok_or_else(|| anyhow!("internal: no extent for the verity file"))?;
+    let read = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
+        let n = read_full_at(file, buf, root_at + off)?;
+        buf[n..].fill(0);
+        Ok(())
+    };
+    let f = verity::format(
+        vparams,
+        root_size,
+        &read,
+        &FileSink::new(file, ext.offset(), hash_size),
+    )
+    .map_err(|e| anyhow!("verity of the ISO's root image: {e}"))?;
+    stages.done(format_args!(
+        "iso {ROOT_IMAGE}.verity: root hash {}",
+        hex::encode(f.root_hash)
+    ));
+    Ok((
+        f.root_hash,
+        IsoVerity {
+            file: IsoFile {
+                path: format!("{ROOT_IMAGE}.verity"),
+                offset: ext.offset(),
+                size: hash_size,
+            },
+            root_hash: hex::encode(f.root_hash),
+            salt: hex::encode(&vparams.salt),
+            uuid: repart::format_uuid(&vparams.uuid),
+            data_blocks: f.data_blocks,
+        },
+    ))
+}
+
+/// The slots of the spec as files of the ISO, where the writer placed them.
+fn iso_slots(
+    spec: &Spec,
+    plan: &IsoPlan,
+    part_trees: &[Option<Tree>],
+    contents: &dyn Contents,
+) -> Result<Vec<islots::Slot>> {
+    let mut slots = Vec::new();
+    for (p, pt) in spec.partitions.iter().zip(part_trees) {
+        for s in &p.slot {
+            let loc = plan
+                .slots()
+                .iter()
+                .find(|l| l.name == s.name)
+                .ok_or_else(|| anyhow!("slot {}: not reported by the ISO writer", s.name))?;
+            let default = match pt {
+                Some(t) => fstree::read_file(t, contents, &s.path, u64::MAX)?.unwrap_or_default(),
+                None => Vec::new(),
+            };
+            slots.push(islots::Slot {
+                name: s.name.clone(),
+                path: s.path.clone(),
+                capacity: s.capacity,
+                data: vec![ByteRange {
+                    offset: loc.data_offset,
+                    len: loc.reserved_len(),
+                }],
+                meta: SlotMeta::Iso9660(IsoMeta {
+                    fs_offset: 0,
+                    extent_lba: loc.extent_lba,
+                    record_offsets: loc.record_offsets.clone(),
+                }),
+                default: PayloadInfo::of(&default),
+            });
+        }
+    }
+    Ok(slots)
+}
+
+/// The hybrid ISO's GPT entries, for the report.
+fn iso_partitions(plan: &IsoPlan) -> Result<Vec<IsoPartition>> {
+    let gpt = plan
+        .gpt()
+        .ok_or_else(|| anyhow!("internal: hybrid ISO without a GPT"))?;
+    Ok(gpt
+        .partitions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| IsoPartition {
+            number: i + 1,
+            role: if p.type_guid == kiln_formats::gpt::TYPE_ESP {
+                "esp"
+            } else {
+                "iso9660"
+            },
+            uuid: repart::format_uuid(&p.part_guid),
+            offset: p.first_lba * kiln_formats::gpt::SECTOR,
+            size: (p.last_lba + 1 - p.first_lba) * kiln_formats::gpt::SECTOR,
+        })
+        .collect())
 }
