@@ -541,9 +541,85 @@ fn plan(want: &[[u8; 32]], target: &[[u8; 32]], kept: &[[u8; 32]]) -> Vec<Source
 /// Blocks read from the target into memory at most (beyond, they are fetched instead).
 const MAX_STASH: u64 = 256 << 20;
 
-/// `kiln update IMAGE --from URL`.
+/// `kiln update IMAGE --from URL`, in this order:
+///
+/// 1. fetch the index and check its signature;
+/// 2. open the disk and its target slot;
+/// 3. plan where each block of the new root comes from (in place, elsewhere on the disk, or
+///    fetched) and which UKI blocks the ESP already holds;
+/// 4. stop there for `--dry-run`;
+/// 5. fetch the rest of the UKI and assemble the new ESP, before the disk is touched;
+/// 6. name the target `_empty`;
+/// 7. write the local blocks, then fetch the missing ones;
+/// 8. check the whole slot against the signed root hash, rebuilding its hash partition;
+/// 9. make it bootable.
 pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
-    // 1. The index, its signature first.
+    let fetched = fetch_index(opts)?;
+    let (remote, idx, new) = (&fetched.remote, &fetched.idx, &fetched.new);
+    let m = &idx.meta;
+    let mut t = update::open_target(&opts.image, new, opts.dry_run)?;
+    check_fit(opts, &t, idx, new)?;
+    let p = plan_root(&t, idx)?;
+    let (uki, uki_missing) = local_uki(&t, idx, &new.name)?;
+    let miss_bytes = |blocks: &[u64], len: u64| -> u64 {
+        blocks.iter().map(|&b| (len - b * BLOCK).min(BLOCK)).sum()
+    };
+    let root_len = m.data.size;
+    let mut report = FromReport {
+        name: new.name.clone(),
+        version: new.version.clone(),
+        dry_run: opts.dry_run,
+        root_bytes: root_len,
+        blocks_in_place: p.in_place,
+        blocks_local: p.sources.len() as u64 - p.in_place - p.missing.len() as u64,
+        blocks_fetched: p.missing.len() as u64,
+        root_missing_bytes: miss_bytes(&p.missing, root_len),
+        root_missing_percent: 100.0 * miss_bytes(&p.missing, root_len) as f64 / root_len as f64,
+        uki_missing_bytes: miss_bytes(&uki_missing, m.uki.size),
+        uki_bytes: m.uki.size,
+        index_bytes: fetched.bytes,
+        gpt_restored: t.gpt_restored.clone(),
+        ..FromReport::default()
+    };
+    if opts.dry_run {
+        return Ok(report);
+    }
+
+    // The UKI and the new ESP, before the disk is touched.
+    let (uki, s1) = fetch_uki(opts, remote, idx, uki, &uki_missing)?;
+    let esp = update::assemble_esp(&t, new, uki)?;
+    // The target is nobody's version while it changes.
+    update::mark_target_empty(&mut t)?;
+    let s2 = write_root(opts, remote, idx, &t, &p)?;
+    verify_slot(opts, &fetched.where_, idx, &t)?;
+
+    // Bootable only now.
+    let u = update::finish_install(&mut t, new, esp)?;
+    report.fetched_bytes = s1.bytes + s2.bytes;
+    report.requests = s1.requests + s2.requests;
+    report.retries = s1.retries + s2.retries;
+    report.data_partition = u.data_partition;
+    report.hash_partition = u.hash_partition;
+    report.replaced = u.replaced;
+    report.kept = u.kept;
+    report.installed_uki = u.installed_uki;
+    report.removed_ukis = u.removed_ukis;
+    Ok(report)
+}
+
+/// A verified update index and where it came from.
+struct Fetched {
+    remote: Remote,
+    /// `remote` as text, for messages.
+    where_: String,
+    idx: Index,
+    new: NewBuild,
+    /// Index and signature bytes.
+    bytes: u64,
+}
+
+/// The index at `opts.from`, its signature checked first.
+fn fetch_index(opts: &FromOptions) -> Result<Fetched> {
     let remote = Remote::parse(&opts.from)?;
     let sig_remote = remote.with_suffix(".minisig");
     let idx_bytes = ranges::get_whole(&remote, MAX_INDEX)?;
@@ -560,27 +636,47 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
     )?;
     let idx = Index::parse(&idx_bytes, &where_)?;
     let new = idx.new_build(&where_)?;
-    let m = &idx.meta;
+    Ok(Fetched {
+        remote,
+        where_,
+        idx,
+        new,
+        bytes: (idx_bytes.len() + sig_text.len()) as u64,
+    })
+}
 
-    // 2. The disk and its target slot.
-    let mut t = update::open_target(&opts.image, &new, opts.dry_run)?;
-    let (d, h) = (t.data().clone(), t.hash().clone());
-    let root_len = m.data.size;
-    if root_len > d.size() || m.hash.size > h.size() {
+/// Refuses a new build whose root or hash image does not fit the target slot's partitions.
+fn check_fit(opts: &FromOptions, t: &update::Target, idx: &Index, new: &NewBuild) -> Result<()> {
+    let (d, h) = (t.data(), t.hash());
+    let (root_len, hash_len) = (idx.meta.data.size, idx.meta.hash.size);
+    if root_len > d.size() || hash_len > h.size() {
         bail!(
-            "{}: {}'s root ({root_len} bytes) and hash ({}) images do not fit partitions {} ({}) and {} ({}); rebuild with the same partition sizes",
+            "{}: {}'s root ({root_len} bytes) and hash ({hash_len}) images do not fit partitions {} ({}) and {} ({}); rebuild with the same partition sizes",
             opts.image.display(),
             new.nv(),
-            m.hash.size,
             t.table.number(t.slot.data),
             d.size(),
             t.table.number(t.slot.hash),
             h.size()
         );
     }
+    Ok(())
+}
 
-    // 3. What is on the disk already.
-    let kd = t.other_data().clone();
+/// Where each block of the new root comes from.
+struct RootPlan {
+    sources: Vec<Source>,
+    /// Blocks only the target holds, read into memory before anything is written.
+    stash_n: u64,
+    /// Blocks to fetch.
+    missing: Vec<u64>,
+    in_place: u64,
+}
+
+/// Scans both slots for the new root's blocks; blocks beyond [`MAX_STASH`] that only the
+/// target holds are fetched instead.
+fn plan_root(t: &update::Target, idx: &Index) -> Result<RootPlan> {
+    let (d, kd) = (t.data(), t.other_data());
     let target_digests = scan(
         &t.f,
         d.offset(),
@@ -610,62 +706,55 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
         .filter(|&i| sources[i as usize] == Source::Missing)
         .collect();
     let in_place = sources.iter().filter(|s| **s == Source::InPlace).count() as u64;
+    Ok(RootPlan {
+        sources,
+        stash_n,
+        missing,
+        in_place,
+    })
+}
 
-    // The UKI: its blocks from the UKIs on the ESP.
-    let mut uki = vec![0u8; m.uki.size as usize];
+/// The new UKI as far as the UKIs on the ESP have its blocks, and the blocks still missing.
+fn local_uki(t: &update::Target, idx: &Index, name: &str) -> Result<(Vec<u8>, Vec<u64>)> {
+    let mut uki = vec![0u8; idx.meta.uki.size as usize];
     let mut uki_have = vec![false; idx.uki.len()];
-    {
-        let mut by_digest: HashMap<[u8; 32], Vec<u8>> = HashMap::new();
-        for (_, bytes) in t.esp_ukis(&new.name)? {
-            for c in bytes.chunks(BLOCK as usize) {
-                let mut b = vec![0u8; BLOCK as usize];
-                b[..c.len()].copy_from_slice(c);
-                by_digest
-                    .entry(verity::block_digest(&idx.salt, &b))
-                    .or_insert(b);
-            }
-        }
-        for (i, dg) in idx.uki.iter().enumerate() {
-            if let Some(b) = by_digest.get(dg) {
-                let at = i * BLOCK as usize;
-                let n = (uki.len() - at).min(BLOCK as usize);
-                uki[at..at + n].copy_from_slice(&b[..n]);
-                uki_have[i] = true;
-            }
+    let mut by_digest: HashMap<[u8; 32], Vec<u8>> = HashMap::new();
+    for (_, bytes) in t.esp_ukis(name)? {
+        for c in bytes.chunks(BLOCK as usize) {
+            let mut b = vec![0u8; BLOCK as usize];
+            b[..c.len()].copy_from_slice(c);
+            by_digest
+                .entry(verity::block_digest(&idx.salt, &b))
+                .or_insert(b);
         }
     }
-    let uki_missing: Vec<u64> = (0..idx.uki.len() as u64)
+    for (i, dg) in idx.uki.iter().enumerate() {
+        if let Some(b) = by_digest.get(dg) {
+            let at = i * BLOCK as usize;
+            let n = (uki.len() - at).min(BLOCK as usize);
+            uki[at..at + n].copy_from_slice(&b[..n]);
+            uki_have[i] = true;
+        }
+    }
+    let missing = (0..idx.uki.len() as u64)
         .filter(|&i| !uki_have[i as usize])
         .collect();
-    let miss_bytes = |blocks: &[u64], len: u64| -> u64 {
-        blocks.iter().map(|&b| (len - b * BLOCK).min(BLOCK)).sum()
-    };
-    let mut report = FromReport {
-        name: new.name.clone(),
-        version: new.version.clone(),
-        dry_run: opts.dry_run,
-        root_bytes: root_len,
-        blocks_in_place: in_place,
-        blocks_local: sources.len() as u64 - in_place - missing.len() as u64,
-        blocks_fetched: missing.len() as u64,
-        root_missing_bytes: miss_bytes(&missing, root_len),
-        root_missing_percent: 100.0 * miss_bytes(&missing, root_len) as f64 / root_len as f64,
-        uki_missing_bytes: miss_bytes(&uki_missing, m.uki.size),
-        uki_bytes: m.uki.size,
-        index_bytes: (idx_bytes.len() + sig_text.len()) as u64,
-        gpt_restored: t.gpt_restored.clone(),
-        ..FromReport::default()
-    };
-    // 4.
-    if opts.dry_run {
-        return Ok(report);
-    }
+    Ok((uki, missing))
+}
 
-    // 5. The UKI and the new ESP, before the disk is touched.
+/// Fetches the UKI blocks the ESP lacks into `uki` and checks the whole against the index.
+fn fetch_uki(
+    opts: &FromOptions,
+    remote: &Remote,
+    idx: &Index,
+    uki: Vec<u8>,
+    uki_missing: &[u64],
+) -> Result<(Vec<u8>, ranges::FetchStats)> {
+    let m = &idx.meta;
     let uki_remote = remote.join(&m.uki.file)?;
     let uki_cell = Mutex::new(uki);
-    let uki_ranges = ranges::coalesce(&uki_missing, BLOCK, m.uki.size, 4, 1024);
-    let s1 = ranges::fetch_ranges(&uki_remote, &uki_ranges, &opts.fetch, &|off, bytes| {
+    let uki_ranges = ranges::coalesce(uki_missing, BLOCK, m.uki.size, 4, 1024);
+    let stats = ranges::fetch_ranges(&uki_remote, &uki_ranges, &opts.fetch, &|off, bytes| {
         check_blocks(&idx.uki, &idx.salt, off, bytes, &uki_remote, &|at, b| {
             let mut u = uki_cell.lock().map_err(|_| anyhow!("poisoned"))?;
             u[at as usize..at as usize + b.len()].copy_from_slice(b);
@@ -680,15 +769,23 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
             m.uki.sha256
         );
     }
-    let esp = update::assemble_esp(&t, &new, uki)?;
+    Ok((uki, stats))
+}
 
-    // 6. The target is nobody's version while it changes.
-    update::mark_target_empty(&mut t)?;
-
-    // 7. Local blocks: the ones only in the target first (into memory), then every write.
+/// Writes the new root into the target: the blocks only in the target first (through
+/// memory), then the ones from the kept slot, then the fetched ones; zeroes after the root.
+fn write_root(
+    opts: &FromOptions,
+    remote: &Remote,
+    idx: &Index,
+    t: &update::Target,
+    p: &RootPlan,
+) -> Result<ranges::FetchStats> {
+    let (d, kd) = (t.data(), t.other_data());
+    let root_len = idx.meta.data.size;
     let data_what = t.part_what(t.slot.data);
-    let mut stash: Vec<(u64, Vec<u8>)> = Vec::with_capacity(stash_n as usize);
-    for (i, s) in sources.iter().enumerate() {
+    let mut stash: Vec<(u64, Vec<u8>)> = Vec::with_capacity(p.stash_n as usize);
+    for (i, s) in p.sources.iter().enumerate() {
         if let Source::Target(k) = *s {
             let mut b = vec![0u8; BLOCK as usize];
             t.f.read_exact_at(&mut b, d.offset() + k * BLOCK)
@@ -697,7 +794,7 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
         }
     }
     let mut buf = vec![0u8; BLOCK as usize];
-    for (i, s) in sources.iter().enumerate() {
+    for (i, s) in p.sources.iter().enumerate() {
         if let Source::Kept(k) = *s {
             t.f.read_exact_at(&mut buf, kd.offset() + k * BLOCK)
                 .with_context(|| format!("{}: reading block {k}", t.part_what(t.other.data)))?;
@@ -710,10 +807,10 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
             .with_context(|| format!("{data_what}: writing block {i}"))?;
     }
     drop(stash);
-    let data_remote = remote.join(&m.data.file)?;
-    let root_ranges: Vec<Range<u64>> = ranges::coalesce(&missing, BLOCK, root_len, 4, 2048);
+    let data_remote = remote.join(&idx.meta.data.file)?;
+    let root_ranges: Vec<Range<u64>> = ranges::coalesce(&p.missing, BLOCK, root_len, 4, 2048);
     let f = &t.f;
-    let s2 = ranges::fetch_ranges(&data_remote, &root_ranges, &opts.fetch, &|off, bytes| {
+    let stats = ranges::fetch_ranges(&data_remote, &root_ranges, &opts.fetch, &|off, bytes| {
         check_blocks(&idx.data, &idx.salt, off, bytes, &data_remote, &|at, b| {
             f.write_all_at(b, d.offset() + at)
                 .with_context(|| format!("{data_what}: writing at byte {at}"))
@@ -727,9 +824,16 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
         &[],
     )?;
     update::flush(f, &opts.image)?;
+    Ok(stats)
+}
 
-    // 8. The whole slot against the signed root hash, rebuilding its hash partition.
-    let hash_what = t.part_what(t.slot.hash);
+/// The whole slot against the signed root hash, rebuilding its hash partition; the hash
+/// image against the index's sha256.
+fn verify_slot(opts: &FromOptions, where_: &str, idx: &Index, t: &update::Target) -> Result<()> {
+    let (d, h) = (t.data(), t.hash());
+    let m = &idx.meta;
+    let f = &t.f;
+    let (data_what, hash_what) = (t.part_what(t.slot.data), t.part_what(t.slot.hash));
     update::write_range(f, &hash_what, h.offset(), h.size(), &[])?;
     let vuuid =
         repart::parse_uuid(&m.verity_uuid).ok_or_else(|| anyhow!("{where_}: verity UUID"))?;
@@ -737,11 +841,11 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
     let read = |off: u64, b: &mut [u8]| f.read_exact_at(b, d.offset() + off);
     let formatted = verity::format(
         &params,
-        root_len,
+        m.data.size,
         &read,
         &FileSink::new(f, h.offset(), h.size()),
     )
-    .map_err(|e| anyhow!("{data_what}: dm-verity: {e}"))?;
+    .with_context(|| format!("{data_what}: dm-verity"))?;
     if formatted.root_hash != idx.root_hash {
         bail!(
             "{data_what}: the assembled root has root hash {}, the signed index says {}; the slot stays unbootable (named _empty)",
@@ -766,20 +870,7 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
             m.hash.sha256
         );
     }
-    update::flush(f, &opts.image)?;
-
-    // 9. Bootable only now.
-    let u = update::finish_install(&mut t, &new, esp)?;
-    report.fetched_bytes = s1.bytes + s2.bytes;
-    report.requests = s1.requests + s2.requests;
-    report.retries = s1.retries + s2.retries;
-    report.data_partition = u.data_partition;
-    report.hash_partition = u.hash_partition;
-    report.replaced = u.replaced;
-    report.kept = u.kept;
-    report.installed_uki = u.installed_uki;
-    report.removed_ukis = u.removed_ukis;
-    Ok(report)
+    update::flush(f, &opts.image)
 }
 
 /// Checks whole blocks fetched at `off` against `digests`, handing each good one to `write`;

@@ -520,8 +520,54 @@ pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result
             repart::format_uuid(&new.disk_uuid)
         );
     }
+    let slots = ab_slots(img, &table, new, disk_len)?;
+    let (esp_off, esp_len, esp_where) = esp_of(img, &table, disk_len)?;
+    let mut t = Target {
+        img: img.to_path_buf(),
+        f,
+        disk_len,
+        slot: slots[0].clone(),
+        other: slots[1].clone(),
+        kept: None,
+        table,
+        esp_off,
+        esp_len,
+        esp_where,
+        entries: Vec::new(),
+        gpt_restored,
+    };
+    if t.gpt_restored.is_some() && !read_only {
+        write_gpt(&mut t)?;
+    }
+    let entries = {
+        let reader = t.esp_reader()?;
+        reader.walk().with_context(|| t.esp_where.clone())?
+    };
+    t.entries = entries;
+    let ukis: Vec<Uki> = t
+        .entries
+        .iter()
+        .filter(|(p, e)| !e.is_dir() && p.to_ascii_lowercase().starts_with("/efi/linux/"))
+        .filter_map(|(_, e)| parse_uki(&new.name, &e.name))
+        .collect();
+    let (target, kept) = pick_target(&slots, &ukis, &new.name);
+    if kept.as_deref() == Some(new.version.as_str()) {
+        bail!(
+            "{}: version {} is already installed (partition {}) and is the one kept; nothing to do",
+            img.display(),
+            new.version,
+            t.table.number(slots[1 - target].data)
+        );
+    }
+    t.slot = slots[target].clone();
+    t.other = slots[1 - target].clone();
+    t.kept = kept;
+    Ok(t)
+}
 
-    // The A/B slots.
+/// The disk's two A/B slots of `new`'s types: their data and hash partitions must be named
+/// `_empty` or `NAME_VERSION` and lie inside the disk.
+fn ab_slots(img: &Path, table: &Gpt, new: &NewBuild, disk_len: u64) -> Result<Vec<Slot>> {
     let datas: Vec<usize> = (0..table.partitions.len())
         .filter(|&i| table.partitions[i].type_guid == new.data_type)
         .collect();
@@ -572,9 +618,11 @@ pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result
             }
         }
     }
-    let version_of = |s: &Slot| s.label.strip_prefix(&prefix).map(str::to_string);
+    Ok(slots)
+}
 
-    // The ESP and the UKIs on it.
+/// The ESP's offset, length and a name for messages.
+fn esp_of(img: &Path, table: &Gpt, disk_len: u64) -> Result<(u64, u64, String)> {
     let esp_type = gpt::type_by_name("esp")
         .map(|t| t.guid)
         .ok_or_else(|| anyhow!("internal: no ESP type"))?;
@@ -591,37 +639,16 @@ pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result
         );
     }
     let esp_where = format!("{}: ESP (partition {})", img.display(), table.number(esp_i));
-    let mut t = Target {
-        img: img.to_path_buf(),
-        f,
-        disk_len,
-        slot: slots[0].clone(),
-        other: slots[1].clone(),
-        kept: None,
-        table,
-        esp_off,
-        esp_len,
-        esp_where,
-        entries: Vec::new(),
-        gpt_restored,
-    };
-    if t.gpt_restored.is_some() && !read_only {
-        write_gpt(&mut t)?;
-    }
-    let entries = {
-        let reader = t.esp_reader()?;
-        reader.walk().with_context(|| t.esp_where.clone())?
-    };
-    t.entries = entries;
-    let ukis: Vec<Uki> = t
-        .entries
-        .iter()
-        .filter(|(p, e)| !e.is_dir() && p.to_ascii_lowercase().starts_with("/efi/linux/"))
-        .filter_map(|(_, e)| parse_uki(&new.name, &e.name))
-        .collect();
+    Ok((esp_off, esp_len, esp_where))
+}
 
-    // Pick the target (see the module documentation).
-    let (target, kept) = match slots.iter().position(|s| s.label == EMPTY_LABEL) {
+/// The slot to overwrite (see the module documentation) and the version kept in the other:
+/// the empty slot if there is one; else the slot whose version is not the newest blessed one
+/// (then the newest with tries left, then the newest with a UKI at all, then the newest).
+fn pick_target(slots: &[Slot], ukis: &[Uki], name: &str) -> (usize, Option<String>) {
+    let prefix = format!("{name}_");
+    let version_of = |s: &Slot| s.label.strip_prefix(&prefix).map(str::to_string);
+    match slots.iter().position(|s| s.label == EMPTY_LABEL) {
         Some(t) => {
             let other = &slots[1 - t];
             (t, version_of(other))
@@ -652,19 +679,7 @@ pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result
                 });
             (1 - keep, version_of(&slots[keep]))
         }
-    };
-    if kept.as_deref() == Some(new.version.as_str()) {
-        bail!(
-            "{}: version {} is already installed (partition {}) and is the one kept; nothing to do",
-            img.display(),
-            new.version,
-            t.table.number(slots[1 - target].data)
-        );
     }
-    t.slot = slots[target].clone();
-    t.other = slots[1 - target].clone();
-    t.kept = kept;
-    Ok(t)
 }
 
 /// The ESP edit that installs NEW's UKI, checked before anything is written.

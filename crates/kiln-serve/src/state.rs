@@ -34,41 +34,6 @@ pub struct Signer {
     pub pk: Option<minisign::PublicKey>,
 }
 
-/// Loads a minisign secret key. The minisign CLI (0.11) writes keys made with `-W` (no
-/// password) with an all-zero checksum, which the minisign crate rejects as a wrong password;
-/// for such unencrypted keys the checksum (BLAKE2b-256 of signature algorithm, key id and
-/// secret key) is filled in first.
-pub fn load_secret_key(
-    path: &std::path::Path,
-    password: String,
-) -> anyhow::Result<minisign::SecretKey> {
-    use base64::Engine;
-    use blake2::digest::consts::U32;
-    let text =
-        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let b64 = base64::engine::general_purpose::STANDARD;
-    if let Some(mut raw) = lines.get(1).and_then(|l| b64.decode(l.trim()).ok()) {
-        // Layout: sig_alg 2, kdf_alg 2, chk_alg 2, salt 32, opslimit 8, memlimit 8,
-        // key id 8, secret key 64, checksum 32.
-        let unencrypted = raw.get(2..4) == Some(&[0, 0][..]);
-        if raw.len() == 158 && unencrypted && raw[126..158].iter().all(|&b| b == 0) {
-            let mut h = blake2::Blake2b::<U32>::new();
-            h.update(&raw[0..2]);
-            h.update(&raw[54..62]);
-            h.update(&raw[62..126]);
-            let sum = h.finalize();
-            raw[126..158].copy_from_slice(&sum);
-            lines[1] = b64.encode(&raw);
-        }
-    }
-    let boxed = minisign::SecretKeyBox::from_string(&(lines.join("\n") + "\n"))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    boxed
-        .into_secret_key(Some(password))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
 /// The plain sha256 of a personalised image: resumed from the base's midstate before the
 /// first patched byte, so only the tail is read. Without such a midstate (it cannot happen for
 /// a slot the catalog prepared midstates for) the whole image is hashed, loudly.
@@ -174,7 +139,7 @@ impl AppState {
                         .map_err(|_| anyhow::anyhow!("[signing] password_env {v:?} is not set"))?,
                     None => String::new(),
                 };
-                let sk = load_secret_key(&s.secret_key, password)?;
+                let sk = kiln_ship::sign::load_secret_key(&s.secret_key, &password)?;
                 let (pk, pk_text) = match &s.public_key {
                     Some(p) => {
                         let text = std::fs::read_to_string(p)

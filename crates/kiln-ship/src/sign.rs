@@ -28,21 +28,9 @@ impl SigningKey {
     /// when unset); a wrong password is an error, never a prompt. A public key at
     /// `KEY.pub` or at `KEY` with `.key` replaced by `.pub` is used to self-check signatures.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: reading minisign secret key", path.display()))?;
-        if let Some(sk) = unencrypted_key(&text, path)? {
-            let pk = PublicKey::from_secret_key(&sk).ok();
-            return Ok(Self { sk, pk });
-        }
         let password = std::env::var(PASSWORD_ENV).unwrap_or_default();
-        let sk = SecretKeyBox::from_string(&text)
-            .and_then(|b| b.into_secret_key(Some(password)))
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: not a usable minisign secret key ({e}); an encrypted key needs ${PASSWORD_ENV}",
-                    path.display()
-                )
-            })?;
+        let sk = load_secret_key(path, &password)
+            .map_err(|e| anyhow::anyhow!("{e:#}; an encrypted key needs ${PASSWORD_ENV}"))?;
         let pk = PublicKey::from_secret_key(&sk).ok();
         Ok(Self { sk, pk })
     }
@@ -65,6 +53,20 @@ impl SigningKey {
         .map_err(|e| anyhow::anyhow!("{}: signing: {e}", path.display()))?;
         Ok(sig.into_string())
     }
+}
+
+/// Loads the minisign secret key file `path`: a key written without a password (see
+/// [`unencrypted_key`]), else an encrypted one opened with `password`. The one parser of
+/// secret keys: `kiln build --key`, `kiln sign` and `kiln serve`'s signing use it.
+pub fn load_secret_key(path: &Path, password: &str) -> anyhow::Result<SecretKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: reading minisign secret key", path.display()))?;
+    if let Some(sk) = unencrypted_key(&text, path)? {
+        return Ok(sk);
+    }
+    SecretKeyBox::from_string(&text)
+        .and_then(|b| b.into_secret_key(Some(password.to_string())))
+        .map_err(|e| anyhow::anyhow!("{}: not a usable minisign secret key ({e})", path.display()))
 }
 
 /// Loads a key written without a password (`minisign -G -W`): KDF algorithm `0x0000`. The

@@ -580,6 +580,14 @@ fn free_bytes(p: &Path) -> Option<u64> {
     (r == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
 }
 
+/// A loopback TCP port that was free a moment ago (for a test server to bind).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a loopback port")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -393,13 +393,7 @@ impl Drop for Nginx {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use kiln_testkit::free_port;
 
 /// An s3s-fs server with bucket `kiln` holding `base.img`.
 pub struct S3Server {

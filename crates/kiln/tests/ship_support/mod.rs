@@ -58,14 +58,7 @@ pub fn tool(name: &str) -> PathBuf {
     panic!("required tool {name:?} not found on PATH (CI installs it; see .ci/run)");
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use kiln_testkit::free_port;
 
 fn wait_http(port: u16, path: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
