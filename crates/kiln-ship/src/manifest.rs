@@ -209,9 +209,7 @@ pub fn slice_from_dirs(
 ) -> anyhow::Result<Slice> {
     let mut artifacts: BTreeMap<String, BTreeMap<String, Artifact>> = BTreeMap::new();
     for od in dirs {
-        let mut files = Vec::new();
-        collect(&od.dir, &od.dir, &mut files)?;
-        files.sort();
+        let files = files_under(&od.dir, &|n| n.ends_with(".sha256"))?;
         let arch = artifacts.entry(od.arch.clone()).or_default();
         for (name, path) in files {
             let (sha256, size) = crate::digest::sha256_file(&path)?;
@@ -240,31 +238,48 @@ pub fn slice_from_dirs(
     })
 }
 
-fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> anyhow::Result<()> {
-    let rd =
-        std::fs::read_dir(dir).with_context(|| format!("{}: read directory", dir.display()))?;
-    for e in rd {
-        let e = e.with_context(|| format!("{}: read directory", dir.display()))?;
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') || name.ends_with(".sha256") {
-            continue;
+/// The regular files under `root`, recursively, as (path relative to `root`, full path),
+/// sorted by relative path; names starting with `.` are skipped, and so is every file whose
+/// name `skip` accepts. The one directory walk of the release commands (manifests, pushes).
+pub fn files_under(
+    root: &Path,
+    skip: &dyn Fn(&str) -> bool,
+) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        skip: &dyn Fn(&str) -> bool,
+        out: &mut Vec<(String, PathBuf)>,
+    ) -> anyhow::Result<()> {
+        let rd =
+            std::fs::read_dir(dir).with_context(|| format!("{}: read directory", dir.display()))?;
+        for e in rd {
+            let e = e.with_context(|| format!("{}: read directory", dir.display()))?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') {
+                continue;
+            }
+            let ft = e
+                .file_type()
+                .with_context(|| format!("{}: stat", e.path().display()))?;
+            if ft.is_dir() {
+                walk(root, &e.path(), skip, out)?;
+            } else if ft.is_file() && !skip(&name) {
+                let rel = e
+                    .path()
+                    .strip_prefix(root)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                out.push((rel, e.path()));
+            }
         }
-        let ft = e
-            .file_type()
-            .with_context(|| format!("{}: stat", e.path().display()))?;
-        if ft.is_dir() {
-            collect(root, &e.path(), out)?;
-        } else if ft.is_file() {
-            let rel = e
-                .path()
-                .strip_prefix(root)
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            out.push((rel, e.path()));
-        }
+        Ok(())
     }
-    Ok(())
+    let mut out = Vec::new();
+    walk(root, root, skip, &mut out)?;
+    out.sort();
+    Ok(out)
 }
 
 /// Puts `slice` under `name` into `base`, keeping every other slice. Without a baseline the

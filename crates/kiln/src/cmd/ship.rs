@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -190,10 +190,7 @@ fn expand_inputs(paths: &[String]) -> anyhow::Result<Vec<oci::PushFile>> {
         let p = PathBuf::from(p);
         let md = std::fs::metadata(&p).with_context(|| format!("{}: stat", p.display()))?;
         if md.is_dir() {
-            let mut files = Vec::new();
-            walk(&p, &p, &mut files)?;
-            files.sort();
-            for (title, path) in files {
+            for (title, path) in kiln_ship::manifest::files_under(&p, &|_| false)? {
                 out.push(oci::PushFile { path, title });
             }
         } else {
@@ -205,28 +202,6 @@ fn expand_inputs(paths: &[String]) -> anyhow::Result<Vec<oci::PushFile>> {
         }
     }
     Ok(out)
-}
-
-fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> anyhow::Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("{}: read directory", dir.display()))? {
-        let e = e.with_context(|| format!("{}: read directory", dir.display()))?;
-        let name = e.file_name();
-        if name.to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let ft = e.file_type()?;
-        if ft.is_dir() {
-            walk(root, &e.path(), out)?;
-        } else if ft.is_file() {
-            let rel = e
-                .path()
-                .strip_prefix(root)
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            out.push((rel, e.path()));
-        }
-    }
-    Ok(())
 }
 
 pub fn push(a: PushArgs) -> Outcome {
