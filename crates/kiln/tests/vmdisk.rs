@@ -2,7 +2,9 @@
 //! with qcow2, vhd and vmdk, and `kiln convert` with compressed qcow2 clusters (zstd, zlib) and a
 //! dynamic VHD. Every container passes `qemu-img check` (where the format has one) and
 //! `qemu-img compare` finds it identical to the raw disk; two builds give the same bytes; the
-//! qcow2 boots under OVMF to the appliance's marker.
+//! digest the build reports (and `kiln convert --sha256` prints) is the file's; `kiln convert`
+//! without `--sha256` writes the bytes the build wrote; the qcow2 boots under OVMF to the
+//! appliance's marker.
 //!
 //! Needs qemu-utils (qemu-img), QEMU, OVMF, busybox-static and the kernel the appliance uses:
 //! scripts/test installs them; a missing one fails the test with its name.
@@ -167,7 +169,15 @@ fn appliance_vm_disks_check_compare_reproduce_and_boot() {
         let mut shas = Vec::new();
         for n in 0..2 {
             let o = dir.join(format!("{n}{out}"));
-            let out = run_ok(kiln().arg("convert").arg(&raw).args(args).arg("-o").arg(&o));
+            let out = run_ok(
+                kiln()
+                    .arg("convert")
+                    .arg(&raw)
+                    .args(args)
+                    .arg("--sha256")
+                    .arg("-o")
+                    .arg(&o),
+            );
             check_and_compare(&raw, &o, fmt);
             shas.push(sha(&o));
             let said = String::from_utf8_lossy(&out.stderr).to_string();
@@ -179,6 +189,25 @@ fn appliance_vm_disks_check_compare_reproduce_and_boot() {
         assert_eq!(
             shas[0], shas[1],
             "kiln convert {args:?} is not reproducible"
+        );
+    }
+    // Without --sha256 kiln convert prints no digest, and writes the bytes the build wrote.
+    for ext in ["qcow2", "vhd"] {
+        let o = dir.join(format!("c.{ext}"));
+        let out = run_ok(
+            kiln()
+                .arg("convert")
+                .arg(&raw)
+                .args(["--to", ext, "-o"])
+                .arg(&o),
+        );
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!said.contains("sha256"), "{said}");
+        let built = dir.join(format!("a/appliance_1.{ext}"));
+        assert_eq!(
+            sha(&o),
+            sha(&built),
+            "kiln convert --to {ext} and the build differ"
         );
     }
     let plain = fs::metadata(dir.join("a/appliance_1.qcow2")).unwrap().len();

@@ -22,7 +22,7 @@ use std::io::{Read, Seek, Write};
 use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::{corrupt, Compression, Error, Out, Raw, Result, VirtualDisk};
+use super::{corrupt, Compression, Error, Out, Piece, Plan, Raw, Result, VirtualDisk};
 use crate::io::ReadAt;
 
 /// `QFI\xfb`.
@@ -142,29 +142,17 @@ enum Stored {
     Packed(Vec<u8>),
 }
 
-/// Writes `raw` as qcow2 to `w` (positioned at 0).
-pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result<Summary> {
-    let guest_clusters = raw.size.div_ceil(CS);
-    let l2_entries = CS / 8;
-    let l1_size = guest_clusters.div_ceil(l2_entries);
-    if l1_size > u64::from(u32::MAX) / 8 {
-        return Err(Error::Unsupported {
-            format: "qcow2",
-            what: format!("a {}-byte disk", raw.size),
-        });
-    }
-    let mut l2: Vec<u64> = vec![0; guest_clusters as usize];
-    // Refcounts of host clusters, indexed by host cluster.
-    let mut refs: Vec<u16> = vec![1]; // the header cluster
-    let mut out = Out { w, pos: 0 };
-    out.pad_to(CS)?;
-    let mut sum = Summary::default();
-    let bump = |refs: &mut Vec<u16>, cluster: u64| -> Result<()> {
+/// Refcounts of host clusters, indexed by host cluster.
+struct Refs(Vec<u16>);
+
+impl Refs {
+    /// One more reference to host cluster `cluster`.
+    fn bump(&mut self, cluster: u64) -> Result<()> {
         let c = cluster as usize;
-        if refs.len() <= c {
-            refs.resize(c + 1, 0);
+        if self.0.len() <= c {
+            self.0.resize(c + 1, 0);
         }
-        refs[c] = refs[c].checked_add(1).ok_or_else(|| {
+        self.0[c] = self.0[c].checked_add(1).ok_or_else(|| {
             corrupt(
                 "qcow2",
                 cluster * CS,
@@ -172,72 +160,77 @@ pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result
             )
         })?;
         Ok(())
-    };
+    }
+}
 
-    let comp = opts.compression;
-    raw.for_each_nonzero(
-        CS,
-        128,
-        |data| match comp.and_then(|k| compress(k, &data)) {
-            Some(c) => Stored::Packed(c),
-            None => Stored::Plain(data),
-        },
-        |index, stored| {
-            match stored {
-                Stored::Plain(data) => {
-                    out.pad_to(out.pos.next_multiple_of(CS))?;
-                    l2[index as usize] = out.pos | COPIED;
-                    bump(&mut refs, out.pos / CS)?;
-                    out.write(&data)?;
-                    sum.clusters += 1;
-                }
-                Stored::Packed(data) => {
-                    let start = out.pos;
-                    let end = start + data.len() as u64;
-                    let extra_sectors = ((end - 1) >> 9) - (start >> 9);
-                    l2[index as usize] = L2_COMPRESSED | (extra_sectors << 54) | start;
-                    for c in start / CS..=(end - 1) / CS {
-                        bump(&mut refs, c)?;
-                    }
-                    out.write(&data)?;
-                    sum.compressed += 1;
-                }
-            }
-            Ok(())
-        },
-    )?;
-    out.pad_to(out.pos.next_multiple_of(CS))?;
+/// The guest-cluster count and L1 size of a `size`-byte disk.
+fn geometry(size: u64) -> Result<(u64, u64)> {
+    let guest_clusters = size.div_ceil(CS);
+    let l1_size = guest_clusters.div_ceil(CS / 8);
+    if l1_size > u64::from(u32::MAX) / 8 {
+        return Err(Error::Unsupported {
+            format: "qcow2",
+            what: format!("a {size}-byte disk"),
+        });
+    }
+    Ok((guest_clusters, l1_size))
+}
+
+/// What follows the data clusters, and the header.
+struct Tables {
+    /// The L2 tables, the L1 table, the refcount table and the refcount blocks, back to back
+    /// from the cluster-aligned end of the data.
+    tail: Vec<Vec<u8>>,
+    /// The header and the end of the header extension area, for byte 0.
+    header: Vec<u8>,
+}
+
+/// Lays out the metadata after data that ends at the cluster boundary `data_end`: `l2` has
+/// one entry per guest cluster and `refs` counts every cluster up to `data_end`.
+fn tables(
+    l2: Vec<u64>,
+    mut refs: Refs,
+    data_end: u64,
+    size: u64,
+    comp: Option<Compression>,
+) -> Result<Tables> {
+    let (_, l1_size) = geometry(size)?;
+    let l2_entries = (CS / 8) as usize;
+    let mut tail = Vec::new();
+    let mut pos = data_end;
 
     // L2 tables: one per 8192 guest clusters that has any allocated entry.
     let mut l1: Vec<u64> = vec![0; l1_size as usize];
-    for (i, table) in l2.chunks(l2_entries as usize).enumerate() {
+    for (i, table) in l2.chunks(l2_entries).enumerate() {
         if table.iter().all(|&e| e == 0) {
             continue;
         }
-        l1[i] = out.pos | COPIED;
-        bump(&mut refs, out.pos / CS)?;
+        l1[i] = pos | COPIED;
+        refs.bump(pos / CS)?;
         let mut bytes = Vec::with_capacity(CS as usize);
         for e in table {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
         bytes.resize(CS as usize, 0);
-        out.write(&bytes)?;
+        tail.push(bytes);
+        pos += CS;
     }
     drop(l2);
 
     // The L1 table.
-    let l1_offset = out.pos;
-    let l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+    let l1_offset = pos;
+    let mut l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
     let l1_clusters = (l1_bytes.len() as u64).div_ceil(CS).max(1);
     for c in 0..l1_clusters {
-        bump(&mut refs, l1_offset / CS + c)?;
+        refs.bump(l1_offset / CS + c)?;
     }
-    out.write(&l1_bytes)?;
-    out.pad_to(l1_offset + l1_clusters * CS)?;
+    l1_bytes.resize((l1_clusters * CS) as usize, 0);
+    tail.push(l1_bytes);
+    pos += l1_clusters * CS;
 
     // Refcount table and blocks, which count themselves: grow until they cover everything.
     let per_block = CS * 8 / (1 << REFCOUNT_ORDER);
-    let used = out.pos / CS;
+    let used = pos / CS;
     let (mut blocks, mut table_clusters) = (1u64, 1u64);
     loop {
         let total = used + table_clusters + blocks;
@@ -248,21 +241,20 @@ pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result
         }
         (blocks, table_clusters) = (b, t);
     }
-    let table_offset = out.pos;
+    let table_offset = pos;
     let blocks_offset = table_offset + table_clusters * CS;
     for c in 0..table_clusters + blocks {
-        bump(&mut refs, table_offset / CS + c)?;
+        refs.bump(table_offset / CS + c)?;
     }
     let mut table = Vec::with_capacity((table_clusters * CS) as usize);
     for b in 0..blocks {
         table.extend_from_slice(&(blocks_offset + b * CS).to_be_bytes());
     }
     table.resize((table_clusters * CS) as usize, 0);
-    out.write(&table)?;
-    refs.resize((blocks * per_block) as usize, 0);
-    for block in refs.chunks(per_block as usize) {
-        let bytes: Vec<u8> = block.iter().flat_map(|r| r.to_be_bytes()).collect();
-        out.write(&bytes)?;
+    tail.push(table);
+    refs.0.resize((blocks * per_block) as usize, 0);
+    for block in refs.0.chunks(per_block as usize) {
+        tail.push(block.iter().flat_map(|r| r.to_be_bytes()).collect());
     }
 
     let header = Header {
@@ -271,7 +263,7 @@ pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result
         backing_file_offset: 0.into(),
         backing_file_size: 0.into(),
         cluster_bits: CLUSTER_BITS.into(),
-        size: raw.size.into(),
+        size: size.into(),
         crypt_method: 0.into(),
         l1_size: (l1_size as u32).into(),
         l1_table_offset: l1_offset.into(),
@@ -295,9 +287,97 @@ pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result
         pad: [0; 7],
     };
     // Header, then the end of the header extension area (type 0, length 0).
-    let mut first = header.as_bytes().to_vec();
-    first.extend_from_slice(&[0u8; 8]);
-    out.write_at(0, &first)?;
+    let mut header = header.as_bytes().to_vec();
+    header.extend_from_slice(&[0u8; 8]);
+    Ok(Tables { tail, header })
+}
+
+/// Lays out `raw` as an uncompressed qcow2: the header cluster, then each non-zero guest
+/// cluster in guest order (the last one zero-padded to a whole cluster), then the tables.
+pub fn plan(raw: &Raw<'_>) -> Result<(Plan, Summary)> {
+    let (guest_clusters, _) = geometry(raw.size)?;
+    let nonzero = raw.nonzero_chunks(CS)?;
+    let mut l2: Vec<u64> = vec![0; guest_clusters as usize];
+    let mut refs = Refs(vec![1]); // the header cluster
+    let mut data = Vec::with_capacity(nonzero.len());
+    let mut host = CS;
+    for &index in &nonzero {
+        l2[index as usize] = host | COPIED;
+        refs.bump(host / CS)?;
+        let from = index * CS;
+        let len = CS.min(raw.size - from);
+        data.push(Piece::Raw { offset: from, len });
+        data.push(Piece::Zero(CS - len));
+        host += CS;
+    }
+    let Tables { tail, header } = tables(l2, refs, host, raw.size, None)?;
+    let mut plan = Plan::default();
+    plan.push(Piece::Bytes(header));
+    plan.zero_to(CS);
+    for p in data {
+        plan.push(p);
+    }
+    for t in tail {
+        plan.push(Piece::Bytes(t));
+    }
+    let sum = Summary {
+        file_size: plan.len(),
+        clusters: nonzero.len() as u64,
+        compressed: 0,
+    };
+    Ok((plan, sum))
+}
+
+/// Writes `raw` as qcow2 to `w` (positioned at 0).
+pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result<Summary> {
+    let Some(comp) = opts.compression else {
+        let (plan, sum) = plan(raw)?;
+        plan.write_to(raw, w)?;
+        return Ok(sum);
+    };
+    let (guest_clusters, _) = geometry(raw.size)?;
+    let mut l2: Vec<u64> = vec![0; guest_clusters as usize];
+    let mut refs = Refs(vec![1]); // the header cluster
+    let mut out = Out { w, pos: 0 };
+    out.pad_to(CS)?;
+    let mut sum = Summary::default();
+    raw.for_each_nonzero(
+        CS,
+        128,
+        |data| match compress(comp, &data) {
+            Some(c) => Stored::Packed(c),
+            None => Stored::Plain(data),
+        },
+        |index, stored| {
+            match stored {
+                Stored::Plain(data) => {
+                    out.pad_to(out.pos.next_multiple_of(CS))?;
+                    l2[index as usize] = out.pos | COPIED;
+                    refs.bump(out.pos / CS)?;
+                    out.write(&data)?;
+                    sum.clusters += 1;
+                }
+                Stored::Packed(data) => {
+                    let start = out.pos;
+                    let end = start + data.len() as u64;
+                    let extra_sectors = ((end - 1) >> 9) - (start >> 9);
+                    l2[index as usize] = L2_COMPRESSED | (extra_sectors << 54) | start;
+                    for c in start / CS..=(end - 1) / CS {
+                        refs.bump(c)?;
+                    }
+                    out.write(&data)?;
+                    sum.compressed += 1;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    out.pad_to(out.pos.next_multiple_of(CS))?;
+    let Tables { tail, header } = tables(l2, refs, out.pos, raw.size, Some(comp))?;
+    for t in &tail {
+        out.write(t)?;
+    }
+    out.write_at(0, &header)?;
     sum.file_size = out.pos;
     out.w.flush()?;
     Ok(sum)

@@ -16,7 +16,7 @@ use std::io::{Seek, Write};
 use zerocopy::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::{corrupt, Error, Out, Raw, Result, VirtualDisk};
+use super::{corrupt, Error, Piece, Plan, Raw, Result, VirtualDisk};
 use crate::io::ReadAt;
 
 /// The footer cookie.
@@ -199,28 +199,28 @@ fn footer(size: u64, opts: &Options) -> Footer {
     f
 }
 
-/// Writes `raw` as a VHD to `w` (positioned at 0). Holes in a fixed disk are seeks, so the
-/// output stays sparse on file systems that keep holes.
-pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result<u64> {
+/// Lays out `raw` as a VHD. A fixed disk is the raw disk's non-zero 64 KiB pieces at their
+/// own offsets, holes elsewhere, and the footer; a dynamic disk gives each 2 MiB block with a
+/// non-zero byte, in guest order, a full sector bitmap and the block's data (zero-padded to a
+/// whole block).
+pub fn plan(raw: &Raw<'_>, opts: Options) -> Result<Plan> {
     let size = virtual_size(raw.size);
     let foot = footer(size, &opts);
-    let mut out = Out { w, pos: 0 };
+    let mut plan = Plan::default();
     if !opts.dynamic {
+        // 64 KiB, so the zero test reads little of a data run and the holes stay holes.
         let chunk = 1u64 << 16;
-        raw.for_each_nonzero(
-            chunk,
-            128,
-            |d| d,
-            |i, d| {
-                out.skip_to(i * chunk)?;
-                out.write(&d)?;
-                Ok(())
-            },
-        )?;
-        out.skip_to(size)?;
-        out.write(foot.as_bytes())?;
-        out.w.flush()?;
-        return Ok(out.pos);
+        for i in raw.nonzero_chunks(chunk)? {
+            let from = i * chunk;
+            plan.zero_to(from);
+            plan.push(Piece::Raw {
+                offset: from,
+                len: chunk.min(raw.size - from),
+            });
+        }
+        plan.zero_to(size);
+        plan.push(Piece::Bytes(foot.as_bytes().to_vec()));
+        return Ok(plan);
     }
     let entries = size.div_ceil(BLOCK);
     let entries32 = u32::try_from(entries).map_err(|_| Error::Unsupported {
@@ -245,34 +245,49 @@ pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result
         reserved2: [0; 256],
     };
     hdr.checksum = checksum(hdr.as_bytes()).into();
-    out.write(foot.as_bytes())?;
-    out.write(hdr.as_bytes())?;
     let mut bat = vec![UNUSED; entries as usize];
-    out.pad_to(bat_off as u64 + bat_len)?;
-    // The sector bitmap of a block whose every sector is present.
-    let bitmap = [0xFFu8; 512];
-    raw.for_each_nonzero(
-        BLOCK,
-        8,
-        |d| d,
-        |i, d| {
-            bat[i as usize] = (out.pos / 512) as u32;
-            out.write(&bitmap)?;
-            out.write(&d)?;
-            Ok(())
-        },
-    )?;
-    out.write(foot.as_bytes())?;
-    let bat_bytes: Vec<u8> = bat.iter().flat_map(|e| e.to_be_bytes()).collect();
-    out.write_at(bat_off as u64, &bat_bytes)?;
-    out.w.flush()?;
-    if out.pos / 512 > u64::from(u32::MAX) {
+    let mut blocks = Plan::default();
+    let data_start = bat_off as u64 + bat_len;
+    for i in raw.nonzero_chunks(BLOCK)? {
+        let at = data_start + blocks.len();
+        bat[i as usize] = u32::try_from(at / 512).map_err(|_| Error::Unsupported {
+            format: "vhd",
+            what: "a dynamic disk file above 2 TiB".into(),
+        })?;
+        // The sector bitmap of a block whose every sector is present.
+        blocks.push(Piece::Fill {
+            byte: 0xFF,
+            len: 512,
+        });
+        let from = i * BLOCK;
+        let len = BLOCK.min(raw.size - from);
+        blocks.push(Piece::Raw { offset: from, len });
+        blocks.push(Piece::Zero(BLOCK - len));
+    }
+    let mut head = foot.as_bytes().to_vec();
+    head.extend_from_slice(hdr.as_bytes());
+    head.extend(bat.iter().flat_map(|e| e.to_be_bytes()));
+    head.resize(data_start as usize, 0);
+    plan.push(Piece::Bytes(head));
+    for p in blocks.pieces() {
+        plan.push(p.clone());
+    }
+    plan.push(Piece::Bytes(foot.as_bytes().to_vec()));
+    if plan.len() / 512 > u64::from(u32::MAX) {
         return Err(Error::Unsupported {
             format: "vhd",
             what: "a dynamic disk file above 2 TiB".into(),
         });
     }
-    Ok(out.pos)
+    Ok(plan)
+}
+
+/// Writes `raw` as a VHD to `w` (positioned at 0). Holes in a fixed disk are seeks, so the
+/// output stays sparse on file systems that keep holes.
+pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result<u64> {
+    let plan = plan(raw, opts)?;
+    plan.write_to(raw, w)?;
+    Ok(plan.len())
 }
 
 /// A VHD opened for reading.
