@@ -472,3 +472,81 @@ fn describe(d: &Detected) -> String {
     }
     s
 }
+/// `len` bytes of `f` from `off`: one partition, as the filesystem readers take it.
+struct Window<'a> {
+    f: &'a File,
+    off: u64,
+    len: u64,
+}
+
+impl kiln_formats::io::ReadAt for Window<'_> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset.saturating_add(buf.len() as u64) > self.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "read of {} bytes at {offset} past the end of the {}-byte partition",
+                    buf.len(),
+                    self.len
+                ),
+            ));
+        }
+        kiln_formats::io::ReadAt::read_at(self.f, self.off + offset, buf)
+    }
+}
+
+/// The full dumps (`kiln inspect --dump`) of every ext4 and EROFS filesystem of the image at
+/// `path` (each GPT partition, or the whole file) and of its ISO 9660 volume: superblock,
+/// groups and every inode with its path, as the golden tests snapshot them. An unreadable
+/// filesystem gets a line saying why instead.
+pub fn dumps(path: &Path, ins: &Inspection) -> Result<String> {
+    use kiln_formats::{erofs, ext4};
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut places: Vec<(String, u64, u64, &Detected)> = ins
+        .partitions
+        .iter()
+        .filter_map(|p| {
+            p.content.as_ref().map(|c| {
+                (
+                    format!("partition {} ({})", p.number, p.label),
+                    p.offset,
+                    p.size,
+                    c,
+                )
+            })
+        })
+        .collect();
+    if let Some(c) = &ins.filesystem {
+        places.push(("the image".to_string(), 0, ins.size, c));
+    }
+    let mut out = String::new();
+    for (what, off, len, c) in places {
+        let w = Window { f: &f, off, len };
+        let text = match c.kind.as_str() {
+            "ext4" => ext4::reader::Reader::open(w)
+                .and_then(|r| {
+                    Ok(format!(
+                        "{}\n{}",
+                        ext4::dump::superblock(&r),
+                        ext4::dump::tree(&r)?
+                    ))
+                })
+                .map_err(|e| e.to_string()),
+            "erofs" => erofs::Image::open(w)
+                .and_then(|img| erofs::dump::dump(&img, usize::MAX))
+                .map_err(|e| e.to_string()),
+            _ => continue,
+        };
+        out.push_str(&format!("== {what}: {}\n", c.kind));
+        match text {
+            Ok(t) => out.push_str(&t),
+            Err(e) => out.push_str(&format!("unreadable: {e}\n")),
+        }
+        out.push('\n');
+    }
+    if let Some(iso) = &ins.iso {
+        out.push_str("== ISO 9660\n");
+        out.push_str(iso);
+    }
+    Ok(out)
+}

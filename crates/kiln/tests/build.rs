@@ -288,6 +288,19 @@ fn full_disk_passes_every_checker() {
     assert_eq!(ins["partitions"][2]["content"]["kind"], "verity");
     assert_eq!(ins["partitions"][1]["content"]["kind"], "ext4");
     assert_eq!(ins["partitions"][5]["content"]["kind"], "erofs");
+    // --dump renders every filesystem in full: the ext4 and the EROFS partition, each with
+    // its superblock and the slot file by path.
+    let dump =
+        String::from_utf8(run_ok(kiln().arg("inspect").arg("--dump").arg(&disk)).stdout).unwrap();
+    for want in [
+        "== partition 2 (",
+        "): ext4\nsuperblock @1024",
+        "== partition 6 (",
+        "): erofs\nsuper block @1024",
+    ] {
+        assert!(dump.contains(want), "{want:?} missing from:\n{dump}");
+    }
+    assert!(!dump.contains("unreadable"), "{dump}");
 }
 
 #[test]

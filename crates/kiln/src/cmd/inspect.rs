@@ -16,6 +16,10 @@ pub struct InspectArgs {
     /// JSON output.
     #[arg(long)]
     pub json: bool,
+    /// Also print the full dump of every ext4 and EROFS filesystem (superblock, groups, every
+    /// inode with its path) and of the ISO 9660 volume: what the golden tests snapshot.
+    #[arg(long, conflicts_with = "json")]
+    pub dump: bool,
 }
 
 pub fn run(a: InspectArgs) -> Outcome {
@@ -24,6 +28,9 @@ pub fn run(a: InspectArgs) -> Outcome {
         println!("{}", serde_json::to_string_pretty(&ins)?);
     } else {
         print!("{}", kiln_build::inspect::format(&ins));
+        if a.dump {
+            print!("\n{}", kiln_build::inspect::dumps(&a.image, &ins)?);
+        }
     }
     // What was found is printed either way; a damaged or unknown image still fails.
     if let Some(e) = &ins.gpt_error {
