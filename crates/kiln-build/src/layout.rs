@@ -160,80 +160,127 @@ pub fn layout(
         spec.partitions.len(),
         "one size per spec partition"
     );
-    let seed = &spec.seed;
-    let mut parts: Vec<Part> = Vec::new();
-    // k per type UUID, in disk order (systemd-repart counts earlier partitions of the same type).
-    let mut seen: Vec<(Uuid, u64)> = Vec::new();
-    let mut next_k = |t: &Uuid| -> u64 {
-        match seen.iter_mut().find(|(u, _)| u == t) {
+    let mut ex = Expansion {
+        seed: &spec.seed,
+        name_version: format!("{}_{}", spec.name, spec.version),
+        seen: Vec::new(),
+        parts: Vec::new(),
+    };
+    for (i, p) in spec.partitions.iter().enumerate() {
+        let size = partition_size(i, p, sizes[i])?;
+        ex.expand(i, p, size, machine_id);
+    }
+    let mut parts = ex.parts;
+    if parts.len() > 128 {
+        return Err(LayoutError {
+            spec: None,
+            msg: format!("{} partitions: a GPT holds at most 128", parts.len()),
+        });
+    }
+
+    let order = placement_order(spec, &parts);
+    let off = place(&mut parts, &order);
+    let disk_size = disk_size(spec, sizes, off)?;
+    Ok(Layout {
+        disk_uuid: repart::disk_uuid(&spec.seed),
+        parts,
+        order,
+        disk_size,
+    })
+}
+
+/// The aligned size of spec partition `i`, `p`, whose contents need `fs`: its fixed size, which
+/// they must fit, or `auto`'s. Contents over the partition's budget are refused unless `fs` is
+/// only an upper bound.
+fn partition_size(i: usize, p: &spec::Partition, fs: FsSize) -> Result<u64, LayoutError> {
+    let need = fs.bytes;
+    let size = match p.size {
+        PartSize::Fixed(s) => {
+            let s = align_up(s.0, ALIGN);
+            if need > s {
+                let (is, needs) = (spec::human_size(s), spec::human_size(need));
+                let what = format!("is {is} but its contents need {needs}");
+                return Err(partition_error(i, p, what));
+            }
+            s
+        }
+        PartSize::Auto => align_up(need.max(1), ALIGN),
+    };
+    if let Some(b) = p.budget.filter(|_| !fs.upper_bound) {
+        if need > b {
+            let (needs, budget) = (spec::human_size(need), spec::human_size(b));
+            let what = format!("needs {needs}, over its budget of {budget}");
+            return Err(partition_error(i, p, what));
+        }
+    }
+    Ok(size)
+}
+
+/// An error about spec partition `i`, `p`, named by its label (or type) and line: `what` says
+/// what is wrong.
+fn partition_error(i: usize, p: &spec::Partition, what: String) -> LayoutError {
+    LayoutError {
+        spec: Some(i),
+        msg: format!(
+            "partition {} (line {}) {what}",
+            p.label.as_deref().unwrap_or(&p.type_name),
+            p.at.line
+        ),
+    }
+}
+
+/// The spec partitions expanded into GPT entries so far, with what naming them needs.
+struct Expansion<'a> {
+    /// The image seed every partition UUID derives from.
+    seed: &'a Uuid,
+    /// `NAME_VERSION`, the label of an A/B partition in use.
+    name_version: String,
+    /// k per type UUID, in disk order (systemd-repart counts earlier partitions of the same
+    /// type).
+    seen: Vec<(Uuid, u64)>,
+    /// The GPT entries, in order.
+    parts: Vec<Part>,
+}
+
+impl Expansion<'_> {
+    /// The next k for type `t`: 0 for its first partition, then 1, 2, ...
+    fn next_k(&mut self, t: &Uuid) -> u64 {
+        match self.seen.iter_mut().find(|(u, _)| u == t) {
             Some((_, k)) => {
                 *k += 1;
                 *k
             }
             None => {
-                seen.push((*t, 0));
+                self.seen.push((*t, 0));
                 0
             }
         }
-    };
-    let name_version = format!("{}_{}", spec.name, spec.version);
+    }
 
-    for (i, p) in spec.partitions.iter().enumerate() {
-        let need = sizes[i].bytes;
-        let size = match p.size {
-            PartSize::Fixed(s) => {
-                let s = align_up(s.0, ALIGN);
-                if need > s {
-                    return Err(LayoutError {
-                        spec: Some(i),
-                        msg: format!(
-                            "partition {} (line {}) is {} but its contents need {}",
-                            p.label.as_deref().unwrap_or(&p.type_name),
-                            p.at.line,
-                            spec::human_size(s),
-                            spec::human_size(need)
-                        ),
-                    });
-                }
-                s
-            }
-            PartSize::Auto => align_up(need.max(1), ALIGN),
-        };
-        if let Some(b) = p.budget.filter(|_| !sizes[i].upper_bound) {
-            if need > b {
-                return Err(LayoutError {
-                    spec: Some(i),
-                    msg: format!(
-                        "partition {} (line {}) needs {}, over its budget of {}",
-                        p.label.as_deref().unwrap_or(&p.type_name),
-                        p.at.line,
-                        spec::human_size(need),
-                        spec::human_size(b)
-                    ),
-                });
-            }
-        }
+    /// Appends spec partition `i`, `p`, of `size` bytes: its data partition, then its verity
+    /// partner, then for A/B the empty twin of each.
+    fn expand(&mut self, i: usize, p: &spec::Partition, size: u64, machine_id: Option<&Uuid>) {
         let ab = p.slots == 2;
-        let type_k = next_k(&p.type_uuid);
+        let type_k = self.next_k(&p.type_uuid);
         let default_label = if ab {
-            name_version.clone()
+            self.name_version.clone()
         } else {
             repart::label(&p.type_name, type_k)
         };
         let label = p.label.clone().unwrap_or(default_label);
-        let mut uuid = repart::partition_uuid(seed, &p.type_uuid, type_k);
+        let mut uuid = repart::partition_uuid(self.seed, &p.type_uuid, type_k);
         if p.type_name == "var" && type_k == 0 {
             if let Some(mid) = machine_id {
                 uuid = repart::partition_uuid(mid, &p.type_uuid, 0);
             }
         }
-        let data_index = parts.len();
-        parts.push(Part {
+        let data_index = self.parts.len();
+        self.parts.push(Part {
             spec: i,
             role: Role::Data,
             type_name: p.type_name.clone(),
             type_uuid: p.type_uuid,
-            label: label.clone(),
+            label,
             uuid,
             offset: 0,
             size,
@@ -244,63 +291,60 @@ pub fn layout(
         } else {
             None
         };
-        if let Some((vname, vuuid)) = &verity_type {
-            let vk = next_k(vuuid);
-            let vlabel = if ab {
-                name_version.clone()
-            } else {
-                repart::label(vname, vk)
-            };
-            parts.push(Part {
-                spec: i,
-                role: Role::Verity { of: data_index },
-                type_name: vname.clone(),
-                type_uuid: *vuuid,
-                label: vlabel,
-                uuid: repart::partition_uuid(seed, vuuid, vk),
-                offset: 0,
-                size: align_up(verity_hash_size(size), ALIGN),
-                flags: spec::attr::READ_ONLY,
-            });
+        if let Some(vtype) = &verity_type {
+            let vlabel = ab.then(|| self.name_version.clone());
+            self.push_verity(i, Role::Verity { of: data_index }, vtype, vlabel, size);
         }
         if ab {
-            let k = next_k(&p.type_uuid);
-            parts.push(Part {
+            let k = self.next_k(&p.type_uuid);
+            self.parts.push(Part {
                 spec: i,
                 role: Role::EmptyTwin,
                 type_name: p.type_name.clone(),
                 type_uuid: p.type_uuid,
                 label: EMPTY_LABEL.into(),
-                uuid: repart::partition_uuid(seed, &p.type_uuid, k),
+                uuid: repart::partition_uuid(self.seed, &p.type_uuid, k),
                 offset: 0,
                 size,
                 flags: p.flags,
             });
-            if let Some((vname, vuuid)) = &verity_type {
-                let vk = next_k(vuuid);
-                parts.push(Part {
-                    spec: i,
-                    role: Role::EmptyVerityTwin,
-                    type_name: vname.clone(),
-                    type_uuid: *vuuid,
-                    label: EMPTY_LABEL.into(),
-                    uuid: repart::partition_uuid(seed, vuuid, vk),
-                    offset: 0,
-                    size: align_up(verity_hash_size(size), ALIGN),
-                    flags: spec::attr::READ_ONLY,
-                });
+            if let Some(vtype) = &verity_type {
+                let vlabel = Some(EMPTY_LABEL.into());
+                self.push_verity(i, Role::EmptyVerityTwin, vtype, vlabel, size);
             }
         }
     }
-    if parts.len() > 128 {
-        return Err(LayoutError {
-            spec: None,
-            msg: format!("{} partitions: a GPT holds at most 128", parts.len()),
+
+    /// Appends the verity hash partition (`role`, of type `vtype`) for `data_size` bytes of
+    /// data, labelled `label` or else systemd-repart's default for its type.
+    fn push_verity(
+        &mut self,
+        i: usize,
+        role: Role,
+        (vname, vuuid): &(String, Uuid),
+        label: Option<String>,
+        data_size: u64,
+    ) {
+        let vk = self.next_k(vuuid);
+        let label = label.unwrap_or_else(|| repart::label(vname, vk));
+        self.parts.push(Part {
+            spec: i,
+            role,
+            type_name: vname.clone(),
+            type_uuid: *vuuid,
+            label,
+            uuid: repart::partition_uuid(self.seed, vuuid, vk),
+            offset: 0,
+            size: align_up(verity_hash_size(data_size), ALIGN),
+            flags: spec::attr::READ_ONLY,
         });
     }
+}
 
-    let order = placement_order(spec, &parts);
-    let off = place(&mut parts, &order);
+/// The disk size for partitions ending at `off`: `[image] size` when they fit in it, else
+/// the smallest aligned size with room for the backup GPT; refused over the image budget
+/// unless some `sizes` are only upper bounds.
+fn disk_size(spec: &Spec, sizes: &[FsSize], off: u64) -> Result<u64, LayoutError> {
     // Room for the backup GPT (33 sectors), keeping the disk size a multiple of the alignment.
     let min_disk = off + 33 * SECTOR;
     let disk_size = match spec.disk_size {
@@ -332,12 +376,7 @@ pub fn layout(
             });
         }
     }
-    Ok(Layout {
-        disk_uuid: repart::disk_uuid(seed),
-        parts,
-        order,
-        disk_size,
-    })
+    Ok(disk_size)
 }
 
 /// The order partitions are placed on the disk, as indices into `parts` (which stay in spec

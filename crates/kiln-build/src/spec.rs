@@ -626,13 +626,17 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err<T>(&self, span: std::ops::Range<usize>, msg: impl Into<String>) -> Result<T, SpecError> {
-        let p = line_col(self.text, span.start);
-        Err(SpecError {
+        Err(self.error(self.pos(span), msg))
+    }
+
+    /// The error at `p`, for a position found earlier (or none, line 0).
+    fn error(&self, p: Pos, msg: impl Into<String>) -> SpecError {
+        SpecError {
             file: self.file.to_path_buf(),
             line: p.line,
             column: p.column,
             msg: msg.into(),
-        })
+        }
     }
 
     fn pos(&self, span: std::ops::Range<usize>) -> Pos {
@@ -674,6 +678,9 @@ impl Spec {
     }
 
     /// Parses and validates spec text; `file` is used for messages and relative paths.
+    ///
+    /// The steps run in the order below, and each returns the first error it finds, so a
+    /// spec with several mistakes is always reported at the same one.
     pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         let cx = Ctx { file, text };
         let raw: RawSpec = toml::from_str(text).map_err(|e| {
@@ -681,540 +688,48 @@ impl Spec {
                 .span()
                 .map(|s| line_col(text, s.start))
                 .unwrap_or_default();
-            SpecError {
-                file: file.to_path_buf(),
-                line: p.line,
-                column: p.column,
-                msg: e.message().to_string(),
-            }
+            cx.error(p, e.message())
         })?;
-        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            dir
-        };
+        let dir = spec_dir(file);
 
         let img = &raw.image;
-        let name = img.name.get_ref().clone();
-        if !valid_ident(&name, ".-") {
-            return cx.err(
-                img.name.span(),
-                format!("image name {name:?}: use letters, digits, '.' and '-'"),
-            );
-        }
-        let version = img.version.get_ref().clone();
-        if let Err(e) = check_version(&version) {
-            return cx.err(img.version.span(), e);
-        }
-        let seed = match &img.seed {
-            Some(s) => match repart::parse_uuid(s.get_ref()) {
-                Some(u) => u,
-                None => {
-                    return cx.err(
-                        s.span(),
-                        format!("seed {:?}: expected 32 hex digits or a UUID", s.get_ref()),
-                    )
-                }
-            },
-            // Deterministic without a seed: derive one from the name, so two specs with
-            // different names never share UUIDs by accident.
-            None => repart::derive_uuid(&[0; 16], &format!("kiln-image:{name}")),
-        };
-        let arch = match &img.arch {
-            Some(a) => match Arch::parse(a.get_ref()) {
-                Some(arch) => arch,
-                None => {
-                    return cx.err(
-                        a.span(),
-                        format!(
-                            "unknown arch {:?}: expected \"x86-64\" or \"arm64\"",
-                            a.get_ref()
-                        ),
-                    )
-                }
-            },
-            None => match Arch::host() {
-                Some(a) => a,
-                None => {
-                    return cx.err(
-                        img.name.span(),
-                        format!(
-                            "this machine is {}, which kiln does not build for: set [image] arch = \"x86-64\" or \"arm64\"",
-                            std::env::consts::ARCH
-                        ),
-                    )
-                }
-            },
-        };
-        let (mut disk, mut iso, mut rootfs) = (true, false, false);
-        let mut vm_formats = Vec::new();
-        if let Some(out) = &img.output {
-            disk = false;
-            for o in out.get_ref() {
-                match o.as_str() {
-                    "disk" => disk = true,
-                    "iso" => iso = true,
-                    "rootfs" => rootfs = true,
-                    other => match crate::vmdisk::VmFormat::parse(other) {
-                        Some(f) => {
-                            disk = true;
-                            if !vm_formats.contains(&f) {
-                                vm_formats.push(f);
-                            }
-                        }
-                        None => {
-                            return cx.err(
-                                out.span(),
-                                format!(
-                                    "unknown output {other:?}: expected \"disk\", \"iso\", \"rootfs\", \"qcow2\", \"vhd\" or \"vmdk\""
-                                ),
-                            )
-                        }
-                    },
-                }
-            }
-            if !disk && !iso && !rootfs {
-                return cx.err(
-                    out.span(),
-                    "output is empty: list \"disk\", \"iso\", \"rootfs\" or several",
-                );
-            }
-        }
-        // The rootfs is the root partition of a laid-out disk, copied out; the disk is kept
-        // only when asked for.
-        let keep_disk = disk;
-        disk |= rootfs;
-
+        let id = image_identity(&cx, img)?;
+        let out = image_outputs(&cx, img)?;
         let source_at = raw.source.tree.as_ref().map(|t| cx.pos(t.span()));
         let source = raw
             .source
             .tree
             .as_ref()
             .map(|t| source_path(&dir, t.get_ref()));
-        let service = match &raw.source.service {
-            None => None,
-            Some(s) => {
-                let n = s.get_ref();
-                let ok = !n.is_empty()
-                    && n.len() <= 200
-                    && !n.starts_with('.')
-                    && n.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
-                if !ok {
-                    return cx.err(
-                        s.span(),
-                        format!("service: {n:?} is not a unit name (letters, digits, `-_.@`)"),
-                    );
-                }
-                Some(n.clone())
-            }
-        };
-        let qcow2_compression = match &img.qcow2_compression {
-            None => None,
-            Some(c) => match crate::vmdisk::parse_compression(c.get_ref()) {
-                Ok(c) => Some(c),
-                Err(e) => return cx.err(c.span(), format!("qcow2_compression: {e}")),
-            },
-        };
-        let vhd_dynamic = match img.vhd_type.as_ref().map(|t| (t, t.get_ref().as_str())) {
-            None | Some((_, "fixed")) => false,
-            Some((_, "dynamic")) => true,
-            Some((t, other)) => {
-                return cx.err(
-                    t.span(),
-                    format!("vhd_type {other:?}: expected \"fixed\" or \"dynamic\""),
-                )
-            }
-        };
-        let add = match &raw.source.add {
-            None => None,
-            Some(a) => {
-                let p = dir.join(a.get_ref());
-                if !p.is_dir() {
-                    return cx.err(a.span(), format!("add: {} is not a directory", p.display()));
-                }
-                Some(p)
-            }
-        };
+        let service = source_service(&cx, &raw.source)?;
+        let (qcow2_compression, vhd_dynamic) = image_vm_options(&cx, img)?;
+        let add = source_add(&cx, &raw.source, &dir)?;
         let boot = match &raw.boot {
             None => None,
-            Some(b) => Some(Boot {
-                kernel: b
-                    .kernel
-                    .as_ref()
-                    .map(|k| k.get_ref().clone())
-                    .filter(|k| k != "auto"),
-                cmdline: b
-                    .cmdline
-                    .as_ref()
-                    .map(|c| c.get_ref().clone())
-                    .unwrap_or_default(),
-                initrd: match &b.initrd {
-                    Some(i) if i.get_ref() != "kiln" => Some(dir.join(i.get_ref())),
-                    _ => None,
-                },
-                stub: b
-                    .stub
-                    .as_ref()
-                    .filter(|s| s.get_ref() != "auto")
-                    .map(|s| dir.join(s.get_ref())),
-                modules: b.modules.iter().map(|m| m.get_ref().clone()).collect(),
-                tries: b.tries.unwrap_or(3),
-                timeout: b.timeout.unwrap_or(0),
-                overlays: {
-                    let mut v = Vec::new();
-                    for o in &b.overlays {
-                        if !o.get_ref().starts_with('/') || o.get_ref().contains("..") {
-                            return cx.err(
-                                o.span(),
-                                format!(
-                                    "overlay {:?}: expected an absolute path without '..'",
-                                    o.get_ref()
-                                ),
-                            );
-                        }
-                        v.push(o.get_ref().clone());
-                    }
-                    v
-                },
-            }),
+            Some(b) => Some(boot_section(&cx, b, &dir)?),
         };
-
-        let mut partitions = Vec::new();
-        let mut slot_names: Vec<String> = Vec::new();
-        for sp in &raw.partitions {
-            let at = cx.pos(sp.span());
-            let p = sp.get_ref();
-            let Some(t) = &p.type_ else {
-                return cx.err(
-                    sp.span(),
-                    "partition without `type` (a DPS name like \"root\" or a GUID)",
-                );
-            };
-            let Some((type_name, type_uuid)) = resolve_type(t.get_ref(), arch) else {
-                return cx.err(t.span(), format!("unknown partition type {:?}: use a DPS name (esp, root, usr, var, home, swap, linux-generic, ...) or a GUID", t.get_ref()));
-            };
-            if let Some(other) = dps_arch(&type_name).filter(|a| *a != arch) {
-                return cx.err(
-                    t.span(),
-                    format!(
-                        "partition type {type_name} is for {other}, but the image is {arch} ([image] arch); write \"{}\" for the image's own",
-                        if type_name.starts_with("usr-") { "usr" } else { "root" }
-                    ),
-                );
-            }
-            let is_root = type_name.starts_with("root-") && !type_name.contains("verity");
-            let is_usr = type_name.starts_with("usr-") && !type_name.contains("verity");
-            if type_name.contains("verity") {
-                return cx.err(t.span(), "verity partitions are added by kiln: set `verity = true` on the data partition instead");
-            }
-            let fs = match &p.fs {
-                Some(f) => match FsKind::parse(f.get_ref()) {
-                    Some(k) => k,
-                    None => {
-                        return cx.err(
-                            f.span(),
-                            format!(
-                                "unknown filesystem {:?}: expected ext4, erofs, vfat or none",
-                                f.get_ref()
-                            ),
-                        )
-                    }
-                },
-                None => match type_name.as_str() {
-                    "esp" | "xbootldr" => FsKind::Vfat,
-                    "swap" => FsKind::None,
-                    _ => FsKind::Ext4,
-                },
-            };
-            if type_name == "esp" && fs != FsKind::Vfat {
-                return cx.err(
-                    p.fs.as_ref().map(|f| f.span()).unwrap_or(t.span()),
-                    "an ESP must be vfat",
-                );
-            }
-            let size = p
-                .size
-                .as_ref()
-                .map(|s| *s.get_ref())
-                .unwrap_or(PartSize::Auto);
-            if let (Some(s), Some(e)) = (&p.size, &p.extra) {
-                if matches!(s.get_ref(), PartSize::Fixed(_)) {
-                    return cx.err(e.span(), "`extra` only applies to `size = \"auto\"`; a fixed size already says how big it is");
-                }
-            }
-            let contents = match (&p.contents, &p.copy) {
-                (Some(a), Some(_)) => return cx.err(a.span(), "give either `contents` (a directory of the source tree) or `copy` (a host directory), not both"),
-                (Some(c), None) => {
-                    let v = c.get_ref();
-                    if !v.starts_with('/') || v.split('/').any(|x| x == "..") {
-                        return cx.err(c.span(), format!("contents {v:?}: expected an absolute path in the tree, without '..'"));
-                    }
-                    Contents::Tree(v.clone())
-                }
-                (None, Some(h)) => Contents::Host(dir.join(h.get_ref())),
-                (None, None) => match type_name.as_str() {
-                    n if n.starts_with("root-") => Contents::Tree("/".into()),
-                    n if n.starts_with("usr-") => Contents::Tree("/usr".into()),
-                    "var" => Contents::Tree("/var".into()),
-                    "home" => Contents::Tree("/home".into()),
-                    _ => Contents::Empty,
-                },
-            };
-            if fs == FsKind::None && contents != Contents::Empty && p.contents.is_some() {
-                return cx.err(
-                    sp.span(),
-                    "a partition with `fs = \"none\"` cannot have contents",
-                );
-            }
-            if p.verity && !(fs == FsKind::Erofs || fs == FsKind::Ext4) {
-                return cx.err(
-                    sp.span(),
-                    "`verity = true` needs an ext4 or erofs filesystem",
-                );
-            }
-            if p.verity && !(is_root || is_usr) {
-                return cx.err(
-                    sp.span(),
-                    format!(
-                        "`verity = true` is supported on root and usr partitions, not {type_name}"
-                    ),
-                );
-            }
-            let slots = p.slots.as_ref().map(|s| *s.get_ref()).unwrap_or(1);
-            if let Some(s) = &p.slots {
-                if !(1..=2).contains(s.get_ref()) {
-                    return cx.err(s.span(), "`slots` must be 1 or 2 (A/B)");
-                }
-                if *s.get_ref() == 2 && !(is_root || is_usr) {
-                    return cx.err(
-                        s.span(),
-                        "A/B `slots = 2` is supported on root and usr partitions",
-                    );
-                }
-            }
-            let mut flags = 0u64;
-            for f in &p.flags {
-                flags |= match f.get_ref().as_str() {
-                    "read-only" => attr::READ_ONLY,
-                    "no-auto" => attr::NO_AUTO,
-                    "grow-fs" => attr::GROW_FS,
-                    other => {
-                        return cx.err(
-                            f.span(),
-                            format!(
-                                "unknown flag {other:?}: expected read-only, no-auto or grow-fs"
-                            ),
-                        )
-                    }
-                };
-            }
-            if p.verity {
-                flags |= attr::READ_ONLY;
-            }
-            let compression = match &p.compression {
-                None => Compression::Lz4,
-                Some(c) => {
-                    if fs != FsKind::Erofs {
-                        return cx.err(c.span(), "`compression` applies to erofs partitions");
-                    }
-                    match c.get_ref().as_str() {
-                        "lz4" => Compression::Lz4,
-                        "lz4hc" => Compression::Lz4hc,
-                        "none" => Compression::None,
-                        other => {
-                            return cx.err(
-                                c.span(),
-                                format!(
-                                    "unknown compression {other:?}: expected lz4, lz4hc or none"
-                                ),
-                            )
-                        }
-                    }
-                }
-            };
-            let mut slot = Vec::new();
-            if let Some(slots_v) = &p.slot {
-                let span = slots_v.span();
-                for s in slots_v.get_ref().clone().into_vec() {
-                    let spath = &s.path;
-                    if !spath.starts_with('/')
-                        || spath.ends_with('/')
-                        || spath.split('/').any(|x| x == "..")
-                    {
-                        return cx.err(
-                            span,
-                            format!(
-                                "slot path {spath:?}: expected an absolute file path without '..'"
-                            ),
-                        );
-                    }
-                    if p.verity {
-                        return cx.err(span, "a slot cannot live in a verity-protected partition: its bytes are hashed, so injecting would break verification; put it on its own small partition");
-                    }
-                    if !matches!(fs, FsKind::Ext4 | FsKind::Vfat | FsKind::Erofs) {
-                        return cx.err(
-                            span,
-                            format!(
-                                "slots need an ext4, vfat or erofs filesystem, not {}",
-                                fs.name()
-                            ),
-                        );
-                    }
-                    let base = spath.rsplit('/').next().unwrap_or_default();
-                    let sname = s
-                        .name
-                        .clone()
-                        .unwrap_or_else(|| base.split('.').next().unwrap_or(base).to_string());
-                    if !valid_ident(&sname, "-_.") {
-                        return cx.err(
-                            span,
-                            format!("slot name {sname:?}: use letters, digits, '-', '_' and '.'"),
-                        );
-                    }
-                    if slot_names.contains(&sname) {
-                        return cx.err(span, format!("duplicate slot name {sname:?}"));
-                    }
-                    if s.capacity.0 == 0 {
-                        return cx.err(span, "slot capacity must be positive");
-                    }
-                    slot_names.push(sname.clone());
-                    slot.push(Slot {
-                        name: sname,
-                        path: spath.clone(),
-                        capacity: s.capacity.0,
-                        default: s.default.as_ref().map(|d| dir.join(d)),
-                        at: cx.pos(span.clone()),
-                    });
-                }
-            }
-            if let (PartSize::Fixed(sz), Some(b)) = (size, &p.budget) {
-                if sz.0 > b.get_ref().0 {
-                    return cx.err(
-                        b.span(),
-                        format!(
-                            "fixed size {sz} is larger than the partition's budget {}",
-                            b.get_ref()
-                        ),
-                    );
-                }
-            }
-            if let Some(l) = &p.label {
-                if l.get_ref().encode_utf16().count() > 36 {
-                    return cx.err(l.span(), "GPT labels hold at most 36 UTF-16 code units");
-                }
-            }
-            partitions.push(Partition {
-                type_name,
-                type_uuid,
-                label: p.label.as_ref().map(|l| l.get_ref().clone()),
-                fs,
-                size,
-                extra: p.extra.as_ref().map(|e| e.get_ref().0).unwrap_or(0),
-                contents,
-                verity: p.verity,
-                slots,
-                flags,
-                budget: p.budget.as_ref().map(|b| b.get_ref().0),
-                compression,
-                slot,
-                at,
-            });
-        }
-        if partitions.is_empty() && disk {
-            return cx.err(
-                0..0,
-                "no [[partition]]: a disk needs at least one (e.g. type = \"root\")",
-            );
-        }
-        // Two partitions claiming the same subtree would duplicate files.
-        for (i, a) in partitions.iter().enumerate() {
-            for b in &partitions[..i] {
-                if let (Contents::Tree(x), Contents::Tree(y)) = (&a.contents, &b.contents) {
-                    if x == y {
-                        let p = a.at;
-                        return Err(SpecError { file: file.to_path_buf(), line: p.line, column: p.column, msg: format!("contents {x:?} is already the contents of the {} partition at line {}", b.type_name, b.at.line) });
-                    }
-                }
-            }
-            if let Some(l) = &a.label {
-                if partitions[..i].iter().any(|b| b.label.as_ref() == Some(l)) {
-                    let p = a.at;
-                    return Err(SpecError {
-                        file: file.to_path_buf(),
-                        line: p.line,
-                        column: p.column,
-                        msg: format!("duplicate partition label {l:?}"),
-                    });
-                }
-            }
-        }
-        if let Some(b) = &boot {
-            if disk && !partitions.iter().any(|p| p.type_name == "esp") {
-                let _ = b;
-                return cx.err(
-                    0..0,
-                    "[boot] needs an esp partition for systemd-boot and the UKI",
-                );
-            }
-        }
-        if let (true, Some(out)) = (rootfs, &img.output) {
-            if !partitions.iter().any(|p| p.type_name.starts_with("root-")) {
-                return cx.err(
-                    out.span(),
-                    "output \"rootfs\" needs a root partition: its filesystem is the rootfs",
-                );
-            }
-        }
-        if let (true, None, Some(out)) = (iso, &boot, &img.output) {
-            return cx.err(
-                out.span(),
-                "output \"iso\" needs a [boot] section: the ISO boots the tree's kernel through systemd-boot and kiln's initrd",
-            );
-        }
-        if let (Some(size), Some(budget)) = (&img.size, &img.budget) {
-            if size.get_ref().0 > budget.get_ref().0 {
-                return cx.err(
-                    budget.span(),
-                    format!(
-                        "image size {} is larger than its budget {}",
-                        size.get_ref(),
-                        budget.get_ref()
-                    ),
-                );
-            }
-        }
-        let forbid = raw
-            .policy
-            .forbid
-            .iter()
-            .map(|f| f.get_ref().clone())
-            .collect::<Vec<_>>();
-        if let Some(f) = raw.policy.forbid.iter().find(|f| f.get_ref().is_empty()) {
-            return cx.err(
-                f.span(),
-                "an empty forbidden pattern would match everything",
-            );
-        }
+        let partitions = partitions(&cx, &raw.partitions, id.arch, &dir)?;
+        check_partitions(&cx, &partitions, out.disk)?;
+        check_outputs(&cx, img, &out, boot.is_some(), &partitions)?;
+        let forbid = policy_forbid(&cx, &raw.policy)?;
 
         use sha2::Digest;
         Ok(Spec {
             file: file.to_path_buf(),
             dir,
-            arch,
-            name,
-            version,
-            seed,
+            arch: id.arch,
+            name: id.name,
+            version: id.version,
+            seed: id.seed,
             source_date_epoch: img.source_date_epoch,
             budget: img.budget.as_ref().map(|b| b.get_ref().0),
             disk_size: img.size.as_ref().map(|s| s.get_ref().0),
             slots_last: img.slots_last.unwrap_or(true),
-            disk,
-            keep_disk,
-            rootfs,
-            iso,
-            vm_formats,
+            disk: out.disk,
+            keep_disk: out.keep_disk,
+            rootfs: out.rootfs,
+            iso: out.iso,
+            vm_formats: out.vm_formats,
             qcow2_compression,
             vhd_dynamic,
             source,
@@ -1229,6 +744,646 @@ impl Spec {
             digest: sha2::Sha256::digest(text.as_bytes()).into(),
         })
     }
+}
+
+/// The directory relative paths in the spec resolve against: the file's, or `.`.
+fn spec_dir(file: &Path) -> PathBuf {
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    }
+}
+
+/// `[image]` name, version, seed and arch, resolved.
+struct Identity {
+    name: String,
+    version: String,
+    seed: Uuid,
+    arch: Arch,
+}
+
+/// `[image]` name, version, seed and arch.
+fn image_identity(cx: &Ctx, img: &ImageSection) -> Result<Identity, SpecError> {
+    let name = img.name.get_ref().clone();
+    if !valid_ident(&name, ".-") {
+        return cx.err(
+            img.name.span(),
+            format!("image name {name:?}: use letters, digits, '.' and '-'"),
+        );
+    }
+    let version = img.version.get_ref().clone();
+    if let Err(e) = check_version(&version) {
+        return cx.err(img.version.span(), e);
+    }
+    let seed = match &img.seed {
+        Some(s) => match repart::parse_uuid(s.get_ref()) {
+            Some(u) => u,
+            None => {
+                return cx.err(
+                    s.span(),
+                    format!("seed {:?}: expected 32 hex digits or a UUID", s.get_ref()),
+                )
+            }
+        },
+        // Deterministic without a seed: derive one from the name, so two specs with
+        // different names never share UUIDs by accident.
+        None => repart::derive_uuid(&[0; 16], &format!("kiln-image:{name}")),
+    };
+    let arch = match &img.arch {
+        Some(a) => match Arch::parse(a.get_ref()) {
+            Some(arch) => arch,
+            None => {
+                return cx.err(
+                    a.span(),
+                    format!(
+                        "unknown arch {:?}: expected \"x86-64\" or \"arm64\"",
+                        a.get_ref()
+                    ),
+                )
+            }
+        },
+        None => match Arch::host() {
+            Some(a) => a,
+            None => {
+                return cx.err(
+                    img.name.span(),
+                    format!(
+                        "this machine is {}, which kiln does not build for: set [image] arch = \"x86-64\" or \"arm64\"",
+                        std::env::consts::ARCH
+                    ),
+                )
+            }
+        },
+    };
+    Ok(Identity {
+        name,
+        version,
+        seed,
+        arch,
+    })
+}
+
+/// What `[image] output` asks for.
+struct Outputs {
+    disk: bool,
+    keep_disk: bool,
+    rootfs: bool,
+    iso: bool,
+    vm_formats: Vec<crate::vmdisk::VmFormat>,
+}
+
+/// `[image] output`: `disk` unless it says otherwise.
+fn image_outputs(cx: &Ctx, img: &ImageSection) -> Result<Outputs, SpecError> {
+    let (mut disk, mut iso, mut rootfs) = (true, false, false);
+    let mut vm_formats = Vec::new();
+    if let Some(out) = &img.output {
+        disk = false;
+        for o in out.get_ref() {
+            match o.as_str() {
+                "disk" => disk = true,
+                "iso" => iso = true,
+                "rootfs" => rootfs = true,
+                other => match crate::vmdisk::VmFormat::parse(other) {
+                    Some(f) => {
+                        disk = true;
+                        if !vm_formats.contains(&f) {
+                            vm_formats.push(f);
+                        }
+                    }
+                    None => {
+                        return cx.err(
+                            out.span(),
+                            format!(
+                                "unknown output {other:?}: expected \"disk\", \"iso\", \"rootfs\", \"qcow2\", \"vhd\" or \"vmdk\""
+                            ),
+                        )
+                    }
+                },
+            }
+        }
+        if !disk && !iso && !rootfs {
+            return cx.err(
+                out.span(),
+                "output is empty: list \"disk\", \"iso\", \"rootfs\" or several",
+            );
+        }
+    }
+    // The rootfs is the root partition of a laid-out disk, copied out; the disk is kept
+    // only when asked for.
+    Ok(Outputs {
+        disk: disk | rootfs,
+        keep_disk: disk,
+        rootfs,
+        iso,
+        vm_formats,
+    })
+}
+
+/// `[image] qcow2_compression` and `vhd_type`: (qcow2 cluster compression, dynamic VHD).
+fn image_vm_options(
+    cx: &Ctx,
+    img: &ImageSection,
+) -> Result<(Option<kiln_formats::vmdisk::Compression>, bool), SpecError> {
+    let qcow2_compression = match &img.qcow2_compression {
+        None => None,
+        Some(c) => match crate::vmdisk::parse_compression(c.get_ref()) {
+            Ok(c) => Some(c),
+            Err(e) => return cx.err(c.span(), format!("qcow2_compression: {e}")),
+        },
+    };
+    let vhd_dynamic = match img.vhd_type.as_ref().map(|t| (t, t.get_ref().as_str())) {
+        None | Some((_, "fixed")) => false,
+        Some((_, "dynamic")) => true,
+        Some((t, other)) => {
+            return cx.err(
+                t.span(),
+                format!("vhd_type {other:?}: expected \"fixed\" or \"dynamic\""),
+            )
+        }
+    };
+    Ok((qcow2_compression, vhd_dynamic))
+}
+
+/// `[source] service`: a unit name.
+fn source_service(cx: &Ctx, src: &SourceSection) -> Result<Option<String>, SpecError> {
+    let Some(s) = &src.service else {
+        return Ok(None);
+    };
+    let n = s.get_ref();
+    let ok = !n.is_empty()
+        && n.len() <= 200
+        && !n.starts_with('.')
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+    if !ok {
+        return cx.err(
+            s.span(),
+            format!("service: {n:?} is not a unit name (letters, digits, `-_.@`)"),
+        );
+    }
+    Ok(Some(n.clone()))
+}
+
+/// `[source] add`: a host directory, resolved against the spec's directory.
+fn source_add(cx: &Ctx, src: &SourceSection, dir: &Path) -> Result<Option<PathBuf>, SpecError> {
+    let Some(a) = &src.add else {
+        return Ok(None);
+    };
+    let p = dir.join(a.get_ref());
+    if !p.is_dir() {
+        return cx.err(a.span(), format!("add: {} is not a directory", p.display()));
+    }
+    Ok(Some(p))
+}
+
+/// `[boot]`, with `auto` and `kiln` meaning "kiln chooses" and host paths resolved.
+fn boot_section(cx: &Ctx, b: &BootSection, dir: &Path) -> Result<Boot, SpecError> {
+    let mut overlays = Vec::new();
+    for o in &b.overlays {
+        if !o.get_ref().starts_with('/') || o.get_ref().contains("..") {
+            return cx.err(
+                o.span(),
+                format!(
+                    "overlay {:?}: expected an absolute path without '..'",
+                    o.get_ref()
+                ),
+            );
+        }
+        overlays.push(o.get_ref().clone());
+    }
+    Ok(Boot {
+        kernel: b
+            .kernel
+            .as_ref()
+            .map(|k| k.get_ref().clone())
+            .filter(|k| k != "auto"),
+        cmdline: b
+            .cmdline
+            .as_ref()
+            .map(|c| c.get_ref().clone())
+            .unwrap_or_default(),
+        initrd: match &b.initrd {
+            Some(i) if i.get_ref() != "kiln" => Some(dir.join(i.get_ref())),
+            _ => None,
+        },
+        stub: b
+            .stub
+            .as_ref()
+            .filter(|s| s.get_ref() != "auto")
+            .map(|s| dir.join(s.get_ref())),
+        modules: b.modules.iter().map(|m| m.get_ref().clone()).collect(),
+        tries: b.tries.unwrap_or(3),
+        timeout: b.timeout.unwrap_or(0),
+        overlays,
+    })
+}
+
+/// Every `[[partition]]`, in order. Slot names are unique across all of them.
+fn partitions(
+    cx: &Ctx,
+    raw: &[Spanned<PartitionSection>],
+    arch: Arch,
+    dir: &Path,
+) -> Result<Vec<Partition>, SpecError> {
+    let mut partitions = Vec::new();
+    let mut slot_names: Vec<String> = Vec::new();
+    for sp in raw {
+        partitions.push(partition(cx, sp, arch, dir, &mut slot_names)?);
+    }
+    Ok(partitions)
+}
+
+/// One `[[partition]]`; `slot_names` holds the slot names taken so far and gains this
+/// partition's.
+fn partition(
+    cx: &Ctx,
+    sp: &Spanned<PartitionSection>,
+    arch: Arch,
+    dir: &Path,
+    slot_names: &mut Vec<String>,
+) -> Result<Partition, SpecError> {
+    let at = cx.pos(sp.span());
+    let p = sp.get_ref();
+    let Some(t) = &p.type_ else {
+        return cx.err(
+            sp.span(),
+            "partition without `type` (a DPS name like \"root\" or a GUID)",
+        );
+    };
+    let (type_name, type_uuid) = partition_type(cx, t, arch)?;
+    let is_root = type_name.starts_with("root-") && !type_name.contains("verity");
+    let is_usr = type_name.starts_with("usr-") && !type_name.contains("verity");
+    let fs = partition_fs(cx, p, t, &type_name)?;
+    let size = p
+        .size
+        .as_ref()
+        .map(|s| *s.get_ref())
+        .unwrap_or(PartSize::Auto);
+    if let (Some(s), Some(e)) = (&p.size, &p.extra) {
+        if matches!(s.get_ref(), PartSize::Fixed(_)) {
+            return cx.err(e.span(), "`extra` only applies to `size = \"auto\"`; a fixed size already says how big it is");
+        }
+    }
+    let contents = partition_contents(cx, p, &type_name, dir)?;
+    if fs == FsKind::None && contents != Contents::Empty && p.contents.is_some() {
+        return cx.err(
+            sp.span(),
+            "a partition with `fs = \"none\"` cannot have contents",
+        );
+    }
+    if p.verity && !(fs == FsKind::Erofs || fs == FsKind::Ext4) {
+        return cx.err(
+            sp.span(),
+            "`verity = true` needs an ext4 or erofs filesystem",
+        );
+    }
+    if p.verity && !(is_root || is_usr) {
+        return cx.err(
+            sp.span(),
+            format!("`verity = true` is supported on root and usr partitions, not {type_name}"),
+        );
+    }
+    let slots = partition_slots(cx, p, is_root || is_usr)?;
+    let flags = partition_flags(cx, p)?;
+    let compression = partition_compression(cx, p, fs)?;
+    let slot = match &p.slot {
+        None => Vec::new(),
+        Some(v) => slot_entries(cx, v, p.verity, fs, dir, slot_names)?,
+    };
+    if let (PartSize::Fixed(sz), Some(b)) = (size, &p.budget) {
+        if sz.0 > b.get_ref().0 {
+            return cx.err(
+                b.span(),
+                format!(
+                    "fixed size {sz} is larger than the partition's budget {}",
+                    b.get_ref()
+                ),
+            );
+        }
+    }
+    if let Some(l) = &p.label {
+        if l.get_ref().encode_utf16().count() > 36 {
+            return cx.err(l.span(), "GPT labels hold at most 36 UTF-16 code units");
+        }
+    }
+    Ok(Partition {
+        type_name,
+        type_uuid,
+        label: p.label.as_ref().map(|l| l.get_ref().clone()),
+        fs,
+        size,
+        extra: p.extra.as_ref().map(|e| e.get_ref().0).unwrap_or(0),
+        contents,
+        verity: p.verity,
+        slots,
+        flags,
+        budget: p.budget.as_ref().map(|b| b.get_ref().0),
+        compression,
+        slot,
+        at,
+    })
+}
+
+/// A partition's `type`, resolved for `arch`: (canonical name, type UUID). Another
+/// architecture's root or usr type and verity types (kiln adds those) are refused.
+fn partition_type(cx: &Ctx, t: &Spanned<String>, arch: Arch) -> Result<(String, Uuid), SpecError> {
+    let Some((type_name, type_uuid)) = resolve_type(t.get_ref(), arch) else {
+        return cx.err(t.span(), format!("unknown partition type {:?}: use a DPS name (esp, root, usr, var, home, swap, linux-generic, ...) or a GUID", t.get_ref()));
+    };
+    if let Some(other) = dps_arch(&type_name).filter(|a| *a != arch) {
+        return cx.err(
+            t.span(),
+            format!(
+                "partition type {type_name} is for {other}, but the image is {arch} ([image] arch); write \"{}\" for the image's own",
+                if type_name.starts_with("usr-") { "usr" } else { "root" }
+            ),
+        );
+    }
+    if type_name.contains("verity") {
+        return cx.err(t.span(), "verity partitions are added by kiln: set `verity = true` on the data partition instead");
+    }
+    Ok((type_name, type_uuid))
+}
+
+/// A partition's `fs`, defaulting by type (vfat for the ESP and XBOOTLDR, none for swap,
+/// else ext4); `t` is its `type`, where an ESP error points when `fs` is not written.
+fn partition_fs(
+    cx: &Ctx,
+    p: &PartitionSection,
+    t: &Spanned<String>,
+    type_name: &str,
+) -> Result<FsKind, SpecError> {
+    let fs = match &p.fs {
+        Some(f) => match FsKind::parse(f.get_ref()) {
+            Some(k) => k,
+            None => {
+                return cx.err(
+                    f.span(),
+                    format!(
+                        "unknown filesystem {:?}: expected ext4, erofs, vfat or none",
+                        f.get_ref()
+                    ),
+                )
+            }
+        },
+        None => match type_name {
+            "esp" | "xbootldr" => FsKind::Vfat,
+            "swap" => FsKind::None,
+            _ => FsKind::Ext4,
+        },
+    };
+    if type_name == "esp" && fs != FsKind::Vfat {
+        return cx.err(
+            p.fs.as_ref().map(|f| f.span()).unwrap_or(t.span()),
+            "an ESP must be vfat",
+        );
+    }
+    Ok(fs)
+}
+
+/// A partition's `contents` or `copy`, defaulting by type (`/` for root, `/usr` for usr,
+/// `/var`, `/home`; else empty).
+fn partition_contents(
+    cx: &Ctx,
+    p: &PartitionSection,
+    type_name: &str,
+    dir: &Path,
+) -> Result<Contents, SpecError> {
+    Ok(match (&p.contents, &p.copy) {
+        (Some(a), Some(_)) => return cx.err(a.span(), "give either `contents` (a directory of the source tree) or `copy` (a host directory), not both"),
+        (Some(c), None) => {
+            let v = c.get_ref();
+            if !v.starts_with('/') || v.split('/').any(|x| x == "..") {
+                return cx.err(c.span(), format!("contents {v:?}: expected an absolute path in the tree, without '..'"));
+            }
+            Contents::Tree(v.clone())
+        }
+        (None, Some(h)) => Contents::Host(dir.join(h.get_ref())),
+        (None, None) => match type_name {
+            n if n.starts_with("root-") => Contents::Tree("/".into()),
+            n if n.starts_with("usr-") => Contents::Tree("/usr".into()),
+            "var" => Contents::Tree("/var".into()),
+            "home" => Contents::Tree("/home".into()),
+            _ => Contents::Empty,
+        },
+    })
+}
+
+/// A partition's `slots`: 1, or 2 (A/B) for a root or usr partition (`root_or_usr`).
+fn partition_slots(cx: &Ctx, p: &PartitionSection, root_or_usr: bool) -> Result<u32, SpecError> {
+    let slots = p.slots.as_ref().map(|s| *s.get_ref()).unwrap_or(1);
+    if let Some(s) = &p.slots {
+        if !(1..=2).contains(s.get_ref()) {
+            return cx.err(s.span(), "`slots` must be 1 or 2 (A/B)");
+        }
+        if *s.get_ref() == 2 && !root_or_usr {
+            return cx.err(
+                s.span(),
+                "A/B `slots = 2` is supported on root and usr partitions",
+            );
+        }
+    }
+    Ok(slots)
+}
+
+/// A partition's GPT attribute bits: its `flags`, plus read-only under verity.
+fn partition_flags(cx: &Ctx, p: &PartitionSection) -> Result<u64, SpecError> {
+    let mut flags = 0u64;
+    for f in &p.flags {
+        flags |= match f.get_ref().as_str() {
+            "read-only" => attr::READ_ONLY,
+            "no-auto" => attr::NO_AUTO,
+            "grow-fs" => attr::GROW_FS,
+            other => {
+                return cx.err(
+                    f.span(),
+                    format!("unknown flag {other:?}: expected read-only, no-auto or grow-fs"),
+                )
+            }
+        };
+    }
+    if p.verity {
+        flags |= attr::READ_ONLY;
+    }
+    Ok(flags)
+}
+
+/// A partition's `compression` (LZ4 when not written), which only an EROFS one may set.
+fn partition_compression(
+    cx: &Ctx,
+    p: &PartitionSection,
+    fs: FsKind,
+) -> Result<Compression, SpecError> {
+    let Some(c) = &p.compression else {
+        return Ok(Compression::Lz4);
+    };
+    if fs != FsKind::Erofs {
+        return cx.err(c.span(), "`compression` applies to erofs partitions");
+    }
+    match c.get_ref().as_str() {
+        "lz4" => Ok(Compression::Lz4),
+        "lz4hc" => Ok(Compression::Lz4hc),
+        "none" => Ok(Compression::None),
+        other => cx.err(
+            c.span(),
+            format!("unknown compression {other:?}: expected lz4, lz4hc or none"),
+        ),
+    }
+}
+
+/// A partition's `slot` entries; every error points at the whole `slot` value. Each name is
+/// checked against, and added to, `slot_names`.
+fn slot_entries(
+    cx: &Ctx,
+    slots_v: &Spanned<OneOrMany<SlotSection>>,
+    verity: bool,
+    fs: FsKind,
+    dir: &Path,
+    slot_names: &mut Vec<String>,
+) -> Result<Vec<Slot>, SpecError> {
+    let span = slots_v.span();
+    let mut slot = Vec::new();
+    for s in slots_v.get_ref().clone().into_vec() {
+        let spath = &s.path;
+        if !spath.starts_with('/') || spath.ends_with('/') || spath.split('/').any(|x| x == "..") {
+            return cx.err(
+                span,
+                format!("slot path {spath:?}: expected an absolute file path without '..'"),
+            );
+        }
+        if verity {
+            return cx.err(span, "a slot cannot live in a verity-protected partition: its bytes are hashed, so injecting would break verification; put it on its own small partition");
+        }
+        if !matches!(fs, FsKind::Ext4 | FsKind::Vfat | FsKind::Erofs) {
+            return cx.err(
+                span,
+                format!(
+                    "slots need an ext4, vfat or erofs filesystem, not {}",
+                    fs.name()
+                ),
+            );
+        }
+        let base = spath.rsplit('/').next().unwrap_or_default();
+        let sname = s
+            .name
+            .clone()
+            .unwrap_or_else(|| base.split('.').next().unwrap_or(base).to_string());
+        if !valid_ident(&sname, "-_.") {
+            return cx.err(
+                span,
+                format!("slot name {sname:?}: use letters, digits, '-', '_' and '.'"),
+            );
+        }
+        if slot_names.contains(&sname) {
+            return cx.err(span, format!("duplicate slot name {sname:?}"));
+        }
+        if s.capacity.0 == 0 {
+            return cx.err(span, "slot capacity must be positive");
+        }
+        slot_names.push(sname.clone());
+        slot.push(Slot {
+            name: sname,
+            path: spath.clone(),
+            capacity: s.capacity.0,
+            default: s.default.as_ref().map(|d| dir.join(d)),
+            at: cx.pos(span.clone()),
+        });
+    }
+    Ok(slot)
+}
+
+/// Checks across partitions: a disk has at least one, and no two share a source subtree
+/// (that would duplicate files) or a label.
+fn check_partitions(cx: &Ctx, partitions: &[Partition], disk: bool) -> Result<(), SpecError> {
+    if partitions.is_empty() && disk {
+        return cx.err(
+            0..0,
+            "no [[partition]]: a disk needs at least one (e.g. type = \"root\")",
+        );
+    }
+    for (i, a) in partitions.iter().enumerate() {
+        for b in &partitions[..i] {
+            if let (Contents::Tree(x), Contents::Tree(y)) = (&a.contents, &b.contents) {
+                if x == y {
+                    return Err(cx.error(
+                        a.at,
+                        format!(
+                            "contents {x:?} is already the contents of the {} partition at line {}",
+                            b.type_name, b.at.line
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(l) = &a.label {
+            if partitions[..i].iter().any(|b| b.label.as_ref() == Some(l)) {
+                return Err(cx.error(a.at, format!("duplicate partition label {l:?}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks of the outputs and `[boot]` against the partitions, and of the image size against
+/// its budget.
+fn check_outputs(
+    cx: &Ctx,
+    img: &ImageSection,
+    out: &Outputs,
+    has_boot: bool,
+    partitions: &[Partition],
+) -> Result<(), SpecError> {
+    if has_boot && out.disk && !partitions.iter().any(|p| p.type_name == "esp") {
+        return cx.err(
+            0..0,
+            "[boot] needs an esp partition for systemd-boot and the UKI",
+        );
+    }
+    if let (true, Some(o)) = (out.rootfs, &img.output) {
+        if !partitions.iter().any(|p| p.type_name.starts_with("root-")) {
+            return cx.err(
+                o.span(),
+                "output \"rootfs\" needs a root partition: its filesystem is the rootfs",
+            );
+        }
+    }
+    if let (true, false, Some(o)) = (out.iso, has_boot, &img.output) {
+        return cx.err(
+            o.span(),
+            "output \"iso\" needs a [boot] section: the ISO boots the tree's kernel through systemd-boot and kiln's initrd",
+        );
+    }
+    if let (Some(size), Some(budget)) = (&img.size, &img.budget) {
+        if size.get_ref().0 > budget.get_ref().0 {
+            return cx.err(
+                budget.span(),
+                format!(
+                    "image size {} is larger than its budget {}",
+                    size.get_ref(),
+                    budget.get_ref()
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `[policy] forbid`: patterns, none of them empty.
+fn policy_forbid(cx: &Ctx, policy: &PolicySection) -> Result<Vec<String>, SpecError> {
+    let forbid = policy
+        .forbid
+        .iter()
+        .map(|f| f.get_ref().clone())
+        .collect::<Vec<_>>();
+    if let Some(f) = policy.forbid.iter().find(|f| f.get_ref().is_empty()) {
+        return cx.err(
+            f.span(),
+            "an empty forbidden pattern would match everything",
+        );
+    }
+    Ok(forbid)
 }
 
 #[cfg(test)]
@@ -1359,5 +1514,35 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
             .contains("\"16M\" or \"16MiB\""));
         assert_eq!(Size::parse("100B").unwrap().0, 100);
         assert_eq!(human_size(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn the_first_mistake_in_check_order_is_reported() {
+        // Each spec has two mistakes; the one checked first is reported, wherever the other
+        // one is written.
+        const IMG: &str = "[image]\nname = \"a\"\nversion = \"1\"\narch = \"x86-64\"\n";
+        let cases: &[(&str, &str, usize)] = &[
+            ("budget = \"1G\"\nsize = \"2G\"\n[[partition]]\ntype = \"root\"\nfs = \"vfat\"\nverity = true\n", "needs an ext4 or erofs", 7),
+            ("output = [\"bogus\"]\nseed = \"xyz\"\n", "32 hex digits", 6),
+            ("output = [\"bogus\"]\nqcow2_compression = \"lz4\"\n", "unknown output", 5),
+            ("qcow2_compression = \"lz4\"\n[source]\nservice = \".x\"\n", "not a unit name", 7),
+            ("vhd_type = \"sparse\"\n[source]\nadd = \"no-such-dir\"\n", "vhd_type", 5),
+            ("[source]\nadd = \"no-such-dir\"\n[boot]\noverlays = [\"etc\"]\n", "not a directory", 6),
+            ("[boot]\noverlays = [\"etc\"]\n[[partition]]\ntype = \"rooot\"\n", "overlay", 6),
+            ("[[partition]]\ntype = \"root\"\nfs = \"btrfs\"\nslots = 3\n", "unknown filesystem", 7),
+            ("[[partition]]\ntype = \"var\"\nflags = [\"bogus\"]\nslots = 2\n", "`slots = 2`", 8),
+            ("[[partition]]\ntype = \"var\"\ncompression = \"zstd\"\nflags = [\"x\"]\n", "unknown flag", 8),
+            ("[[partition]]\ntype = \"var\"\nlabel = \"l\"\n[[partition]]\ntype = \"home\"\nlabel = \"l\"\nfs = \"none\"\ncontents = \"/home\"\n", "cannot have contents", 8),
+            ("output = [\"iso\"]\nsize = \"2G\"\nbudget = \"1G\"\n[[partition]]\ntype = \"root\"\n", "needs a [boot] section", 5),
+            ("size = \"2G\"\nbudget = \"1G\"\n[[partition]]\ntype = \"root\"\n[policy]\nforbid = [\"\"]\n", "larger than its budget", 6),
+        ];
+        for (rest, want, line) in cases {
+            let text = format!("{IMG}{rest}");
+            let e = parse(&text).unwrap_err();
+            assert!(
+                e.msg.contains(want) && e.line == *line,
+                "{text:?}: want {want:?} at line {line}, got {e}"
+            );
+        }
     }
 }
