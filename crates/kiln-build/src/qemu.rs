@@ -682,7 +682,9 @@ fn qemu_path(p: &Path) -> Result<String> {
 /// has no GPT or no ESP with a readable FAT.
 pub fn esp_arches(image: &Path) -> Option<Vec<Arch>> {
     let f = std::fs::File::open(image).ok()?;
-    let fat = esp_fat(&f).ok()??.1;
+    let Ok(Esp::Fat(_, fat)) = esp_fat(&f) else {
+        return None;
+    };
     Some(
         Arch::ALL
             .iter()
@@ -698,14 +700,23 @@ pub fn esp_arches(image: &Path) -> Option<Vec<Arch>> {
 type PartRead = Box<dyn Fn(u64, &mut [u8]) -> std::io::Result<()>>;
 type EspFat = kiln_formats::fat::FatReader<PartRead>;
 
-/// The FAT of the first EFI system partition of the disk in `f`, with its partition index;
-/// `Ok(None)` when `f` has no GPT; an error when it has no ESP or the ESP holds no FAT.
-fn esp_fat(f: &std::fs::File) -> Result<Option<(usize, EspFat)>> {
+/// What a disk's GPT says about its EFI system partition.
+enum Esp {
+    /// No (readable) GPT: an MBR disk or a hybrid ISO, left to the firmware.
+    NoGpt,
+    /// A GPT without an ESP.
+    Missing,
+    /// The first ESP's FAT, with its partition index.
+    Fat(usize, EspFat),
+}
+
+/// The EFI system partition of the disk in `f`; an error when its FAT cannot be read.
+fn esp_fat(f: &std::fs::File) -> Result<Esp> {
     use kiln_formats::fat::FatReader;
     use kiln_formats::gpt::{Gpt, TYPE_ESP};
     use std::os::unix::fs::FileExt;
     let Ok(table) = Gpt::read(f) else {
-        return Ok(None);
+        return Ok(Esp::NoGpt);
     };
     let Some((i, esp)) = table
         .partitions
@@ -713,7 +724,7 @@ fn esp_fat(f: &std::fs::File) -> Result<Option<(usize, EspFat)>> {
         .enumerate()
         .find(|(_, p)| p.type_guid == TYPE_ESP)
     else {
-        bail!("no EFI system partition");
+        return Ok(Esp::Missing);
     };
     let base = esp.offset();
     let f = f.try_clone()?;
@@ -724,7 +735,7 @@ fn esp_fat(f: &std::fs::File) -> Result<Option<(usize, EspFat)>> {
             i + 1
         )
     })?;
-    Ok(Some((i, fat)))
+    Ok(Esp::Fat(i, fat))
 }
 
 /// Fails at once, saying why, when `arch`'s firmware could not boot the disk `image`: it has a
@@ -734,15 +745,14 @@ fn esp_fat(f: &std::fs::File) -> Result<Option<(usize, EspFat)>> {
 /// without a GPT (an MBR disk, a hybrid ISO) are left to the firmware.
 pub fn firmware_can_boot(image: &Path, arch: Arch) -> Result<()> {
     let f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
-    let (i, fat) = match esp_fat(&f) {
-        Ok(Some(x)) => x,
-        Ok(None) => return Ok(()),
-        Err(e) if e.to_string() == "no EFI system partition" => bail!(
+    let (i, fat) = match esp_fat(&f).with_context(|| image.display().to_string())? {
+        Esp::Fat(i, fat) => (i, fat),
+        Esp::NoGpt => return Ok(()),
+        Esp::Missing => bail!(
             "{}: no EFI system partition, so the firmware has nothing to boot (build it with \
              [boot] in its spec, or boot a kernel directly with --kernel and --initrd)",
             image.display()
         ),
-        Err(e) => return Err(e.context(image.display().to_string())),
     };
     let path = arch.efi_removable_path();
     match fat.lookup(&format!("/{path}")) {

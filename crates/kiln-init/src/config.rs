@@ -40,6 +40,9 @@
 
 use std::fmt::Write as _;
 
+/// Formats 16 RFC-order bytes as a lowercase UUID (the one formatter, kiln-formats').
+pub use kiln_formats::repart::format_uuid;
+
 /// Default seconds to wait for the boot disk: TCG guests probe disks slowly.
 pub const DEFAULT_TIMEOUT: u32 = 30;
 /// Default seconds between a failure message and the reboot.
@@ -373,19 +376,6 @@ pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     }
     let b = parse_hex(&parts.concat())?;
     b.try_into().ok()
-}
-
-/// Formats 16 RFC-order bytes as a lowercase UUID.
-pub fn format_uuid(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 impl Plan {
