@@ -472,29 +472,6 @@ fn describe(d: &Detected) -> String {
     }
     s
 }
-/// `len` bytes of `f` from `off`: one partition, as the filesystem readers take it.
-struct Window<'a> {
-    f: &'a File,
-    off: u64,
-    len: u64,
-}
-
-impl kiln_formats::io::ReadAt for Window<'_> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        if offset.saturating_add(buf.len() as u64) > self.len {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "read of {} bytes at {offset} past the end of the {}-byte partition",
-                    buf.len(),
-                    self.len
-                ),
-            ));
-        }
-        kiln_formats::io::ReadAt::read_at(self.f, self.off + offset, buf)
-    }
-}
-
 /// The full dumps (`kiln inspect --dump`) of every ext4 and EROFS filesystem of the image at
 /// `path` (each GPT partition, or the whole file) and of its ISO 9660 volume: superblock,
 /// groups and every inode with its path, as the golden tests snapshot them. An unreadable
@@ -521,7 +498,11 @@ pub fn dumps(path: &Path, ins: &Inspection) -> Result<String> {
     }
     let mut out = String::new();
     for (what, off, len, c) in places {
-        let w = Window { f: &f, off, len };
+        let w = kiln_formats::io::Window {
+            inner: &f,
+            offset: off,
+            len,
+        };
         let text = match c.kind.as_str() {
             "ext4" => ext4::reader::Reader::open(w)
                 .and_then(|r| {

@@ -75,9 +75,51 @@ impl ReadAt for SinkReader<'_> {
     }
 }
 
+/// `len` bytes of `inner` from `offset`: a partition of a disk image, as a filesystem reader
+/// takes it (its offsets start at the partition). Reads past `len` are errors.
+pub struct Window<R> {
+    /// The whole image.
+    pub inner: R,
+    /// Where the window starts in it.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+}
+
+impl<R: ReadAt> ReadAt for Window<R> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if offset.saturating_add(buf.len() as u64) > self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "read of {} bytes at {offset} past the end of the {}-byte partition",
+                    buf.len(),
+                    self.len
+                ),
+            ));
+        }
+        self.inner.read_at(self.offset + offset, buf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_read_their_range_only() {
+        let img: Vec<u8> = (0..16).collect();
+        let w = Window {
+            inner: &img,
+            offset: 4,
+            len: 8,
+        };
+        let mut b = [0u8; 3];
+        w.read_at(5, &mut b).unwrap();
+        assert_eq!(b, [9, 10, 11]);
+        let e = w.read_at(6, &mut b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn exact_reads_and_eof_errors() {
