@@ -555,6 +555,43 @@ pub fn debian_tree(name: &str) -> Option<PathBuf> {
     None
 }
 
+/// `BASE/PREFIX-PID`, one test process's directory for outputs its tests share (images built
+/// once per process and kept in statics, which are never dropped). What earlier processes left
+/// under `BASE/PREFIX-*` is removed first, so a run leaves at most one such directory behind.
+pub fn process_dir(base: &Path, prefix: &str) -> PathBuf {
+    static CLEANED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut cleaned = CLEANED.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = base.join(format!("{prefix}-{}", std::process::id()));
+    if !cleaned.iter().any(|p| p == prefix) {
+        let earlier = format!("{prefix}-");
+        for e in fs::read_dir(base).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name
+                .strip_prefix(&earlier)
+                .is_some_and(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+                && e.path() != dir
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        cleaned.push(prefix.to_string());
+    }
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Removes a test's directory when the test passes; a failing test's is kept to look at. The
+/// distribution tests write gigabytes each, and CI machines have limited disk.
+pub struct RemoveOnPass(pub PathBuf);
+
+impl Drop for RemoveOnPass {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// A temp dir for trees of many small files: on a RAM filesystem when the machine has one with
 /// room to spare (creating and deleting 100k-entry directories several times on a disk
 /// filesystem costs minutes in inode-allocation scans), else in the default temp dir.

@@ -18,14 +18,14 @@ mod ab_support;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_build::qemu::{self, Attach, BootOptions, BootOutcome, Firmware};
 use kiln_formats::arch::Arch;
 use kiln_formats::gpt::{self, Gpt};
 use kiln_formats::pe;
-use kiln_testkit::{debian_tree, require_tool, run, run_ok};
+use kiln_testkit::{debian_tree, process_dir, require_tool, run, run_ok};
 
 use ab_support::{check_systemd_disk_boot, esp_ukis, markers, must_succeed, report_of};
 
@@ -56,8 +56,7 @@ fn tools() {
 
 /// The arm64 appliance tree, made once per test process (`make-rootfs --arch arm64`).
 fn arm64_rootfs(broken: bool) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let d = DIR.get_or_init(|| tempfile::tempdir().unwrap()).path();
+    let d = process_dir(Path::new(env!("CARGO_TARGET_TMPDIR")), "arm64-rootfs");
     let out = d.join(if broken { "broken" } else { "good" });
     static MADE: Mutex<()> = Mutex::new(());
     let _one = MADE.lock().unwrap_or_else(|p| p.into_inner());

@@ -19,7 +19,9 @@ use kiln_build::initrd::{self, Compression, InitrdOptions};
 use kiln_build::qemu::{self, BootOptions, DirectKernel, Ending, Firmware};
 use kiln_formats::fstree::{DataRef, FileData, HostContents, Meta, Node, NodeKind, Tree};
 use kiln_formats::pe;
-use kiln_testkit::{host_kernel_version as kernel_version, require_tool as tool, run_ok};
+use kiln_testkit::{
+    host_kernel_version as kernel_version, process_dir, require_tool as tool, run_ok,
+};
 
 const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 const ROOT_TYPE: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
@@ -132,14 +134,7 @@ fn fixture() -> &'static Fixture {
 }
 
 fn build_fixture() -> Fixture {
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    // Disks of earlier runs (one directory per test process).
-    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with("boot-") {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-    let dir = tmp.join(format!("boot-{}", std::process::id()));
+    let dir = process_dir(Path::new(env!("CARGO_TARGET_TMPDIR")), "boot");
     std::fs::create_dir_all(&dir).unwrap();
     let ver = kernel_version();
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use kiln_build::qemu::{self, Attach, BootOptions, BootOutcome, DirectKernel, Ending, Firmware};
 use kiln_formats::fat::FatReader;
 use kiln_formats::gpt::Gpt;
-use kiln_testkit::{debian_tree, require_tool, run_ok};
+use kiln_testkit::{debian_tree, process_dir, require_tool, run_ok, RemoveOnPass};
 use serde_json::Value;
 
 use ab_support::{check_systemd_disk_boot, esp_ukis, must_succeed, partition_bytes, serve, Faults};
@@ -62,19 +62,7 @@ struct Image {
 }
 
 fn tmp_root() -> PathBuf {
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    static CLEAN: OnceLock<()> = OnceLock::new();
-    CLEAN.get_or_init(|| {
-        // Images of earlier runs (one directory per test process).
-        for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("distro-") {
-                let _ = fs::remove_dir_all(e.path());
-            }
-        }
-    });
-    let dir = tmp.join(format!("distro-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    process_dir(Path::new(env!("CARGO_TARGET_TMPDIR")), "distro")
 }
 
 /// Copies the example project to `dir`, changing the spec with `edit`.
@@ -299,6 +287,7 @@ fn bookworm_cloud_lz4hc_root_boots() {
         return;
     };
     let dir = tmp_root().join("bookworm-cloud-lz4hc");
+    let _clean = RemoveOnPass(dir.clone());
     let p = project(&dir.join("project"), |s| {
         assert!(s.contains("compression = \"lz4\""));
         s.replace("compression = \"lz4\"", "compression = \"lz4hc\"")
@@ -500,6 +489,7 @@ fn ab_update_with_failing_unit_falls_back_to_blessed_v1() {
         return;
     };
     let dir = tmp_root().join("ab");
+    let _clean = RemoveOnPass(dir.clone());
     let p2 = project(&dir.join("project-v2"), |s| {
         s.replace("version = \"1\"", "version = \"2\"")
             .replace("tries = 2", "tries = 1")
@@ -629,6 +619,7 @@ fn debian_update_from_http_fetches_one_package() {
     );
 
     let dir = tmp_root().join("delta");
+    let _clean = RemoveOnPass(dir.clone());
     let key = dir.join("release.key");
     let pubkey = dir.join("release.pub");
     fs::create_dir_all(&dir).unwrap();
@@ -765,6 +756,7 @@ fn missing_crc32c_is_named_at_build_and_at_boot() {
         return;
     };
     let dir = tmp_root().join("missing");
+    let _clean = RemoveOnPass(dir.clone());
     fs::create_dir_all(&dir).unwrap();
     let (mut tree, contents) =
         kiln_tree::open_random_access(&kiln_tree::SourceArg::TarFile(img.tar.clone())).unwrap();
@@ -1004,6 +996,7 @@ fn compressed_modules_by_the_kernel_and_by_kiln_init() {
         return;
     };
     let dir = tmp_root().join("compressed");
+    let _clean = RemoveOnPass(dir.clone());
     fs::create_dir_all(&dir).unwrap();
     let (mut tree, contents) =
         kiln_tree::open_random_access(&kiln_tree::SourceArg::TarFile(img.tar.clone())).unwrap();

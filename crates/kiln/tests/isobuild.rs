@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
-use kiln_testkit::{host_kernel_version as kernel_version, require_tool as tool, run_ok as run};
+use kiln_testkit::{
+    host_kernel_version as kernel_version, process_dir, require_tool as tool, run_ok as run,
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -112,13 +114,7 @@ fn fixture() -> &'static Fixture {
 }
 
 fn build_fixture() -> Fixture {
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with("isobuild-") {
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
-    let dir = tmp.join(format!("isobuild-{}", std::process::id()));
+    let dir = process_dir(Path::new(env!("CARGO_TARGET_TMPDIR")), "isobuild");
     let project = dir.join("kiosk");
     let tree = project.join("tree");
     for d in [
