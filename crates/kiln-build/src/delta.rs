@@ -421,10 +421,6 @@ pub struct FromOptions {
 /// counts end in `_size`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FromReport {
-    /// Image name.
-    pub name: String,
-    /// Version installed.
-    pub version: String,
     /// Whether anything was written.
     pub dry_run: bool,
     /// Root image bytes.
@@ -457,21 +453,11 @@ pub struct FromReport {
     pub requests: u64,
     /// Tries repeated (dropped connections, bad blocks).
     pub retries: u64,
-    /// GPT entry numbers written.
-    pub data_partition: u32,
-    /// See `data_partition`.
-    pub hash_partition: u32,
-    /// What the target slot was named before.
-    pub replaced: String,
-    /// Version kept as the fallback.
-    pub kept: Option<String>,
-    /// ESP path of the UKI installed.
-    pub installed_uki: String,
-    /// ESP paths of the UKIs removed.
-    pub removed_ukis: Vec<String>,
-    /// Why the primary GPT was unusable, when it was (or, with `--dry-run`, would be)
-    /// rewritten from the valid backup.
-    pub gpt_restored: Option<String>,
+    /// The install, as `kiln update --with` reports it: name and version always; partitions,
+    /// slots and UKIs once done (with `--dry-run`, left empty); `gpt_restored` also for a
+    /// dry run, where it says what would be rewritten.
+    #[serde(flatten)]
+    pub install: update::UpdateReport,
 }
 
 /// Where a block of the new root comes from.
@@ -566,8 +552,6 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
     };
     let root_len = m.data.size;
     let mut report = FromReport {
-        name: new.name.clone(),
-        version: new.version.clone(),
         dry_run: opts.dry_run,
         root_bytes: root_len,
         blocks_in_place: p.in_place,
@@ -578,7 +562,12 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
         uki_missing_bytes: miss_bytes(&uki_missing, m.uki.size),
         uki_bytes: m.uki.size,
         index_bytes: fetched.bytes,
-        gpt_restored: t.gpt_restored.clone(),
+        install: update::UpdateReport {
+            name: new.name.clone(),
+            version: new.version.clone(),
+            gpt_restored: t.gpt_restored.clone(),
+            ..Default::default()
+        },
         ..FromReport::default()
     };
     if opts.dry_run {
@@ -594,16 +583,10 @@ pub fn update_from(opts: &FromOptions) -> Result<FromReport> {
     verify_slot(opts, &fetched.where_, idx, &t)?;
 
     // Bootable only now.
-    let u = update::finish_install(&mut t, new, esp)?;
+    report.install = update::finish_install(&mut t, new, esp)?;
     report.fetched_bytes = s1.bytes + s2.bytes;
     report.requests = s1.requests + s2.requests;
     report.retries = s1.retries + s2.retries;
-    report.data_partition = u.data_partition;
-    report.hash_partition = u.hash_partition;
-    report.replaced = u.replaced;
-    report.kept = u.kept;
-    report.installed_uki = u.installed_uki;
-    report.removed_ukis = u.removed_ukis;
     Ok(report)
 }
 

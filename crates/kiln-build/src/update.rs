@@ -53,7 +53,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::fat::FatReader;
 use kiln_formats::gpt::{self, Gpt};
 use kiln_formats::repart;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::layout::EMPTY_LABEL;
@@ -67,8 +67,8 @@ pub struct UpdateOptions {
     pub with: PathBuf,
 }
 
-/// What was done.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What was done (in `kiln.update/1` JSON, these fields as they are named).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct UpdateReport {
     /// Image name.
     pub name: String,

@@ -77,11 +77,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let Err(e) = run() else {
+        return ExitCode::SUCCESS;
+    };
+    eprintln!("error: {e}");
+    ExitCode::FAILURE
 }

@@ -1,7 +1,7 @@
 //! `kiln mkfs ext4|erofs`.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -82,7 +82,14 @@ pub struct Ext4Args {
     /// (unallocated, reading as zeroes), whatever the source: a directory, a sparse or dense tar.
     #[arg(long)]
     pub keep_zeroes: bool,
-    /// Print a JSON summary (inodes, blocks, size, sha256, seconds) on stdout.
+    #[command(flatten)]
+    pub print: Print,
+}
+
+/// What every `kiln mkfs` prints besides the image.
+#[derive(Args, Debug)]
+pub struct Print {
+    /// Print a JSON summary (size, sha256, seconds and the format's own counts) on stdout.
     #[arg(long)]
     pub json: bool,
     /// No progress and no summary line on stderr.
@@ -122,6 +129,16 @@ pub(crate) fn file_bytes(tree: &kiln_formats::fstree::Tree) -> u64 {
         .sum()
 }
 
+/// [`summary`] for an image of `tree`.
+pub(crate) fn tree_summary(
+    r: &crate::progress::Renderer,
+    path: &Path,
+    size: u64,
+    tree: &kiln_formats::fstree::Tree,
+) {
+    summary(r, path, size, tree.nodes.len(), file_bytes(tree));
+}
+
 /// The line every `kiln mkfs` ends with: path, size, entries, ratio of the image to the file
 /// data it holds, time.
 pub(crate) fn summary(
@@ -147,7 +164,7 @@ pub(crate) fn summary(
 
 fn ext4_cmd(a: Ext4Args) -> Outcome {
     let started = Instant::now();
-    let progress = crate::progress::Renderer::new("kiln mkfs", a.quiet);
+    let progress = crate::progress::Renderer::new("kiln mkfs", a.print.quiet);
     let norm = Normalize::from_env(a.all_root).context("reading SOURCE_DATE_EPOCH")?;
     let size = match a.size {
         Some(bytes) => ext4::Size::Fixed(bytes),
@@ -180,19 +197,11 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
             let plan = ext4::plan(&tree, &opts)
                 .with_context(|| format!("laying out {}", a.source.display()))?;
             super::create_parent(&a.output)?;
-            let out = AtomicFile::create(&a.output)
-                .with_context(|| format!("creating {}", a.output.display()))?;
             let len = a.size.unwrap_or(0).max(plan.size_bytes());
-            out.file()
-                .set_len(len)
-                .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
-            let sink = FileSink::new(out.file(), 0, len);
             progress.begin("ext4", Some(plan.data_bytes(&tree)));
-            let report = plan
-                .write_with_progress(&tree, &contents, &sink, &advancing(&progress))
-                .with_context(|| format!("writing {}", a.output.display()))?;
-            out.commit()
-                .with_context(|| format!("committing {}", a.output.display()))?;
+            let report = write_fixed(&a.output, len, |sink| {
+                Ok(plan.write_with_progress(&tree, &contents, sink, &advancing(&progress))?)
+            })?;
             (report, tree.nodes.len(), file_bytes(&tree))
         }
         Opened::Stream(stream) => {
@@ -227,7 +236,7 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
     let (report, entries, input) = report;
     let size = a.size.unwrap_or(0).max(report.size_bytes);
     summary(&progress, &a.output, size, entries, input);
-    if a.json {
+    if a.print.json {
         // docs/json/mkfs-ext4.schema.json
         let summary = serde_json::json!({
             "schema": "kiln.mkfs-ext4/1",
@@ -252,6 +261,25 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
         println!("{summary}");
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Writes an image of `size` bytes to `output` through a temp file beside it: sized first,
+/// filled by `write`, renamed into place only when `write` succeeds.
+pub(crate) fn write_fixed<R>(
+    output: &Path,
+    size: u64,
+    write: impl FnOnce(&FileSink) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    let out =
+        AtomicFile::create(output).with_context(|| format!("creating {}", output.display()))?;
+    out.file()
+        .set_len(size)
+        .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
+    let sink = FileSink::new(out.file(), 0, size);
+    let r = write(&sink).with_context(|| format!("writing {}", output.display()))?;
+    out.commit()
+        .with_context(|| format!("finishing {}", output.display()))?;
+    Ok(r)
 }
 
 /// `"sha256:HEX"` of a file (the `digest` of every `kiln mkfs --json`).

@@ -48,20 +48,12 @@ pub fn run(a: UpdateArgs) -> Outcome {
         with,
     })?;
     if a.json {
-        let doc = serde_json::json!({
-            "schema": kiln_build::json::UPDATE_SCHEMA,
-            "mode": "with",
-            "dry_run": false,
-            "name": r.name,
-            "version": r.version,
-            "data_partition": r.data_partition,
-            "hash_partition": r.hash_partition,
-            "replaced": r.replaced,
-            "kept": r.kept,
-            "installed_uki": r.installed_uki,
-            "removed_ukis": r.removed_ukis,
-            "gpt_restored": r.gpt_restored,
-        });
+        let mut doc = serde_json::to_value(&r)?;
+        if let Some(o) = doc.as_object_mut() {
+            o.insert("schema".into(), kiln_build::json::UPDATE_SCHEMA.into());
+            o.insert("mode".into(), "with".into());
+            o.insert("dry_run".into(), false.into());
+        }
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -108,8 +100,8 @@ fn run_from(a: &UpdateArgs, from: &str) -> Outcome {
         "{}: {} {} {}: root {:.2} MiB of {:.2} MiB to fetch ({:.2} %; {} blocks in place, {} copied on the disk), UKI {:.2} of {:.2} MiB, index {:.2} MiB",
         a.image.display(),
         if r.dry_run { "would install" } else { "installed" },
-        r.name,
-        r.version,
+        r.install.name,
+        r.install.version,
         mib(r.root_missing_bytes),
         mib(r.root_bytes),
         r.root_missing_percent,
@@ -119,19 +111,19 @@ fn run_from(a: &UpdateArgs, from: &str) -> Outcome {
         mib(r.uki_bytes),
         mib(r.index_bytes),
     );
-    print_gpt_restored(&r.gpt_restored, r.dry_run);
+    print_gpt_restored(&r.install.gpt_restored, r.dry_run);
     if !r.dry_run {
         println!(
             "  fetched {} bytes in {} requests ({} retried); partitions {} and {} (was {}){}",
             r.fetched_bytes,
             r.requests,
             r.retries,
-            r.data_partition,
-            r.hash_partition,
-            r.replaced,
-            kept_note(&r.kept)
+            r.install.data_partition,
+            r.install.hash_partition,
+            r.install.replaced,
+            kept_note(&r.install.kept)
         );
-        print_esp(&r.installed_uki, &r.removed_ukis);
+        print_esp(&r.install.installed_uki, &r.install.removed_ukis);
     }
     Ok(ExitCode::SUCCESS)
 }

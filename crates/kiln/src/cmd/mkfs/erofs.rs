@@ -14,6 +14,7 @@ use kiln_tree::progress::{positioning, Progress};
 use kiln_tree::{Normalize, Opened, SourceArg};
 use sha2::Digest;
 
+use super::Print;
 use crate::cmd::Outcome;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -59,17 +60,13 @@ pub struct ErofsArgs {
     /// half zeroes, the others compress their zeroes), whatever the source.
     #[arg(long)]
     pub keep_zeroes: bool,
-    /// Print a JSON summary on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// No progress and no summary line on stderr.
-    #[arg(short, long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub print: Print,
 }
 
 pub fn run(a: ErofsArgs) -> Outcome {
     let start = Instant::now();
-    let progress = crate::progress::Renderer::new("kiln mkfs", a.quiet);
+    let progress = crate::progress::Renderer::new("kiln mkfs", a.print.quiet);
     let seed = match &a.seed {
         Some(s) => repart::parse_uuid(s)
             .with_context(|| format!("--seed {s:?}: expected 32 hex digits or a UUID"))?,
@@ -154,7 +151,7 @@ pub fn run(a: ErofsArgs) -> Outcome {
     let (summary, entries, input) = summary;
     file.set_len(summary.size)
         .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
-    let sha = if a.json {
+    let sha = if a.print.json {
         let mut h = sha2::Sha256::new();
         let mut f = std::fs::File::open(out.tmp_path())
             .with_context(|| format!("reading back {}", out.tmp_path().display()))?;
@@ -166,7 +163,7 @@ pub fn run(a: ErofsArgs) -> Outcome {
     out.commit()
         .with_context(|| format!("finishing {}", a.output.display()))?;
     super::summary(&progress, &a.output, summary.size, entries, input);
-    if a.json {
+    if a.print.json {
         let slots: Vec<_> = summary
             .slots
             .iter()

@@ -9,10 +9,9 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use kiln_formats::fat::{self, FatOptions, FatType, FatWriter};
 use kiln_formats::repart;
-use kiln_formats::sink::FileSink;
-use kiln_tree::output::AtomicFile;
 use kiln_tree::{Normalize, SourceArg};
 
+use super::Print;
 use super::{parse_seed, parse_size};
 use crate::cmd::Outcome;
 
@@ -51,16 +50,12 @@ pub struct FatArgs {
     /// file-system UUID for this seed. Default: all zero.
     #[arg(long, value_parser = parse_seed)]
     pub seed: Option<repart::Uuid>,
-    /// Print a JSON summary on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// No summary line on stderr.
-    #[arg(short, long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub print: Print,
 }
 
 pub fn run(a: FatArgs) -> Outcome {
-    let progress = crate::progress::Renderer::new("kiln mkfs", a.quiet);
+    let progress = crate::progress::Renderer::new("kiln mkfs", a.print.quiet);
     let norm = Normalize::from_env(false).context("reading SOURCE_DATE_EPOCH")?;
     let fat_type = a.fat_bits.map(|b| match b {
         Bits::Fat12 => FatType::Fat12,
@@ -90,25 +85,9 @@ pub fn run(a: FatArgs) -> Outcome {
     };
     let writer = FatWriter::new(&tree, opts)
         .with_context(|| format!("laying out {}", a.source.display()))?;
-    let out = AtomicFile::create(&a.output)
-        .with_context(|| format!("creating {}", a.output.display()))?;
-    out.file()
-        .set_len(size)
-        .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
-    let sink = FileSink::new(out.file(), 0, size);
-    let report = writer
-        .write(&contents, &sink)
-        .with_context(|| format!("writing {}", a.output.display()))?;
-    out.commit()
-        .with_context(|| format!("finishing {}", a.output.display()))?;
-    super::summary(
-        &progress,
-        &a.output,
-        size,
-        tree.nodes.len(),
-        super::file_bytes(&tree),
-    );
-    if a.json {
+    let report = super::write_fixed(&a.output, size, |sink| Ok(writer.write(&contents, sink)?))?;
+    super::tree_summary(&progress, &a.output, size, &tree);
+    if a.print.json {
         let g = &report.geometry;
         // docs/json/mkfs-vfat.schema.json
         let j = serde_json::json!({

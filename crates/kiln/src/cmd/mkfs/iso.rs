@@ -9,11 +9,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 use kiln_formats::iso9660::{IsoOptions, IsoPlan};
 use kiln_formats::repart;
-use kiln_formats::sink::FileSink;
-use kiln_tree::output::AtomicFile;
 use kiln_tree::{Normalize, SourceArg};
 
 use super::parse_seed;
+use super::Print;
 use crate::cmd::Outcome;
 
 /// Make an ISO 9660 image (Rock Ridge and Joliet) from a directory or a tar stream.
@@ -33,16 +32,12 @@ pub struct IsoArgs {
     /// Leave out the Joliet tree.
     #[arg(long)]
     pub no_joliet: bool,
-    /// Print a JSON summary on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// No summary line on stderr.
-    #[arg(short, long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub print: Print,
 }
 
 pub fn run(a: IsoArgs) -> Outcome {
-    let progress = crate::progress::Renderer::new("kiln mkfs", a.quiet);
+    let progress = crate::progress::Renderer::new("kiln mkfs", a.print.quiet);
     let norm = Normalize::from_env(false).context("reading SOURCE_DATE_EPOCH")?;
     if a.label.is_empty()
         || a.label.len() > 32
@@ -68,24 +63,11 @@ pub fn run(a: IsoArgs) -> Outcome {
     let plan =
         IsoPlan::new(&tree, &opts).with_context(|| format!("laying out {}", a.source.display()))?;
     let size = plan.size();
-    let out = AtomicFile::create(&a.output)
-        .with_context(|| format!("creating {}", a.output.display()))?;
-    out.file()
-        .set_len(size)
-        .with_context(|| format!("sizing {}", out.tmp_path().display()))?;
-    let sink = FileSink::new(out.file(), 0, size);
-    plan.write(&tree, &contents, None, &sink)
-        .with_context(|| format!("writing {}", a.output.display()))?;
-    out.commit()
-        .with_context(|| format!("finishing {}", a.output.display()))?;
-    super::summary(
-        &progress,
-        &a.output,
-        size,
-        tree.nodes.len(),
-        super::file_bytes(&tree),
-    );
-    if a.json {
+    super::write_fixed(&a.output, size, |sink| {
+        Ok(plan.write(&tree, &contents, None, sink)?)
+    })?;
+    super::tree_summary(&progress, &a.output, size, &tree);
+    if a.print.json {
         // docs/json/mkfs-iso9660.schema.json
         let j = serde_json::json!({
             "schema": "kiln.mkfs-iso9660/1",
