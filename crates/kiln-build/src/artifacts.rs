@@ -36,7 +36,9 @@ pub(crate) struct Stages<'p> {
 
 impl Stages<'_> {
     pub(crate) fn done(&self, what: impl std::fmt::Display) {
-        self.progress.done(&what.to_string());
+        let what = what.to_string();
+        tracing::debug!(stage = %what, "done");
+        self.progress.done(&what);
     }
 
     /// A long stage of about `total` bytes starts; its bytes go to [`Stages::progress`].
@@ -244,6 +246,10 @@ fn copy_run(src: &File, off: u64, dst: &File, to: u64, len: u64) -> std::io::Res
         // The end of the source: the rest is zeroes (the caller's set_len covers it).
         kiln_os::Copied::All | kiln_os::Copied::Short(_) => {}
         kiln_os::Copied::Unsupported => {
+            tracing::debug!(
+                len,
+                "copy_file_range unsupported here; copying through memory"
+            );
             let mut buf = vec![0u8; 1 << 20];
             let mut done = 0u64;
             while done < len {

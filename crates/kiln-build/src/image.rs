@@ -254,6 +254,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
 pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report> {
     let stages = Stages { progress };
     let spec = load_spec(opts, progress)?;
+    let _span = tracing::info_span!("build", image = %spec.name, version = %spec.version).entered();
     let epoch = match spec.source_date_epoch {
         Some(e) => Some(e),
         None => Normalize::from_env(false)?.source_date_epoch,

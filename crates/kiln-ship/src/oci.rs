@@ -781,6 +781,7 @@ impl Client {
                 if have < desc.size {
                     let why = interrupted
                         .map_or_else(|| "connection closed".to_string(), |e| format!("{e}"));
+                    tracing::info!(what, have, size = desc.size, attempt, error = %why, "blob download interrupted");
                     self.note(&format!(
                         "{what}: transfer interrupted at byte {have} of {} ({why}); attempt {} of {}",
                         desc.size,

@@ -161,6 +161,7 @@ async fn fetch_one(
                     );
                 }
                 add(&|s| s.retries += 1);
+                tracing::info!(%remote, from = pos, to = r.end, tries, error = %why, "range request cut short; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }

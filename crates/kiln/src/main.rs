@@ -146,6 +146,17 @@ fn main() -> std::process::ExitCode {
     kiln_ship::image_source::register();
     if !matches!(cli.command, Command::Serve(_)) {
         clean_up_on_signals();
+        // What the libraries log (stages, retries, fallbacks), on stderr: KILN_LOG sets the
+        // filter (`debug`, `kiln_build=debug`, ...); warnings only by default. `kiln serve`
+        // sets up its own request log.
+        let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .without_time()
+            .with_ansi(false)
+            .init();
     }
     let result = match cli.command {
         Command::Mkfs(c) => cmd::mkfs::run(c),

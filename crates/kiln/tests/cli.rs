@@ -14,7 +14,8 @@ use regex::Regex;
 fn kiln() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
     c.env_remove("NO_COLOR")
-        .env_remove("KILN_PROGRESS_INTERVAL");
+        .env_remove("KILN_PROGRESS_INTERVAL")
+        .env_remove("KILN_LOG");
     c
 }
 
@@ -146,6 +147,30 @@ fn piped_build_prints_progress_lines() {
         quiet.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&quiet.stderr)
+    );
+}
+
+/// KILN_LOG shows what the libraries log through `tracing` (here kiln-build's stages, inside
+/// the build's span), also under -q, which silences only the progress display.
+#[test]
+fn kiln_log_shows_library_events() {
+    let t = tempfile::tempdir().unwrap();
+    let src = tree(t.path(), 2);
+    let out = run_ok(
+        build_cmd(t.path(), &src, "out")
+            .arg("-q")
+            .env("KILN_LOG", "kiln_build=debug"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    for stage in ["plan: 2 partitions", "verity of root-"] {
+        let want = format!(
+            "DEBUG build{{image=progress version=1}}: kiln_build::artifacts: done stage={stage}"
+        );
+        assert!(err.contains(&want), "no {want:?} in:\n{err}");
+    }
+    assert!(
+        !err.contains("kiln build ["),
+        "progress lines under -q:\n{err}"
     );
 }
 
