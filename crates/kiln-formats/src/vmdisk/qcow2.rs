@@ -118,9 +118,11 @@ pub struct Summary {
     pub compressed: u64,
 }
 
-/// Raw deflate with a 4 KiB window, as QEMU inflates it (`windowBits = -12`).
+/// Raw deflate with a 4 KiB window, as QEMU inflates it (`windowBits = -12`), at
+/// [`super::DEFLATE_LEVEL`].
 fn deflate_4k(data: &[u8]) -> Option<Vec<u8>> {
-    let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+    let level = flate2::Compression::new(super::DEFLATE_LEVEL);
+    let mut c = flate2::Compress::new_with_window_bits(level, false, 12);
     let mut out = Vec::with_capacity(data.len());
     match c.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
         Ok(flate2::Status::StreamEnd) => Some(out),

@@ -152,7 +152,7 @@ pub fn descriptor(capacity: u64, opts: &Options) -> String {
 fn zlib(data: &[u8]) -> io::Result<Vec<u8>> {
     let mut e = flate2::write::ZlibEncoder::new(
         Vec::with_capacity(data.len() / 2),
-        flate2::Compression::default(),
+        flate2::Compression::new(super::DEFLATE_LEVEL),
     );
     e.write_all(data)?;
     e.finish()
