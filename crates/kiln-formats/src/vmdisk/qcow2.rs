@@ -144,6 +144,45 @@ enum Stored {
     Packed(Vec<u8>),
 }
 
+/// The unused tails of host clusters that compressed data had partly filled when an
+/// uncompressed cluster (which must start on a cluster boundary) came next. Later compressed
+/// clusters that fit go there, first fit, so a mix of compressible and incompressible data
+/// wastes no more than the last tails (QEMU reuses its one open tail the same way).
+#[derive(Default)]
+struct Gaps(Vec<(u64, u64)>);
+
+impl Gaps {
+    /// The most tails kept; when full, the smallest one is forgotten.
+    const MAX: usize = 32;
+
+    fn add(&mut self, start: u64, end: u64) {
+        if end <= start {
+            return;
+        }
+        if self.0.len() == Self::MAX {
+            let (i, _) = (self.0.iter().enumerate())
+                .min_by_key(|(_, (s, e))| e - s)
+                .expect("MAX > 0");
+            if self.0[i].1 - self.0[i].0 >= end - start {
+                return;
+            }
+            self.0.swap_remove(i);
+        }
+        self.0.push((start, end));
+    }
+
+    /// The start of `len` bytes in the first tail that holds them.
+    fn take(&mut self, len: u64) -> Option<u64> {
+        let i = self.0.iter().position(|(s, e)| e - s >= len)?;
+        let start = self.0[i].0;
+        self.0[i].0 += len;
+        if self.0[i].0 == self.0[i].1 {
+            self.0.remove(i);
+        }
+        Some(start)
+    }
+}
+
 /// Refcounts of host clusters, indexed by host cluster.
 struct Refs(Vec<u16>);
 
@@ -343,6 +382,7 @@ pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result
     let mut out = Out { w, pos: 0 };
     out.pad_to(CS)?;
     let mut sum = Summary::default();
+    let mut gaps = Gaps::default();
     raw.for_each_nonzero(
         CS,
         128,
@@ -353,21 +393,32 @@ pub fn write<W: Write + Seek>(raw: &Raw<'_>, w: &mut W, opts: Options) -> Result
         |index, stored| {
             match stored {
                 Stored::Plain(data) => {
-                    out.pad_to(out.pos.next_multiple_of(CS))?;
+                    let aligned = out.pos.next_multiple_of(CS);
+                    gaps.add(out.pos, aligned);
+                    out.pad_to(aligned)?;
                     l2[index as usize] = out.pos | COPIED;
                     refs.bump(out.pos / CS)?;
                     out.write(&data)?;
                     sum.clusters += 1;
                 }
                 Stored::Packed(data) => {
-                    let start = out.pos;
-                    let end = start + data.len() as u64;
+                    let len = data.len() as u64;
+                    let start = match gaps.take(len) {
+                        Some(start) => {
+                            out.write_at(start, &data)?;
+                            start
+                        }
+                        None => {
+                            out.write(&data)?;
+                            out.pos - len
+                        }
+                    };
+                    let end = start + len;
                     let extra_sectors = ((end - 1) >> 9) - (start >> 9);
                     l2[index as usize] = L2_COMPRESSED | (extra_sectors << 54) | start;
                     for c in start / CS..=(end - 1) / CS {
                         refs.bump(c)?;
                     }
-                    out.write(&data)?;
                     sum.compressed += 1;
                 }
             }
