@@ -293,7 +293,8 @@ pub(crate) fn fat_label(l: &str) -> Option<String> {
 /// FAT volume serial from the filesystem UUID (its first four bytes, as repart's mkfs.vfat
 /// call derives it).
 pub(crate) fn fat_volume_id(fs_uuid: &Uuid) -> [u8; 4] {
-    [fs_uuid[0], fs_uuid[1], fs_uuid[2], fs_uuid[3]]
+    let b = fs_uuid.as_bytes();
+    [b[0], b[1], b[2], b[3]]
 }
 
 #[cfg(test)]

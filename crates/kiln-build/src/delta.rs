@@ -64,7 +64,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
-use kiln_formats::repart;
+use kiln_formats::repart::Uuid;
 use kiln_formats::sink::FileSink;
 use kiln_formats::verity;
 use kiln_ship::ranges::{self, FetchOptions, Verdict};
@@ -277,8 +277,8 @@ impl Index {
                     meta.root_hash
                 )
             })?;
-        let vuuid = repart::parse_uuid(&meta.verity_uuid)
-            .ok_or_else(|| anyhow!("{what}: verity UUID {:?}", meta.verity_uuid))?;
+        let vuuid = Uuid::try_parse(&meta.verity_uuid)
+            .map_err(|_| anyhow!("{what}: verity UUID {:?}", meta.verity_uuid))?;
         let params = verity::Params::new(&salt, vuuid);
         let flat: Vec<u8> = data.iter().flatten().copied().collect();
         let root = verity::root_from_level0(&params, &flat).map_err(|e| anyhow!("{what}: {e}"))?;
@@ -307,9 +307,8 @@ impl Index {
     /// What `kiln update` needs to install the build this index describes.
     fn new_build(&self, src: &str) -> Result<NewBuild> {
         let m = &self.meta;
-        let uuid = |s: &str| {
-            repart::parse_uuid(s).ok_or_else(|| anyhow!("{src}: bad UUID {s:?} in the index"))
-        };
+        let uuid =
+            |s: &str| Uuid::try_parse(s).map_err(|_| anyhow!("{src}: bad UUID {s:?} in the index"));
         Ok(NewBuild {
             src: src.to_string(),
             name: m.name.clone(),
@@ -333,7 +332,7 @@ pub(crate) struct IndexInputs<'a> {
     pub disk_uuid: String,
     pub source_date_epoch: Option<i64>,
     pub salt: &'a [u8],
-    pub verity_uuid: repart::Uuid,
+    pub verity_uuid: Uuid,
     pub root_hash: [u8; 32],
     pub data_type: (String, String),
     pub hash_type: (String, String),
@@ -369,7 +368,7 @@ pub(crate) fn build_index(i: &IndexInputs<'_>) -> Result<Vec<u8>> {
             source_date_epoch: i.source_date_epoch,
             block_size: BLOCK,
             salt: hex::encode(i.salt),
-            verity_uuid: repart::format_uuid(&i.verity_uuid),
+            verity_uuid: i.verity_uuid.to_string(),
             root_hash: hex::encode(i.root_hash),
             data_type: i.data_type.0.clone(),
             data_type_uuid: i.data_type.1.clone(),
@@ -818,8 +817,7 @@ fn verify_slot(opts: &FromOptions, where_: &str, idx: &Index, t: &update::Target
     let f = &t.f;
     let (data_what, hash_what) = (t.part_what(t.slot.data), t.part_what(t.slot.hash));
     update::write_range(f, &hash_what, h.offset(), h.size(), &[])?;
-    let vuuid =
-        repart::parse_uuid(&m.verity_uuid).ok_or_else(|| anyhow!("{where_}: verity UUID"))?;
+    let vuuid = Uuid::try_parse(&m.verity_uuid).map_err(|_| anyhow!("{where_}: verity UUID"))?;
     let params = verity::Params::new(&idx.salt, vuuid);
     let read = |off: u64, b: &mut [u8]| f.read_exact_at(b, d.offset() + off);
     let formatted = verity::format(
@@ -930,7 +928,7 @@ mod tests {
                 }
             })
             .collect();
-        let params = verity::Params::new(&salt, [1; 16]);
+        let params = verity::Params::new(&salt, Uuid::from_bytes([1; 16]));
         let level0: Vec<[u8; 32]> = block_digests(&salt, &data);
         let flat: Vec<u8> = level0.iter().flatten().copied().collect();
         let root = verity::root_from_level0(&params, &flat).unwrap();
@@ -944,16 +942,16 @@ mod tests {
                 format: "kiln-update-index".into(),
                 name: "a".into(),
                 version: "2".into(),
-                disk_uuid: repart::format_uuid(&[2; 16]),
+                disk_uuid: Uuid::from_bytes([2; 16]).to_string(),
                 source_date_epoch: None,
                 block_size: BLOCK,
                 salt: hex::encode(salt),
-                verity_uuid: repart::format_uuid(&[1; 16]),
+                verity_uuid: Uuid::from_bytes([1; 16]).to_string(),
                 root_hash: hex::encode(root),
                 data_type: "root-x86-64".into(),
-                data_type_uuid: repart::format_uuid(&[3; 16]),
+                data_type_uuid: Uuid::from_bytes([3; 16]).to_string(),
                 hash_type: "root-x86-64-verity".into(),
-                hash_type_uuid: repart::format_uuid(&[4; 16]),
+                hash_type_uuid: Uuid::from_bytes([4; 16]).to_string(),
                 uki_name: "a_2+3.efi".into(),
                 data: f("a_2.root.raw", data.len() as u64),
                 hash: f("a_2.root-verity.raw", 4096 * 5),

@@ -185,7 +185,7 @@ impl Report {
             kiln_version: env!("CARGO_PKG_VERSION"),
             name: spec.name.clone(),
             version: spec.version.clone(),
-            seed: hex32(&spec.seed),
+            seed: spec.seed.simple().to_string(),
             source_date_epoch: epoch,
             spec_sha256: hex32(&spec.digest),
             source: source.display().to_string(),
@@ -233,10 +233,6 @@ enum Planned<'t> {
 
 fn hex32(u: &[u8]) -> String {
     hex::encode(u)
-}
-
-fn uuid_text(u: &Uuid) -> String {
-    repart::format_uuid(u)
 }
 
 /// Builds the image described by `opts`, silently.
@@ -386,7 +382,7 @@ pub fn build_with(opts: &BuildOptions, progress: &dyn Progress) -> Result<Report
             size: disk_size,
             sha256: hex32(&digests.disk),
         }),
-        disk_uuid: Some(uuid_text(&lay.disk_uuid)),
+        disk_uuid: Some(lay.disk_uuid.to_string()),
         chunked_digest: Some(digests.chunked),
         partitions,
         root_hash: parts.root_hash.map(|h| hex32(&h)),
@@ -552,7 +548,7 @@ fn open_source(
 /// Who the image is: stamped into its tree before anything is planned.
 struct Identity {
     /// `/etc/machine-id` of the tree, if it has one (the /var partition's UUID derives from it).
-    machine_id: Option<[u8; 16]>,
+    machine_id: Option<Uuid>,
     /// `NAME_VERSION`.
     name_version: String,
     /// os-release with IMAGE_ID and IMAGE_VERSION.
@@ -713,7 +709,7 @@ fn provisional_uuid(provisional: &Layout, spec_i: usize) -> Uuid {
         .iter()
         .find(|p| p.spec == spec_i && p.role == Role::Data)
         .map(|p| p.uuid)
-        .unwrap_or([0; 16])
+        .unwrap_or(Uuid::nil())
 }
 
 /// Plans every partition's filesystem from its tree, checks the budgets, and lays the disk out.
@@ -830,7 +826,7 @@ fn plan_partition<'t>(
                         level: erofs::LZ4HC_DEFAULT_LEVEL,
                     },
                 },
-                uuid: fs_uuid,
+                uuid: fs_uuid.into_bytes(),
                 timestamp: epoch.map(Timestamp::from_secs),
                 volume_name: truncate_label(&label, 16).into_bytes(),
                 ..Default::default()
@@ -1034,7 +1030,7 @@ fn write_verity(
             hash_partition: idx + 1,
             root_hash: hex32(&f.root_hash),
             salt: hex32(&salt),
-            uuid: uuid_text(&vuuid),
+            uuid: vuuid.to_string(),
             data_blocks: f.data_blocks,
         },
         f.root_hash,
@@ -1296,19 +1292,15 @@ fn partition_reports(
         .map(|(i, p)| {
             let sp = &spec.partitions[p.spec];
             let has_fs = parts.written.contains_key(&i);
-            let fs_uuid = || {
-                uuid_text(&repart::filesystem_uuid(&provisional_uuid(
-                    provisional,
-                    p.spec,
-                )))
-            };
+            let fs_uuid =
+                || repart::filesystem_uuid(&provisional_uuid(provisional, p.spec)).to_string();
             PartitionReport {
                 number: i + 1,
                 role: p.role,
                 type_name: p.type_name.clone(),
-                type_uuid: uuid_text(&p.type_uuid),
+                type_uuid: p.type_uuid.to_string(),
                 label: p.label.clone(),
-                uuid: uuid_text(&p.uuid),
+                uuid: p.uuid.to_string(),
                 offset: p.offset,
                 size: p.size,
                 filesystem: has_fs.then(|| sp.fs.name().to_string()),
@@ -1608,7 +1600,7 @@ fn finish(
         spec_sha256: hex32(&spec.digest),
         source: f.source.display().to_string(),
         source_sha256: hex32(&f.input_digest),
-        seed: hex32(&spec.seed),
+        seed: spec.seed.simple().to_string(),
         source_date_epoch: f.epoch,
         extra: BTreeMap::new(),
     };
@@ -1710,18 +1702,18 @@ fn update_index(
     let bytes = crate::delta::build_index(&crate::delta::IndexInputs {
         name: &spec.name,
         version: &spec.version,
-        disk_uuid: uuid_text(&lay.disk_uuid),
+        disk_uuid: lay.disk_uuid.to_string(),
         source_date_epoch: epoch,
         salt: &salt,
         verity_uuid: repart::verity_uuid(&spec.seed),
         root_hash,
         data_type: (
             lay.parts[ri].type_name.clone(),
-            uuid_text(&lay.parts[ri].type_uuid),
+            lay.parts[ri].type_uuid.to_string(),
         ),
         hash_type: (
             lay.parts[vi].type_name.clone(),
-            uuid_text(&lay.parts[vi].type_uuid),
+            lay.parts[vi].type_uuid.to_string(),
         ),
         uki_name: boot.uki.clone(),
         data: find(format!("{name_version}.{short}.raw"))?,
@@ -1804,7 +1796,7 @@ fn cmdline(spec: &Spec, lay: Option<&Layout>, root_hash: &[u8; 32]) -> String {
                 .unwrap_or_else(|| {
                     repart::partition_uuid(&spec.seed, &spec.partitions[ri].type_uuid, 0)
                 });
-            c.push_str(&format!("root=PARTUUID={}", uuid_text(&uuid)));
+            c.push_str(&format!("root=PARTUUID={uuid}"));
         }
     }
     c

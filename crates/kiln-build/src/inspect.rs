@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use kiln_formats::repart::format_uuid;
+use kiln_formats::repart::Uuid;
 use kiln_formats::{gpt, iso9660, verity};
 use serde::Serialize;
 
@@ -161,7 +161,7 @@ pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
             match verity::parse_superblock(&head[..verity::SUPERBLOCK_SIZE]) {
                 Ok((sb, params)) => Detected {
                     kind: "verity".into(),
-                    uuid: Some(format_uuid(&params.uuid)),
+                    uuid: Some(params.uuid.to_string()),
                     data_blocks: Some(sb.data_blocks.get()),
                     data_block_size: Some(u64::from(params.data_block_size)),
                     hash_block_size: Some(u64::from(params.hash_block_size)),
@@ -183,7 +183,7 @@ pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
         return Some(Detected {
             kind: "ext4".into(),
             label: text(&sb[120..136]),
-            uuid: Some(format_uuid(sb[104..120].try_into().ok()?)),
+            uuid: Some(Uuid::from_slice(&sb[104..120]).ok()?.to_string()),
             size: Some(blocks * bs),
             inodes: Some(u64::from(le32(sb, 0))),
             ..Default::default()
@@ -195,7 +195,7 @@ pub fn detect(f: &File, off: u64, len: u64) -> Option<Detected> {
         return Some(Detected {
             kind: "erofs".into(),
             label: text(&sb[64..80]),
-            uuid: Some(format_uuid(sb[48..64].try_into().ok()?)),
+            uuid: Some(Uuid::from_slice(&sb[48..64]).ok()?.to_string()),
             size: Some(blocks),
             ..Default::default()
         });
@@ -269,7 +269,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     };
     match gpt::Gpt::read(&f) {
         Ok(g) => {
-            ins.disk_uuid = Some(format_uuid(&g.disk_guid));
+            ins.disk_uuid = Some(g.disk_guid.to_string());
             ins.gpt_warning = g.primary_error.clone();
             for (i, p) in g.partitions.iter().enumerate() {
                 let attributes = gpt::attribute_names(p.attributes);
@@ -277,8 +277,8 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                     number: g.entry_numbers.get(i).copied().unwrap_or(i as u32 + 1),
                     type_name: gpt::type_by_guid(&p.type_guid)
                         .map(|t| t.name.to_string())
-                        .unwrap_or_else(|| format_uuid(&p.type_guid)),
-                    uuid: format_uuid(&p.part_guid),
+                        .unwrap_or_else(|| p.type_guid.to_string()),
+                    uuid: p.part_guid.to_string(),
                     label: p.name.clone(),
                     offset: p.offset(),
                     size: p.size(),

@@ -427,7 +427,7 @@ pub(crate) fn build(inp: &IsoInputs<'_>, stages: &Stages) -> Result<IsoOutput> {
         chunked_digest,
         volume_id: label.clone(),
         volume_uuid: opts.uuid.to_string(),
-        disk_uuid: repart::format_uuid(&esp.hybrid.disk_guid),
+        disk_uuid: esp.hybrid.disk_guid.to_string(),
         partitions: iso_partitions(&plan)?,
         root: IsoFile {
             path: ROOT_IMAGE.into(),
@@ -643,7 +643,7 @@ fn write_root_image(
             Compression::Lz4 => erofs::Compression::Lz4,
             Compression::Lz4hc => erofs::Compression::Lz4hc { level: 9 },
         },
-        uuid: repart::derive_uuid(&inp.spec.seed, "kiln-iso-root"),
+        uuid: repart::derive_uuid(&inp.spec.seed, "kiln-iso-root").into_bytes(),
         timestamp: inp.epoch.map(Timestamp::from_secs),
         volume_name: truncate_label(label, 16).into_bytes(),
         ..Default::default()
@@ -716,7 +716,7 @@ fn root_verity(
             },
             root_hash: hex::encode(f.root_hash),
             salt: hex::encode(&vparams.salt),
-            uuid: repart::format_uuid(&vparams.uuid),
+            uuid: vparams.uuid.to_string(),
             data_blocks: f.data_blocks,
         },
     ))
@@ -777,7 +777,7 @@ fn iso_partitions(plan: &IsoPlan) -> Result<Vec<IsoPartition>> {
             } else {
                 "iso9660"
             },
-            uuid: repart::format_uuid(&p.part_guid),
+            uuid: p.part_guid.to_string(),
             offset: p.first_lba * kiln_formats::gpt::SECTOR,
             size: (p.last_lba + 1 - p.first_lba) * kiln_formats::gpt::SECTOR,
         })

@@ -442,13 +442,13 @@ impl Layout {
         let mut b = [0u8; 16];
         a.copy_from_slice(&root_hash[..16]);
         b.copy_from_slice(&root_hash[16..]);
-        self.parts[data_index].uuid = a;
+        self.parts[data_index].uuid = Uuid::from_bytes(a);
         if let Some(v) = self
             .parts
             .iter_mut()
             .find(|p| p.role == Role::Verity { of: data_index })
         {
-            v.uuid = b;
+            v.uuid = Uuid::from_bytes(b);
         }
     }
 
@@ -522,7 +522,7 @@ size = "32M"
             ]
         );
         // The B twin is the second partition of its type: k = 1.
-        let root = repart::parse_uuid("4f68bce3-e8cd-4db1-96e7-fbcaf984b709").unwrap();
+        let root = Uuid::try_parse("4f68bce3-e8cd-4db1-96e7-fbcaf984b709").unwrap();
         assert_eq!(l.parts[3].uuid, repart::partition_uuid(&s.seed, &root, 1));
         assert_eq!(l.parts[1].size, l.parts[3].size);
         assert_eq!(l.parts[0].offset, ALIGN);
@@ -534,21 +534,21 @@ size = "32M"
         let mut l2 = l.clone();
         let h: [u8; 32] = std::array::from_fn(|i| i as u8);
         l2.set_root_hash(1, &h);
-        assert_eq!(&l2.parts[1].uuid[..], &h[..16]);
-        assert_eq!(&l2.parts[2].uuid[..], &h[16..]);
+        assert_eq!(l2.parts[1].uuid.as_bytes(), &h[..16]);
+        assert_eq!(l2.parts[2].uuid.as_bytes(), &h[16..]);
     }
 
     #[test]
     fn var_uuid_follows_machine_id() {
         let s = spec(AB);
-        let mid = [7u8; 16];
+        let mid = Uuid::from_bytes([7u8; 16]);
         let l = layout(
             &s,
             &[FsSize::exact(0), FsSize::exact(1 << 20), FsSize::exact(0)],
             Some(&mid),
         )
         .unwrap();
-        let var = repart::parse_uuid("4d21b016-b534-45c2-a9fb-5c16e091fd2d").unwrap();
+        let var = Uuid::try_parse("4d21b016-b534-45c2-a9fb-5c16e091fd2d").unwrap();
         assert_eq!(l.parts[5].uuid, repart::partition_uuid(&mid, &var, 0));
     }
 

@@ -10,6 +10,7 @@ use kiln_formats::fstree::{
     Contents, DataRef, FileData, Meta, Node, NodeId, NodeKind, SlotReservation, Timestamp, Tree,
     ROOT,
 };
+use kiln_formats::repart::Uuid;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -204,7 +205,7 @@ pub fn resolve_follow(tree: &Tree, path: &str) -> Option<NodeId> {
 }
 
 /// The tree's machine id (`/etc/machine-id`, 32 hex digits), if it has a real one.
-pub fn machine_id(tree: &Tree, contents: &dyn Contents) -> Result<Option<[u8; 16]>> {
+pub fn machine_id(tree: &Tree, contents: &dyn Contents) -> Result<Option<Uuid>> {
     let Some(bytes) = read_small(tree, contents, "/etc/machine-id", 4096)? else {
         return Ok(None);
     };
@@ -213,8 +214,8 @@ pub fn machine_id(tree: &Tree, contents: &dyn Contents) -> Result<Option<[u8; 16
     if t.is_empty() || t == "uninitialized" {
         return Ok(None);
     }
-    match kiln_formats::repart::parse_uuid(t) {
-        Some(u) if t.len() == 32 => Ok(Some(u)),
+    match Uuid::try_parse(t) {
+        Ok(u) if t.len() == 32 => Ok(Some(u)),
         _ => bail!("/etc/machine-id in the tree is not 32 hex digits: {t:?}"),
     }
 }
@@ -552,7 +553,7 @@ mod tests {
     fn machine_id_and_os_release() {
         let mut t = sample();
         let c = HostContents;
-        assert_eq!(machine_id(&t, &c).unwrap().unwrap()[0], 0x01);
+        assert_eq!(machine_id(&t, &c).unwrap().unwrap().as_bytes()[0], 0x01);
         let text = os_release(&t, &c, "kiosk", "2").unwrap();
         assert!(
             text.contains("NAME=Debian\n") && text.ends_with("IMAGE_ID=kiosk\nIMAGE_VERSION=2\n")

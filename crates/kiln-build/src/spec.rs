@@ -583,7 +583,7 @@ pub fn resolve_type(s: &str, arch: Arch) -> Option<(String, Uuid)> {
     let guid = gpt::parse_type(&key)?;
     let name = type_name(&guid)
         .map(str::to_string)
-        .unwrap_or_else(|| repart::format_uuid(&guid));
+        .unwrap_or_else(|| guid.to_string());
     Some((name, guid))
 }
 
@@ -778,7 +778,7 @@ fn image_identity(cx: &Ctx, img: &ImageSection) -> Result<Identity, SpecError> {
         return cx.err(img.version.span(), e);
     }
     let seed = match &img.seed {
-        Some(s) => match repart::parse_uuid(s.get_ref()) {
+        Some(s) => match repart::uuid_from_spec(s.get_ref()) {
             Some(u) => u,
             None => {
                 return cx.err(
@@ -789,7 +789,7 @@ fn image_identity(cx: &Ctx, img: &ImageSection) -> Result<Identity, SpecError> {
         },
         // Deterministic without a seed: derive one from the name, so two specs with
         // different names never share UUIDs by accident.
-        None => repart::derive_uuid(&[0; 16], &format!("kiln-image:{name}")),
+        None => repart::derive_uuid(&Uuid::nil(), &format!("kiln-image:{name}")),
     };
     let arch = match &img.arch {
         Some(a) => match Arch::parse(a.get_ref()) {

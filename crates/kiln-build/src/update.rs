@@ -52,7 +52,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::fat::FatReader;
 use kiln_formats::gpt::{self, Gpt};
-use kiln_formats::repart;
+use kiln_formats::repart::Uuid;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -354,10 +354,10 @@ pub(crate) struct NewBuild {
     pub src: String,
     pub name: String,
     pub version: String,
-    pub disk_uuid: repart::Uuid,
+    pub disk_uuid: Uuid,
     pub root_hash: [u8; 32],
-    pub data_type: repart::Uuid,
-    pub hash_type: repart::Uuid,
+    pub data_type: Uuid,
+    pub hash_type: Uuid,
     pub data_type_name: String,
     pub hash_type_name: String,
     /// The UKI's file name under `EFI/Linux/` (with its boot counter).
@@ -393,18 +393,18 @@ fn new_from_report(new: &NewReport, src: &str) -> Result<NewBuild> {
         src: src.to_string(),
         name: new.name.clone(),
         version: new.version.clone(),
-        disk_uuid: repart::parse_uuid(&new.disk_uuid)
-            .ok_or_else(|| anyhow!("{src}: bad disk UUID {:?}", new.disk_uuid))?,
+        disk_uuid: Uuid::try_parse(&new.disk_uuid)
+            .map_err(|_| anyhow!("{src}: bad disk UUID {:?}", new.disk_uuid))?,
         root_hash: new
             .root_hash
             .as_deref()
             .and_then(|h| hex::decode(h).ok())
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| anyhow!("{src}: the report has no 32-byte root hash"))?,
-        data_type: repart::parse_uuid(&data_p.type_uuid)
-            .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", data_p.type_uuid))?,
-        hash_type: repart::parse_uuid(&hash_p.type_uuid)
-            .ok_or_else(|| anyhow!("{src}: bad type UUID {:?}", hash_p.type_uuid))?,
+        data_type: Uuid::try_parse(&data_p.type_uuid)
+            .map_err(|_| anyhow!("{src}: bad type UUID {:?}", data_p.type_uuid))?,
+        hash_type: Uuid::try_parse(&hash_p.type_uuid)
+            .map_err(|_| anyhow!("{src}: bad type UUID {:?}", hash_p.type_uuid))?,
         data_type_name: data_p.type_name.clone(),
         hash_type_name: hash_p.type_name.clone(),
         uki_name: new
@@ -516,8 +516,8 @@ pub(crate) fn open_target(img: &Path, new: &NewBuild, read_only: bool) -> Result
         bail!(
             "{}: disk GUID {} differs from {src}'s {}: that build comes from another seed (another image family); refusing to install it",
             img.display(),
-            repart::format_uuid(&table.disk_guid),
-            repart::format_uuid(&new.disk_uuid)
+            table.disk_guid,
+            new.disk_uuid
         );
     }
     let slots = ab_slots(img, &table, new, disk_len)?;
@@ -848,6 +848,7 @@ pub(crate) fn finish_install(t: &mut Target, new: &NewBuild, esp: EspPlan) -> Re
     let mut b = [0u8; 16];
     a.copy_from_slice(&new.root_hash[..16]);
     b.copy_from_slice(&new.root_hash[16..]);
+    let (a, b) = (Uuid::from_bytes(a), Uuid::from_bytes(b));
     let (sd, sh) = (t.slot.data, t.slot.hash);
     let dups = t
         .table

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use kiln_formats::fat::{FatOptions, FatType, FatWriter};
 use kiln_formats::fstree::{DataRef, FileData, HostContents, Meta, Node, NodeKind, Tree};
 use kiln_formats::gpt::{self, Gpt, Partition};
+use kiln_formats::repart::Uuid;
 use kiln_formats::sink::FileSink;
 
 fn load(tree: &mut Tree, root: &Path, dir: &Path) -> std::io::Result<()> {
@@ -60,10 +61,10 @@ fn main() -> ExitCode {
         let mut tree = Tree::default();
         load(&mut tree, Path::new(src), Path::new(src))?;
         let disk_size = esp_size + (2 << 20);
-        let mut g = Gpt::new(disk_size, [0x42; 16])?;
+        let mut g = Gpt::new(disk_size, Uuid::from_bytes([0x42; 16]))?;
         g.partitions.push(Partition {
             type_guid: gpt::TYPE_ESP,
-            part_guid: [0x24; 16],
+            part_guid: Uuid::from_bytes([0x24; 16]),
             first_lba: 2048,
             last_lba: 2048 + esp_size / 512 - 1,
             attributes: 0,

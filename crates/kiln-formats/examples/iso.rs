@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use kiln_formats::fstree::HostContents;
 use kiln_formats::iso9660::writer::HybridOptions;
 use kiln_formats::iso9660::{dump, IsoOptions, IsoPlan, ReadAt};
+use kiln_formats::repart::Uuid;
 use kiln_formats::sink::FileSink;
 
 fn main() -> ExitCode {
@@ -61,7 +62,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let seed = *b"kiln-iso-example";
+            let seed = Uuid::from_bytes(*b"kiln-iso-example");
             let tree = kiln_tree::dir::read_dir_tree(&src)?;
             let mut opts = IsoOptions::new(&label, epoch, &seed);
             let esp_file = match &esp {

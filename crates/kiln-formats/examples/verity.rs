@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         eprintln!("usage: verity DATA HASH SALT_HEX UUID");
         return ExitCode::from(2);
     };
-    let (Some(salt), Some(uuid)) = (parse_hex(salt), repart::parse_uuid(uuid)) else {
+    let (Some(salt), Some(uuid)) = (parse_hex(salt), repart::uuid_from_spec(uuid)) else {
         eprintln!("bad salt (hex) or uuid");
         return ExitCode::from(2);
     };

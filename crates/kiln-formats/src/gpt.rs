@@ -15,12 +15,15 @@
 //! The reader depends on nothing but this crate's layout types and CRC32, so the static initrd
 //! (kiln-init) can use it to find partitions by UUID.
 //!
-//! UUIDs are in RFC 4122 byte order everywhere in this API; only the on-disk structs hold the
-//! mixed-endian GUID form ([`repart::to_guid_bytes`]).
+//! UUIDs are [`Uuid`]s (RFC 4122 byte order) everywhere in this API; only the on-disk structs
+//! hold the mixed-endian GUID form (first three fields little-endian), and this module is the
+//! one place that converts: [`Uuid::to_bytes_le`] when writing, [`Uuid::from_bytes_le`] when
+//! reading.
 
 use std::fmt::Write as _;
 use std::io;
 
+use uuid::uuid;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -106,67 +109,38 @@ pub struct PartType {
     pub guid: Uuid,
 }
 
-const fn hex_nibble(c: u8) -> u8 {
-    match c {
-        b'0'..=b'9' => c - b'0',
-        b'a'..=b'f' => c - b'a' + 10,
-        b'A'..=b'F' => c - b'A' + 10,
-        _ => panic!("not a hex digit"),
-    }
-}
-
-/// Parses a dashed UUID at compile time (panics, i.e. fails the build, on a typo).
-const fn uuid(s: &str) -> Uuid {
-    let b = s.as_bytes();
-    assert!(b.len() == 36, "dashed UUID expected");
-    let mut out = [0u8; 16];
-    let mut i = 0;
-    let mut o = 0;
-    while i < 36 {
-        if b[i] == b'-' {
-            i += 1;
-            continue;
-        }
-        out[o] = hex_nibble(b[i]) << 4 | hex_nibble(b[i + 1]);
-        o += 1;
-        i += 2;
-    }
-    assert!(o == 16, "dashed UUID expected");
-    out
-}
-
 /// EFI System Partition.
-pub const TYPE_ESP: Uuid = uuid("c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+pub const TYPE_ESP: Uuid = uuid!("c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
 /// Extended boot loader partition (XBOOTLDR).
-pub const TYPE_XBOOTLDR: Uuid = uuid("bc13c2ff-59e6-4262-a352-b275fd6f7172");
+pub const TYPE_XBOOTLDR: Uuid = uuid!("bc13c2ff-59e6-4262-a352-b275fd6f7172");
 /// Root filesystem for x86-64.
-pub const TYPE_ROOT_X86_64: Uuid = uuid("4f68bce3-e8cd-4db1-96e7-fbcaf984b709");
+pub const TYPE_ROOT_X86_64: Uuid = uuid!("4f68bce3-e8cd-4db1-96e7-fbcaf984b709");
 /// dm-verity hash data for the x86-64 root.
-pub const TYPE_ROOT_X86_64_VERITY: Uuid = uuid("2c7357ed-ebd2-46d9-aec1-23d437ec2bf5");
+pub const TYPE_ROOT_X86_64_VERITY: Uuid = uuid!("2c7357ed-ebd2-46d9-aec1-23d437ec2bf5");
 /// Signature of the x86-64 root's verity root hash.
-pub const TYPE_ROOT_X86_64_VERITY_SIG: Uuid = uuid("41092b05-9fc8-4523-994f-2def0408b176");
+pub const TYPE_ROOT_X86_64_VERITY_SIG: Uuid = uuid!("41092b05-9fc8-4523-994f-2def0408b176");
 /// /usr for x86-64.
-pub const TYPE_USR_X86_64: Uuid = uuid("8484680c-9521-48c6-9c11-b0720656f69e");
+pub const TYPE_USR_X86_64: Uuid = uuid!("8484680c-9521-48c6-9c11-b0720656f69e");
 /// dm-verity hash data for the x86-64 /usr.
-pub const TYPE_USR_X86_64_VERITY: Uuid = uuid("77ff5f63-e7b6-4633-acf4-1565b864c0e6");
+pub const TYPE_USR_X86_64_VERITY: Uuid = uuid!("77ff5f63-e7b6-4633-acf4-1565b864c0e6");
 /// Root filesystem for arm64 (AArch64).
-pub const TYPE_ROOT_ARM64: Uuid = uuid("b921b045-1df0-41c3-af44-4c6f280d3fae");
+pub const TYPE_ROOT_ARM64: Uuid = uuid!("b921b045-1df0-41c3-af44-4c6f280d3fae");
 /// dm-verity hash data for the arm64 root.
-pub const TYPE_ROOT_ARM64_VERITY: Uuid = uuid("df3300ce-d69f-4c92-978c-9bfb0f38d820");
+pub const TYPE_ROOT_ARM64_VERITY: Uuid = uuid!("df3300ce-d69f-4c92-978c-9bfb0f38d820");
 /// Signature of the arm64 root's verity root hash.
-pub const TYPE_ROOT_ARM64_VERITY_SIG: Uuid = uuid("6db69de6-29f4-4758-a7a5-962190f00ce3");
+pub const TYPE_ROOT_ARM64_VERITY_SIG: Uuid = uuid!("6db69de6-29f4-4758-a7a5-962190f00ce3");
 /// /usr for arm64.
-pub const TYPE_USR_ARM64: Uuid = uuid("b0e01050-ee5f-4390-949a-9101b17104e9");
+pub const TYPE_USR_ARM64: Uuid = uuid!("b0e01050-ee5f-4390-949a-9101b17104e9");
 /// dm-verity hash data for the arm64 /usr.
-pub const TYPE_USR_ARM64_VERITY: Uuid = uuid("6e11a4e7-fbca-4ded-b9e9-e1a512bb664e");
+pub const TYPE_USR_ARM64_VERITY: Uuid = uuid!("6e11a4e7-fbca-4ded-b9e9-e1a512bb664e");
 /// /var.
-pub const TYPE_VAR: Uuid = uuid("4d21b016-b534-45c2-a9fb-5c16e091fd2d");
+pub const TYPE_VAR: Uuid = uuid!("4d21b016-b534-45c2-a9fb-5c16e091fd2d");
 /// /home.
-pub const TYPE_HOME: Uuid = uuid("933ac7e1-2eb4-4f13-b844-0e14e2aef915");
+pub const TYPE_HOME: Uuid = uuid!("933ac7e1-2eb4-4f13-b844-0e14e2aef915");
 /// Swap.
-pub const TYPE_SWAP: Uuid = uuid("0657fd6d-a4ab-43c4-84e5-0933c84b4f4f");
+pub const TYPE_SWAP: Uuid = uuid!("0657fd6d-a4ab-43c4-84e5-0933c84b4f4f");
 /// Generic Linux data.
-pub const TYPE_LINUX_GENERIC: Uuid = uuid("0fc63daf-8483-4772-8e79-3d69d8477de4");
+pub const TYPE_LINUX_GENERIC: Uuid = uuid!("0fc63daf-8483-4772-8e79-3d69d8477de4");
 
 /// The DPS types kiln knows by name (SPECS.md), names as systemd-repart's `Type=` spells them.
 pub const TYPES: &[PartType] = &[
@@ -246,11 +220,11 @@ pub fn type_by_guid(guid: &Uuid) -> Option<&'static PartType> {
     TYPES.iter().find(|t| &t.guid == guid)
 }
 
-/// Resolves a type given by DPS name or as a dashed GUID.
+/// Resolves a type given by DPS name or as a GUID (hyphenated, or 32 hex digits).
 pub fn parse_type(s: &str) -> Option<Uuid> {
     type_by_name(s)
         .map(|t| t.guid)
-        .or_else(|| repart::parse_uuid(s))
+        .or_else(|| repart::uuid_from_spec(s))
 }
 
 /// GPT header (UEFI 2.10 §5.3.2, table 5-5). The rest of its sector is zero.
@@ -585,7 +559,7 @@ impl Gpt {
                     format!("entry number {n} is out of 1..=128 or repeated"),
                 ));
             }
-            if p.type_guid == [0; 16] {
+            if p.type_guid.is_nil() {
                 return Err(bad(
                     i,
                     "type GUID is all zeroes (marks an unused entry)".into(),
@@ -639,8 +613,8 @@ impl Gpt {
                 *slot = U16::new(unit);
             }
             let e = Entry {
-                type_guid: repart::to_guid_bytes(&p.type_guid),
-                part_guid: repart::to_guid_bytes(&p.part_guid),
+                type_guid: p.type_guid.to_bytes_le(),
+                part_guid: p.part_guid.to_bytes_le(),
                 first_lba: U64::new(p.first_lba),
                 last_lba: U64::new(p.last_lba),
                 attributes: U64::new(p.attributes),
@@ -669,7 +643,7 @@ impl Gpt {
             alternate_lba: U64::new(alt),
             first_usable_lba: U64::new(self.first_usable_lba),
             last_usable_lba: U64::new(self.last_usable_lba),
-            disk_guid: repart::to_guid_bytes(&self.disk_guid),
+            disk_guid: self.disk_guid.to_bytes_le(),
             partition_entry_lba: U64::new(entries),
             num_entries: U32::new(ENTRY_COUNT),
             entry_size: U32::new(ENTRY_SIZE),
@@ -806,7 +780,7 @@ impl Gpt {
     /// A human-readable listing: header fields, then one block per partition with byte offsets.
     pub fn dump(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "GPT disk {}", repart::format_uuid(&self.disk_guid));
+        let _ = writeln!(s, "GPT disk {}", self.disk_guid);
         let _ = writeln!(
             s,
             "  size {} bytes ({} sectors of 512), usable LBA {}..={}",
@@ -825,10 +799,10 @@ impl Gpt {
                 "  #{:<3} {:?} type {} {}",
                 self.number(i),
                 p.name,
-                repart::format_uuid(&p.type_guid),
+                p.type_guid,
                 ty
             );
-            let _ = writeln!(s, "       uuid {}", repart::format_uuid(&p.part_guid));
+            let _ = writeln!(s, "       uuid {}", p.part_guid);
             let _ = writeln!(
                 s,
                 "       LBA {}..={} = bytes {}..{} ({} bytes)",
@@ -1003,8 +977,8 @@ fn read_one(
             .take_while(|&u| u != 0)
             .collect();
         partitions.push(Partition {
-            type_guid: repart::from_guid_bytes(&e.type_guid),
-            part_guid: repart::from_guid_bytes(&e.part_guid),
+            type_guid: Uuid::from_bytes_le(e.type_guid),
+            part_guid: Uuid::from_bytes_le(e.part_guid),
             first_lba: pf,
             last_lba: pl,
             attributes: e.attributes.get(),
@@ -1013,7 +987,7 @@ fn read_one(
         numbers.push(number);
     }
     Ok(Gpt {
-        disk_guid: repart::from_guid_bytes(&h.disk_guid),
+        disk_guid: Uuid::from_bytes_le(h.disk_guid),
         partitions,
         entry_numbers: numbers,
         disk_sectors: sectors,
@@ -1030,7 +1004,7 @@ mod tests {
     use crate::sink::MemSink;
 
     fn sample() -> Gpt {
-        let seed = repart::parse_uuid("0123456789abcdef0123456789abcdef").unwrap();
+        let seed = Uuid::from_u128(0x0123456789abcdef0123456789abcdef);
         let mut g = Gpt::new(64 << 20, repart::disk_uuid(&seed)).unwrap();
         g.partitions.push(Partition {
             type_guid: TYPE_ESP,
@@ -1071,6 +1045,22 @@ mod tests {
         assert_eq!(&disk[510..512], &[0x55, 0xAA]);
         assert_eq!(disk[450], 0xEE);
         assert_eq!(&disk[512..520], b"EFI PART");
+        // On disk the GUIDs are mixed-endian: the first three fields little-endian.
+        assert_eq!(&disk[512 + 56..512 + 72], &g.disk_guid.to_bytes_le());
+        assert_eq!(
+            &disk[1024..1040],
+            &[
+                0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
+                0xc9, 0x3b
+            ]
+        );
+        assert_eq!(&disk[1040..1056], &g.partitions[0].part_guid.to_bytes_le());
+        let d = g.disk_guid.as_bytes();
+        assert_eq!(
+            &disk[512 + 56..512 + 64],
+            &[d[3], d[2], d[1], d[0], d[5], d[4], d[7], d[6]]
+        );
+        assert_eq!(&disk[512 + 64..512 + 72], &d[8..16]);
         let dump = back.dump();
         assert!(
             dump.contains("read-only,grow-fs,no-auto")
@@ -1125,10 +1115,10 @@ mod tests {
         g.partitions[0].name = "x".repeat(37);
         assert!(g.validate().unwrap_err().to_string().contains("36"));
         let mut g = sample();
-        g.partitions[0].type_guid = [0; 16];
+        g.partitions[0].type_guid = Uuid::nil();
         assert!(g.validate().is_err());
-        assert!(Gpt::new(1000, [0; 16]).is_err());
-        assert!(Gpt::new(512 * 60, [0; 16]).is_err());
+        assert!(Gpt::new(1000, Uuid::nil()).is_err());
+        assert!(Gpt::new(512 * 60, Uuid::nil()).is_err());
         let s = MemSink::new(4096);
         assert!(sample().write(&s).is_err());
     }
@@ -1148,6 +1138,12 @@ mod tests {
             parse_type("0fc63daf-8483-4772-8e79-3d69d8477de4"),
             Some(TYPE_LINUX_GENERIC)
         );
+        assert_eq!(
+            parse_type("0FC63DAF848347728E793D69D8477DE4"),
+            Some(TYPE_LINUX_GENERIC)
+        );
+        assert_eq!(parse_type("{0fc63daf-8483-4772-8e79-3d69d8477de4}"), None);
+        assert_eq!(TYPE_ESP.to_string(), "c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
         assert_eq!(attribute_by_name("no-auto"), Some(1 << 63));
         assert_eq!(lba_to_chs(0), [0, 1, 0]);
         assert_eq!(lba_to_chs(u64::from(u32::MAX)), [0xFF; 3]);

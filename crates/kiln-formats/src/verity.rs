@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::repart::{self, Uuid};
+use crate::repart::Uuid;
 use crate::sink::Sink;
 
 /// Superblock signature.
@@ -281,7 +281,7 @@ pub fn superblock(params: &Params, data_blocks: u64) -> Result<Superblock, Verit
         signature: SIGNATURE,
         version: U32::new(VERSION),
         hash_type: U32::new(HASH_TYPE),
-        uuid: params.uuid,
+        uuid: params.uuid.into_bytes(),
         algorithm,
         data_block_size: U32::new(params.data_block_size),
         hash_block_size: U32::new(params.hash_block_size),
@@ -324,7 +324,7 @@ pub fn parse_superblock(bytes: &[u8]) -> Result<(Superblock, Params), VerityErro
     }
     let params = Params {
         salt: sb.salt[..salt_len].to_vec(),
-        uuid: sb.uuid,
+        uuid: Uuid::from_bytes(sb.uuid),
         data_block_size: sb.data_block_size.get(),
         hash_block_size: sb.hash_block_size.get(),
     };
@@ -656,7 +656,7 @@ pub fn dump(superblock_bytes: &[u8]) -> Result<String, VerityError> {
         s,
         "dm-verity superblock (format {VERSION}, hash type {HASH_TYPE})"
     );
-    let _ = writeln!(s, "  uuid        {}", repart::format_uuid(&p.uuid));
+    let _ = writeln!(s, "  uuid        {}", p.uuid);
     let _ = writeln!(s, "  algorithm   {ALGORITHM}");
     let _ = writeln!(
         s,
@@ -713,7 +713,7 @@ mod tests {
             let data: Vec<u8> = (0..blocks * 4096)
                 .map(|i| (i * 7 + i / 4096) as u8)
                 .collect();
-            let params = Params::new(&[9u8; 32], [3u8; 16]);
+            let params = Params::new(&[9u8; 32], Uuid::from_bytes([3u8; 16]));
             let sink = crate::sink::MemSink::new(hash_size(data.len() as u64, &params) as usize);
             let f = format(&params, data.len() as u64, &mem_reader(&data), &sink).unwrap();
             let level0: Vec<u8> = data
@@ -737,7 +737,7 @@ mod tests {
 
     #[test]
     fn format_then_verify_and_detect_flips() {
-        let params = Params::new(&[0xAB; 32], [3; 16]);
+        let params = Params::new(&[0xAB; 32], Uuid::from_bytes([3; 16]));
         let mut data: Vec<u8> = (0..300 * 4096u32)
             .map(|i| (i * 7 + i / 4096) as u8)
             .collect();

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use kiln_formats::fat::{FatOptions, FatType, FatWriter};
 use kiln_formats::fstree::{DataRef, FileData, HostContents, Meta, Node, NodeKind, Tree};
 use kiln_formats::gpt::{self, Gpt, Partition};
+use kiln_formats::repart::Uuid;
 use kiln_formats::sink::FileSink;
 use kiln_testkit::require_tool;
 
@@ -56,10 +57,10 @@ fn esp_disk(dir: &Path, fat_type: FatType) -> PathBuf {
     let esp = 64u64 << 20;
     let disk_size = esp + (2 << 20);
     let img = dir.join(format!("fat{}.img", fat_type.bits()));
-    let mut g = Gpt::new(disk_size, [0x42; 16]).unwrap();
+    let mut g = Gpt::new(disk_size, Uuid::from_bytes([0x42; 16])).unwrap();
     g.partitions.push(Partition {
         type_guid: gpt::TYPE_ESP,
-        part_guid: [0x24; 16],
+        part_guid: Uuid::from_bytes([0x24; 16]),
         first_lba: 2048,
         last_lba: 2048 + esp / 512 - 1,
         attributes: 0,

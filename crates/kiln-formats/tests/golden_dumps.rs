@@ -11,6 +11,7 @@ use kiln_formats::fstree::{
     DataRef, FileData, HostContents, Meta, Node, NodeKind, Timestamp, Tree, Xattr,
 };
 use kiln_formats::iso9660::{IsoOptions, IsoPlan};
+use kiln_formats::repart::Uuid;
 use kiln_formats::sink::MemSink;
 use kiln_formats::{erofs, ext4, iso9660};
 use kiln_testkit::{pseudo_random, text_bytes};
@@ -81,7 +82,7 @@ fn fixture() -> Tree {
 fn ext4_dump() {
     let t = fixture();
     let mut o = ext4::Options::from_seed(
-        Some(&[7; 16]),
+        Some(&Uuid::from_bytes([7; 16])),
         ext4::Size::Minimize {
             extra_bytes: 0,
             extra_inodes: 0,
@@ -124,7 +125,7 @@ fn erofs_lz4_dump() {
 #[test]
 fn iso9660_dump() {
     let t = fixture();
-    let o = IsoOptions::new("GOLDEN", EPOCH, &[5; 16]);
+    let o = IsoOptions::new("GOLDEN", EPOCH, &Uuid::from_bytes([5; 16]));
     let p = IsoPlan::new(&t, &o).unwrap();
     let sink = MemSink::new(p.size() as usize);
     p.write(&t, &HostContents, None, &sink).unwrap();

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use kiln_formats::gpt::{self, Gpt, Partition};
-use kiln_formats::repart::{self, format_uuid, parse_uuid};
+use kiln_formats::repart::{self, Uuid};
 use kiln_formats::sink::FileSink;
 use kiln_testkit::{require_tool, run_ok};
 
@@ -23,7 +23,7 @@ fn write_disk(g: &Gpt, path: &Path) {
 }
 
 fn sample(size: u64) -> Gpt {
-    let seed = parse_uuid("0123456789abcdef0123456789abcdef").unwrap();
+    let seed = Uuid::try_parse("0123456789abcdef0123456789abcdef").unwrap();
     let mut g = Gpt::new(size, repart::disk_uuid(&seed)).unwrap();
     let mut next = 2048u64;
     let parts: [(&str, u64, u64); 4] = [
@@ -63,10 +63,7 @@ fn sgdisk_verifies_and_lists_what_kiln_writes() {
 
     let p = sgdisk(&["-p"], &img);
     assert!(
-        p.contains(&format!(
-            "Disk identifier (GUID): {}",
-            format_uuid(&g.disk_guid).to_uppercase()
-        )),
+        p.contains(&format!("Disk identifier (GUID): {:X}", g.disk_guid)),
         "{p}"
     );
     assert!(
@@ -76,14 +73,8 @@ fn sgdisk_verifies_and_lists_what_kiln_writes() {
     for (i, part) in g.partitions.iter().enumerate() {
         let info = sgdisk(&["-i", &(i + 1).to_string()], &img);
         let want = [
-            format!(
-                "Partition GUID code: {}",
-                format_uuid(&part.type_guid).to_uppercase()
-            ),
-            format!(
-                "Partition unique GUID: {}",
-                format_uuid(&part.part_guid).to_uppercase()
-            ),
+            format!("Partition GUID code: {:X}", part.type_guid),
+            format!("Partition unique GUID: {:X}", part.part_guid),
             format!("First sector: {} ", part.first_lba),
             format!("Last sector: {} ", part.last_lba),
             format!("Attribute flags: {:016X}", part.attributes),
@@ -110,10 +101,10 @@ fn iso_sized_disk_not_mib_aligned_is_clean() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("iso.img");
     let size = (10 << 20) + 3 * 2048;
-    let mut g = Gpt::new(size, [7; 16]).unwrap();
+    let mut g = Gpt::new(size, Uuid::from_bytes([7; 16])).unwrap();
     g.partitions.push(Partition {
         type_guid: gpt::TYPE_LINUX_GENERIC,
-        part_guid: [1; 16],
+        part_guid: Uuid::from_bytes([1; 16]),
         first_lba: 64,
         last_lba: 4095,
         attributes: 0,
@@ -121,7 +112,7 @@ fn iso_sized_disk_not_mib_aligned_is_clean() {
     });
     g.partitions.push(Partition {
         type_guid: gpt::TYPE_ESP,
-        part_guid: [2; 16],
+        part_guid: Uuid::from_bytes([2; 16]),
         first_lba: 4096,
         last_lba: g.last_usable_lba,
         attributes: 0,
@@ -139,15 +130,15 @@ fn kiln_reads_sgdisk_tables_byte_identical_headers() {
     let ours = dir.path().join("ours.img");
     let g = sample(32 << 20);
     File::create(&img).unwrap().set_len(g.disk_size()).unwrap();
-    let mut args = vec!["-o".to_string(), "-U".into(), format_uuid(&g.disk_guid)];
+    let mut args = vec!["-o".to_string(), "-U".into(), g.disk_guid.to_string()];
     for (i, p) in g.partitions.iter().enumerate() {
         let n = i + 1;
         args.push("-n".into());
         args.push(format!("{n}:{}:{}", p.first_lba, p.last_lba));
         args.push("-t".into());
-        args.push(format!("{n}:{}", format_uuid(&p.type_guid)));
+        args.push(format!("{n}:{}", p.type_guid));
         args.push("-u".into());
-        args.push(format!("{n}:{}", format_uuid(&p.part_guid)));
+        args.push(format!("{n}:{}", p.part_guid));
         args.push("-c".into());
         args.push(format!("{n}:{}", p.name));
         for bit in 0..64 {

@@ -15,11 +15,12 @@ use kiln_formats::fstree::{
 };
 use kiln_formats::iso9660::writer::HybridOptions;
 use kiln_formats::iso9660::{self, slot, IsoImage, IsoOptions, IsoPlan, TreeKind, VolumeUuid};
+use kiln_formats::repart::Uuid;
 use kiln_formats::sink::FileSink;
 use kiln_testkit::oracle::Fs;
 use kiln_testkit::{generate_corpus, pseudo_random, require_tool, run, run_ok, CorpusOptions};
 
-const SEED: [u8; 16] = *b"kiln-iso-testing";
+const SEED: Uuid = Uuid::from_bytes(*b"kiln-iso-testing");
 
 /// A temporary directory on tmpfs when /dev/shm has room (creating and deleting the 100k-entry
 /// corpus costs minutes on some disks), else in the default temporary directory.

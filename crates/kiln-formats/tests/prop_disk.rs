@@ -14,6 +14,7 @@ use kiln_formats::fstree::{
     DataRef, FileData, HostContents, Meta, Node, NodeKind, Timestamp, Tree,
 };
 use kiln_formats::gpt::{Gpt, Partition};
+use kiln_formats::repart::Uuid;
 use kiln_formats::sink::MemSink;
 use kiln_testkit::{pseudo_random, require_tool, run};
 
@@ -136,14 +137,14 @@ proptest! {
     ) {
         let total: u64 = sizes.iter().map(|(n, gap, _, _)| n + gap).sum();
         let disk = (34 + total + 33 + extra) * 512;
-        let mut g = Gpt::new(disk, [7; 16]).unwrap();
+        let mut g = Gpt::new(disk, Uuid::from_bytes([7; 16])).unwrap();
         let mut lba = 34;
         for (i, (n, gap, attrs, name)) in sizes.iter().enumerate() {
             lba += gap;
             let name: String = name.chars().take(36).collect();
             g.partitions.push(Partition {
-                type_guid: [i as u8 + 1; 16],
-                part_guid: [i as u8 + 100; 16],
+                type_guid: Uuid::from_bytes([i as u8 + 1; 16]),
+                part_guid: Uuid::from_bytes([i as u8 + 100; 16]),
                 first_lba: lba,
                 last_lba: lba + n - 1,
                 attributes: *attrs,

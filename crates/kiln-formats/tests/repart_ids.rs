@@ -51,7 +51,7 @@ fn same_ids_and_labels_as_systemd_repart() {
 
     // Rebuild the same table with kiln: ids and labels from the seed, extents from repart's
     // disk (placement is the build's policy, not what this test checks).
-    let seed = repart::parse_uuid(SEED).unwrap();
+    let seed = repart::uuid_from_spec(SEED).unwrap();
     let mut g = Gpt::new(rep.disk_size(), repart::disk_uuid(&seed)).unwrap();
     let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
     for ((_, ty, _), theirs) in plan.iter().zip(&rep.partitions) {
@@ -68,20 +68,20 @@ fn same_ids_and_labels_as_systemd_repart() {
         *k += 1;
     }
     assert_eq!(
-        repart::format_uuid(&g.disk_guid),
-        repart::format_uuid(&rep.disk_guid),
+        g.disk_guid.to_string(),
+        rep.disk_guid.to_string(),
         "disk GUID"
     );
     for (ours, theirs) in g.partitions.iter().zip(&rep.partitions) {
         assert_eq!(
-            repart::format_uuid(&ours.type_guid),
-            repart::format_uuid(&theirs.type_guid),
+            ours.type_guid.to_string(),
+            theirs.type_guid.to_string(),
             "type of {}",
             theirs.name
         );
         assert_eq!(
-            repart::format_uuid(&ours.part_guid),
-            repart::format_uuid(&theirs.part_guid),
+            ours.part_guid.to_string(),
+            theirs.part_guid.to_string(),
             "UUID of {}",
             theirs.name
         );

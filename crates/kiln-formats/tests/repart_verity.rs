@@ -89,8 +89,8 @@ fn repart_verity_pair_matches_kiln() {
     );
 
     // Root hash halves are the partition UUIDs, raw (no version bits).
-    assert_eq!(&ours.root_hash[..16], &data.part_guid[..]);
-    assert_eq!(&ours.root_hash[16..], &hash.part_guid[..]);
+    assert_eq!(&ours.root_hash[..16], data.part_guid.as_bytes());
+    assert_eq!(&ours.root_hash[16..], hash.part_guid.as_bytes());
 
     let read_hash = |off: u64, buf: &mut [u8]| f.read_exact_at(buf, hash.offset() + off);
     verity::verify(&read_data, &read_hash, hash.size(), &ours.root_hash).unwrap();

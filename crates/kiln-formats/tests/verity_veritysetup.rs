@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
-use kiln_formats::repart;
+use kiln_formats::repart::{self, Uuid};
 use kiln_formats::sink::FileSink;
 use kiln_formats::verity::{self, Params, VerityError};
 use kiln_testkit::{pseudo_random, require_tool, run, run_ok};
@@ -59,9 +59,9 @@ fn kiln_verify(data: &Path, hash: &Path, root: &[u8; 32]) -> Result<verity::Veri
 #[test]
 fn byte_identical_to_veritysetup_for_many_sizes() {
     let dir = tempfile::tempdir().unwrap();
-    let seed = repart::parse_uuid("0123456789abcdef0123456789abcdef").unwrap();
+    let seed = Uuid::try_parse("0123456789abcdef0123456789abcdef").unwrap();
     let salt = repart::verity_salt(&seed);
-    let params = Params::new(&salt, repart::parse_uuid(UUID).unwrap());
+    let params = Params::new(&salt, Uuid::try_parse(UUID).unwrap());
     for blocks in [1u64, 2, 127, 128, 129, 300, 16384, 16385] {
         let data = dir.path().join(format!("data-{blocks}"));
         let mut bytes = pseudo_random(blocks, (blocks * 4096) as usize);
@@ -98,7 +98,7 @@ fn byte_identical_to_veritysetup_for_many_sizes() {
 #[test]
 fn flipped_data_byte_fails_verification() {
     let dir = tempfile::tempdir().unwrap();
-    let params = Params::new(&[0x5A; 32], repart::parse_uuid(UUID).unwrap());
+    let params = Params::new(&[0x5A; 32], Uuid::try_parse(UUID).unwrap());
     let data = dir.path().join("data");
     let hash = dir.path().join("hash");
     fs::write(&data, pseudo_random(42, 300 * 4096)).unwrap();

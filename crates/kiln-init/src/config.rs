@@ -40,8 +40,7 @@
 
 use std::fmt::Write as _;
 
-/// Formats 16 RFC-order bytes as a lowercase UUID (the one formatter, kiln-formats').
-pub use kiln_formats::repart::format_uuid;
+use uuid::Uuid;
 
 /// Default seconds to wait for the boot disk: TCG guests probe disks slowly.
 pub const DEFAULT_TIMEOUT: u32 = 30;
@@ -98,8 +97,8 @@ pub enum RootSpec {
         /// the root hash halves as UUIDs (`kiln.label=`).
         label: Option<String>,
     },
-    /// A partition by its GPT partition UUID (RFC byte order).
-    PartUuid([u8; 16]),
+    /// A partition by its GPT partition UUID.
+    PartUuid(Uuid),
     /// A device node, e.g. `/dev/vda2`.
     Device(String),
     /// The first root partition of kiln-init's architecture by DPS type (not labelled `_empty`).
@@ -367,15 +366,14 @@ pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Parses a UUID in its 8-4-4-4-12 text form into RFC byte order.
-pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
-    let parts: Vec<&str> = s.split('-').collect();
-    let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
-    if lens != [8, 4, 4, 4, 12] {
+/// A UUID in the hyphenated 8-4-4-4-12 form the kernel prints (either case); the other forms
+/// the `uuid` crate reads (32 bare hex digits, braced, `urn:uuid:`) are not what `PARTUUID=`
+/// takes.
+fn hyphenated_uuid(s: &str) -> Option<Uuid> {
+    if s.len() != 36 {
         return None;
     }
-    let b = parse_hex(&parts.concat())?;
-    b.try_into().ok()
+    Uuid::try_parse(s).ok()
 }
 
 impl Plan {
@@ -483,7 +481,8 @@ impl Plan {
             (None, Some(r), None) => {
                 if let Some(u) = r.strip_prefix("PARTUUID=") {
                     RootSpec::PartUuid(
-                        parse_uuid(u).ok_or_else(|| format!("root=PARTUUID={u}: not a UUID"))?,
+                        hyphenated_uuid(u)
+                            .ok_or_else(|| format!("root=PARTUUID={u}: not a UUID"))?,
                     )
                 } else if r.starts_with("/dev/") {
                     RootSpec::Device(r)
@@ -598,10 +597,10 @@ mod tests {
         let p = Plan::new(&c, "root=PARTUUID=4f68bce3-e8cd-4db1-96e7-fbcaf984b709").unwrap();
         assert_eq!(
             p.root,
-            RootSpec::PartUuid([
+            RootSpec::PartUuid(Uuid::from_bytes([
                 0x4f, 0x68, 0xbc, 0xe3, 0xe8, 0xcd, 0x4d, 0xb1, 0x96, 0xe7, 0xfb, 0xca, 0xf9, 0x84,
                 0xb7, 0x09
-            ])
+            ]))
         );
         assert_eq!(
             Plan::new(&c, "root=/dev/vda3").unwrap().root,
@@ -665,8 +664,19 @@ mod tests {
 
     #[test]
     fn uuid_text_round_trip() {
-        let u = parse_uuid("4D21B016-B534-45C2-A9FB-5C16E091FD2D").unwrap();
-        assert_eq!(format_uuid(&u), "4d21b016-b534-45c2-a9fb-5c16e091fd2d");
-        assert!(parse_uuid("4d21b016b53445c2a9fb5c16e091fd2d").is_none());
+        let u = hyphenated_uuid("4D21B016-B534-45C2-A9FB-5C16E091FD2D").unwrap();
+        assert_eq!(u.to_string(), "4d21b016-b534-45c2-a9fb-5c16e091fd2d");
+        assert!(hyphenated_uuid("4d21b016b53445c2a9fb5c16e091fd2d").is_none());
+        assert!(hyphenated_uuid("{4d21b016-b534-45c2-a9fb-5c16e091fd2d}").is_none());
+        assert!(hyphenated_uuid("4d21b016-b534-45c2-a9fb-5c16e091fd2g").is_none());
+        let e = Plan::new(
+            &Config::default(),
+            "root=PARTUUID=4d21b016b53445c2a9fb5c16e091fd2d",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "root=PARTUUID=4d21b016b53445c2a9fb5c16e091fd2d: not a UUID"
+        );
     }
 }

@@ -197,9 +197,7 @@ pub fn describe(devs: &[BlockDev], parts: &[Found]) -> String {
         if let Some(p) = parts.iter().find(|p| p.dev.name == d.name) {
             s.push_str(&format!(
                 " type {} uuid {} {:?}",
-                kiln_init::config::format_uuid(&p.entry.type_guid),
-                kiln_init::config::format_uuid(&p.entry.part_guid),
-                p.entry.name
+                p.entry.type_guid, p.entry.part_guid, p.entry.name
             ));
         }
     }
@@ -210,8 +208,9 @@ pub fn describe(devs: &[BlockDev], parts: &[Found]) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
 
-    fn found(disk: &str, n: u32, type_guid: [u8; 16], name: &str) -> Found {
+    fn found(disk: &str, n: u32, type_guid: Uuid, name: &str) -> Found {
         Found {
             dev: BlockDev {
                 name: format!("{disk}{n}"),
@@ -223,7 +222,7 @@ mod tests {
             disk: disk.into(),
             entry: Partition {
                 type_guid,
-                part_guid: [n as u8; 16],
+                part_guid: Uuid::from_bytes([n as u8; 16]),
                 first_lba: u64::from(n) * 2048,
                 last_lba: u64::from(n) * 2048 + 2047,
                 attributes: 0,

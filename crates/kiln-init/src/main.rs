@@ -38,8 +38,9 @@ mod linux {
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::time::{Duration, Instant};
 
-    use kiln_init::config::{self, format_uuid, Config, Plan, RootSpec, VarMode};
+    use kiln_init::config::{self, Config, Plan, RootSpec, VarMode};
     use kiln_init::probe;
+    use uuid::Uuid;
 
     use crate::disk;
     use crate::kmod::{self, Loader};
@@ -159,14 +160,14 @@ mod linux {
         match r {
             RootSpec::Verity { roothash, label } => format!(
                 "dm-verity, data {} hash {}{}",
-                format_uuid(&half(roothash, false)),
-                format_uuid(&half(roothash, true)),
+                half(roothash, false),
+                half(roothash, true),
                 match label {
                     Some(l) => format!(" (or the pair named {l:?})"),
                     None => String::new(),
                 }
             ),
-            RootSpec::PartUuid(u) => format!("PARTUUID={}", format_uuid(u)),
+            RootSpec::PartUuid(u) => format!("PARTUUID={u}"),
             RootSpec::Device(d) => d.clone(),
             RootSpec::DpsType => format!("first {} partition (no verity)", disk::ROOT_NAME),
             RootSpec::Live {
@@ -185,7 +186,7 @@ mod linux {
     }
 
     /// The first or last 16 bytes of the root hash: the data and hash partition UUIDs.
-    fn half(roothash: &[u8], last: bool) -> [u8; 16] {
+    fn half(roothash: &[u8], last: bool) -> Uuid {
         let mut u = [0u8; 16];
         let n = roothash.len();
         if last {
@@ -193,7 +194,7 @@ mod linux {
         } else {
             u.copy_from_slice(&roothash[..16]);
         }
-        u
+        Uuid::from_bytes(u)
     }
 
     fn mount_api_filesystems() -> Result<(), String> {
@@ -364,7 +365,7 @@ mod linux {
             RootSpec::PartUuid(u) => {
                 let f = wait_for(
                     plan.timeout,
-                    &format!("partition {}", format_uuid(u)),
+                    &format!("partition {u}"),
                     || {
                         Ok(disk::gpt_partitions(&disk::list())
                             .into_iter()
@@ -479,7 +480,7 @@ mod linux {
             if plan.var == VarMode::Required {
                 return Err(format!(
                     "no /var partition (DPS type {}) on {disk}",
-                    format_uuid(&disk::VAR)
+                    disk::VAR
                 ));
             }
             debug!("no /var partition on {disk}");

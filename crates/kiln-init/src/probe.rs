@@ -3,7 +3,7 @@
 //! Documentation/admin-guide/device-mapper/verity.rst; SPECS.md "dm-verity"), plus the verity
 //! table kiln-init loads.
 
-use crate::config::format_uuid;
+use uuid::Uuid;
 
 /// Bytes to read from the start of a device to recognise any of the formats below (the ISO 9660
 /// primary volume descriptor lies at 32 KiB).
@@ -110,7 +110,7 @@ pub fn volume_ids(head: &[u8]) -> (Option<String>, Option<String>) {
             let uuid = head
                 .get(sb + 104..sb + 120)
                 .and_then(|u| <[u8; 16]>::try_from(u).ok())
-                .map(|u| format_uuid(&u));
+                .map(|u| Uuid::from_bytes(u).to_string());
             (label.filter(|l| !l.is_empty()), uuid)
         }
         Some(FsType::Vfat) => {
@@ -143,8 +143,8 @@ pub fn medium_matches(head: &[u8], want: &str) -> bool {
 pub struct VeritySuperblock {
     /// Hash type: 1 = salt before data (the normal format), 0 = Chrome OS.
     pub hash_type: u32,
-    /// UUID of the hash device, RFC byte order.
-    pub uuid: [u8; 16],
+    /// UUID of the hash device.
+    pub uuid: Uuid,
     /// Hash algorithm name, e.g. `sha256`.
     pub algorithm: String,
     /// Data block size in bytes.
@@ -170,9 +170,9 @@ pub fn parse_verity_superblock(b: &[u8]) -> Result<VeritySuperblock, String> {
         ));
     }
     let hash_type = le32(b, 12).ok_or_else(short)?;
-    let uuid: [u8; 16] = b
+    let uuid = b
         .get(16..32)
-        .and_then(|u| u.try_into().ok())
+        .and_then(|u| Uuid::from_slice(u).ok())
         .ok_or_else(short)?;
     let algorithm = b.get(32..64).map(trimmed).ok_or_else(short)?;
     let data_block_size = le32(b, 64).ok_or_else(short)?;
@@ -266,6 +266,7 @@ mod tests {
         let sb = parse_verity_superblock(&superblock()).unwrap();
         assert_eq!(sb.data_blocks, 300);
         assert_eq!(sb.algorithm, "sha256");
+        assert_eq!(sb.uuid.to_string(), "11111111-1111-1111-1111-111111111111");
         let (sectors, params) = verity_table(&sb, "254:1", "254:2", &[0xab; 32]);
         assert_eq!(sectors, 300 * 8);
         assert_eq!(

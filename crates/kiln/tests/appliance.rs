@@ -139,9 +139,8 @@ fn check_disk(disk: &Path, dir: &Path, name_version: &str, root_hash: &str) {
         .collect();
     assert_eq!(pair.len(), 2, "{name_version}: {:?}", gpt.partitions);
     let hex: String = root_hash.to_string();
-    let uuid_hex = |u: &[u8; 16]| u.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    assert_eq!(uuid_hex(&pair[0].part_guid), hex[..32]);
-    assert_eq!(uuid_hex(&pair[1].part_guid), hex[32..]);
+    assert_eq!(pair[0].part_guid.simple().to_string(), hex[..32]);
+    assert_eq!(pair[1].part_guid.simple().to_string(), hex[32..]);
     let data = extract(
         disk,
         pair[0].offset(),

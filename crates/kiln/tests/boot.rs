@@ -19,6 +19,7 @@ use kiln_build::initrd::{self, Compression, InitrdOptions};
 use kiln_build::qemu::{self, BootOptions, DirectKernel, Ending, Firmware};
 use kiln_formats::fstree::{DataRef, FileData, HostContents, Meta, Node, NodeKind, Tree};
 use kiln_formats::pe;
+use kiln_formats::repart::Uuid;
 use kiln_testkit::{
     host_kernel_version as kernel_version, process_dir, require_tool as tool, run_ok,
 };
@@ -56,15 +57,9 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
 }
 
-fn uuid_of(hex: &str) -> String {
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+/// 32 hex digits as a hyphenated UUID.
+fn uuid_of(hex: &str) -> Uuid {
+    Uuid::try_parse(hex).unwrap()
 }
 
 /// A tree holding the machine's kernel and modules, referenced by host path.

@@ -272,13 +272,14 @@ fn an_endless_payload_stops_at_capacity_plus_one() {
 /// inside it), and no slot table.
 fn gpt_disk(path: &Path, len: u64) {
     use kiln_formats::gpt::{Gpt, Partition};
+    use kiln_formats::repart::Uuid;
     use kiln_formats::sink::FileSink;
     let f = fs::File::create(path).unwrap();
     f.set_len(len).unwrap();
-    let mut g = Gpt::new(len, [7u8; 16]).unwrap();
+    let mut g = Gpt::new(len, Uuid::from_bytes([7u8; 16])).unwrap();
     g.partitions.push(Partition {
         type_guid: kiln_formats::gpt::parse_type("linux-generic").unwrap(),
-        part_guid: [9u8; 16],
+        part_guid: Uuid::from_bytes([9u8; 16]),
         first_lba: 2048,
         last_lba: (len >> 9) - 2049,
         attributes: 0,

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use super::layout::*;
 use super::reader::{Image, ReadAt};
 use super::Error;
+use crate::repart::Uuid;
 
 fn layout_name(l: u8) -> &'static str {
     match l {
@@ -40,7 +41,11 @@ pub fn dump<R: ReadAt>(img: &Image<R>, max_entries: usize) -> Result<String, Err
     let _ = writeln!(s, "  blocks          {}", sb.blocks.get());
     let _ = writeln!(s, "  meta_blkaddr    {}", sb.meta_blkaddr.get());
     let _ = writeln!(s, "  xattr_blkaddr   {}", sb.xattr_blkaddr.get());
-    let _ = writeln!(s, "  uuid            {}", hex(&sb.uuid));
+    let _ = writeln!(
+        s,
+        "  uuid            {}",
+        Uuid::from_bytes(sb.uuid).simple()
+    );
     let _ = writeln!(s, "  compr_algs      {:#x}", sb.available_compr_algs.get());
     let _ = writeln!(
         s,

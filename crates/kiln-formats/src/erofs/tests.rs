@@ -530,7 +530,8 @@ fn pinned_digests() {
     let t = fixture();
     let opts = |c| Options {
         compression: c,
-        uuid: crate::repart::filesystem_uuid(&[7; 16]),
+        uuid: crate::repart::filesystem_uuid(&crate::repart::Uuid::from_bytes([7; 16]))
+            .into_bytes(),
         timestamp: Some(Timestamp {
             sec: 1_700_000_000,
             nsec: 0,

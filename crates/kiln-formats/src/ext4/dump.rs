@@ -6,18 +6,7 @@ use std::fmt::Write as _;
 use super::layout::*;
 use super::reader::{ReadAt, Reader};
 use super::Result;
-
-fn hex_uuid(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
+use crate::repart::Uuid;
 
 /// The superblock and every group descriptor.
 pub fn superblock<R: ReadAt>(r: &Reader<R>) -> String {
@@ -28,8 +17,8 @@ pub fn superblock<R: ReadAt>(r: &Reader<R>) -> String {
         .to_string();
     let _ = writeln!(o, "superblock @1024");
     let _ = writeln!(o, "  label            {label:?}");
-    let _ = writeln!(o, "  uuid             {}", hex_uuid(&s.uuid));
-    let _ = writeln!(o, "  hash seed        {}", hex_uuid(&s.hash_seed));
+    let _ = writeln!(o, "  uuid             {}", Uuid::from_bytes(s.uuid));
+    let _ = writeln!(o, "  hash seed        {}", Uuid::from_bytes(s.hash_seed));
     let _ = writeln!(
         o,
         "  blocks           {} (free {})",

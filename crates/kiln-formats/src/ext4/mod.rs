@@ -85,7 +85,7 @@ impl Options {
     /// them: UUID = `filesystem_uuid(seed)`, hash seed = `derive_uuid(seed, "directory-hash-seed")`.
     /// Without a seed, an all-zero seed is used, so the output is still deterministic.
     pub fn from_seed(seed: Option<&Uuid>, size: Size) -> Self {
-        let seed = seed.copied().unwrap_or([0; 16]);
+        let seed = seed.copied().unwrap_or(Uuid::nil());
         Self {
             size,
             label: String::new(),

@@ -675,7 +675,7 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
 
     // 3. Metadata whose size the tree alone decides, in inode order.
     let hp = HashParams {
-        seed: seed_words(&opts.hash_seed),
+        seed: seed_words(opts.hash_seed.as_bytes()),
         signed: true,
     };
     let mut plan = Plan {
@@ -694,7 +694,7 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
         used: Vec::new(),
         slots: Vec::new(),
         hp,
-        fs_seed: csum::fs_seed(&opts.uuid),
+        fs_seed: csum::fs_seed(opts.uuid.as_bytes()),
         lost_found,
     };
     // Parents of directories.

@@ -174,7 +174,7 @@ fn sample_tree() -> Tree {
 
 fn opts() -> Options {
     let mut o = Options::from_seed(
-        Some(&[7; 16]),
+        Some(&crate::repart::Uuid::from_bytes([7; 16])),
         Size::Minimize {
             extra_bytes: 0,
             extra_inodes: 0,
@@ -554,7 +554,7 @@ fn lost_found_from_the_tree_is_kept_and_link_limits_are_enforced() {
 #[test]
 fn hash_collisions_across_a_leaf_boundary() {
     let o = opts();
-    let seed = hash::seed_words(&o.hash_seed);
+    let seed = hash::seed_words(o.hash_seed.as_bytes());
     let h = |n: &[u8]| hash::half_md4(n, &seed, true).0;
     // Find colliding names by brute force (about nine pairs expected among 200k).
     let mut hs: Vec<(u32, u32)> = (0..200_000u32)

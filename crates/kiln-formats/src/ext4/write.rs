@@ -335,7 +335,7 @@ impl Plan {
         j.maxlen = be::U32::new(blocks as u32);
         j.first = be::U32::new(1);
         j.sequence = be::U32::new(1);
-        j.uuid = self.opts.uuid;
+        j.uuid = self.opts.uuid.into_bytes();
         j.nr_users = be::U32::new(1);
         let mut b = vec![0u8; BS];
         b[..1024].copy_from_slice(j.as_bytes());
@@ -522,10 +522,10 @@ impl Plan {
                 | RO_COMPAT_EXTRA_ISIZE
                 | RO_COMPAT_METADATA_CSUM,
         );
-        s.uuid = o.uuid;
+        s.uuid = o.uuid.into_bytes();
         let label = o.label.as_bytes();
         s.volume_name[..label.len().min(16)].copy_from_slice(&label[..label.len().min(16)]);
-        s.hash_seed = o.hash_seed;
+        s.hash_seed = o.hash_seed.into_bytes();
         s.def_hash_version = DX_HASH_HALF_MD4;
         s.desc_size = U16::new(DESC_SIZE as u16);
         s.default_mount_opts = U32::new(DEFM_XATTR_USER | DEFM_ACL);

@@ -22,10 +22,8 @@ use crate::repart::{self, Uuid};
 use crate::sink::Sink;
 
 /// GPT type of the partition covering the ISO 9660 data: Microsoft basic data, as xorriso
-/// marks it (`ebd0a0a2-b9e5-4433-87c0-68b6b72699c7`).
-pub const TYPE_BASIC_DATA: Uuid = [
-    0xeb, 0xd0, 0xa0, 0xa2, 0xb9, 0xe5, 0x44, 0x33, 0x87, 0xc0, 0x68, 0xb6, 0xb7, 0x26, 0x99, 0xc7,
-];
+/// marks it. Written mixed-endian by the GPT writer like every other GUID.
+pub const TYPE_BASIC_DATA: Uuid = uuid::uuid!("ebd0a0a2-b9e5-4433-87c0-68b6b72699c7");
 
 /// First 512-byte LBA a hybrid GPT lets partitions use: 64 = byte 32768, the end of the system
 /// area. This keeps the slot table (bytes 24576..32768) outside the usable area.
@@ -47,7 +45,7 @@ impl VolumeUuid {
     /// date (tools parse it) and differs between images built from different seeds (2^38
     /// values).
     pub fn from_seed(seed: &Uuid) -> Self {
-        let h = repart::hmac_sha256(seed, &[b"iso9660-volume-uuid"]);
+        let h = repart::hmac_sha256(seed.as_bytes(), &[b"iso9660-volume-uuid"]);
         let v = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
         let start = days_from_civil(2000, 1, 1) * 86_400;
         let span = (days_from_civil(2100, 1, 1) * 86_400 - start) as u64 * 100;
@@ -1390,7 +1388,7 @@ mod tests {
     #[test]
     fn volume_uuid_from_seed_is_a_valid_date() {
         for i in 0..200u8 {
-            let u = VolumeUuid::from_seed(&[i; 16]);
+            let u = VolumeUuid::from_seed(&Uuid::from_bytes([i; 16]));
             let d = LongDate {
                 digits: u.0,
                 gmt_offset: 0,
@@ -1401,8 +1399,8 @@ mod tests {
             assert_eq!(VolumeUuid::parse(&u.to_string()), Some(u));
         }
         assert_ne!(
-            VolumeUuid::from_seed(&[1; 16]),
-            VolumeUuid::from_seed(&[2; 16])
+            VolumeUuid::from_seed(&Uuid::from_bytes([1; 16])),
+            VolumeUuid::from_seed(&Uuid::from_bytes([2; 16]))
         );
     }
 }

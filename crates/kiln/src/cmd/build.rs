@@ -42,7 +42,7 @@ pub struct BuildArgs {
 pub fn run(a: BuildArgs) -> Outcome {
     let seed = match &a.seed {
         Some(s) => Some(
-            kiln_formats::repart::parse_uuid(s)
+            kiln_formats::repart::uuid_from_spec(s)
                 .ok_or_else(|| anyhow!("--seed {s:?}: expected 32 hex digits or a UUID"))?,
         ),
         None => None,

@@ -105,7 +105,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub(crate) fn parse_seed(s: &str) -> Result<repart::Uuid, String> {
-    repart::parse_uuid(s).ok_or_else(|| format!("{s:?} is not 32 hex digits or a UUID"))
+    repart::uuid_from_spec(s).ok_or_else(|| format!("{s:?} is not 32 hex digits or a UUID"))
 }
 
 pub fn run(cmd: MkfsCommand) -> Outcome {
@@ -243,7 +243,7 @@ fn ext4_cmd(a: Ext4Args) -> Outcome {
             "format": "ext4",
             "output": a.output.display().to_string(),
             "size": size,
-            "uuid": repart::format_uuid(&report.uuid),
+            "uuid": report.uuid.to_string(),
             "digest": digest_file(&a.output)?,
             "seconds": started.elapsed().as_secs_f64(),
             "inodes_used": report.used_inodes,

@@ -68,9 +68,9 @@ pub fn run(a: ErofsArgs) -> Outcome {
     let start = Instant::now();
     let progress = crate::progress::Renderer::new("kiln mkfs", a.print.quiet);
     let seed = match &a.seed {
-        Some(s) => repart::parse_uuid(s)
+        Some(s) => repart::uuid_from_spec(s)
             .with_context(|| format!("--seed {s:?}: expected 32 hex digits or a UUID"))?,
-        None => [0u8; 16],
+        None => repart::Uuid::nil(),
     };
     let label = a.label.clone().unwrap_or_default().into_bytes();
     if label.len() > 16 {
@@ -86,7 +86,7 @@ pub fn run(a: ErofsArgs) -> Outcome {
             Algo::Lz4hc => Compression::Lz4hc { level: a.level },
         },
         pcluster_blocks: a.pcluster_blocks,
-        uuid: repart::filesystem_uuid(&seed),
+        uuid: repart::filesystem_uuid(&seed).into_bytes(),
         timestamp: None,
         volume_name: label,
         dedupe: !a.no_dedupe,
@@ -193,7 +193,7 @@ pub fn run(a: ErofsArgs) -> Outcome {
             "shared_files": summary.shared_files,
             "shared_size": summary.shared_bytes,
             "root_nid": summary.root_nid,
-            "uuid": repart::format_uuid(&opts.uuid),
+            "uuid": repart::Uuid::from_bytes(opts.uuid).to_string(),
             "digest": sha,
             "seconds": start.elapsed().as_secs_f64(),
             "slots": slots,

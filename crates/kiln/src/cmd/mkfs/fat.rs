@@ -76,11 +76,12 @@ pub fn run(a: FatArgs) -> Outcome {
         None => fat::auto_size(&tree, fat_type, a.label.clone(), a.extra_space)
             .with_context(|| format!("sizing a FAT image for {}", a.source.display()))?,
     };
-    let fs_uuid = repart::filesystem_uuid(&a.seed.unwrap_or([0; 16]));
+    let fs_uuid = repart::filesystem_uuid(&a.seed.unwrap_or(repart::Uuid::nil()));
+    let id = fs_uuid.as_bytes();
     let opts = FatOptions {
         size,
         fat_type,
-        volume_id: [fs_uuid[0], fs_uuid[1], fs_uuid[2], fs_uuid[3]],
+        volume_id: [id[0], id[1], id[2], id[3]],
         label: a.label.clone(),
     };
     let writer = FatWriter::new(&tree, opts)

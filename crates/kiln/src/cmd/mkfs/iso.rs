@@ -58,7 +58,7 @@ pub fn run(a: IsoArgs) -> Outcome {
             .max()
             .unwrap_or(0)
     });
-    let mut opts = IsoOptions::new(&a.label, timestamp, &a.seed.unwrap_or([0; 16]));
+    let mut opts = IsoOptions::new(&a.label, timestamp, &a.seed.unwrap_or(repart::Uuid::nil()));
     opts.joliet = !a.no_joliet;
     let plan =
         IsoPlan::new(&tree, &opts).with_context(|| format!("laying out {}", a.source.display()))?;
