@@ -484,7 +484,7 @@ impl Gpt {
     /// An empty table for a disk of `disk_size` bytes (a multiple of 512) with the standard
     /// 128-entry arrays: usable LBAs `34..=sectors-34`.
     pub fn new(disk_size: u64, disk_guid: Uuid) -> Result<Gpt, GptError> {
-        if disk_size % SECTOR != 0 {
+        if !disk_size.is_multiple_of(SECTOR) {
             return Err(GptError::NotSectorMultiple { size: disk_size });
         }
         let min = (HEAD_SECTORS + TAIL_SECTORS + 1) * SECTOR;

@@ -395,7 +395,7 @@ pub fn format(
 ) -> Result<Formatted, VerityError> {
     params.check()?;
     let dbs = u64::from(params.data_block_size);
-    if data_size % dbs != 0 || data_size == 0 {
+    if !data_size.is_multiple_of(dbs) || data_size == 0 {
         return Err(VerityError::BadParams(format!(
             "data size {data_size} is not a positive multiple of the {dbs}-byte data block"
         )));
@@ -594,7 +594,7 @@ pub fn block_digest(salt: &[u8], block: &[u8]) -> [u8; 32] {
 /// be checked against a root hash without the data.
 pub fn root_from_level0(params: &Params, level0: &[u8]) -> Result<[u8; 32], VerityError> {
     params.check()?;
-    if level0.is_empty() || level0.len() % DIGEST_SIZE != 0 {
+    if level0.is_empty() || !level0.len().is_multiple_of(DIGEST_SIZE) {
         return Err(VerityError::BadParams(format!(
             "{} bytes of level-0 digests is not a positive multiple of {DIGEST_SIZE}",
             level0.len()

@@ -357,7 +357,7 @@ pub fn split_cmdline(s: &str) -> Vec<String> {
 
 /// Decodes hex digits (either case).
 pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.is_empty() {
+    if !s.len().is_multiple_of(2) || s.is_empty() {
         return None;
     }
     (0..s.len())

@@ -372,7 +372,7 @@ pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         v.extend_from_slice(WORDS[(x % 12) as usize].as_bytes());
-        if x % 7 == 0 {
+        if x.is_multiple_of(7) {
             v.extend_from_slice(&x.to_le_bytes()[..3]);
         }
     }
@@ -402,7 +402,7 @@ pub fn shaped_bytes(shape: Shape, seed: u64, len: usize) -> Vec<u8> {
             let mut i = 0u64;
             while v.len() < len {
                 let n = (len - v.len()).min(4096);
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     v.extend(text_bytes(seed + i, n));
                 } else {
                     v.extend(pseudo_random(seed + i, n));

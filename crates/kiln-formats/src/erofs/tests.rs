@@ -468,7 +468,10 @@ fn plain_tails_crossing_a_logical_cluster_map_as_the_kernel_maps_them() {
                     .extents(&ino)
                     .unwrap_or_else(|e| panic!("{c:?} pcluster {pcluster_blocks}: /f{i}: {e}"));
                 let last = exts.last().unwrap();
-                if last.plain && last.la % BLOCK != 0 && last.la / BLOCK != (ino.size - 1) / BLOCK {
+                if last.plain
+                    && !last.la.is_multiple_of(BLOCK)
+                    && last.la / BLOCK != (ino.size - 1) / BLOCK
+                {
                     crossing += 1;
                 }
             }

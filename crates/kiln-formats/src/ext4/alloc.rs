@@ -25,7 +25,7 @@ use super::layout::{BLOCKS_PER_GROUP, DESCS_PER_BLOCK};
 /// True if group `g` holds a superblock copy (sparse_super: 0, 1, 3^k, 5^k, 7^k).
 pub fn group_has_super(g: u64) -> bool {
     fn power_of(mut g: u64, base: u64) -> bool {
-        while g > 1 && g % base == 0 {
+        while g > 1 && g.is_multiple_of(base) {
             g /= base;
         }
         g == 1

@@ -129,7 +129,7 @@ pub(crate) fn dec_time(lo: u32, extra: u32) -> Timestamp {
 
 fn set_bits(bm: &mut [u8], from: usize, to: usize) {
     let mut i = from;
-    while i < to && i % 8 != 0 {
+    while i < to && !i.is_multiple_of(8) {
         bm[i / 8] |= 1 << (i % 8);
         i += 1;
     }

@@ -88,7 +88,7 @@ const ACL_OTHER: u16 = 0x20;
 /// Converts a VFS POSIX ACL (version 2, 8-byte entries) to ext4's format (version 1, 4-byte
 /// entries except for named users and groups).
 pub fn acl_to_disk(v: &[u8]) -> Result<Vec<u8>, XattrProblem> {
-    if v.len() < 4 || (v.len() - 4) % 8 != 0 {
+    if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) {
         return Err(XattrProblem::BadAcl("length is not 4 + 8n"));
     }
     if v[..4] != 2u32.to_le_bytes() {

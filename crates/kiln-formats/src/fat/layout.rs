@@ -385,7 +385,11 @@ pub fn get_entry(t: FatType, buf: &[u8], base: u64, c: u32) -> Option<u32> {
         FatType::Fat12 => {
             let o = at(u64::from(c) * 3 / 2)?;
             let v = u32::from(*buf.get(o)?) | u32::from(*buf.get(o + 1)?) << 8;
-            Some(if c % 2 == 0 { v & 0xFFF } else { v >> 4 })
+            Some(if c.is_multiple_of(2) {
+                v & 0xFFF
+            } else {
+                v >> 4
+            })
         }
         FatType::Fat16 => {
             let o = at(u64::from(c) * 2)?;
@@ -411,7 +415,7 @@ pub fn set_entry(t: FatType, buf: &mut [u8], base: u64, c: u32, v: u32) -> bool 
             let Some(o) = at(u64::from(c) * 3 / 2).filter(|&o| o + 1 < buf.len()) else {
                 return false;
             };
-            if c % 2 == 0 {
+            if c.is_multiple_of(2) {
                 buf[o] = v as u8;
                 buf[o + 1] = (buf[o + 1] & 0xF0) | ((v >> 8) as u8 & 0x0F);
             } else {

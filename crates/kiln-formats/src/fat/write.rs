@@ -146,7 +146,7 @@ impl<'t> FatWriter<'t> {
     /// entries FAT cannot hold (symlinks, devices, bad names, files ≥ 4 GiB) naming the path,
     /// and when the tree does not fit.
     pub fn new(tree: &'t Tree, opts: FatOptions) -> Result<Self, FatError> {
-        if opts.size % u64::from(SECTOR) != 0 {
+        if !opts.size.is_multiple_of(u64::from(SECTOR)) {
             return Err(FatError::BadOptions(format!(
                 "FAT size {} is not a multiple of 512",
                 opts.size

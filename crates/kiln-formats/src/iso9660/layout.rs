@@ -200,7 +200,7 @@ pub const MAX_RECORD_LEN: usize = 255;
 /// Padding after a file identifier of `name_len` bytes: records are even-length, so an even
 /// identifier length (33 + even is odd) takes one padding byte (ECMA-119 §9.1.12).
 pub const fn name_pad(name_len: usize) -> usize {
-    if name_len % 2 == 0 {
+    if name_len.is_multiple_of(2) {
         1
     } else {
         0

@@ -558,7 +558,7 @@ impl<'a> Reader<'a> {
         if table == 0 {
             return Ok(0);
         }
-        if table % self.cs() != 0 || table + self.cs() > self.len {
+        if !table.is_multiple_of(self.cs()) || table + self.cs() > self.len {
             return Err(corrupt("qcow2", table, "L2 table outside the file"));
         }
         let mut e = [0u8; 8];
@@ -611,7 +611,7 @@ impl<'a> Reader<'a> {
             buf.fill(0);
             return Ok(());
         }
-        if host % cs != 0 || host >= self.len {
+        if !host.is_multiple_of(cs) || host >= self.len {
             return Err(corrupt(
                 "qcow2",
                 host,

@@ -323,7 +323,7 @@ impl Pax {
                 } else {
                     t.split(',').collect()
                 };
-                if nums.len() % 2 != 0 {
+                if !nums.len().is_multiple_of(2) {
                     return Err("GNU.sparse.map has an odd count of numbers".into());
                 }
                 if nums.len() / 2 > MAX_SPARSE_RUNS {

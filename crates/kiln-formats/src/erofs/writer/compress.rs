@@ -84,7 +84,7 @@ pub(super) fn build_indexes(size: u64, exts: &[ZExt]) -> Vec<LclusterIndex> {
     // The logical cluster holding the end of file, when it needs the terminating head.
     let eof_head = exts
         .last()
-        .filter(|last| size % BLOCK != 0 && last.start / BLOCK < size / BLOCK)
+        .filter(|last| !size.is_multiple_of(BLOCK) && last.start / BLOCK < size / BLOCK)
         .map(|_| size / BLOCK);
     for e in exts {
         let h = e.start / BLOCK;

@@ -252,8 +252,8 @@ impl<'s> DataCore<'s> {
             }
         }
         if job.whole {
-            let flat_blocks =
-                job.size / BLOCK + u64::from(job.size % BLOCK != 0 && !tail_inline(job.size));
+            let flat_blocks = job.size / BLOCK
+                + u64::from(!job.size.is_multiple_of(BLOCK) && !tail_inline(job.size));
             let comp_blocks: Option<u64> = outs
                 .iter()
                 .map(|(_, e, _)| {
@@ -342,7 +342,7 @@ impl<'s> DataCore<'s> {
     ) -> Result<(), Error> {
         let inline = tail_inline(size);
         let full = size / BLOCK;
-        let nblocks = full + u64::from(size % BLOCK != 0 && !inline);
+        let nblocks = full + u64::from(!size.is_multiple_of(BLOCK) && !inline);
         let blk = self.alloc(nblocks);
         let mut pos = 0u64;
         let mut tail = Vec::new();
@@ -428,7 +428,7 @@ impl<'s> DataCore<'s> {
         }
         let inline = tail_inline(size);
         let full = size / BLOCK;
-        let nb = full + u64::from(size % BLOCK != 0 && !inline);
+        let nb = full + u64::from(!size.is_multiple_of(BLOCK) && !inline);
         let blk = self.alloc(nb);
         let stored = if inline { full * BLOCK } else { size };
         let writes = if stored > 0 {
