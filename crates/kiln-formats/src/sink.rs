@@ -8,8 +8,8 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Where a writer's bytes go.
 pub trait Sink: Sync {
@@ -50,12 +50,83 @@ fn out_of_window(offset: u64, len: usize, window: u64) -> io::Error {
 /// bytes are skipped so the file stays sparse. Every [`WRITEBACK_EVERY`] bytes written, the
 /// sink asks the kernel to start writing the file back, so the disk works while the writer
 /// computes and the final `fsync` of an atomic output finds little left to do.
+///
+/// Large writes from an [`AlignedBuf`] at [`DIRECT_ALIGN`]-aligned file offsets bypass the page
+/// cache (`O_DIRECT`, through a second descriptor opened on first use): writers that stage their
+/// output in such buffers (the EROFS data region, copied file data) stream to the device at its
+/// own speed. Everything else, and every write on a filesystem without direct I/O, is buffered.
 #[derive(Debug)]
 pub struct FileSink<'a> {
     file: &'a File,
     base: u64,
     len: u64,
     written: AtomicU64,
+    direct: OnceLock<Option<File>>,
+    direct_refused: AtomicBool,
+}
+
+/// The alignment direct I/O needs of buffers, file offsets and lengths (the page size, which
+/// covers every logical block size up to 4 KiB).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// The smallest write worth sending around the page cache.
+pub const DIRECT_MIN: usize = 256 << 10;
+
+/// One page of an [`AlignedBuf`].
+#[derive(
+    Clone,
+    Copy,
+    zerocopy::IntoBytes,
+    zerocopy::FromBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C, align(4096))]
+struct Page([u8; DIRECT_ALIGN]);
+
+/// A zeroed byte buffer whose start is [`DIRECT_ALIGN`]-aligned, so a [`FileSink`] can write it
+/// with direct I/O.
+pub struct AlignedBuf {
+    pages: Vec<Page>,
+    len: usize,
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn new(len: usize) -> Self {
+        Self {
+            pages: vec![Page([0; DIRECT_ALIGN]); len.div_ceil(DIRECT_ALIGN)],
+            len,
+        }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &zerocopy::IntoBytes::as_bytes(self.pages.as_slice())[..self.len]
+    }
+
+    /// The bytes, writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut zerocopy::IntoBytes::as_mut_bytes(self.pages.as_mut_slice())[..self.len]
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// Bytes written between two writeback requests.
@@ -72,7 +143,39 @@ impl<'a> FileSink<'a> {
             base,
             len,
             written: AtomicU64::new(0),
+            direct: OnceLock::new(),
+            direct_refused: AtomicBool::new(false),
         }
+    }
+
+    /// Writes `buf` at absolute file offset `at`: around the page cache when `buf` is large
+    /// and both it and `at` are aligned, otherwise through the page cache.
+    fn put(&self, at: u64, buf: &[u8]) -> io::Result<()> {
+        let aligned = buf.len() >= DIRECT_MIN
+            && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            && at.is_multiple_of(DIRECT_ALIGN as u64)
+            && !self.direct_refused.load(Ordering::Relaxed);
+        if aligned {
+            if let Some(d) = self.direct.get_or_init(|| kiln_os::open_direct(self.file)) {
+                let whole = buf.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+                match d.write_all_at(&buf[..whole], at) {
+                    Ok(()) => {
+                        if whole < buf.len() {
+                            self.file.write_all_at(&buf[whole..], at + whole as u64)?;
+                        }
+                        return Ok(());
+                    }
+                    // A filesystem that accepts O_DIRECT at open but not these writes.
+                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                        self.direct_refused.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.file.write_all_at(buf, at)?;
+        self.wrote(buf.len());
+        Ok(())
     }
 
     fn wrote(&self, n: usize) {
@@ -114,18 +217,14 @@ impl Sink for FileSink<'_> {
             let end = (pos + ZERO_CHUNK).min(buf.len());
             if buf[pos..end].iter().all(|&b| b == 0) {
                 if start < pos {
-                    self.file
-                        .write_all_at(&buf[start..pos], self.base + offset + start as u64)?;
-                    self.wrote(pos - start);
+                    self.put(self.base + offset + start as u64, &buf[start..pos])?;
                 }
                 start = end;
             }
             pos = end;
         }
         if start < buf.len() {
-            self.file
-                .write_all_at(&buf[start..], self.base + offset + start as u64)?;
-            self.wrote(buf.len() - start);
+            self.put(self.base + offset + start as u64, &buf[start..])?;
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use super::{
 use crate::erofs::layout::*;
 use crate::fstree::{Contents, FileData, SlotReservation};
 use crate::lz4;
-use crate::sink::Sink;
+use crate::sink::{AlignedBuf, Sink};
 
 /// Writes file data into the data region, in order, compressing in parallel batches. While
 /// one batch is compressed, the previous one is placed (written and indexed), so the cores
@@ -38,7 +38,24 @@ pub(super) struct DataCore<'s> {
     pub(super) compressed_files: u64,
     /// Whole-file dedupe, when enabled.
     dedupe: Option<Dedupe>,
+    /// Placed bytes not yet written.
+    stage: Stage,
 }
+
+/// Bytes of the data region gathered for one large aligned write. Placement moves forward
+/// through the region, so consecutive pieces (compressed clusters, flat files) join here and
+/// reach the sink in [`STAGE_BYTES`] writes, which a file sink sends around the page cache.
+struct Stage {
+    /// Allocated on first use (an uncompressed image never stages).
+    buf: Option<AlignedBuf>,
+    /// Image offset of `buf[0]`, always block-aligned.
+    start: u64,
+    /// Bytes of `buf` in use.
+    filled: usize,
+}
+
+/// The size of a staged write.
+const STAGE_BYTES: usize = 8 << 20;
 
 /// Whole-file dedupe state: which files to hash, and the compressed files placed so far by
 /// content.
@@ -72,7 +89,65 @@ impl<'s> DataCore<'s> {
                 shared: 0,
                 saved_bytes: 0,
             }),
+            stage: Stage {
+                buf: None,
+                start: 0,
+                filled: 0,
+            },
         }
+    }
+
+    /// Places `data` at image offset `at`. Pieces that continue the staged run (up to the end
+    /// of its last block, which only the same allocation can share) join it; anything else
+    /// writes the stage out first. The stage's unused bytes are zero, so gaps inside a block
+    /// read as zeroes as the sink contract requires.
+    fn put(&mut self, at: u64, data: &[u8]) -> Result<(), Error> {
+        let end = self.stage.start + self.stage.filled as u64;
+        let joins = self.stage.filled > 0 && at >= end && at / BLOCK <= end.div_ceil(BLOCK);
+        if !joins {
+            self.write_stage()?;
+            self.stage.start = at / BLOCK * BLOCK;
+        }
+        let mut at = at;
+        let mut data = data;
+        while !data.is_empty() {
+            let buf = self
+                .stage
+                .buf
+                .get_or_insert_with(|| AlignedBuf::new(STAGE_BYTES));
+            let from = (at - self.stage.start) as usize;
+            if from >= buf.len() {
+                // Full: write the whole blocks, carry the partial last one over.
+                let whole = self.stage.filled / BLOCK as usize * BLOCK as usize;
+                write_sink(self.sink, self.stage.start, &buf.bytes()[..whole])?;
+                let bytes = buf.bytes_mut();
+                bytes.copy_within(whole..self.stage.filled, 0);
+                bytes[self.stage.filled - whole..].fill(0);
+                self.stage.start += whole as u64;
+                self.stage.filled -= whole;
+                continue;
+            }
+            let n = data.len().min(buf.len() - from);
+            buf.bytes_mut()[from..from + n].copy_from_slice(&data[..n]);
+            self.stage.filled = from + n;
+            at += n as u64;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Writes the staged bytes, up to the end of their last block.
+    fn write_stage(&mut self) -> Result<(), Error> {
+        if self.stage.filled == 0 {
+            return Ok(());
+        }
+        if let Some(buf) = &mut self.stage.buf {
+            let n = (self.stage.filled as u64).div_ceil(BLOCK) as usize * BLOCK as usize;
+            write_sink(self.sink, self.stage.start, &buf.bytes()[..n])?;
+            buf.bytes_mut()[..n].fill(0);
+        }
+        self.stage.filled = 0;
+        Ok(())
     }
 
     /// Limits hashing to files whose size occurs more than once among `sizes` (only a file
@@ -206,6 +281,12 @@ impl<'s> DataCore<'s> {
         }
     }
 
+    /// Flushes, then writes out the staged bytes: after this every placed byte is in the sink.
+    pub(super) fn drain(&mut self, contents: &dyn Contents) -> Result<(), Error> {
+        self.flush(contents)?;
+        self.write_stage()
+    }
+
     /// Writes a compressed batch's jobs in order.
     fn place_batch(&mut self, batch: Batch) -> Result<(), Error> {
         let mut results = batch.units.into_iter();
@@ -283,7 +364,7 @@ impl<'s> DataCore<'s> {
                     Some(b) => {
                         let nb = blocks_of(b.len() as u64);
                         let blk = self.alloc(nb);
-                        write_sink(self.sink, blk * BLOCK + nb * BLOCK - b.len() as u64, b)?;
+                        self.put(blk * BLOCK + nb * BLOCK - b.len() as u64, b)?;
                         exts.push(ZExt {
                             start: base + pos,
                             len: x.len,
@@ -299,7 +380,7 @@ impl<'s> DataCore<'s> {
                             .ok_or_else(|| {
                                 Error::corrupt(pos, "internal: plain extent past unit")
                             })?;
-                        write_sink(self.sink, blk * BLOCK, r)?;
+                        self.put(blk * BLOCK, r)?;
                         exts.push(ZExt {
                             start: base + pos,
                             len: x.len,
@@ -353,7 +434,7 @@ impl<'s> DataCore<'s> {
                 p.len()
             };
             if keep > 0 {
-                write_sink(self.sink, blk * BLOCK + pos, &p[..keep])?;
+                self.put(blk * BLOCK + pos, &p[..keep])?;
             }
             tail.extend_from_slice(&p[keep..]);
             pos += p.len() as u64;
@@ -488,22 +569,100 @@ pub(super) fn copy_ranges(
     Ok(())
 }
 
-/// Reads from a stream into the writes of a placed file (the stream yields the runs packed).
-pub(super) fn copy_stream(
+impl DataCore<'_> {
+    /// Reads from a stream into the writes of a placed file (the stream yields the runs
+    /// packed), through the stage.
+    pub(super) fn copy_stream(
+        &mut self,
+        data: &mut dyn Read,
+        writes: &[(u64, u64, u64)],
+    ) -> Result<(), Error> {
+        let mut buf =
+            vec![0u8; COPY_CHUNK.min(writes.iter().map(|w| w.2).max().unwrap_or(0) as usize)];
+        for &(img, _, len) in writes {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                data.read_exact(&mut buf[..n])
+                    .map_err(|e| Error::io("reading stream data", e))?;
+                self.put(img + done, &buf[..n])?;
+                done += n as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One data copy of [`copy_spans`]: the file and its write.
+pub(super) type FileWrite<'t> = (&'t FileData, Write);
+
+/// Copies file data whose image addresses are all known, in parallel, as aligned spans of up
+/// to [`STAGE_BYTES`]: each span's files are read into one aligned buffer and written with one
+/// call (which a file sink sends around the page cache). Spans never share a block, so the
+/// parallel writes never overlap. `progress` gets the bytes copied by each span.
+pub(super) fn copy_spans(
     sink: &dyn Sink,
-    data: &mut dyn Read,
-    writes: &[(u64, u64, u64)],
+    contents: &dyn Contents,
+    writes: &[FileWrite<'_>],
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(), Error> {
-    let mut buf = vec![0u8; COPY_CHUNK];
-    for &(img, _, len) in writes {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            data.read_exact(&mut buf[..n])
-                .map_err(|e| Error::io("reading stream data", e))?;
-            write_sink(sink, img + done, &buf[..n])?;
-            done += n as u64;
+    use rayon::prelude::*;
+    // Cut the writes (in image order) into spans (block-aligned start, end). A write joins the
+    // open span while there is room or while it shares the span's last block; one that runs
+    // past the room is cut at a block boundary.
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for &(_, (img, _, len)) in writes {
+        let (mut s, e) = (img, img + len);
+        while s < e {
+            if let Some(last) = spans.last_mut() {
+                let cap = (last.0 + STAGE_BYTES as u64).max(last.1.div_ceil(BLOCK) * BLOCK);
+                if s < cap {
+                    let t = e.min(cap);
+                    last.1 = last.1.max(t);
+                    s = t;
+                    continue;
+                }
+            }
+            let from = s / BLOCK * BLOCK;
+            let t = e.min(from + STAGE_BYTES as u64);
+            spans.push((from, t));
+            s = t;
         }
     }
-    Ok(())
+    let starts: Vec<u64> = writes.iter().map(|w| w.1 .0).collect();
+    spans.par_iter().try_for_each_init(
+        || AlignedBuf::new(0),
+        |buf, &(from, to)| {
+            let len = (to.div_ceil(BLOCK) * BLOCK - from) as usize;
+            if buf.len() < len {
+                *buf = AlignedBuf::new(len.max(STAGE_BYTES));
+            }
+            let bytes = &mut buf.bytes_mut()[..len];
+            bytes.fill(0);
+            // The writes overlapping [from, to).
+            let first = starts.partition_point(|&st| st < from).saturating_sub(1);
+            let mut copied = 0;
+            for &(file, (img, logical, wlen)) in &writes[first..] {
+                if img >= to {
+                    break;
+                }
+                let s = img.max(from);
+                let e = (img + wlen).min(to);
+                if s >= e {
+                    continue;
+                }
+                let at = (s - from) as usize;
+                read_source(
+                    contents,
+                    file,
+                    logical + (s - img),
+                    &mut bytes[at..at + (e - s) as usize],
+                )?;
+                copied += e - s;
+            }
+            write_sink(sink, from, bytes)?;
+            progress(copied);
+            Ok(())
+        },
+    )
 }

@@ -2,14 +2,12 @@
 //! can be read in any order: [`plan`] validates the tree and sizes the image, [`Plan::write`]
 //! runs the data pipeline over the files in tree order and then writes the metadata.
 
-use rayon::prelude::*;
-
-use super::data::{copy_ranges, DataCore, Write};
+use super::data::{copy_ranges, copy_spans, DataCore, FileWrite};
 use super::meta::MetaPrep;
 use super::store::Store;
 use super::{Compression, Error, Options, SizeEstimate, Summary, PIECE};
 use crate::erofs::layout::*;
-use crate::fstree::{Contents, NodeId, NodeKind, Tree};
+use crate::fstree::{Contents, NodeKind, Tree};
 use crate::sink::Sink;
 
 /// A planned image for an indexed tree.
@@ -105,7 +103,7 @@ impl Plan<'_> {
             .collect();
         core.dedupe_sizes(sizes.into_iter());
         let done = std::sync::atomic::AtomicU64::new(0);
-        let mut direct: Vec<(NodeId, Vec<Write>)> = Vec::new();
+        let mut direct: Vec<FileWrite<'_>> = Vec::new();
         for &id in &self.meta.files {
             let node = tree.node(id);
             let NodeKind::File(f) = &node.kind else {
@@ -127,20 +125,15 @@ impl Plan<'_> {
                 if core.level.is_some() {
                     copy_ranges(sink, contents, f, &writes)?;
                 } else {
-                    direct.push((id, writes));
+                    direct.extend(writes.into_iter().map(|w| (f, w)));
                 }
             }
         }
-        core.flush(contents)?;
+        core.drain(contents)?;
         // Uncompressed data: every address is known, copy in parallel.
-        direct.par_iter().try_for_each(|(id, writes)| {
-            let NodeKind::File(f) = &tree.node(*id).kind else {
-                return Ok(());
-            };
-            copy_ranges(sink, contents, f, writes)?;
-            let n: u64 = writes.iter().map(|w| w.2).sum();
-            progress(done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n);
-            Ok::<(), Error>(())
+        direct.sort_by_key(|w| w.1 .0);
+        copy_spans(sink, contents, &direct, &|n| {
+            progress(done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n)
         })?;
         let data_end = core.next_block;
         let compressed_files = core.compressed_files;

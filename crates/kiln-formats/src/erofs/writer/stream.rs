@@ -6,7 +6,7 @@
 use std::io::{self, Read};
 
 use super::compress::{Job, JobData};
-use super::data::{copy_ranges, copy_stream, DataCore};
+use super::data::{copy_ranges, DataCore};
 use super::meta::{node_path, MetaPrep};
 use super::store::{Store, Tail};
 use super::{Error, Options, Summary, PIECE};
@@ -96,7 +96,7 @@ impl<'s> StreamWriter<'s> {
             let (mut st, writes) = self.core.layout_plain(file, None)?;
             // The tail is not in the image yet: read it after the blocks and keep it.
             let stored: u64 = writes.iter().map(|w| w.2).sum();
-            copy_stream(self.core.sink, data, &writes)?;
+            self.core.copy_stream(data, &writes)?;
             if let Store::Flat {
                 size,
                 tail: Tail::Inline(t),
@@ -164,7 +164,7 @@ impl<'s> StreamWriter<'s> {
                 self.core.set(key, st);
             }
         }
-        self.core.flush(contents)?;
+        self.core.drain(contents)?;
         for &id in &meta.files {
             if by_node[id as usize].is_none() {
                 by_node[id as usize] = self.core.stores.get(base + id as usize).cloned().flatten();
