@@ -29,6 +29,8 @@ pub struct Base {
     pub stream: Arc<dyn AsyncRangeSource>,
     /// Positional reads (blocking).
     pub sync: Arc<dyn ReadAt + Send + Sync>,
+    /// The open file, when the base is a local one: downloads send it with sendfile(2).
+    pub file: Option<Arc<FileSource>>,
 }
 
 /// One catalog entry.
@@ -344,11 +346,12 @@ async fn open_local(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, Ch
         }
         chunks.verify_midstates(&src, &place)?;
         let stream = AsyncFileSource::new(src);
-        let sync = stream.sync().clone();
+        let file = stream.sync().clone();
         Ok((
             Base {
                 stream: Arc::new(stream),
-                sync,
+                sync: file.clone(),
+                file: Some(file),
             },
             table,
             chunks,
@@ -429,6 +432,7 @@ async fn open_object(config: &ImageConfig) -> anyhow::Result<(Base, SlotTable, C
         Base {
             stream: ob.clone(),
             sync: ob,
+            file: None,
         },
         table,
         chunks,

@@ -54,6 +54,7 @@ use tokio::sync::mpsc;
 
 use crate::catalog::piece_label;
 use crate::config::valid_name;
+use crate::conn::FileBody;
 use crate::error::ApiError;
 use crate::limits::Refused;
 use crate::state::{AppState, Prepared, Step};
@@ -510,6 +511,16 @@ async fn download(
     })?;
     st.metrics.download(&image);
     tracing::info!(%image, %piece, %ip, start, end, "download");
+    let guard = Arc::new(guard);
+    // Sent by the connection loop with sendfile(2) when the base is a local file and the loop
+    // has the connection; the body stream below is what hyper sends otherwise.
+    let file_body = im.base.file.clone().map(|file| FileBody {
+        plan: p.composed.plan().clone(),
+        range: start..end,
+        file,
+        state: st.clone(),
+        slot: guard.clone(),
+    });
     let st2 = st.clone();
     let body = p.composed.stream(start..end).map(move |r| {
         // The guard lives as long as the body stream: dropped when it ends or the client goes.
@@ -528,6 +539,9 @@ async fn download(
     let mut r = Response::new(Body::from_stream(body));
     *r.status_mut() = status;
     *r.headers_mut() = h;
+    if let Some(f) = file_body {
+        r.extensions_mut().insert(f);
+    }
     Ok(r)
 }
 

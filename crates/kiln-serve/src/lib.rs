@@ -9,6 +9,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod http;
 pub mod limits;

@@ -1,6 +1,8 @@
-//! The accept loop: HTTP/1.1 connections served by hyper with a header timeout, a cap on open
-//! connections, and a write timeout on every socket so that a client that stops reading is
-//! disconnected (freeing its download slot) instead of holding resources forever.
+//! The accept loop: a cap on open connections; each connection is served by the loop in
+//! [`conn`](crate::conn) (GET and HEAD, downloads by sendfile) and, from its first request that
+//! loop hands over, by hyper, both with a header timeout and a write timeout on every socket so
+//! that a client that stops reading is disconnected (freeing its download slot) instead of
+//! holding resources forever.
 
 use std::future::Future;
 use std::io;
@@ -19,6 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
+use crate::conn;
 use crate::http::ClientAddr;
 
 /// A socket whose writes fail with `TimedOut` when no progress is made for `timeout`.
@@ -169,6 +172,108 @@ impl Running {
     }
 }
 
+/// Serves the rest of a connection with hyper (uploads, and anything the connection loop in
+/// [`conn`] hands over), finishing the response in flight when the server stops.
+async fn hyper_connection(
+    io: Prefixed,
+    peer: SocketAddr,
+    router: Router,
+    header_timeout: Duration,
+    stopped: &mut watch::Receiver<bool>,
+    killed: &mut watch::Receiver<bool>,
+) {
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ClientAddr(peer));
+        router.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        // hyper queues body chunks up to this many bytes per connection before it stops
+        // polling the body: with two 128 KiB reads in flight that bounds a download at about
+        // 512 KiB however slow the client.
+        .max_buf_size(256 * 1024)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        let stop = *stopped.borrow_and_update();
+        if stop && !draining {
+            // Shutdown: finish the response in flight, then close (no keep-alive).
+            draining = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, "connection: {e}");
+                }
+                return;
+            }
+            r = stopped.changed(), if !draining => {
+                if r.is_err() {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            _ = killed.changed() => return,
+        }
+    }
+}
+
+/// The socket hyper reads from after the connection loop: first the bytes that loop read but
+/// did not consume, then the socket.
+pub struct Prefixed {
+    read: bytes::BytesMut,
+    inner: TimeoutIo,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if me.read.is_empty() {
+            return Pin::new(&mut me.inner).poll_read(cx, buf);
+        }
+        let n = me.read.len().min(buf.remaining());
+        buf.put_slice(&me.read.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// Binds `addr` and serves `router`.
 pub async fn serve(
     router: Router,
@@ -203,39 +308,36 @@ pub async fn serve(
                 _ = stopped.changed() => break,
             };
             let _ = tcp.set_nodelay(true);
-            let io = TokioIo::new(TimeoutIo::new(tcp, write_timeout));
             let router = router.clone();
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ClientAddr(peer));
-                router.clone().oneshot(req.map(axum::body::Body::new))
-            });
             let mut stopped2 = stopped.clone();
             let mut killed2 = killed.clone();
             tokio::spawn(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    // hyper queues body chunks up to this many bytes per connection before it
-                    // stops polling the body: with two 128 KiB reads in flight that bounds a
-                    // download at about 512 KiB however slow the client.
-                    .max_buf_size(256 * 1024)
-                    .serve_connection(io, svc);
-                tokio::pin!(conn);
-                let mut draining = false;
-                loop {
-                    tokio::select! {
-                        r = conn.as_mut() => {
-                            if let Err(e) = r {
-                                tracing::debug!(%peer, "connection: {e}");
-                            }
-                            break;
-                        }
-                        // Shutdown: finish the response in flight, then close (no keep-alive).
-                        _ = stopped2.changed(), if !draining => {
-                            draining = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        _ = killed2.changed() => break,
+                let limits = conn::Limits {
+                    header_timeout,
+                    write_timeout,
+                };
+                let native = conn::serve(tcp, peer, router.clone(), limits, stopped2.clone());
+                let end = tokio::select! {
+                    r = native => r,
+                    _ = killed2.changed() => Ok(conn::End::Closed),
+                };
+                match end {
+                    Ok(conn::End::Closed) => {}
+                    Err(e) => tracing::debug!(%peer, "connection: {e}"),
+                    Ok(conn::End::Handoff(tcp, read)) => {
+                        let io = Prefixed {
+                            read,
+                            inner: TimeoutIo::new(tcp, write_timeout),
+                        };
+                        hyper_connection(
+                            io,
+                            peer,
+                            router,
+                            header_timeout,
+                            &mut stopped2,
+                            &mut killed2,
+                        )
+                        .await;
                     }
                 }
                 drop(permit);
