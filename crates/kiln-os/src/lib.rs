@@ -142,6 +142,18 @@ pub fn send_range(
     Ok(Sent::All)
 }
 
+/// One `sendfile` call for a non-blocking `out` (a socket): sends up to `want` bytes of `src`
+/// from `*offset` and advances it by what went out. `WouldBlock` when the socket is full,
+/// `Ok(0)` at the end of `src`.
+pub fn send_some(
+    src: &File,
+    out: std::os::fd::BorrowedFd<'_>,
+    offset: &mut u64,
+    want: usize,
+) -> io::Result<usize> {
+    Ok(rustix::fs::sendfile(out, src, Some(offset), want)?)
+}
+
 /// Every extended attribute of `path`, not following a final symlink, as (name, value); an
 /// empty list where the filesystem has none (ENOTSUP). Retries when the set changes between
 /// the size query and the read.

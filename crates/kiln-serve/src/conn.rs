@@ -449,33 +449,14 @@ async fn send_file(
 }
 
 /// One sendfile(2) call; advances `offset` by what it sent.
-#[cfg(target_os = "linux")]
 fn send_chunk(
     tcp: &TcpStream,
     file: &FileSource,
     offset: &mut u64,
     want: usize,
 ) -> io::Result<usize> {
-    Ok(rustix::fs::sendfile(tcp, file.file(), Some(offset), want)?)
-}
-
-/// Elsewhere: a read into a buffer and a non-blocking send of what the socket takes.
-#[cfg(not(target_os = "linux"))]
-fn send_chunk(
-    tcp: &TcpStream,
-    file: &FileSource,
-    offset: &mut u64,
-    want: usize,
-) -> io::Result<usize> {
-    use kiln_inject::ReadAt;
-    let mut buf = vec![0u8; want.min(256 << 10)];
-    let n = file.read_at(*offset, &mut buf)?;
-    if n == 0 {
-        return Ok(0);
-    }
-    let sent = tcp.try_write(&buf[..n])?;
-    *offset += sent as u64;
-    Ok(sent)
+    use std::os::fd::AsFd;
+    kiln_os::send_some(file.file(), tcp.as_fd(), offset, want)
 }
 
 impl FileBody {
