@@ -465,6 +465,7 @@ impl FileBody {
         static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
         for seg in self.plan.segments(self.range.clone()) {
             let n = seg.len();
+            let by_sendfile = matches!(seg, Segment::Base { .. });
             let r = match seg {
                 Segment::Base { offset, len } => send_file(tcp, &self.file, offset, len, w).await,
                 Segment::Data(b) => write_all(tcp, &b, w).await,
@@ -492,6 +493,9 @@ impl FileBody {
                 return Err(e);
             }
             self.state.metrics.bytes.fetch_add(n, Relaxed);
+            if by_sendfile {
+                self.state.metrics.sendfile_bytes.fetch_add(n, Relaxed);
+            }
         }
         Ok(())
     }

@@ -14,6 +14,8 @@ pub struct Metrics {
     downloads: Mutex<BTreeMap<String, u64>>,
     /// Body bytes sent for downloads.
     pub bytes: AtomicU64,
+    /// Of those, the base bytes sent from the file by sendfile(2).
+    pub sendfile_bytes: AtomicU64,
     responses: Mutex<BTreeMap<u16, u64>>,
     /// Requests refused by the rate limiter or download caps.
     pub limited: AtomicU64,
@@ -75,6 +77,16 @@ impl Metrics {
         );
         let _ = writeln!(o, "# TYPE kiln_download_bytes_total counter");
         let _ = writeln!(o, "kiln_download_bytes_total {}", self.bytes.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "# HELP kiln_download_sendfile_bytes_total Of those, base bytes sent from the file by sendfile."
+        );
+        let _ = writeln!(o, "# TYPE kiln_download_sendfile_bytes_total counter");
+        let _ = writeln!(
+            o,
+            "kiln_download_sendfile_bytes_total {}",
+            self.sendfile_bytes.load(Relaxed)
+        );
         let _ = writeln!(o, "# HELP kiln_downloads_active Downloads streaming now.");
         let _ = writeln!(o, "# TYPE kiln_downloads_active gauge");
         let _ = writeln!(o, "kiln_downloads_active {active}");

@@ -35,7 +35,8 @@ fn digest_headers(body: &[u8]) -> (String, String) {
 }
 
 /// Checks one personalised download against the bytes `kiln inject` produced.
-async fn check_identity(base: &str, image: &str, piece: &str, want: &[u8], digest: &str) {
+/// Returns the base bytes the server has sent by sendfile so far (from `/metrics`).
+async fn check_identity(base: &str, image: &str, piece: &str, want: &[u8], digest: &str) -> u64 {
     let c = reqwest::Client::new();
     let url = format!("{base}/os/{image}/{piece}.img");
     let len = want.len() as u64;
@@ -195,6 +196,17 @@ async fn check_identity(base: &str, image: &str, piece: &str, want: &[u8], diges
     let r = get(&c, &url, &[("range", "bytes=0-1,5-6")]).await;
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.unwrap().as_ref() == want);
+
+    let m = get(&c, &format!("{base}/metrics"), &[])
+        .await
+        .text()
+        .await
+        .unwrap();
+    m.lines()
+        .find_map(|l| l.strip_prefix("kiln_download_sendfile_bytes_total "))
+        .unwrap_or_else(|| panic!("no sendfile counter: {m}"))
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +227,9 @@ async fn local_base_is_served_byte_identical_with_signed_manifests() {
 
     for piece in ["hello", "full", "empty"] {
         let (want, digest) = fx.expected(&fx.pieces.join(format!("{piece}.html")));
-        check_identity(&srv.url, "demo", piece, &want, &digest).await;
+        let sent = check_identity(&srv.url, "demo", piece, &want, &digest).await;
+        // A local base leaves by sendfile, not through a buffer.
+        assert!(sent > 0, "{piece}: no base byte was sent by sendfile");
     }
 
     // Upload, then download by id.
@@ -361,7 +375,8 @@ async fn object_store_base_is_served_byte_identical() {
     );
     let srv = KilnServer::start(&cfg);
     let (want, digest) = fx.expected(&fx.pieces.join("hello.html"));
-    check_identity(&srv.url, "demo", "hello", &want, &digest).await;
+    let sent = check_identity(&srv.url, "demo", "hello", &want, &digest).await;
+    assert_eq!(sent, 0, "an object-store base has no file to send");
     drop(srv);
     drop(s3);
 }
