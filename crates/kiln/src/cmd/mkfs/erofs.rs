@@ -115,8 +115,14 @@ pub fn run(a: ErofsArgs) -> Outcome {
                 .context("reading the temp spool")?;
             opened = Opened::Indexed(tree, kiln_tree::SourceContents::Spool(contents));
         } else if let Opened::Indexed(tree, contents) = &mut opened {
-            kiln_tree::holes::find(tree, contents)
-                .with_context(|| format!("reading {}", a.source.display()))?;
+            // A compressed image stores a file with holes only when at most half of it is
+            // data; short of that, its zeroes are compressed with the rest.
+            if opts.compression == Compression::None {
+                kiln_tree::holes::find(tree, contents)
+            } else {
+                kiln_tree::holes::find_mostly(tree, contents)
+            }
+            .with_context(|| format!("reading {}", a.source.display()))?;
         }
     }
     let summary = match opened {
