@@ -672,6 +672,11 @@ pub const HOLE_BLOCK: u64 = 4096;
 /// True when every byte of `b` is zero. Works eight bytes at a time, which the compiler turns
 /// into vector instructions; at memory speed, it costs far less than the copy it rides along.
 pub fn is_zero(b: &[u8]) -> bool {
+    // A block that holds data nearly always has a non-zero byte among its first few: look
+    // there first, so most blocks cost 16 bytes of reading instead of 4096.
+    if b.iter().take(16).any(|&x| x != 0) {
+        return false;
+    }
     let (words, rest) = b.split_at(b.len() - b.len() % 8);
     words.chunks_exact(8).fold(0u64, |acc, w| {
         acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
@@ -826,15 +831,56 @@ pub fn find_holes(
     contents: &dyn Contents,
     buf: &mut [u8],
 ) -> io::Result<FileData> {
+    find_holes_until(file, contents, buf, u64::MAX)
+}
+
+/// [`find_holes`] for a writer that stores a file with holes only when at most half of its
+/// bytes are data (a compressed EROFS image: see `erofs::writer::store::chunked`): once more
+/// than half of the file is known to be data, the rest is not read and the file is returned
+/// as it was. Such a file is stored from its bytes either way (holes read as zeroes), so the
+/// image is the one [`find_holes`] gives, for about half the reading on dense files. The
+/// first chunk covers just over half of the file, so a small dense file takes one read too.
+pub fn find_mostly_holes(
+    file: &FileData,
+    contents: &dyn Contents,
+    buf: &mut [u8],
+) -> io::Result<FileData> {
+    find_holes_until(file, contents, buf, file.size / 2)
+}
+
+/// Finds holes until more than `data_limit` bytes of data are found (then `file` is returned
+/// unchanged).
+fn find_holes_until(
+    file: &FileData,
+    contents: &dyn Contents,
+    buf: &mut [u8],
+    data_limit: u64,
+) -> io::Result<FileData> {
     let mut runs = NonzeroRuns::new(file.size);
     let step = (buf.len() as u64 / HOLE_BLOCK).max(1) * HOLE_BLOCK;
+    // With a limit, the first read stops one block past it.
+    let mut first = if data_limit < file.size {
+        (data_limit / HOLE_BLOCK + 1) * HOLE_BLOCK
+    } else {
+        step
+    }
+    .min(step);
+    let mut data = 0u64;
     for (s, e) in touched_blocks(file) {
         let mut at = s;
         while at < e {
-            let end = (at + step).min(e);
+            let end = (at + first).min(e);
+            first = step;
             let b = &mut buf[..(end - at) as usize];
             read_logical(file, contents, at, b)?;
-            runs.scan(at, b);
+            data += runs
+                .scan(at, b)
+                .iter()
+                .map(|&(s, e)| (e - s) as u64)
+                .sum::<u64>();
+            if data > data_limit {
+                return Ok(file.clone());
+            }
             at = end;
         }
     }
@@ -952,6 +998,62 @@ mod tests {
             )),
             meta: Meta::default(),
             slot: None,
+        }
+    }
+
+    /// Inline data, counting the bytes read.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicU64);
+
+    impl Contents for Counting {
+        fn read_at(&self, f: &FileData, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.0
+                .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            read_host_or_inline(f, offset, buf)
+        }
+    }
+
+    /// `find_mostly_holes` gives exactly `find_holes`'s runs to a file that is at most half
+    /// data, leaves any other file as it was, and reads little more than half of a dense one.
+    #[test]
+    fn mostly_holes_agrees_where_it_matters_and_reads_half() {
+        let b = HOLE_BLOCK as usize;
+        // Per block: 1 = data, 0 = zeroes; then the bytes of a partial last block (data).
+        let cases: &[(&str, usize)] = &[
+            ("1111111111111111111111111111111111111111", 0),
+            ("1111111111000000000000000000000000000000", 0),
+            ("0000000000000000000000000000001111111111", 100),
+            ("1010101010101010101010101010101010101010", 0),
+            ("1010101010101010101010101010101010101011", 0),
+            ("0000000000000000000011111111111111111111", 1),
+            ("0000000000000000000000000000000000000000", 0),
+            ("1", 5),
+            ("", 7),
+        ];
+        for &(blocks, tail) in cases {
+            let mut bytes = Vec::new();
+            for c in blocks.bytes() {
+                bytes.extend(std::iter::repeat_n(u8::from(c == b'1') * 7, b));
+            }
+            bytes.extend(std::iter::repeat_n(9u8, tail));
+            let f = FileData::dense(bytes.len() as u64, DataRef::Inline(bytes.into()));
+            for buf_blocks in [256, 3] {
+                let mut buf = vec![0u8; buf_blocks * b];
+                let full = find_holes(&f, &HostContents, &mut buf).unwrap();
+                let c = Counting::default();
+                let mostly = find_mostly_holes(&f, &c, &mut buf).unwrap();
+                let read = c.0.into_inner();
+                let what = format!("{blocks}+{tail} with a {buf_blocks}-block buffer");
+                if full.stored_len() * 2 <= f.size {
+                    assert_eq!(mostly, full, "{what}");
+                    assert!(mostly.segments.is_some(), "{what}");
+                } else {
+                    assert_eq!(mostly, f, "{what}");
+                }
+                if !blocks.contains('0') && blocks.len() > 1 {
+                    assert!(read <= f.size / 2 + HOLE_BLOCK, "{what}: read {read}");
+                }
+            }
         }
     }
 

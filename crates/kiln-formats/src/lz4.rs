@@ -103,9 +103,20 @@ fn read_u32(s: &[u8], i: usize) -> u32 {
     s[i..i + 4].try_into().map_or(0, u32::from_le_bytes)
 }
 
-#[inline]
-fn read_u64(s: &[u8], i: usize) -> u64 {
-    s[i..i + 8].try_into().map_or(0, u64::from_le_bytes)
+/// The 4 bytes at `i`, `None` past the end (or for an `i` that wrapped below zero).
+#[inline(always)]
+fn load4(s: &[u8], i: usize) -> Option<u32> {
+    s.get(i..i.wrapping_add(4))
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+}
+
+/// The 8 bytes at `i` (0 past the end, which callers never ask for).
+#[inline(always)]
+fn load8(s: &[u8], i: usize) -> u64 {
+    s.get(i..i.wrapping_add(8))
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 /// Length of the common prefix of `s[a..]` and `s[b..]` (a < b), not reading past `limit`.
@@ -157,13 +168,23 @@ impl Emitter<'_> {
         self.o += 1;
     }
 
-    #[inline]
+    #[inline(always)]
     fn literals(&mut self, src: &[u8], from: usize, to: usize) {
         let n = to - from;
-        if n <= WILD && from + WILD <= src.len() {
-            self.buf[self.o..self.o + WILD].copy_from_slice(&src[from..from + WILD]);
-        } else {
-            self.buf[self.o..self.o + n].copy_from_slice(&src[from..to]);
+        let o = self.o;
+        // Runs of up to 64 bytes are copied in 16-byte pieces, the last one overrunning (a
+        // library call costs more than the copy); the overrun is overwritten by what follows.
+        let padded = n.next_multiple_of(WILD);
+        match (
+            self.buf.get_mut(o..o + padded),
+            src.get(from..from + padded),
+        ) {
+            (Some(d), Some(s)) if n <= 4 * WILD => {
+                for (d, s) in d.chunks_exact_mut(WILD).zip(s.chunks_exact(WILD)) {
+                    d.copy_from_slice(s);
+                }
+            }
+            _ => self.buf[o..o + n].copy_from_slice(&src[from..to]),
         }
         self.o += n;
     }
@@ -356,9 +377,12 @@ impl Compressor {
     ///
     /// Shaped like the reference encoder's fast loop, because the loop is bound by memory
     /// latency (the table entry, then the candidate's bytes), not by arithmetic: the next
-    /// position's hash is computed while the current candidate is checked, the table is 16 KiB
+    /// position's bytes are loaded while the current candidate is checked, the table is 16 KiB
     /// (it stays in L1), and the hash covers 5 bytes, so 4-byte coincidences that would make
-    /// poor matches are not probed at all.
+    /// poor matches are not probed at all. The 8 bytes loaded for a position's hash are also
+    /// what its candidate is compared with, so a probe reads the input once. Kept out of line:
+    /// inlined next to the high mode, its loop variables spilled to the stack.
+    #[inline(never)]
     fn fast(&mut self, src: &[u8], em: &mut Emitter<'_>) -> usize {
         let base = self.base;
         let match_limit = (src.len() - MFLIMIT).min(MAX_SEARCH); // matches start before this
@@ -373,31 +397,32 @@ impl Compressor {
         'block: loop {
             // Find a match at or after `ip`: step 1 for the first 64 misses, then wider.
             let mut next = ip;
-            let mut h = hash5(read_u64(src, next));
+            let mut vnext = load8(src, next);
             let mut searches = 1usize << SKIP_SHIFT;
             let (mut cur, mut cand) = loop {
                 let cur = next;
-                let hcur = h;
+                let vcur = vnext;
                 next += searches >> SKIP_SHIFT;
                 searches += 1;
                 if next > match_limit {
                     break 'block;
                 }
+                let hcur = hash5(vcur);
                 let stored = head[hcur];
-                h = hash5(read_u64(src, next));
-                head[hcur] = base + cur as u32;
-                let dist = (base + cur as u32).wrapping_sub(stored) as usize;
-                // Older blocks and empty entries are more than a window behind.
-                if dist <= MAX_DISTANCE
-                    && dist != 0
-                    && read_u32(src, cur - dist) == read_u32(src, cur)
-                {
-                    break (cur, cur - dist);
+                vnext = load8(src, next);
+                let abs = base + cur as u32;
+                head[hcur] = abs;
+                let dist = abs.wrapping_sub(stored) as usize;
+                // Older blocks and empty entries are more than a window behind (a distance
+                // of 0 wraps to the top and fails the same test).
+                let cand = cur.wrapping_sub(dist);
+                if dist.wrapping_sub(1) < MAX_DISTANCE && load4(src, cand) == Some(vcur as u32) {
+                    break (cur, cand);
                 }
             };
             loop {
                 // Extend backwards over pending literals, then forwards.
-                while cur > anchor && cand > 0 && src[cur - 1] == src[cand - 1] {
+                while cur > anchor && cand > 0 && src.get(cur - 1) == src.get(cand - 1) {
                     cur -= 1;
                     cand -= 1;
                 }
@@ -413,17 +438,17 @@ impl Compressor {
                 // Seed the table inside the match, then try the position right after it
                 // before going back to stepping.
                 let p = ip - 2;
-                head[hash5(read_u64(src, p))] = base + p as u32;
-                let hh = hash5(read_u64(src, ip));
+                head[hash5(load8(src, p))] = base + p as u32;
+                let v = load8(src, ip);
+                let hh = hash5(v);
                 let stored = head[hh];
-                head[hh] = base + ip as u32;
-                let dist = (base + ip as u32).wrapping_sub(stored) as usize;
-                if dist <= MAX_DISTANCE
-                    && dist != 0
-                    && read_u32(src, ip - dist) == read_u32(src, ip)
-                {
+                let abs = base + ip as u32;
+                head[hh] = abs;
+                let dist = abs.wrapping_sub(stored) as usize;
+                let c = ip.wrapping_sub(dist);
+                if dist.wrapping_sub(1) < MAX_DISTANCE && load4(src, c) == Some(v as u32) {
                     cur = ip;
-                    cand = ip - dist;
+                    cand = c;
                     continue;
                 }
                 ip += 1;

@@ -10,7 +10,9 @@
 //! only the blocks their existing data runs touch. Slot files are left alone: a slot's
 //! reservation is real, allocated data that injection overwrites.
 
-use kiln_formats::fstree::{find_holes, Contents, DataRef, FileData, NodeKind, Tree};
+use kiln_formats::fstree::{
+    find_holes, find_mostly_holes, Contents, DataRef, FileData, NodeKind, Tree,
+};
 use rayon::prelude::*;
 
 use crate::Error;
@@ -21,12 +23,30 @@ pub fn find(tree: &mut Tree, contents: &dyn Contents) -> Result<u64, Error> {
     find_where(tree, contents, &|_| true)
 }
 
+/// [`find`] for a writer that gives a file holes only when at most half of it is data (a
+/// compressed EROFS image): a file is read only until more than half of it is known to be
+/// data, and then left as it was (see [`find_mostly_holes`]). The image is the same as after
+/// [`find`]; the reading is about halved.
+pub fn find_mostly(tree: &mut Tree, contents: &dyn Contents) -> Result<u64, Error> {
+    scan(tree, contents, &|_| true, find_mostly_holes)
+}
+
 /// [`find`] for the files `pick` selects (a build's `[source] add` files, laid over a tree
 /// whose holes are already known).
 pub fn find_where(
     tree: &mut Tree,
     contents: &dyn Contents,
     pick: &(dyn Fn(&FileData) -> bool + Sync),
+) -> Result<u64, Error> {
+    scan(tree, contents, pick, find_holes)
+}
+
+/// Runs `finder` over the files `pick` selects, in parallel.
+fn scan(
+    tree: &mut Tree,
+    contents: &dyn Contents,
+    pick: &(dyn Fn(&FileData) -> bool + Sync),
+    finder: fn(&FileData, &dyn Contents, &mut [u8]) -> std::io::Result<FileData>,
 ) -> Result<u64, Error> {
     let files: Vec<(usize, &FileData)> = tree
         .nodes
@@ -46,7 +66,7 @@ pub fn find_where(
         .par_iter()
         .map_init(
             || vec![0u8; 1 << 20],
-            |buf, &(i, f)| match find_holes(f, contents, buf) {
+            |buf, &(i, f)| match finder(f, contents, buf) {
                 Ok(nf) => Ok((i, nf, f.stored_len())),
                 Err(e) => Err((i, e)),
             },

@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 use sha2::Digest;
 
+use super::store::tail_inline;
 use super::{blocks_of, read_source, Error, UNIT};
 use crate::erofs::layout::*;
 use crate::fstree::{Contents, FileData};
@@ -149,9 +150,42 @@ pub(super) struct Job {
     pub(super) data: JobData,
 }
 
-/// A unit's raw bytes, its extents when the job compresses, its SHA-256 when the job is
-/// hashed.
-pub(super) type UnitOut = (Vec<u8>, Option<Vec<Ext>>, Option<[u8; 32]>);
+/// A compressed unit, as placing needs it.
+pub(super) struct UnitOut {
+    /// Input bytes covered.
+    pub(super) len: u64,
+    /// The unit's bytes, kept only when placing may store them as they are (see
+    /// [`needs_raw`]).
+    pub(super) raw: Option<Vec<u8>>,
+    /// Its extents, when the job compresses.
+    pub(super) exts: Option<Vec<Ext>>,
+    /// Its SHA-256, when the job is hashed.
+    pub(super) digest: Option<[u8; 32]>,
+}
+
+/// Blocks a whole file of `size` bytes takes stored flat (its tail inline when it fits).
+pub(super) fn flat_blocks(size: u64) -> u64 {
+    size / BLOCK + u64::from(!size.is_multiple_of(BLOCK) && !tail_inline(size))
+}
+
+/// Blocks the extents take.
+pub(super) fn ext_blocks(exts: &[Ext]) -> u64 {
+    exts.iter()
+        .map(|x| x.bytes.as_ref().map_or(1, |b| blocks_of(b.len() as u64)))
+        .sum()
+}
+
+/// Whether placing may need a unit's bytes: a job that is not compressed is stored flat, a
+/// plain extent is copied from them, and a whole file falls back to flat storage when its
+/// clusters do not save a block. For a whole file of one unit that is decided here, with the
+/// rule placing applies; a whole file of several units keeps them all.
+fn needs_raw(job: &Job, exts: Option<&[Ext]>) -> bool {
+    let Some(exts) = exts else {
+        return true;
+    };
+    exts.iter().any(|x| x.bytes.is_none())
+        || (job.whole && (job.len > UNIT || ext_blocks(exts) >= flat_blocks(job.size)))
+}
 
 /// A compressed batch waiting to be placed: its jobs and their units' results, in order.
 pub(super) struct Batch {
@@ -179,23 +213,33 @@ pub(super) fn compress_batch(
     let units = units
         .par_iter()
         .map_init(
-            || lz4::Compressor::new(level),
-            |c, &(j, off, l)| {
+            // The compressor and a read buffer per worker: a unit is read into the buffer,
+            // and copied out only when placing may need its bytes (most units leave as
+            // clusters only), so no unit costs an allocation and a zero-fill of its own.
+            || (lz4::Compressor::new(level), Vec::new()),
+            |(c, buf), &(j, off, l)| {
                 let job = &jobs[j];
-                let raw = match &job.data {
+                let raw: &[u8] = match &job.data {
                     JobData::Mem(v) => v
                         .get(off as usize..(off + l) as usize)
-                        .map(<[u8]>::to_vec)
                         .ok_or_else(|| Error::corrupt(off, "stream piece shorter than its size"))?,
                     JobData::Source(f) => {
-                        let mut b = vec![0u8; l as usize];
-                        read_source(contents, f, job.start + off, &mut b)?;
+                        if buf.len() < l as usize {
+                            buf.resize(l as usize, 0);
+                        }
+                        let b = &mut buf[..l as usize];
+                        read_source(contents, f, job.start + off, b)?;
                         b
                     }
                 };
-                let exts = job.compress.then(|| compress_unit(c, &raw, pcluster));
-                let digest = job.digest.then(|| sha2::Sha256::digest(&raw).into());
-                Ok((raw, exts, digest))
+                let exts = job.compress.then(|| compress_unit(c, raw, pcluster));
+                let digest = job.digest.then(|| sha2::Sha256::digest(raw).into());
+                Ok(UnitOut {
+                    len: l,
+                    raw: needs_raw(job, exts.as_deref()).then(|| raw.to_vec()),
+                    exts,
+                    digest,
+                })
             },
         )
         .collect();

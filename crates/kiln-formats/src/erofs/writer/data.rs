@@ -10,7 +10,9 @@ use std::io::Read;
 
 use sha2::Digest;
 
-use super::compress::{build_indexes, compress_batch, Batch, Job, JobData, UnitOut, ZExt};
+use super::compress::{
+    build_indexes, compress_batch, ext_blocks, flat_blocks, Batch, Job, JobData, UnitOut, ZExt,
+};
 use super::store::{chunk_blocks, chunk_plan, chunked, tail_inline, Store, Tail};
 use super::{
     block_u32, blocks_of, read_source, write_sink, Compression, Error, Options, BATCH_BYTES,
@@ -99,8 +101,11 @@ impl<'s> DataCore<'s> {
 
     /// Places `data` at image offset `at`. Pieces that continue the staged run (up to the end
     /// of its last block, which only the same allocation can share) join it; anything else
-    /// writes the stage out first. The stage's unused bytes are zero, so gaps inside a block
-    /// read as zeroes as the sink contract requires.
+    /// writes the stage out first. Bytes of the stage past `filled` are left over from earlier
+    /// runs: the gap before a piece is zeroed when the piece lands, and the rest of the last
+    /// block when the stage is written, so gaps inside a block read as zeroes as the sink
+    /// contract requires (zeroing all of the stage after each write cost as much as a copy of
+    /// every compressed byte).
     fn put(&mut self, at: u64, data: &[u8]) -> Result<(), Error> {
         let end = self.stage.start + self.stage.filled as u64;
         let joins = self.stage.filled > 0 && at >= end && at / BLOCK <= end.div_ceil(BLOCK);
@@ -120,15 +125,15 @@ impl<'s> DataCore<'s> {
                 // Full: write the whole blocks, carry the partial last one over.
                 let whole = self.stage.filled / BLOCK as usize * BLOCK as usize;
                 write_sink(self.sink, self.stage.start, &buf.bytes()[..whole])?;
-                let bytes = buf.bytes_mut();
-                bytes.copy_within(whole..self.stage.filled, 0);
-                bytes[self.stage.filled - whole..].fill(0);
+                buf.bytes_mut().copy_within(whole..self.stage.filled, 0);
                 self.stage.start += whole as u64;
                 self.stage.filled -= whole;
                 continue;
             }
             let n = data.len().min(buf.len() - from);
-            buf.bytes_mut()[from..from + n].copy_from_slice(&data[..n]);
+            let bytes = buf.bytes_mut();
+            bytes[self.stage.filled..from].fill(0);
+            bytes[from..from + n].copy_from_slice(&data[..n]);
             self.stage.filled = from + n;
             at += n as u64;
             data = &data[n..];
@@ -143,8 +148,8 @@ impl<'s> DataCore<'s> {
         }
         if let Some(buf) = &mut self.stage.buf {
             let n = (self.stage.filled as u64).div_ceil(BLOCK) as usize * BLOCK as usize;
+            buf.bytes_mut()[self.stage.filled..n].fill(0);
             write_sink(self.sink, self.stage.start, &buf.bytes()[..n])?;
-            buf.bytes_mut()[..n].fill(0);
         }
         self.stage.filled = 0;
         Ok(())
@@ -310,7 +315,7 @@ impl<'s> DataCore<'s> {
         // The file's content digest: over its units' digests and its size.
         let digest: Option<[u8; 32]> =
             outs.iter()
-                .map(|o| o.2)
+                .map(|o| o.digest)
                 .collect::<Option<Vec<_>>>()
                 .map(|ds| {
                     let mut h = sha2::Sha256::new();
@@ -333,26 +338,21 @@ impl<'s> DataCore<'s> {
             }
         }
         if job.whole {
-            let flat_blocks = job.size / BLOCK
-                + u64::from(!job.size.is_multiple_of(BLOCK) && !tail_inline(job.size));
-            let comp_blocks: Option<u64> = outs
-                .iter()
-                .map(|(_, e, _)| {
-                    e.as_ref().map(|e| {
-                        e.iter()
-                            .map(|x| x.bytes.as_ref().map_or(1, |b| blocks_of(b.len() as u64)))
-                            .sum::<u64>()
-                    })
-                })
-                .sum();
-            if comp_blocks.is_none_or(|c| c >= flat_blocks) {
-                return self.place_flat_mem(job.key, job.size, outs.into_iter().map(|o| o.0));
+            let comp_blocks: Option<u64> =
+                outs.iter().map(|o| o.exts.as_deref().map(ext_blocks)).sum();
+            if comp_blocks.is_none_or(|c| c >= flat_blocks(job.size)) {
+                let raws = outs
+                    .into_iter()
+                    .map(|o| o.raw)
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| Error::corrupt(job.start, "internal: unit bytes not kept"))?;
+                return self.place_flat_mem(job.key, job.size, raws.into_iter());
             }
         }
         let mut base = job.start;
         let mut exts = self.building.remove(&job.key).unwrap_or_default();
-        for (raw, e, _) in outs {
-            let Some(e) = e else {
+        for o in outs {
+            let Some(e) = o.exts else {
                 return Err(Error::corrupt(
                     base,
                     "internal: uncompressed unit in a compressed file",
@@ -375,8 +375,10 @@ impl<'s> DataCore<'s> {
                     }
                     None => {
                         let blk = self.alloc(1);
-                        let r = raw
-                            .get(pos as usize..(pos + x.len) as usize)
+                        let r = o
+                            .raw
+                            .as_ref()
+                            .and_then(|r| r.get(pos as usize..(pos + x.len) as usize))
                             .ok_or_else(|| {
                                 Error::corrupt(pos, "internal: plain extent past unit")
                             })?;
@@ -392,7 +394,7 @@ impl<'s> DataCore<'s> {
                 }
                 pos += x.len;
             }
-            base += raw.len() as u64;
+            base += o.len;
         }
         if job.start + job.len >= job.size {
             let blocks = exts.iter().map(|e| u64::from(e.blocks)).sum();

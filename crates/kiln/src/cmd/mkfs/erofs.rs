@@ -91,6 +91,9 @@ pub fn run(a: ErofsArgs) -> Outcome {
         volume_name: label,
         dedupe: !a.no_dedupe,
     };
+    if opts.compression != Compression::None {
+        one_worker_per_core_and_one_more();
+    }
     let norm = Normalize::from_env(a.all_root)?;
     super::super::refuse_same_file(&a.source, &a.output, "source")?;
     let source = SourceArg::parse(&a.source);
@@ -115,8 +118,14 @@ pub fn run(a: ErofsArgs) -> Outcome {
                 .context("reading the temp spool")?;
             opened = Opened::Indexed(tree, kiln_tree::SourceContents::Spool(contents));
         } else if let Opened::Indexed(tree, contents) = &mut opened {
-            kiln_tree::holes::find(tree, contents)
-                .with_context(|| format!("reading {}", a.source.display()))?;
+            // A compressed image stores a file with holes only when at most half of it is
+            // data; short of that, its zeroes are compressed with the rest.
+            if opts.compression == Compression::None {
+                kiln_tree::holes::find(tree, contents)
+            } else {
+                kiln_tree::holes::find_mostly(tree, contents)
+            }
+            .with_context(|| format!("reading {}", a.source.display()))?;
         }
     }
     let summary = match opened {
@@ -201,4 +210,22 @@ pub fn run(a: ErofsArgs) -> Outcome {
         println!("{j}");
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Sizes the worker pool at one thread more than the cores (unless RAYON_NUM_THREADS says
+/// otherwise). Placing a compressed batch writes its 8 MiB stages with direct I/O from one
+/// worker, which then waits for the disk while the next batch compresses; with a pool of
+/// exactly one worker per core, a core idled for every stage written. The image does not
+/// depend on the pool's size (units are compressed independently and collected in order).
+/// Measured on 2 cores with scripts/bench-erofs's /usr copy, `-z lz4 --pcluster-blocks 16`:
+/// 9.2-9.7 s wall with 3 workers against 9.8-10.6 s with 2, alternating runs, same CPU time.
+fn one_worker_per_core_and_one_more() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // An error means a pool already exists; it then keeps its size.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(cores + 1)
+        .build_global();
 }
