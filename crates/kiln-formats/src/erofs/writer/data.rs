@@ -313,18 +313,18 @@ impl<'s> DataCore<'s> {
 
     fn place_job(&mut self, job: Job, outs: Vec<UnitOut>) -> Result<(), Error> {
         // The file's content digest: over its units' digests and its size.
-        let digest: Option<[u8; 32]> =
-            outs.iter()
-                .map(|o| o.digest)
-                .collect::<Option<Vec<_>>>()
-                .map(|ds| {
-                    let mut h = sha2::Sha256::new();
-                    h.update(job.size.to_le_bytes());
-                    for d in ds {
-                        h.update(d);
-                    }
-                    h.finalize().into()
-                });
+        let digest: Option<[u8; 32]> = outs
+            .iter()
+            .map(|o| o.digest)
+            .collect::<Option<Vec<_>>>()
+            .map(|ds| {
+                let mut h = sha2::Sha256::new();
+                h.update(job.size.to_le_bytes());
+                for d in ds {
+                    h.update(d);
+                }
+                h.finalize().into()
+            });
         if let (Some(d), Some(dd)) = (&digest, &mut self.dedupe) {
             if let Some(st) = dd.seen.get(d) {
                 if let Store::Compressed { blocks, .. } = st {
