@@ -62,7 +62,7 @@ pub fn dump<R: ReadAt>(img: &Image<R>, max_entries: usize) -> Result<String, Err
         let ino = img.inode(nid)?;
         listed += 1;
         let extra = match ino.layout {
-            datalayout::COMPRESSED_FULL => {
+            datalayout::COMPRESSED_FULL | datalayout::COMPRESSED_COMPACT => {
                 format!(" extents={} zblocks={}", img.extents(&ino)?.len(), ino.i_u)
             }
             datalayout::CHUNK_BASED => format!(" chunkbits={}", ino.i_u & 0x1f),

@@ -48,10 +48,16 @@ pub mod datalayout {
     pub const COMPRESSED_FULL: u8 = 1;
     /// Like `FLAT_PLAIN`, but the last partial block is stored right after the inode.
     pub const FLAT_INLINE: u8 = 2;
-    /// Compressed with compacted indexes (kiln reads only what it writes: not this one).
+    /// Compressed with compacted indexes, 2 or 4 bytes per logical cluster (see
+    /// [`crate::erofs::compact`]).
     pub const COMPRESSED_COMPACT: u8 = 3;
     /// A map of chunks; a hole is [`super::NULL_ADDR`].
     pub const CHUNK_BASED: u8 = 4;
+
+    /// Either compressed layout.
+    pub const fn is_compressed(layout: u8) -> bool {
+        matches!(layout, COMPRESSED_FULL | COMPRESSED_COMPACT)
+    }
 }
 
 /// `erofs_inode_chunk_info.format`: chunk size is `BLOCK << (format & 0x1f)`.
@@ -299,6 +305,9 @@ pub struct LclusterIndex {
     pub di_u: U32,
 }
 const _: () = assert!(size_of::<LclusterIndex>() == 8);
+
+/// Size of the map header in front of a compressed inode's indexes.
+pub const MAP_HEADER: u64 = 8;
 
 /// Offset of the first full index from the aligned end of inode + xattrs: the map header plus
 /// 8 reserved bytes (`Z_EROFS_LEGACY_MAP_HEADER_SIZE`).

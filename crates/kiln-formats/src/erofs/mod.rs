@@ -21,6 +21,7 @@
 //! Data comes first so a once-read stream can be written as it arrives; everything that needs
 //! to know where other things are (inodes, directories) is written after it.
 
+pub mod compact;
 pub mod dump;
 pub mod layout;
 pub mod reader;

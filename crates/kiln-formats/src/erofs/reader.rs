@@ -6,6 +6,7 @@ use std::io::Write;
 
 use zerocopy::FromBytes;
 
+use super::compact;
 use super::layout::*;
 use super::Error;
 use crate::fstree::Timestamp;
@@ -340,7 +341,7 @@ impl<R: ReadAt> Image<R> {
                 }
                 Ok(())
             }
-            datalayout::COMPRESSED_FULL => {
+            datalayout::COMPRESSED_FULL | datalayout::COMPRESSED_COMPACT => {
                 let exts = self.extents(ino)?;
                 let mut done = 0usize;
                 let mut pos = offset;
@@ -371,7 +372,7 @@ impl<R: ReadAt> Image<R> {
         }
     }
 
-    /// Decodes the extents of a full-index compressed inode, and checks them the way the
+    /// Decodes the extents of a compressed inode (full or compacted indexes), and checks them the way the
     /// kernel maps them (`z_erofs_do_map_blocks`, fs/erofs/zmap.c), so that an image this
     /// reader accepts is one the kernel can read:
     /// - an offset in a logical cluster with no head after it maps to an extent that ends at
@@ -393,13 +394,49 @@ impl<R: ReadAt> Image<R> {
         if n > 1 << 28 {
             return Err(Error::corrupt(ino.offset, "implausible compressed size"));
         }
-        let first = hdr_at + FULL_INDEX_HEADER;
-        let raw = self.read_vec(first, 8 * n)?;
-        let at = |j: usize| first + 8 * j as u64;
+        let compacted = ino.layout == datalayout::COMPRESSED_COMPACT;
+        let (first, decoded) = if compacted {
+            let advise = h.h_advise.get();
+            let big2 = advise & compact::ADVISE_BIG_PCLUSTER_2 != 0;
+            if big != big2 {
+                return Err(Error::corrupt(
+                    hdr_at,
+                    "compacted indexes with inconsistent big pcluster flags",
+                ));
+            }
+            if advise & compact::ADVISE_COMPACTED_2B == 0 {
+                return Err(Error::corrupt(
+                    hdr_at,
+                    "compacted indexes without 2-byte packs",
+                ));
+            }
+            let ebase = hdr_at + MAP_HEADER;
+            let raw = self.read_vec(ebase, compact::array_len(n as usize, ebase))?;
+            let d = compact::decode(&raw, n as usize, ebase)
+                .map_err(|(off, what)| Error::corrupt(ebase + off, what))?;
+            (ebase, d)
+        } else {
+            let first = hdr_at + FULL_INDEX_HEADER;
+            let raw = self.read_vec(first, 8 * n)?;
+            let mut d = Vec::with_capacity(crate::io::capacity_hint(n));
+            for (j, b) in raw.chunks_exact(8).enumerate() {
+                d.push(
+                    LclusterIndex::read_from_bytes(b)
+                        .map_err(|_| Error::corrupt(first + 8 * j as u64, "short index"))?,
+                );
+            }
+            (first, d)
+        };
+        // Offsets in errors: the full index, or the start of the compacted array.
+        let at = |j: usize| {
+            if compacted {
+                first
+            } else {
+                first + 8 * j as u64
+            }
+        };
         let mut lcs = Vec::with_capacity(crate::io::capacity_hint(n));
-        for (j, b) in raw.chunks_exact(8).enumerate() {
-            let x = LclusterIndex::read_from_bytes(b)
-                .map_err(|_| Error::corrupt(at(j), "short index"))?;
+        for (j, x) in decoded.into_iter().enumerate() {
             let t = x.di_advise.get() & 3;
             if t == 3 {
                 return Err(Error::corrupt(at(j), "reserved lcluster type"));
@@ -557,7 +594,7 @@ impl<R: ReadAt> Image<R> {
 
     /// Streams all of the inode's data into `w`.
     pub fn copy_to(&self, ino: &InodeInfo, w: &mut dyn Write) -> Result<(), Error> {
-        if ino.layout == datalayout::COMPRESSED_FULL {
+        if datalayout::is_compressed(ino.layout) {
             for e in self.extents(ino)? {
                 w.write_all(&self.extent_data(&e)?)
                     .map_err(|err| Error::io("writing file data", err))?;

@@ -106,7 +106,9 @@ pub(super) fn build_indexes(size: u64, exts: &[ZExt]) -> Vec<LclusterIndex> {
             end / BLOCK
         };
         for j in h + 1..next_head {
-            let d0 = if j == h + 1 && !e.plain {
+            // The block count goes after every head a NONHEAD follows, a PLAIN one's (1)
+            // included: compacted indexes with big pclusters require it there.
+            let d0 = if j == h + 1 {
                 D0_CBLKCNT | e.blocks as u16
             } else {
                 (j - h).min(u64::from(D0_CBLKCNT - 1)) as u16
@@ -244,4 +246,157 @@ pub(super) fn compress_batch(
         )
         .collect();
     Batch { jobs, units }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::erofs::compact;
+    use proptest::prelude::*;
+
+    /// Extents of a `size`-byte file from (length, plain, blocks) pieces, placed back to back
+    /// from block `first` (or with a gap after the `gap_after`th).
+    fn extents(
+        size: u64,
+        pieces: &[(u64, bool, u32)],
+        first: u32,
+        gap_after: Option<usize>,
+    ) -> Vec<ZExt> {
+        let (mut start, mut blk) = (0u64, first);
+        let mut out = Vec::new();
+        for (k, &(len, plain, blocks)) in pieces.iter().enumerate() {
+            if start >= size {
+                break;
+            }
+            let len = len.min(size - start);
+            // A compressed extent saves a block at least (what compress_unit keeps).
+            let blocks = if plain {
+                1
+            } else {
+                blocks.min(blocks_of(len).saturating_sub(1) as u32).max(1)
+            };
+            out.push(ZExt {
+                start,
+                len,
+                plain,
+                blkaddr: blk,
+                blocks,
+            });
+            start += len;
+            blk += blocks + u32::from(gap_after == Some(k));
+        }
+        if start < size {
+            let plain = size - start <= BLOCK;
+            out.push(ZExt {
+                start,
+                len: size - start,
+                plain,
+                blkaddr: blk,
+                blocks: 1,
+            });
+        }
+        out
+    }
+
+    /// Per logical cluster: type, cluster offset and address of heads before the end of file,
+    /// the block count of NONHEADs that carry one, and the head each NONHEAD looks back to.
+    fn mapping(idx: &[LclusterIndex], size: u64) -> Vec<(u16, u16, u32, usize)> {
+        let mut owner = 0usize;
+        idx.iter()
+            .enumerate()
+            .map(|(j, x)| {
+                let t = x.di_advise.get() & 3;
+                if t != lcluster::NONHEAD {
+                    owner = j;
+                    let la = j as u64 * BLOCK + u64::from(x.di_clusterofs.get());
+                    let addr = if la < size { x.di_u.get() } else { 0 };
+                    return (t, x.di_clusterofs.get(), addr, j);
+                }
+                let d0 = x.di_u.get() as u16;
+                let cnt = if d0 & D0_CBLKCNT != 0 {
+                    u32::from(d0)
+                } else {
+                    0
+                };
+                // Follow the lookback chain the way the kernel does.
+                let mut k = j;
+                loop {
+                    let y = &idx[k];
+                    if y.di_advise.get() & 3 != lcluster::NONHEAD {
+                        break;
+                    }
+                    let d = y.di_u.get() as u16;
+                    k -= if d & D0_CBLKCNT != 0 {
+                        1
+                    } else {
+                        usize::from(d)
+                    };
+                }
+                assert_eq!(k, owner, "lookback of {j}");
+                (t, 0, cnt, k)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compact_pack_bits_are_pinned() {
+        // One 4-byte pack: a HEAD1 at offset 0, then the block count 3; address 100.
+        let idx = build_indexes(
+            2 * BLOCK,
+            &[ZExt {
+                start: 0,
+                len: 2 * BLOCK,
+                plain: false,
+                blkaddr: 100,
+                blocks: 3,
+            }],
+        );
+        let bytes = compact::encode(&idx, 2 * BLOCK, 32).unwrap();
+        assert_eq!(bytes, [0x00, 0x10, 0x03, 0x28, 100, 0, 0, 0]);
+    }
+
+    #[test]
+    fn compact_needs_back_to_back_clusters() {
+        // Heads in the same pack: the second's address is counted from the first's, so a gap
+        // between their clusters cannot be expressed. (Across packs it can: each pack has an
+        // address of its own, and the encoder keeps whatever decodes back to the same map.)
+        let pieces = [(5000, false, 1); 40];
+        let size = 200_000;
+        for ebase in [8, 16, 24, 32] {
+            let ok = build_indexes(size, &extents(size, &pieces, 77, None));
+            assert!(compact::encode(&ok, size, ebase).is_some(), "ebase {ebase}");
+            let gap = build_indexes(size, &extents(size, &pieces, 77, Some(0)));
+            assert!(
+                compact::encode(&gap, size, ebase).is_none(),
+                "ebase {ebase}"
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Whatever the extents and the array's alignment, the compacted array decodes (the
+        /// way the kernel reads it) to the mapping of the full indexes it came from, and is
+        /// as long as `array_len` says.
+        #[test]
+        fn compact_round_trips(
+            size in 1u64..400_000,
+            pieces in proptest::collection::vec((1u64..70_000, any::<bool>(), 1u32..17), 1..40),
+            first in 0u32..1_000_000,
+            ebase in (0u64..4).prop_map(|k| 8 + 8 * k),
+        ) {
+            let pieces: Vec<_> = pieces
+                .into_iter()
+                // As compress_unit makes them: a plain extent is one block of input (a shorter
+                // one only at the end), a compressed one covers more than a block.
+                .map(|(len, plain, blocks)| if plain { (BLOCK, true, 1) } else { (len + BLOCK, false, blocks) })
+                .collect();
+            let full = build_indexes(size, &extents(size, &pieces, first, None));
+            let bytes = compact::encode(&full, size, ebase).expect("back-to-back clusters encode");
+            prop_assert_eq!(bytes.len() as u64, compact::array_len(full.len(), ebase));
+            let back = compact::decode(&bytes, full.len(), ebase).unwrap();
+            prop_assert_eq!(mapping(&back, size), mapping(&full, size));
+        }
+    }
 }

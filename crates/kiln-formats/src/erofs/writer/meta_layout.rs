@@ -8,6 +8,7 @@
 use super::meta::{node_path, MetaPrep};
 use super::store::{chunk_blocks, chunk_plan, chunked, tail_inline, Store, Tail};
 use super::{block_u32, blocks_of, Error, INLINE_MAX, UNIT};
+use crate::erofs::compact;
 use crate::erofs::layout::*;
 use crate::fstree::{NodeId, NodeKind, Tree};
 
@@ -109,6 +110,8 @@ pub(super) struct Laid {
     pub(super) layout: u8,
     pub(super) i_u: u32,
     pub(super) size: u64,
+    /// A compressed file's compacted index array, when its clusters allow one.
+    pub(super) compact: Option<Vec<u8>>,
 }
 
 pub(super) struct MetaLayout {
@@ -144,6 +147,7 @@ impl MetaPrep {
                 },
                 i_u: block_u32(blkaddr, "data")?,
                 size,
+                compact: None,
             })
         };
         let node = tree.node(id);
@@ -169,22 +173,43 @@ impl MetaPrep {
                     layout: datalayout::CHUNK_BASED,
                     i_u: u32::from(*chunkbits),
                     size: *size,
+                    compact: None,
                 }),
                 Some(Store::Compressed {
                     size,
                     indexes,
                     blocks,
-                }) => Ok(Laid {
-                    shape: ItemShape {
-                        isize,
-                        head: round_up(base, 8) + FULL_INDEX_HEADER,
-                        extra: 8 * indexes.len() as u64,
-                        tail: false,
-                    },
-                    layout: datalayout::COMPRESSED_FULL,
-                    i_u: block_u32(*blocks, "compressed block count")?,
-                    size: *size,
-                }),
+                }) => {
+                    // Compacted indexes (2 to 4 bytes per logical cluster) where they can
+                    // express the file, as mkfs.erofs does; the full form (8 bytes) otherwise.
+                    // Inodes are 32-byte aligned, so the array's alignment is known here.
+                    let hdr = round_up(base, 8);
+                    let compact = compact::encode(indexes, *size, hdr + MAP_HEADER);
+                    let (head, extra, layout) = match &compact {
+                        Some(c) => (
+                            hdr + MAP_HEADER,
+                            c.len() as u64,
+                            datalayout::COMPRESSED_COMPACT,
+                        ),
+                        None => (
+                            hdr + FULL_INDEX_HEADER,
+                            8 * indexes.len() as u64,
+                            datalayout::COMPRESSED_FULL,
+                        ),
+                    };
+                    Ok(Laid {
+                        shape: ItemShape {
+                            isize,
+                            head,
+                            extra,
+                            tail: false,
+                        },
+                        layout,
+                        i_u: block_u32(*blocks, "compressed block count")?,
+                        size: *size,
+                        compact,
+                    })
+                }
             },
             // Directories and long symlinks get their blkaddr once the tail area is placed.
             NodeKind::Dir(_) => {
@@ -202,6 +227,7 @@ impl MetaPrep {
                 layout: datalayout::FLAT_PLAIN,
                 i_u: encode_dev(*major, *minor),
                 size: 0,
+                compact: None,
             }),
             NodeKind::Fifo | NodeKind::Socket => flat(0, 0, false),
         }

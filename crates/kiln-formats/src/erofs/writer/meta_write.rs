@@ -10,6 +10,7 @@ use super::meta::{node_path, DirPrep, MetaPrep, NodePrep};
 use super::meta_layout::{Laid, MetaLayout};
 use super::store::{Store, Tail};
 use super::{read_source, write_sink, Compression, Error, Options, SlotLocation, Summary};
+use crate::erofs::compact;
 use crate::erofs::layout::*;
 use crate::fstree::{Contents, Node, NodeId, NodeKind, Tree, ROOT};
 use crate::sink::Sink;
@@ -290,18 +291,30 @@ impl MetaWriter<'_> {
             }
             (NodeKind::File(_), Some(Store::Compressed { indexes, .. })) => {
                 let hdr = off + round_up(ibody, 8) as usize;
+                let advise = match l.compact {
+                    Some(_) => {
+                        ADVISE_BIG_PCLUSTER_1
+                            | compact::ADVISE_BIG_PCLUSTER_2
+                            | compact::ADVISE_COMPACTED_2B
+                    }
+                    None => ADVISE_BIG_PCLUSTER_1,
+                };
                 self.put(
                     hdr,
                     MapHeader {
-                        h_advise: ADVISE_BIG_PCLUSTER_1.into(),
+                        h_advise: advise.into(),
                         h_algorithmtype: COMPRESSION_LZ4,
                         h_clusterbits: 0,
                         ..Default::default()
                     }
                     .as_bytes(),
                 )?;
-                for (k, x) in indexes.iter().enumerate() {
-                    self.put(payload + 8 * k, x.as_bytes())?;
+                if let Some(c) = &l.compact {
+                    self.put(payload, c)?;
+                } else {
+                    for (k, x) in indexes.iter().enumerate() {
+                        self.put(payload + 8 * k, x.as_bytes())?;
+                    }
                 }
             }
             (NodeKind::Dir(_), _) => {
