@@ -6,6 +6,8 @@
 //!   optional LZ4/LZ4HC compression in big physical clusters.
 //! - [`reader`]: image -> superblock, inodes by nid, directory lookup, file bytes (including
 //!   decompression), xattrs.
+//! - [`compact`]: compacted logical cluster indexes (what compressed inodes get), encoded
+//!   from the full form and checked by decoding them the kernel's way.
 //! - [`dump`]: a human-readable listing for debugging.
 //!
 //! Image layout kiln writes (all 4 KiB blocks):
