@@ -20,6 +20,8 @@
 //! allocator walks forward from block 2 and steps over these fixed blocks. Bitmaps, inode
 //! tables and other count-dependent metadata go after the data (flex_bg allows them anywhere).
 
+use std::collections::BTreeMap;
+
 use super::layout::{BLOCKS_PER_GROUP, DESCS_PER_BLOCK};
 
 /// True if group `g` holds a superblock copy (sparse_super: 0, 1, 3^k, 5^k, 7^k).
@@ -53,13 +55,21 @@ pub fn desc_block_in_group(g: u64) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
 
-/// A forward-only block allocator that steps over the fixed metadata blocks and records what
-/// it handed out as sorted, merged ranges.
+/// A block allocator that steps over the fixed metadata blocks and records what it handed
+/// out as sorted, merged ranges.
+///
+/// It allocates at a cursor. Packed layouts only ever move the cursor forward, so every
+/// allocation lands after the previous one. Stable layouts [`seek`](Allocator::seek) to a hint
+/// before each object and let the search wrap round to block 2: an allocation then takes the
+/// first free gap at or after its hint.
 #[derive(Clone, Debug)]
 pub struct Allocator {
     cursor: u64,
     limit: u64,
-    used: Vec<(u64, u64)>,
+    /// Used ranges, start to length, merged when adjacent.
+    used: BTreeMap<u64, u64>,
+    /// Searches that reach the limit go on from block 2 (stable layouts).
+    wrap: bool,
 }
 
 impl Allocator {
@@ -69,7 +79,8 @@ impl Allocator {
         Self {
             cursor: 2,
             limit,
-            used: Vec::new(),
+            used: BTreeMap::new(),
+            wrap: false,
         }
     }
 
@@ -83,14 +94,25 @@ impl Allocator {
         self.limit = limit;
     }
 
+    /// Lets searches that reach the limit go on from block 2.
+    pub fn set_wrap(&mut self, wrap: bool) {
+        self.wrap = wrap;
+    }
+
+    /// Moves the cursor to `b` (at least block 2): the next allocation takes the first free
+    /// gap from there.
+    pub fn seek(&mut self, b: u64) {
+        self.cursor = b.max(2);
+    }
+
     /// Blocks handed out, as sorted non-overlapping `(start, len)` ranges.
-    pub fn used(&self) -> &[(u64, u64)] {
-        &self.used
+    pub fn used(&self) -> Vec<(u64, u64)> {
+        self.used.iter().map(|(&s, &l)| (s, l)).collect()
     }
 
     /// Total blocks handed out.
     pub fn used_blocks(&self) -> u64 {
-        self.used.iter().map(|r| r.1).sum()
+        self.used.values().sum()
     }
 
     fn skip_reserved(b: u64) -> u64 {
@@ -112,14 +134,59 @@ impl Allocator {
         g * BLOCKS_PER_GROUP
     }
 
+    /// The first block at or after `b` that is neither fixed metadata nor handed out.
+    fn first_free(&self, mut b: u64) -> u64 {
+        loop {
+            let s = Self::skip_reserved(b);
+            match self.used.range(..=s).next_back() {
+                Some((&us, &ul)) if us + ul > s => b = us + ul,
+                _ => return s,
+            }
+        }
+    }
+
+    /// End of the free gap starting at the free block `s`: the next fixed metadata or the
+    /// next used range, whichever comes first (the limit is the caller's to apply).
+    fn gap_end(&self, s: u64) -> u64 {
+        let used = self
+            .used
+            .range(s + 1..)
+            .next()
+            .map_or(u64::MAX, |(&k, _)| k);
+        Self::next_reserved(s).min(used)
+    }
+
+    /// The first free gap at or after the cursor, wrapping round once if allowed: `(start,
+    /// end)`. `wrapped` says whether the search already wrapped.
+    fn gap_from(&self, b: u64, wrapped: &mut bool) -> Result<(u64, u64), Full> {
+        let mut s = self.first_free(b);
+        if s >= self.limit {
+            if !self.wrap || *wrapped {
+                return Err(Full);
+            }
+            *wrapped = true;
+            s = self.first_free(2);
+            if s >= self.limit {
+                return Err(Full);
+            }
+        }
+        Ok((s, self.gap_end(s)))
+    }
+
     fn take(&mut self, start: u64, len: u64) -> Result<(), Full> {
         if start + len > self.limit {
             return Err(Full);
         }
         self.cursor = start + len;
-        match self.used.last_mut() {
-            Some(last) if last.0 + last.1 == start => last.1 += len,
-            _ => self.used.push((start, len)),
+        let mut len = len;
+        if let Some(next) = self.used.remove(&(start + len)) {
+            len += next;
+        }
+        match self.used.range_mut(..start).next_back() {
+            Some((&ps, pl)) if ps + *pl == start => *pl += len,
+            _ => {
+                self.used.insert(start, len);
+            }
         }
         Ok(())
     }
@@ -128,51 +195,60 @@ impl Allocator {
     /// was later replaced). The cursor does not move back.
     pub fn free(&mut self, start: u64, len: u64) {
         let end = start + len;
-        let mut out = Vec::with_capacity(self.used.len() + 1);
-        for &(s, l) in &self.used {
-            let e = s + l;
-            if e <= start || s >= end {
-                out.push((s, l));
-                continue;
-            }
+        let hit: Vec<(u64, u64)> = self
+            .used
+            .range(..end)
+            .rev()
+            .take_while(|(&s, &l)| s + l > start)
+            .map(|(&s, &l)| (s, l))
+            .collect();
+        for (s, l) in hit {
+            self.used.remove(&s);
             if s < start {
-                out.push((s, start - s));
+                self.used.insert(s, start - s);
             }
-            if e > end {
-                out.push((end, e - end));
+            if s + l > end {
+                self.used.insert(end, s + l - end);
             }
         }
-        self.used = out;
     }
 
     /// The block the next [`Allocator::run`] starts at.
     pub fn next_start(&self) -> u64 {
-        Self::skip_reserved(self.cursor)
+        self.first_free(self.cursor)
     }
 
     /// Allocates up to `max` (> 0) contiguous blocks at the cursor, fewer if fixed metadata
-    /// interrupts the run. Returns `(start, len)`.
+    /// or used blocks interrupt the run. Returns `(start, len)`.
     pub fn run(&mut self, max: u64) -> Result<(u64, u64), Full> {
-        let start = Self::skip_reserved(self.cursor);
-        let len = max.min(Self::next_reserved(start) - start);
+        let (start, mut end) = self.gap_from(self.cursor, &mut false)?;
+        if self.wrap {
+            // A run that would cross the limit stops there; the next one wraps round.
+            end = end.min(self.limit);
+        }
+        let len = max.min(end - start);
         self.take(start, len)?;
         Ok((start, len))
     }
 
-    /// Allocates exactly `n` contiguous blocks, skipping forward (leaving a free gap) when
-    /// fixed metadata is in the way. Returns the first block.
+    /// Allocates exactly `n` contiguous blocks in the first gap at or after the cursor that
+    /// holds them, leaving smaller gaps free. Returns the first block.
     pub fn contiguous(&mut self, n: u64) -> Result<u64, Full> {
-        let mut start = Self::skip_reserved(self.cursor);
+        let origin = self.cursor;
+        let mut wrapped = false;
+        let (mut start, mut end) = self.gap_from(origin, &mut wrapped)?;
         loop {
-            let end = Self::next_reserved(start);
-            if end - start >= n {
+            if wrapped && start >= origin {
+                return Err(Full);
+            }
+            if end.min(self.limit) - start >= n {
                 self.take(start, n)?;
                 return Ok(start);
             }
-            if end >= self.limit {
+            if end >= self.limit && !self.wrap {
                 return Err(Full);
             }
-            start = Self::skip_reserved(end);
+            (start, end) = self.gap_from(end, &mut wrapped)?;
         }
     }
 }
@@ -218,5 +294,35 @@ mod tests {
         );
         let mut a = Allocator::new(50);
         assert_eq!(a.run(100), Err(Full));
+    }
+
+    #[test]
+    fn stable_searches_take_the_first_gap_from_the_hint_and_wrap() {
+        let mut a = Allocator::new(1000);
+        a.set_wrap(true);
+        a.seek(500);
+        assert_eq!(a.contiguous(100), Ok(500));
+        // 450..500 is too small for 100 blocks: the next gap that holds them.
+        a.seek(450);
+        assert_eq!(a.contiguous(100), Ok(600));
+        // A run takes what the gap holds.
+        a.seek(450);
+        assert_eq!(a.run(100), Ok((450, 50)));
+        // Past the end, the search goes on from block 2.
+        a.seek(950);
+        assert_eq!(a.contiguous(100), Ok(2));
+        assert_eq!(a.used(), vec![(2, 100), (450, 250)]);
+        // A run stops at the limit rather than failing.
+        a.seek(990);
+        assert_eq!(a.run(100), Ok((990, 10)));
+        a.free(460, 10);
+        assert_eq!(a.used(), vec![(2, 100), (450, 10), (470, 230), (990, 10)]);
+        // Freed blocks are found again; nothing holds 700 contiguous blocks.
+        a.seek(0);
+        assert_eq!(a.contiguous(10), Ok(102));
+        a.seek(455);
+        assert_eq!(a.contiguous(10), Ok(460));
+        assert_eq!(a.contiguous(700), Err(Full));
+        assert_eq!(a.used_blocks(), 100 + 250 + 10 + 10);
     }
 }

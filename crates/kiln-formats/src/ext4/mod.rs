@@ -12,6 +12,11 @@
 //! which is what makes a `tar --sort=name` stream and the directory it came from produce the
 //! same image.
 //!
+//! [`Layout::Stable`] changes the policy for fixed-size filesystems, so that an unchanged
+//! file keeps its inode and its blocks from one build to the next: the inode tables and
+//! bitmaps come first, and inode numbers and data positions are hashed from each path (see
+//! [`Layout`]). Delta updates then fetch little more than what changed.
+//!
 //! Use [`plan`] then [`Plan::write`] for trees whose bytes can be read in any order, and
 //! [`StreamWriter`] (a [`crate::fstree::Placer`]) for one-pass sources.
 
@@ -54,6 +59,26 @@ pub enum Size {
     },
 }
 
+/// Where inodes and blocks go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// Inode numbers in tree order and data packed from block 2 upwards in that order: the
+    /// smallest and most contiguous image, but adding one file renumbers every inode after
+    /// it and moves every later file's blocks.
+    #[default]
+    Packed,
+    /// For [`Size::Fixed`] only. Fixed metadata (journal, bitmaps, inode tables) first, at
+    /// positions that depend on the size alone. Each path's inode number is `12 +
+    /// SHA-256(path) mod (inodes - 11)`, probing upwards on a collision (the inode count
+    /// follows the size by `inode_ratio`, so it stays put unless the tree outgrows it). Each object (file
+    /// data, directory, long symlink, xattr or extent-tree block) goes into the first free gap
+    /// large enough at or after a block hashed from its path, wrapping round, and is split
+    /// only when no gap is large enough. An unchanged file therefore keeps its inode and its
+    /// blocks when other files come and go, unless they collide with it. Costs: more extents
+    /// and free-space fragments, and inode-table blocks spread over the whole table.
+    Stable,
+}
+
 /// Filesystem parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -78,6 +103,8 @@ pub struct Options {
     /// [`StreamWriter`]: all-zero blocks of streamed files become holes as the data arrives
     /// (indexed trees get theirs from `fstree::find_holes` before planning).
     pub zero_holes: bool,
+    /// Where inodes and blocks go.
+    pub layout: Layout,
 }
 
 impl Options {
@@ -97,6 +124,7 @@ impl Options {
             inode_ratio: 16384,
             reserved_percent: 0,
             zero_holes: false,
+            layout: Layout::Packed,
         }
     }
 }
@@ -192,6 +220,9 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// The layout cannot be used with these options.
+    #[error("stable layout: {0}")]
+    Layout(&'static str),
     /// Reading an image failed.
     #[error("reading the image at byte {offset}: {source}")]
     ReadImage {

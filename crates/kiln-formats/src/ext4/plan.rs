@@ -3,13 +3,15 @@
 
 use std::collections::BTreeMap;
 
+use sha2::{Digest, Sha256};
+
 use super::alloc::{reserved_blocks, Allocator, Full};
 use super::dir::{self, Ent, HashParams};
 use super::extent::{tree_blocks, Ext};
 use super::hash::seed_words;
 use super::layout::*;
 use super::xattr::{self, DiskXattr};
-use super::{csum, Error, Options, Result, Size, SlotLocation};
+use super::{csum, Error, Layout, Options, Result, Size, SlotLocation};
 use crate::fstree::{DataRef, FileData, NodeId, NodeKind, Segment, Tree, ROOT};
 
 /// What an inode number stands for.
@@ -23,6 +25,9 @@ pub(crate) enum Src {
     LostFound,
     /// The journal (inode 8).
     Journal,
+    /// An unused inode below the highest one in use (stable layouts): all zero, its bitmap
+    /// bit clear.
+    Free,
 }
 
 /// Per-inode layout.
@@ -397,9 +402,9 @@ impl Plan {
         self.blocks
     }
 
-    /// Highest inode number in use.
+    /// Inodes in use, reserved ones included.
     pub fn used_inodes(&self) -> u64 {
-        self.inodes.len() as u64
+        self.inodes.iter().filter(|i| i.src != Src::Free).count() as u64
     }
 
     /// Total inodes.
@@ -485,6 +490,7 @@ fn needed_size(tree: &Tree, opts: &Options, data: DataState) -> Result<u64> {
         extra_bytes: 0,
         extra_inodes: 0,
     };
+    min.layout = Layout::Packed;
     let mut d = data.clone();
     d.alloc.set_limit(1 << 48);
     let lower = match plan_inner(tree, &min, d) {
@@ -570,15 +576,60 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
             }
         }
     }
-    for &id in &walk {
-        if node_ino[id as usize] != 0 {
-            continue;
+    let order: Vec<NodeId> = walk
+        .iter()
+        .copied()
+        .filter(|&id| node_ino[id as usize] == 0)
+        .collect();
+    let stable = match (opts.layout, opts.size) {
+        (Layout::Packed, _) => None,
+        (Layout::Stable, Size::Minimize { .. }) => {
+            return Err(Error::Layout("needs a fixed filesystem size").into())
         }
-        let ino = u32::try_from(inodes.len() + 1)
-            .map_err(|_| entry_err(tree, id, "more than 2^32 inodes"))?;
-        node_ino[id as usize] = ino;
-        inodes.push(Ino::new(Src::Node(id)));
+        (Layout::Stable, Size::Fixed(_)) if !placed.is_empty() => return Err(Error::Layout(
+            "a one-pass stream places data as it arrives; give a directory or an indexed archive",
+        )
+        .into()),
+        (Layout::Stable, Size::Fixed(bytes)) => {
+            // Geometry and fixed metadata first: their positions depend on the size alone.
+            // The inode count follows the size (by `inode_ratio`), unless the tree needs more.
+            let want = (inodes.len() + order.len()) as u64;
+            let (t, g, ipg) = fixed_geometry(bytes, opts, want)?;
+            alloc.set_limit(t);
+            let jb = if opts.journal { journal_blocks(t) } else { 0 };
+            let tail = layout_tail(&mut alloc, g, ipg, jb)?;
+            alloc.set_wrap(true);
+            let data_lo = alloc.cursor();
+            let keys = path_keys(tree);
+            hashed_inodes(&order, &keys, g * ipg, &mut node_ino, &mut inodes);
+            Some(Stable {
+                t,
+                g,
+                ipg,
+                tail,
+                keys,
+                data_lo,
+            })
+        }
+    };
+    if stable.is_none() {
+        for &id in &order {
+            let ino = u32::try_from(inodes.len() + 1)
+                .map_err(|_| entry_err(tree, id, "more than 2^32 inodes"))?;
+            node_ino[id as usize] = ino;
+            inodes.push(Ino::new(Src::Node(id)));
+        }
     }
+    // Where each object's search for space starts (stable layouts).
+    let hint = |src: Src| -> Option<u64> {
+        let st = stable.as_ref()?;
+        let key = match src {
+            Src::Node(id) => st.keys[id as usize][1],
+            Src::LostFound => path_key(b"/lost+found")[1],
+            _ => return None,
+        };
+        Some(st.data_lo + key % (st.t - st.data_lo))
+    };
     let links = tree.link_counts();
 
     // 2. Data, in canonical order (streamed data is already placed, in arrival order).
@@ -636,6 +687,9 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
                 }
                 .into());
             }
+            if let Some(h) = hint(Src::Node(id)) {
+                alloc.seek(h);
+            }
             let p = alloc.contiguous(cap)?;
             let data_blocks = fd.size.div_ceil(BLOCK_SIZE);
             info.ext_start = extents.len() as u32;
@@ -658,7 +712,7 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
                 info.preplaced = true;
             }
             _ => {
-                let (s, n) = alloc_runs(&mut alloc, &runs, &mut extents)?;
+                let (s, n) = place_runs(&mut alloc, hint(Src::Node(id)), &runs, &mut extents)?;
                 info.ext_start = s;
                 info.ext_count = n;
             }
@@ -755,15 +809,19 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
                 _ => {}
             },
             Src::LostFound => own_blocks = LOST_FOUND_BLOCKS,
-            Src::Reserved | Src::Journal => {}
+            Src::Reserved | Src::Journal | Src::Free => {}
         }
+        let at = hint(src);
         if own_blocks > 0 {
-            let (s, n) = alloc_runs(&mut alloc, &[(0, own_blocks)], &mut plan.extents)?;
+            let (s, n) = place_runs(&mut alloc, at, &[(0, own_blocks)], &mut plan.extents)?;
             plan.inodes[idx].ext_start = s;
             plan.inodes[idx].ext_count = n;
         }
         let tb = tree_blocks(plan.inodes[idx].ext_count as usize);
         if tb > 0 {
+            if let Some(h) = at {
+                alloc.seek(h);
+            }
             plan.inodes[idx].tree_block = alloc.contiguous(tb)?;
         }
         // Extended attributes that do not fit in the inode share blocks by content.
@@ -785,6 +843,9 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
                     let n = match xmap.get(&split.block) {
                         Some(&n) if plan.xblocks[n as usize - 1].refs < XATTR_REFCOUNT_MAX => n,
                         _ => {
+                            if let Some(h) = at {
+                                alloc.seek(h);
+                            }
                             let (b, _) = alloc.run(1)?;
                             plan.xblocks.push(XBlock {
                                 block: b,
@@ -804,7 +865,7 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
     }
 
     // 4. Count-dependent metadata: journal, bitmaps, inode tables; then the size.
-    let used_inodes = plan.inodes.len() as u64;
+    let used_inodes = plan.used_inodes();
     let (extra_blocks, want_inodes) = match opts.size {
         Size::Fixed(_) => (0, used_inodes),
         Size::Minimize {
@@ -812,21 +873,17 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
             extra_inodes,
         } => (extra_bytes.div_ceil(BLOCK_SIZE), used_inodes + extra_inodes),
     };
-    let ipg_for = |groups: u64, want: u64| -> u64 {
-        let per = want.div_ceil(groups).max(u64::from(INODES_PER_BLOCK));
-        per.div_ceil(u64::from(INODES_PER_BLOCK)) * u64::from(INODES_PER_BLOCK)
-    };
     let max_ipg = u64::from(MAX_INODES_PER_GROUP);
     let base = alloc;
     let (final_alloc, t, g, ipg, tail) = match opts.size {
+        Size::Fixed(_) if stable.is_some() => {
+            let Some(st) = stable else {
+                unreachable!("matched on is_some")
+            };
+            (base, st.t, st.g, st.ipg, st.tail)
+        }
         Size::Fixed(bytes) => {
-            let t = fixed_blocks(bytes)?;
-            let g = t.div_ceil(BLOCKS_PER_GROUP);
-            let by_ratio = (t * BLOCK_SIZE) / opts.inode_ratio.max(1024);
-            let ipg = ipg_for(g, by_ratio.max(want_inodes)).min(max_ipg);
-            if ipg * g < want_inodes || ipg * g > u64::from(u32::MAX) {
-                return Err(PlanErr::Full);
-            }
+            let (t, g, ipg) = fixed_geometry(bytes, opts, want_inodes)?;
             let jb = if opts.journal { journal_blocks(t) } else { 0 };
             let mut a = base;
             a.set_limit(t);
@@ -879,7 +936,7 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
         plan.extents.extend(j);
         info.tree_block = tail.journal_tree;
     }
-    plan.used = final_alloc.used().to_vec();
+    plan.used = final_alloc.used();
 
     // 5. Slot locations.
     for (id, ino, p, cap) in slots_pending {
@@ -898,6 +955,132 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
         });
     }
     Ok(plan)
+}
+
+/// What a stable layout decides before any data is placed.
+struct Stable {
+    t: u64,
+    g: u64,
+    ipg: u64,
+    tail: Tail,
+    /// Per node: two 64-bit keys hashed from its path (inode number, data position).
+    keys: Vec<[u64; 2]>,
+    /// First block after the fixed metadata.
+    data_lo: u64,
+}
+
+/// Inodes per group for `want` inodes over `groups` groups: whole inode-table blocks.
+fn ipg_for(groups: u64, want: u64) -> u64 {
+    let per = want.div_ceil(groups).max(u64::from(INODES_PER_BLOCK));
+    per.div_ceil(u64::from(INODES_PER_BLOCK)) * u64::from(INODES_PER_BLOCK)
+}
+
+/// Blocks, groups and inodes per group of a fixed-size filesystem holding `want` inodes.
+fn fixed_geometry(
+    bytes: u64,
+    opts: &Options,
+    want: u64,
+) -> std::result::Result<(u64, u64, u64), PlanErr> {
+    let t = fixed_blocks(bytes)?;
+    let g = t.div_ceil(BLOCKS_PER_GROUP);
+    let by_ratio = (t * BLOCK_SIZE) / opts.inode_ratio.max(1024);
+    let ipg = ipg_for(g, by_ratio.max(want)).min(u64::from(MAX_INODES_PER_GROUP));
+    if ipg * g < want || ipg * g > u64::from(u32::MAX) {
+        return Err(PlanErr::Full);
+    }
+    Ok((t, g, ipg))
+}
+
+/// The two placement keys of a path: SHA-256 of the path, its first and second 8 bytes.
+fn path_key(path: &[u8]) -> [u64; 2] {
+    let d = Sha256::digest(path);
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    };
+    [word(0), word(1)]
+}
+
+/// Placement keys of every node, from its first path in walk order.
+fn path_keys(tree: &Tree) -> Vec<[u64; 2]> {
+    let mut keys = vec![[0u64; 2]; tree.nodes.len()];
+    tree.walk_paths(|p, id| keys[id as usize] = path_key(p));
+    keys
+}
+
+/// Numbers `order`'s nodes by their hashed keys within `FIRST_INO + 1..=total`, probing
+/// upwards (and round) past numbers taken, and fills the gaps with free inodes.
+fn hashed_inodes(
+    order: &[NodeId],
+    keys: &[[u64; 2]],
+    total: u64,
+    node_ino: &mut [u32],
+    inodes: &mut Vec<Ino>,
+) {
+    let lo = u64::from(FIRST_INO) + 1;
+    let span = total + 1 - lo;
+    let mut taken = vec![false; (total + 1) as usize];
+    let mut max = inodes.len() as u64;
+    for &id in order {
+        let mut n = lo + keys[id as usize][0] % span;
+        while taken[n as usize] {
+            n = if n == total { lo } else { n + 1 };
+        }
+        taken[n as usize] = true;
+        node_ino[id as usize] = n as u32;
+        max = max.max(n);
+    }
+    inodes.resize(max as usize, Ino::new(Src::Free));
+    for &id in order {
+        inodes[node_ino[id as usize] as usize - 1].src = Src::Node(id);
+    }
+}
+
+/// Allocates a file's data runs like [`alloc_runs`], or with a `hint`, each run in the first
+/// gap at or after the hint that holds it whole (up to the extent length limit), splitting it
+/// only when no such gap is left.
+fn place_runs(
+    alloc: &mut Allocator,
+    hint: Option<u64>,
+    runs: &[(u64, u64)],
+    extents: &mut Vec<Ext>,
+) -> std::result::Result<(u32, u32), Full> {
+    let Some(h) = hint else {
+        return alloc_runs(alloc, runs, extents);
+    };
+    let start = extents.len();
+    let max = u64::from(EXT_INIT_MAX_LEN);
+    alloc.seek(h);
+    for &(lb, nb) in runs {
+        let mut l = lb;
+        let mut left = nb;
+        while left > 0 {
+            let n = left.min(max);
+            let Ok(p) = alloc.contiguous(n) else {
+                append_run(alloc, extents, start, l, left, &mut |_, _, _| {})?;
+                break;
+            };
+            let merge = extents.len() > start
+                && extents.last().is_some_and(|e| {
+                    u64::from(e.lblk) + u64::from(e.len) == l
+                        && e.pblk + u64::from(e.len) == p
+                        && u64::from(e.len) + n <= max
+                });
+            match extents.last_mut() {
+                Some(e) if merge => e.len += n as u32,
+                _ => extents.push(Ext {
+                    lblk: l as u32,
+                    len: n as u32,
+                    pblk: p,
+                    unwritten: false,
+                }),
+            }
+            l += n;
+            left -= n;
+        }
+    }
+    Ok((start as u32, (extents.len() - start) as u32))
 }
 
 struct Tail {

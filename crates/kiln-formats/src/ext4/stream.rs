@@ -26,6 +26,11 @@ impl<'a> StreamWriter<'a> {
     /// Starts an image on `sink`. With [`super::Size::Fixed`] data that overflows the size is
     /// refused as it arrives; with [`super::Size::Minimize`] the sink's length bounds it.
     pub fn new(opts: &Options, sink: &'a dyn Sink) -> Result<Self> {
+        if opts.layout == super::Layout::Stable {
+            return Err(super::Error::Layout(
+                "a one-pass stream places data as it arrives; give a directory or an indexed archive",
+            ));
+        }
         let limit = limit_blocks(opts)?.min(sink.len() / super::layout::BLOCK_SIZE);
         Ok(Self {
             opts: opts.clone(),

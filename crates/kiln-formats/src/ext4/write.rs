@@ -290,7 +290,7 @@ impl Plan {
                         w(sink, e.pblk * BLOCK_SIZE, &self.journal_superblock(total))?;
                     }
                 }
-                Src::Reserved => {}
+                Src::Reserved | Src::Free => {}
             }
             if info.ext_count as usize > EXTENTS_IN_INODE {
                 let (_, blocks) = extent::build(exts, info.tree_block, seed);
@@ -321,7 +321,22 @@ impl Plan {
                 let raw = self.inode_bytes(tree, ino as u32);
                 buf[k * INODE_SIZE as usize..(k + 1) * INODE_SIZE as usize].copy_from_slice(&raw);
             }
-            w(sink, self.itable_at[g as usize] * BLOCK_SIZE, &buf)
+            // Blocks of free inodes only stay unwritten: the sink reads as zeros where nothing
+            // was written, as for the rest of the table past `last`.
+            let at = self.itable_at[g as usize] * BLOCK_SIZE;
+            let mut k = 0;
+            for run in buf
+                .chunks(BS)
+                .collect::<Vec<_>>()
+                .chunk_by(|a, b| a.iter().all(|&x| x == 0) == b.iter().all(|&x| x == 0))
+            {
+                let len: usize = run.iter().map(|c| c.len()).sum();
+                if run[0].iter().any(|&x| x != 0) {
+                    w(sink, at + k as u64, &buf[k..k + len])?;
+                }
+                k += len;
+            }
+            Ok(())
         })?;
 
         self.write_group_metadata(sink)
@@ -358,6 +373,10 @@ impl Plan {
             i.mtime_extra = U32::new(extra);
             i.crtime_extra = U32::new(extra);
         };
+        if info.src == Src::Free {
+            // As mke2fs leaves an inode never used: all zero, no checksum.
+            return [0u8; 256];
+        }
         if info.src == Src::Reserved {
             // As mke2fs leaves them: zero, the bad-blocks inode stamped with the creation time.
             if ino == BAD_INO {
@@ -425,7 +444,7 @@ impl Plan {
                 };
                 (node.mode(), size, links, m.mtime, m.uid, m.gid)
             }
-            Src::Reserved => unreachable!("handled above"),
+            Src::Reserved | Src::Free => unreachable!("handled above"),
         };
         if use_extents {
             flags |= INODE_EXTENTS_FL;
@@ -562,17 +581,23 @@ impl Plan {
     fn write_group_metadata(&self, sink: &dyn Sink) -> Result<()> {
         let groups = self.groups as usize;
         let ipg = u64::from(self.ipg);
-        let max_ino = self.inodes.len() as u64;
-        // Directories per group.
+        // Per group: directories, inodes in use, and the index past the last one in use.
         let mut dirs = vec![0u32; groups];
+        let mut in_use = vec![0u64; groups];
+        let mut high = vec![0u64; groups];
         for (idx, info) in self.inodes.iter().enumerate() {
+            let g = (idx as u64 / ipg) as usize;
             let is_dir = match info.src {
                 Src::LostFound => true,
                 Src::Node(_) => info.parent != 0,
                 _ => false,
             };
             if is_dir {
-                dirs[(idx as u64 / ipg) as usize] += 1;
+                dirs[g] += 1;
+            }
+            if info.src != Src::Free {
+                in_use[g] += 1;
+                high[g] = idx as u64 % ipg + 1;
             }
         }
         let mut descs = vec![GroupDesc::default(); groups];
@@ -607,9 +632,20 @@ impl Plan {
             let bb_csum = csum::bitmap(self.fs_seed, &bm);
             w(sink, self.block_bitmap_at[g] * BLOCK_SIZE, &bm)?;
 
-            let used_inodes = max_ino.saturating_sub(g as u64 * ipg).min(ipg);
+            let used_inodes = in_use[g];
             let mut ib = vec![0u8; BS];
-            set_bits(&mut ib, 0, used_inodes as usize);
+            let first = g * ipg as usize;
+            for (k, info) in self
+                .inodes
+                .iter()
+                .skip(first)
+                .take(high[g] as usize)
+                .enumerate()
+            {
+                if info.src != Src::Free {
+                    ib[k / 8] |= 1 << (k % 8);
+                }
+            }
             set_bits(&mut ib, ipg as usize, BS * 8);
             let ib_csum = csum::bitmap(self.fs_seed, &ib[..(ipg / 8) as usize]);
             w(sink, self.inode_bitmap_at[g] * BLOCK_SIZE, &ib)?;
@@ -642,7 +678,7 @@ impl Plan {
             d.block_bitmap_csum_hi = U16::new((bb_csum >> 16) as u16);
             d.inode_bitmap_csum_lo = U16::new(ib_csum as u16);
             d.inode_bitmap_csum_hi = U16::new((ib_csum >> 16) as u16);
-            let unused = ipg - used_inodes;
+            let unused = ipg - high[g];
             d.itable_unused_lo = U16::new(unused as u16);
             d.itable_unused_hi = U16::new((unused >> 16) as u16);
             let mut raw = [0u8; 64];
