@@ -741,8 +741,14 @@ fn plan_disk<'t>(
     let mut sizes = Vec::new();
     for (i, p) in spec.partitions.iter().enumerate() {
         let t = trees[i].as_ref();
-        let (pl, size) =
-            plan_partition(p, t, &provisional_uuid(&plan.provisional, i), epoch, mtime)?;
+        let (pl, size) = plan_partition(
+            p,
+            t,
+            &provisional_uuid(&plan.provisional, i),
+            epoch,
+            mtime,
+            spec.stable_layout,
+        )?;
         if let (Some(b), Some(t), false) = (p.budget, t, size.upper_bound) {
             if size.bytes > b {
                 bail!(
@@ -780,6 +786,7 @@ fn plan_partition<'t>(
     part_uuid: &Uuid,
     epoch: Option<i64>,
     mtime: i64,
+    stable: bool,
 ) -> Result<(Planned<'t>, FsSize)> {
     let fs_uuid = repart::filesystem_uuid(part_uuid);
     let label = p
@@ -810,6 +817,9 @@ fn plan_partition<'t>(
             let mut o = ext4::Options::from_seed(Some(part_uuid), size);
             o.label = truncate_label(&label, 16);
             o.timestamp = mtime;
+            if stable && matches!(size, ext4::Size::Fixed(_)) {
+                o.layout = ext4::Layout::Stable;
+            }
             // An auto-sized filesystem stays minimized (with `extra` free space); the rest of
             // its 1 MiB-aligned partition is padding. Re-planning it as fixed-size would switch
             // to fixed-size inode density and need more room than it has.

@@ -209,6 +209,9 @@ pub struct ImageSection {
     /// Place partitions holding slots after the others on disk (default true); see
     /// [`crate::layout::layout`].
     pub slots_last: Option<bool>,
+    /// `packed` (default) or `stable`: ext4 filesystems of fixed size place inodes and data
+    /// by path, so that an unchanged file stays put between builds (small delta updates).
+    pub layout: Option<Spanned<String>>,
 }
 
 /// A `[source] tree` resolved against the spec's directory: image references keep their
@@ -527,6 +530,9 @@ pub struct Spec {
     pub disk_size: Option<u64>,
     /// Lay slot partitions out after the others (`[image] slots_last`, default true).
     pub slots_last: bool,
+    /// `[image] layout = "stable"`: ext4 filesystems of fixed size get
+    /// [`kiln_formats::ext4::Layout::Stable`].
+    pub stable_layout: bool,
     /// Emit a disk image.
     pub disk: bool,
     /// Keep the disk image (false when only `rootfs` asked for one to be laid out).
@@ -711,6 +717,7 @@ impl Spec {
         let partitions = partitions(&cx, &raw.partitions, id.arch, &dir)?;
         check_partitions(&cx, &partitions, out.disk)?;
         check_outputs(&cx, img, &out, boot.is_some(), &partitions)?;
+        let stable_layout = image_layout(&cx, img, &partitions)?;
         let forbid = policy_forbid(&cx, &raw.policy)?;
 
         use sha2::Digest;
@@ -725,6 +732,7 @@ impl Spec {
             budget: img.budget.as_ref().map(|b| b.get_ref().0),
             disk_size: img.size.as_ref().map(|s| s.get_ref().0),
             slots_last: img.slots_last.unwrap_or(true),
+            stable_layout,
             disk: out.disk,
             keep_disk: out.keep_disk,
             rootfs: out.rootfs,
@@ -904,6 +912,34 @@ fn image_vm_options(
         }
     };
     Ok((qcow2_compression, vhd_dynamic))
+}
+
+/// `[image] layout`: whether ext4 filesystems of fixed size get the stable layout. Other
+/// filesystems keep theirs (an auto-sized one follows its content anyway; EROFS has no stable
+/// layout), so a spec asking for it without such a partition is refused.
+fn image_layout(cx: &Ctx, img: &ImageSection, parts: &[Partition]) -> Result<bool, SpecError> {
+    let Some(l) = &img.layout else {
+        return Ok(false);
+    };
+    match l.get_ref().as_str() {
+        "packed" => Ok(false),
+        "stable" => {
+            let any = parts
+                .iter()
+                .any(|p| p.fs == FsKind::Ext4 && matches!(p.size, PartSize::Fixed(_)));
+            if !any {
+                return cx.err(
+                    l.span(),
+                    "layout = \"stable\" applies to ext4 partitions of fixed size, and this image has none (EROFS and auto-sized filesystems keep the packed layout)",
+                );
+            }
+            Ok(true)
+        }
+        other => cx.err(
+            l.span(),
+            format!("layout {other:?}: expected \"packed\" or \"stable\""),
+        ),
+    }
 }
 
 /// `[source] service`: a unit name.

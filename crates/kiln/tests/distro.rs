@@ -594,9 +594,10 @@ fn packages(tar: &Path) -> BTreeMap<String, String> {
 
 /// Must hold (#22): a Debian tree v1 and v2 = v1 with one package added (bookworm-cloud and
 /// bookworm-cloud-hello, made by mmdebstrap from one mirror state), each built into a signed
-/// A/B disk with an ext4 root and with an EROFS lz4 root. `kiln update --from` turns a v1 disk
-/// into v2 over HTTP with byte ranges: the slot equals v2's root image byte for byte, at most
-/// 15 % of the root is fetched, and the updated disk boots v2 (hello runs).
+/// A/B disk with an ext4 root (packed, and in the stable layout) and with an EROFS lz4 root.
+/// `kiln update --from` turns a v1 disk into v2 over HTTP with byte ranges: the slot equals
+/// v2's root image byte for byte, at most 15 % of the root is fetched, and the updated disk
+/// boots v2 (hello runs). The stable layout fetches less than the packed one.
 #[test]
 fn debian_update_from_http_fetches_one_package() {
     tools();
@@ -625,13 +626,18 @@ fn debian_update_from_http_fetches_one_package() {
     fs::create_dir_all(&dir).unwrap();
     kiln_ship::sign::generate_unencrypted(&key, &pubkey).unwrap();
     let key = key.to_str().unwrap();
-    for (fs_name, root_spec) in [
-        ("ext4", "fs = \"ext4\""),
-        ("erofs-lz4", "fs = \"erofs\"\ncompression = \"lz4\""),
+    let mut fetched = BTreeMap::new();
+    for (fs_name, root_spec, image_spec) in [
+        ("ext4", "fs = \"ext4\"", ""),
+        ("ext4-stable", "fs = \"ext4\"", "\nlayout = \"stable\""),
+        ("erofs-lz4", "fs = \"erofs\"\ncompression = \"lz4\"", ""),
     ] {
         let p = project(&dir.join(fs_name).join("project"), |s| {
-            s.replace("output = [\"disk\", \"iso\"]", "output = [\"disk\"]")
-                .replace("fs = \"erofs\"\ncompression = \"lz4\"", root_spec)
+            s.replace(
+                "output = [\"disk\", \"iso\"]",
+                &format!("output = [\"disk\"]{image_spec}"),
+            )
+            .replace("fs = \"erofs\"\ncompression = \"lz4\"", root_spec)
         });
         // The boot report also says what hello prints.
         let report = p.join("files/usr/local/sbin/kiln-boot-report");
@@ -685,6 +691,7 @@ fn debian_update_from_http_fetches_one_package() {
         let verity = fs::read(out2.join("debian_2.root-verity.raw")).unwrap();
         assert!(partition_bytes(&disk, hn, Some(verity.len() as u64)) == verity);
         let missing = rep["root_missing_size"].as_u64().unwrap();
+        fetched.insert(fs_name, missing);
         let pct = 100.0 * missing as f64 / root.len() as f64;
         // The slot is fixed at 1 GiB; what the filesystem holds is its blocks that are not all
         // zero, the fairer denominator.
@@ -742,6 +749,11 @@ fn debian_update_from_http_fetches_one_package() {
         );
         assert_eq!(get("hello"), "Hello, world!", "{what}");
     }
+    // What the stable layout is for: unchanged files stay put, so less is fetched.
+    assert!(
+        fetched["ext4-stable"] < fetched["ext4"],
+        "bytes fetched by layout: {fetched:?}"
+    );
 }
 
 /// Must hold: a kernel with a module missing from the initrd fails with a message naming that

@@ -97,6 +97,20 @@ fn ext4_reads_back_exactly() {
     kiln(&["mkfs", "ext4", s(src), "-o", s(&img)]);
     let got = oracle::kernel_read(&img, Fs::Ext4);
     oracle::assert_same("ext4", want, &got, Fs::Ext4);
+    // The stable layout: hashed inode numbers (free ones between), data placed by path.
+    kiln(&[
+        "mkfs",
+        "ext4",
+        "--size",
+        "1G",
+        "--layout",
+        "stable",
+        s(src),
+        "-o",
+        s(&img),
+    ]);
+    let got = oracle::kernel_read(&img, Fs::Ext4);
+    oracle::assert_same("ext4 stable", want, &got, Fs::Ext4);
 }
 
 #[test]
@@ -313,6 +327,10 @@ fn debian_tree_reads_back_exactly() {
     fs::remove_dir_all(&reference).unwrap();
     for (label, args) in [
         ("ext4", &["mkfs", "ext4"][..]),
+        (
+            "ext4 stable",
+            &["mkfs", "ext4", "--size", "2G", "--layout", "stable"][..],
+        ),
         ("erofs lz4", &["mkfs", "erofs", "-z", "lz4"][..]),
         ("erofs lz4hc", &["mkfs", "erofs", "-z", "lz4hc"][..]),
         (
@@ -324,7 +342,11 @@ fn debian_tree_reads_back_exactly() {
         let mut a = args.to_vec();
         a.extend_from_slice(&[s(&tar), "-o", s(&img)]);
         kiln(&a);
-        let fs_kind = if label == "ext4" { Fs::Ext4 } else { Fs::Erofs };
+        let fs_kind = if label.starts_with("ext4") {
+            Fs::Ext4
+        } else {
+            Fs::Erofs
+        };
         let got = oracle::kernel_read(&img, fs_kind);
         oracle::assert_same(&format!("Debian bookworm, {label}"), &want, &got, fs_kind);
         fs::remove_file(&img).unwrap();
