@@ -69,13 +69,14 @@ pub enum Layout {
     Packed,
     /// For [`Size::Fixed`] only. Fixed metadata (journal, bitmaps, inode tables) first, at
     /// positions that depend on the size alone. Each path's inode number is `12 +
-    /// SHA-256(path) mod (inodes - 11)`, probing upwards on a collision (the inode count
-    /// follows the size by `inode_ratio`, so it stays put unless the tree outgrows it). Each object (file
-    /// data, directory, long symlink, xattr or extent-tree block) goes into the first free gap
-    /// large enough at or after a block hashed from its path, wrapping round, and is split
-    /// only when no gap is large enough. An unchanged file therefore keeps its inode and its
-    /// blocks when other files come and go, unless they collide with it. Costs: more extents
-    /// and free-space fragments, and inode-table blocks spread over the whole table.
+    /// SHA-256(path) mod (n - 11)`, probing upwards on a collision, where `n` is the inode
+    /// count (which follows the size by `inode_ratio`) capped at 2^22 for trees of fewer than
+    /// 2^21 entries. Each object (file data, directory, long symlink, xattr or extent-tree
+    /// block) goes into the first free gap large enough at or after a block hashed from its
+    /// path, wrapping round, and is split only when no gap is large enough. An unchanged file
+    /// therefore keeps its inode and its blocks when other files come and go, unless they
+    /// collide with it. Costs: more extents and free-space fragments, and inode-table blocks
+    /// spread over the whole table (non-zero blocks an image carries).
     Stable,
 }
 

@@ -1009,8 +1009,14 @@ fn path_keys(tree: &Tree) -> Vec<[u64; 2]> {
     keys
 }
 
-/// Numbers `order`'s nodes by their hashed keys within `FIRST_INO + 1..=total`, probing
-/// upwards (and round) past numbers taken, and fills the gaps with free inodes.
+/// Most inode numbers a stable layout hashes into: the plan holds a record for each number up
+/// to the highest in use, so a filesystem with millions of inodes would cost memory in
+/// proportion. Trees with more than half as many entries use every inode number.
+const STABLE_INO_RANGE: u64 = 1 << 22;
+
+/// Numbers `order`'s nodes by their hashed keys within `FIRST_INO + 1..=total` (at most
+/// [`STABLE_INO_RANGE`] of them), probing upwards (and round) past numbers taken, and fills
+/// the gaps with free inodes.
 fn hashed_inodes(
     order: &[NodeId],
     keys: &[[u64; 2]],
@@ -1019,6 +1025,11 @@ fn hashed_inodes(
     inodes: &mut Vec<Ino>,
 ) {
     let lo = u64::from(FIRST_INO) + 1;
+    let total = if 2 * (inodes.len() + order.len()) as u64 <= STABLE_INO_RANGE {
+        total.min(STABLE_INO_RANGE)
+    } else {
+        total
+    };
     let span = total + 1 - lo;
     let mut taken = vec![false; (total + 1) as usize];
     let mut max = inodes.len() as u64;
