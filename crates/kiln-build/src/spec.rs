@@ -1495,6 +1495,8 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
             ("[image]\nname = \"a\"\nversion = \"1\"\narch = \"riscv64\"\n", "unknown arch", 4),
             ("[image]\nname = \"a\"\nversion = \"1\"\narch = \"arm64\"\n[[partition]]\ntype = \"root-x86-64\"\n", "is for x86-64, but the image is arm64", 6),
             ("[image]\nname = \"a\"\nversion = \"1\"\narch = \"x86-64\"\n[[partition]]\ntype = \"usr-arm64\"\n", "is for arm64, but the image is x86-64", 6),
+            ("[image]\nname = \"a\"\nversion = \"1\"\nlayout = \"zigzag\"\n[[partition]]\ntype = \"root\"\n", "expected \"packed\" or \"stable\"", 4),
+            ("[image]\nname = \"a\"\nversion = \"1\"\nlayout = \"stable\"\n[[partition]]\ntype = \"root\"\nfs = \"erofs\"\nsize = \"1G\"\n[[partition]]\ntype = \"var\"\nfs = \"ext4\"\n", "applies to ext4 partitions of fixed size", 4),
         ];
         for (text, want, line) in cases {
             let e = parse(text).unwrap_err();
@@ -1502,6 +1504,18 @@ slot = { name = "piece", path = "/piece.html", capacity = "8M" }
             assert_eq!(e.line, *line, "{text:?}: got {e}");
             assert!(e.column > 0, "{e}");
         }
+    }
+
+    #[test]
+    fn stable_layout_is_on_with_a_fixed_size_ext4_partition() {
+        let text = "[image]\nname = \"a\"\nversion = \"1\"\nlayout = \"stable\"\n[[partition]]\ntype = \"root\"\nfs = \"ext4\"\nsize = \"1G\"\n";
+        assert!(parse(text).unwrap().stable_layout);
+        assert!(
+            !parse(&text.replace("stable", "packed"))
+                .unwrap()
+                .stable_layout
+        );
+        assert!(!parse(GOOD).unwrap().stable_layout);
     }
 
     #[test]
