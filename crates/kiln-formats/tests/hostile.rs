@@ -191,3 +191,39 @@ fn ext4_inode_table_past_the_end_is_refused() {
     }
     assert!(ext4::dump::tree(&r).is_err());
 }
+
+// A length read from an EROFS image sized the reader's buffer before the read could fail: a
+// compressed file whose inode claims 4 GiB made it allocate its index array (megabytes) for
+// an image of a few blocks. Lengths are now checked against the filesystem's end first.
+#[test]
+fn erofs_lengths_from_the_image_are_checked_against_its_end() {
+    let mut t = Tree::default();
+    t.insert(b"/a", file(&[b'z'; 65536]), &Meta::default())
+        .unwrap();
+    let o = erofs::Options {
+        compression: erofs::Compression::Lz4,
+        ..Default::default()
+    };
+    let p = erofs::plan(&t, &o).unwrap();
+    let sink = MemSink::new(p.size().bytes as usize);
+    let s = p.write(&HostContents, &sink, &|_| {}).unwrap();
+    let mut img = sink.into_inner();
+    img.truncate(s.size as usize);
+    let im = erofs::Image::open(&img[..]).unwrap();
+    let a = im.lookup(b"/a").unwrap();
+    assert_eq!(im.read_all(&a).unwrap(), vec![b'z'; 65536]);
+    // i_size of a compact inode: a u32 at byte 8; of an extended one: a u64 at byte 8.
+    let at = a.offset as usize + 8;
+    if a.extended {
+        img[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    } else {
+        img[at..at + 4].copy_from_slice(&0xFFFF_F000u32.to_le_bytes());
+    }
+    let im = erofs::Image::open(&img[..]).unwrap();
+    let a = im.lookup(b"/a").unwrap();
+    let err = im.extents(&a).unwrap_err().to_string();
+    assert!(
+        err.contains("would lie past the") && err.contains("-byte filesystem"),
+        "{err}"
+    );
+}

@@ -146,12 +146,26 @@ impl<R: ReadAt> Image<R> {
             .map_err(|e| Error::corrupt(offset, e.to_string()))
     }
 
+    /// Reads `len` bytes at `offset`. Both come from the image, so neither is trusted: the
+    /// range must lie inside the filesystem the super block describes, and the buffer grows a
+    /// chunk at a time as reads succeed, so a length that a short image cannot back costs at
+    /// most one chunk more than the image holds.
     fn read_vec(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
-        if len > 1 << 30 {
-            return Err(Error::corrupt(offset, format!("implausible length {len}")));
+        const CHUNK: u64 = 1 << 20;
+        let end = u64::from(self.sb.blocks.get()) * BLOCK;
+        if len > 1 << 30 || offset.checked_add(len).is_none_or(|e| e > end) {
+            return Err(Error::corrupt(
+                offset,
+                format!("{len} bytes from here would lie past the {end}-byte filesystem"),
+            ));
         }
-        let mut v = vec![0u8; len as usize];
-        self.read(offset, &mut v)?;
+        let mut v = Vec::with_capacity(len.min(CHUNK) as usize);
+        while (v.len() as u64) < len {
+            let at = v.len();
+            let n = (len - at as u64).min(CHUNK) as usize;
+            v.resize(at + n, 0);
+            self.read(offset + at as u64, &mut v[at..])?;
+        }
         Ok(v)
     }
 
