@@ -33,7 +33,11 @@ fn sparse(size: u64) -> Node {
 }
 
 fn erofs_image(t: &Tree) -> Vec<u8> {
-    let p = erofs::plan(t, &erofs::Options::default()).unwrap();
+    erofs_image_with(t, &erofs::Options::default())
+}
+
+fn erofs_image_with(t: &Tree, o: &erofs::Options) -> Vec<u8> {
+    let p = erofs::plan(t, o).unwrap();
     let sink = MemSink::new(p.size().bytes as usize);
     let s = p.write(&HostContents, &sink, &|_| {}).unwrap();
     let mut v = sink.into_inner();
@@ -204,11 +208,7 @@ fn erofs_lengths_from_the_image_are_checked_against_its_end() {
         compression: erofs::Compression::Lz4,
         ..Default::default()
     };
-    let p = erofs::plan(&t, &o).unwrap();
-    let sink = MemSink::new(p.size().bytes as usize);
-    let s = p.write(&HostContents, &sink, &|_| {}).unwrap();
-    let mut img = sink.into_inner();
-    img.truncate(s.size as usize);
+    let mut img = erofs_image_with(&t, &o);
     let im = erofs::Image::open(&img[..]).unwrap();
     let a = im.lookup(b"/a").unwrap();
     assert_eq!(im.read_all(&a).unwrap(), vec![b'z'; 65536]);
