@@ -875,14 +875,10 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
     };
     let max_ipg = u64::from(MAX_INODES_PER_GROUP);
     let base = alloc;
-    let (final_alloc, t, g, ipg, tail) = match opts.size {
-        Size::Fixed(_) if stable.is_some() => {
-            let Some(st) = stable else {
-                unreachable!("matched on is_some")
-            };
-            (base, st.t, st.g, st.ipg, st.tail)
-        }
-        Size::Fixed(bytes) => {
+    let (final_alloc, t, g, ipg, tail) = match (stable, opts.size) {
+        // A stable layout placed its fixed metadata before the data.
+        (Some(st), _) => (base, st.t, st.g, st.ipg, st.tail),
+        (None, Size::Fixed(bytes)) => {
             let (t, g, ipg) = fixed_geometry(bytes, opts, want_inodes)?;
             let jb = if opts.journal { journal_blocks(t) } else { 0 };
             let mut a = base;
@@ -890,7 +886,7 @@ fn plan_inner(tree: &Tree, opts: &Options, data: DataState) -> std::result::Resu
             let tail = layout_tail(&mut a, g, ipg, jb)?;
             (a, t, g, ipg, tail)
         }
-        Size::Minimize { .. } => {
+        (None, Size::Minimize { .. }) => {
             let mut g = want_inodes.div_ceil(max_ipg).max(1);
             let mut jb = if opts.journal { 1024 } else { 0 };
             loop {

@@ -324,17 +324,20 @@ impl Plan {
             // Blocks of free inodes only stay unwritten: the sink reads as zeros where nothing
             // was written, as for the rest of the table past `last`.
             let at = self.itable_at[g as usize] * BLOCK_SIZE;
+            let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
             let mut k = 0;
-            for run in buf
-                .chunks(BS)
-                .collect::<Vec<_>>()
-                .chunk_by(|a, b| a.iter().all(|&x| x == 0) == b.iter().all(|&x| x == 0))
-            {
-                let len: usize = run.iter().map(|c| c.len()).sum();
-                if run[0].iter().any(|&x| x != 0) {
+            while k < buf.len() {
+                let len: usize = buf[k..]
+                    .chunks(BS)
+                    .take_while(|b| !zero(b))
+                    .map(<[u8]>::len)
+                    .sum();
+                if len > 0 {
                     w(sink, at + k as u64, &buf[k..k + len])?;
+                    k += len;
+                } else {
+                    k += BS.min(buf.len() - k);
                 }
-                k += len;
             }
             Ok(())
         })?;
