@@ -144,7 +144,7 @@ fn tools() {
     }
 }
 
-/// Boots `image` attached as `attach` until the boot report ends.
+/// Boots with `opts`, one QEMU at a time, until the boot report ends.
 fn boot_with(opts: BootOptions, what: &str) -> BootOutcome {
     let _one = QEMU.lock().unwrap_or_else(|p| p.into_inner());
     let out = qemu::boot(&BootOptions {
@@ -159,6 +159,7 @@ fn boot_with(opts: BootOptions, what: &str) -> BootOutcome {
     out
 }
 
+/// Boots `image` attached as `attach` under OVMF until the boot report ends.
 ///
 /// One boot may be repeated, and only one kind: on a snapshot of a disk, the firmware failed to
 /// load a UKI whose bytes on the disk are checked to be intact. In CI, OVMF loaded a trixie UKI
